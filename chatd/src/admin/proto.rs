@@ -1,0 +1,270 @@
+//! The admin protocol shared by `chatd` and `chatctl`: request and response types, their framing
+//! and the rules for finding the socket. `docs/admin-protocol.md` is the written form.
+//!
+//! Framing: each message is one JSON object on one line (`\n`-terminated), at most
+//! [`MAX_FRAME`] bytes. A client sends a [`RequestEnvelope`]; the daemon answers each with one
+//! [`ResponseEnvelope`]. Several requests may share a connection.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks. An envelope with another version is refused with
+/// [`ErrorCode::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest request or response line, in bytes (without the newline).
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// File name of the admin socket inside the runtime directory.
+pub const SOCKET_FILE: &str = "chatd.sock";
+
+/// A request with the protocol version it is written in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestEnvelope {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// What is asked.
+    pub request: Request,
+}
+
+/// One admin command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Users online.
+    // Unit-like variants are written `{}` so that `deny_unknown_fields` applies to them too.
+    List {},
+    /// Disconnect a user, telling them and everyone else why.
+    Kick {
+        /// The user's name (case-insensitive).
+        name: String,
+        /// Shown to the user and the room; a default is used when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A server notice to every user.
+    Announce {
+        /// The notice (one line).
+        text: String,
+    },
+    /// Daemon status and counters.
+    Status {},
+    /// Re-read the config file, as SIGHUP does, and report the outcome.
+    Reload {},
+}
+
+/// A response with the protocol version it is written in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseEnvelope {
+    /// The daemon's [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The outcome.
+    pub response: Response,
+}
+
+/// The outcome of one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Response {
+    /// Answer to [`Request::List`].
+    Users {
+        /// Everyone online, sorted by name.
+        users: Vec<UserInfo>,
+    },
+    /// Answer to [`Request::Kick`].
+    Kicked {
+        /// The kicked user's name as it was shown.
+        name: String,
+        /// Their address.
+        addr: String,
+    },
+    /// Answer to [`Request::Announce`].
+    Announced {
+        /// How many users it was sent to.
+        recipients: usize,
+    },
+    /// Answer to [`Request::Status`].
+    Status(StatusInfo),
+    /// Answer to [`Request::Reload`] when the new config was accepted.
+    Reloaded {
+        /// Changed keys now in effect.
+        applied: Vec<String>,
+        /// Changed keys that wait for a restart.
+        needs_restart: Vec<String>,
+    },
+    /// The request failed.
+    Error(AdminError),
+}
+
+/// One user in [`Response::Users`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// Display name.
+    pub name: String,
+    /// Peer address (`ip:port`).
+    pub addr: String,
+    /// When the user joined, as Unix seconds.
+    pub connected_since: u64,
+    /// Seconds since the user's last message (or join).
+    pub idle_secs: u64,
+}
+
+/// Payload of [`Response::Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    /// Daemon version.
+    pub version: String,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// Users in the room (named).
+    pub users: usize,
+    /// Open TCP connections (named or still choosing a name).
+    pub connections: usize,
+    /// Room messages accepted since start.
+    pub messages: u64,
+    /// Frames queued to recipients since start.
+    pub deliveries: u64,
+    /// Users kicked since start.
+    pub kicks: u64,
+    /// Users disconnected because they did not read fast enough.
+    pub slow_disconnects: u64,
+    /// Connections refused because the server was full.
+    pub refused_full: u64,
+    /// Successful reloads since start.
+    pub reloads: u64,
+    /// The config file, or `null` when running on built-in defaults.
+    pub config_path: Option<String>,
+    /// Addresses actually bound.
+    pub listen: Vec<String>,
+    /// The admin socket's path.
+    pub admin_socket: String,
+}
+
+/// A failed request: a stable code for programs and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct AdminError {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl AdminError {
+    /// An error of kind `code`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        AdminError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Stable error codes of the admin protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// The peer is not root, the daemon's user, or in the admin group.
+    PermissionDenied,
+    /// No user of that name is online.
+    NoSuchUser,
+    /// An argument is empty, too long or malformed.
+    InvalidArgument,
+    /// The request line is not a valid request (bad JSON, unknown command, too large).
+    BadRequest,
+    /// The envelope's version is not [`PROTOCOL_VERSION`].
+    UnsupportedVersion,
+    /// The new config was rejected; the old one stays in force.
+    ReloadFailed,
+}
+
+/// Where the admin socket may be, in order of preference: `$RUNTIME_DIRECTORY` (set by systemd's
+/// `RuntimeDirectory=`), `/run/chatd` (the packaged location), then `$XDG_RUNTIME_DIR` (a user's
+/// own daemon). The daemon binds the first that applies to it; `chatctl` uses the first that
+/// exists.
+pub fn socket_candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
+        // systemd separates several runtime directories with ':'; ours is the first.
+        if let Some(first) = dir.to_string_lossy().split(':').next()
+            && !first.is_empty()
+        {
+            out.push(PathBuf::from(first).join(SOCKET_FILE));
+        }
+    }
+    out.push(PathBuf::from("/run/chatd").join(SOCKET_FILE));
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR")
+        && !dir.is_empty()
+    {
+        out.push(PathBuf::from(dir).join(SOCKET_FILE));
+    }
+    out
+}
+
+/// The socket path a daemon running as `euid` binds when the config leaves it empty.
+pub fn default_socket_path(euid_is_root: bool) -> PathBuf {
+    let candidates = socket_candidates();
+    let from_systemd = std::env::var_os("RUNTIME_DIRECTORY").is_some();
+    if from_systemd || euid_is_root {
+        return candidates[0].clone();
+    }
+    // Not root and not under systemd: /run/chatd is not ours to create.
+    candidates
+        .into_iter()
+        .find(|p| !p.starts_with("/run/chatd"))
+        .unwrap_or_else(|| std::env::temp_dir().join(SOCKET_FILE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_form_is_stable() {
+        let req = RequestEnvelope {
+            version: 1,
+            request: Request::Kick {
+                name: "bob".into(),
+                reason: Some("spam".into()),
+            },
+        };
+        let json = serde_json::to_string(&req).unwrap_or_default();
+        assert_eq!(
+            json,
+            r#"{"version":1,"request":{"cmd":"kick","name":"bob","reason":"spam"}}"#
+        );
+        let list: Result<RequestEnvelope, _> =
+            serde_json::from_str(r#"{"version":1,"request":{"cmd":"list"}}"#);
+        assert_eq!(list.ok().map(|e| e.request), Some(Request::List {}));
+    }
+
+    #[test]
+    fn unknown_commands_and_fields_are_rejected() {
+        for bad in [
+            r#"{"version":1,"request":{"cmd":"explode"}}"#,
+            r#"{"version":1,"request":{"cmd":"list","x":1}}"#,
+            r#"{"version":1,"request":{"cmd":"kick"}}"#,
+            r#"{"request":{"cmd":"list"}}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<RequestEnvelope>(bad).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn error_response_wire_form_is_stable() {
+        let resp = ResponseEnvelope {
+            version: 1,
+            response: Response::Error(AdminError::new(ErrorCode::NoSuchUser, "no user")),
+        };
+        let json = serde_json::to_string(&resp).unwrap_or_default();
+        assert_eq!(
+            json,
+            r#"{"version":1,"response":{"type":"error","code":"no-such-user","message":"no user"}}"#
+        );
+    }
+}

@@ -1,0 +1,209 @@
+//! Line framing for the chat protocol: bytes in, whole lines out.
+//!
+//! Invariants:
+//! - The buffer never holds more than `max_len` bytes of one line. A longer line is reported once
+//!   as [`Frame::TooLong`] and the rest of it is discarded up to its terminator, so a client that
+//!   streams bytes without a newline costs at most `max_len` bytes of memory.
+//! - `\n` ends a line, a `\r` before it is dropped.
+//! - A client that has never sent `\n` is a "message client" (the seed's clients `send()` each
+//!   message with no terminator); [`LineDecoder::take_partial`] lets the session take its pending
+//!   bytes as a line after a pause. Once a `\n` arrives the client is a line client for good and
+//!   its partial lines are never cut.
+
+use bytes::{Buf, BytesMut};
+
+/// One decoded unit of input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A complete line without its terminator (raw bytes: UTF-8 is checked by the caller).
+    Line(BytesMut),
+    /// A line exceeded the maximum length and was dropped.
+    TooLong,
+}
+
+/// Incremental line decoder with a hard length cap.
+#[derive(Debug)]
+pub struct LineDecoder {
+    /// Bytes received and not yet returned as a frame.
+    buf: BytesMut,
+    /// Longest line accepted, in bytes, without the terminator.
+    max_len: usize,
+    /// How far `buf` has already been searched for `\n`, so each byte is scanned once.
+    scanned: usize,
+    /// Inside an over-long line: drop bytes until the next `\n`.
+    discarding: bool,
+    /// The client has sent at least one `\n`.
+    line_client: bool,
+}
+
+impl LineDecoder {
+    /// A decoder accepting lines of at most `max_len` bytes.
+    pub fn new(max_len: usize) -> Self {
+        LineDecoder {
+            buf: BytesMut::new(),
+            max_len,
+            scanned: 0,
+            discarding: false,
+            line_client: false,
+        }
+    }
+
+    /// Changes the cap (config reload); applies to the line being received too.
+    pub fn set_max_len(&mut self, max_len: usize) {
+        self.max_len = max_len;
+    }
+
+    /// The buffer to read socket bytes into.
+    pub fn buffer_mut(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Whether the client has ever terminated a line.
+    pub fn is_line_client(&self) -> bool {
+        self.line_client
+    }
+
+    /// Whether unterminated bytes are waiting.
+    pub fn has_partial(&self) -> bool {
+        !self.buf.is_empty() && !self.discarding
+    }
+
+    /// Returns the next complete frame, or `None` when more bytes are needed.
+    pub fn next_frame(&mut self) -> Option<Frame> {
+        loop {
+            let newline = self.buf[self.scanned..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|i| i + self.scanned);
+            match newline {
+                Some(end) => {
+                    self.line_client = true;
+                    self.scanned = 0;
+                    if self.discarding {
+                        self.buf.advance(end + 1);
+                        self.discarding = false;
+                        continue;
+                    }
+                    let mut line = self.buf.split_to(end + 1);
+                    line.truncate(end);
+                    if line.last() == Some(&b'\r') {
+                        line.truncate(end - 1);
+                    }
+                    if line.len() > self.max_len {
+                        return Some(Frame::TooLong);
+                    }
+                    return Some(line_frame(line));
+                }
+                None if self.discarding => {
+                    self.buf.clear();
+                    self.scanned = 0;
+                    return None;
+                }
+                None if self.buf.len() > self.max_len + 1 => {
+                    // +1: the `\r` of a CRLF may arrive before its `\n`.
+                    self.discarding = true;
+                    self.buf.clear();
+                    self.scanned = 0;
+                    return Some(Frame::TooLong);
+                }
+                None => {
+                    self.scanned = self.buf.len();
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Takes the unterminated bytes as one line, for message clients after a pause; `None` for
+    /// line clients or when nothing is pending.
+    pub fn take_partial(&mut self) -> Option<Frame> {
+        if self.line_client || !self.has_partial() {
+            return None;
+        }
+        self.scanned = 0;
+        let mut line = self.buf.split();
+        if line.last() == Some(&b'\r') {
+            line.truncate(line.len() - 1);
+        }
+        if line.len() > self.max_len {
+            return Some(Frame::TooLong);
+        }
+        Some(line_frame(line))
+    }
+
+    /// Gives back buffer memory after a burst, so idle connections stay small.
+    pub fn shrink_if_idle(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 4096 {
+            self.buf = BytesMut::new();
+        }
+    }
+}
+
+fn line_frame(line: BytesMut) -> Frame {
+    Frame::Line(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(dec: &mut LineDecoder, bytes: &[u8]) -> Vec<Frame> {
+        dec.buffer_mut().extend_from_slice(bytes);
+        std::iter::from_fn(|| dec.next_frame()).collect()
+    }
+
+    fn line(s: &str) -> Frame {
+        Frame::Line(BytesMut::from(s))
+    }
+
+    #[test]
+    fn splits_lf_and_crlf() {
+        let mut d = LineDecoder::new(100);
+        assert_eq!(
+            feed(&mut d, b"a\nb\r\n\nc"),
+            vec![line("a"), line("b"), line("")]
+        );
+        assert_eq!(feed(&mut d, b"d\n"), vec![line("cd")]);
+    }
+
+    #[test]
+    fn too_long_line_is_reported_once_and_resyncs() {
+        let mut d = LineDecoder::new(8);
+        let mut out = feed(&mut d, b"ok1\n0123456789");
+        out.extend(feed(&mut d, b"0123456789"));
+        out.extend(feed(&mut d, b"xx\nok2\nok3\n"));
+        assert_eq!(
+            out,
+            vec![line("ok1"), Frame::TooLong, line("ok2"), line("ok3")]
+        );
+    }
+
+    #[test]
+    fn line_of_exactly_max_len_passes_with_crlf_split() {
+        let mut d = LineDecoder::new(4);
+        assert_eq!(feed(&mut d, b"abcd\r"), vec![]);
+        assert_eq!(feed(&mut d, b"\n"), vec![line("abcd")]);
+        assert_eq!(feed(&mut d, b"abcde\n"), vec![Frame::TooLong]);
+    }
+
+    #[test]
+    fn buffer_stays_bounded_without_newlines() {
+        let mut d = LineDecoder::new(64);
+        for _ in 0..1000 {
+            feed(&mut d, &[b'x'; 100]);
+            assert!(d.buffer_mut().len() <= 100);
+        }
+    }
+
+    #[test]
+    fn partial_taken_only_from_message_clients() {
+        let mut d = LineDecoder::new(100);
+        feed(&mut d, b"alice");
+        assert_eq!(d.take_partial(), Some(line("alice")));
+        assert_eq!(d.take_partial(), None);
+        feed(&mut d, b"hi\nhalf");
+        assert!(d.is_line_client());
+        assert_eq!(d.take_partial(), None);
+        assert_eq!(feed(&mut d, b" done\n"), vec![line("half done")]);
+    }
+}

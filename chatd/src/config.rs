@@ -1,0 +1,488 @@
+//! The daemon's TOML configuration: typed sections with built-in defaults, strict parsing
+//! (unknown keys are errors, every error names `file:line:col`), and the diff that tells a reload
+//! which changes apply live and which need a restart.
+//!
+//! Range checks live in the types (`Bounded`, `FileMode`, `LogLevel`) so that serde reports them
+//! with the span of the offending value; only checks that involve two keys run afterwards.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where the packaged daemon looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/chatd/chatd.toml";
+
+/// Keys whose change only takes effect after a restart. Everything else applies on reload.
+/// Kept as data so `docs/configuration.md`, the shipped config and the reload report agree.
+pub const RESTART_KEYS: &[&str] = &["server.listen", "admin.socket"];
+
+/// The whole configuration. `Default` is the built-in configuration the daemon runs on when no
+/// config file exists.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// Listening sockets and connection handling.
+    pub server: ServerConfig,
+    /// What newcomers see.
+    pub room: RoomConfig,
+    /// Which names users may take.
+    pub names: NameConfig,
+    /// Per-client and global limits.
+    pub limits: LimitsConfig,
+    /// The Unix-domain admin socket.
+    pub admin: AdminConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[server]`: where the chat listens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServerConfig {
+    /// TCP addresses to listen on. An IPv6 wildcard is bound IPv6-only so it can sit beside
+    /// `0.0.0.0` on the same port. (restart)
+    pub listen: Vec<SocketAddr>,
+    /// How long a partial line from a client that never sent a newline may sit before it is
+    /// taken as a whole message (clients that `send()` each message without a terminator).
+    #[serde(with = "humantime_serde")]
+    pub partial_line_flush: Duration,
+    /// How long shutdown waits for queued messages to reach clients before closing anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: vec![
+                SocketAddr::from(([0, 0, 0, 0], 42069)),
+                SocketAddr::from(([0u16; 8], 42069)),
+            ],
+            partial_line_flush: Duration::from_millis(200),
+            shutdown_grace: Duration::from_secs(3),
+        }
+    }
+}
+
+/// `[room]`: the shared chatroom.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RoomConfig {
+    /// Message of the day, shown to each newcomer after the welcome; may span lines.
+    pub motd: String,
+    /// How many recent messages a newcomer is shown; 0 turns history off.
+    pub history: Bounded<0, 10_000>,
+}
+
+impl Default for RoomConfig {
+    fn default() -> Self {
+        RoomConfig {
+            motd: "Welcome to chatd. Be kind; type /help for commands.".to_owned(),
+            history: Bounded(20),
+        }
+    }
+}
+
+/// `[names]`: the rules a name must pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NameConfig {
+    /// Longest name, in characters.
+    pub max_length: Bounded<1, 64>,
+    /// Names nobody may take, in addition to the built-in ones (server, admin, ...).
+    pub reserved: Vec<String>,
+}
+
+impl Default for NameConfig {
+    fn default() -> Self {
+        NameConfig {
+            max_length: Bounded(24),
+            reserved: Vec::new(),
+        }
+    }
+}
+
+/// `[limits]`: what one client or all of them may use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LimitsConfig {
+    /// Most simultaneous connections, named or not; more get "server full".
+    pub max_clients: Bounded<1, 1_000_000>,
+    /// Longest line a client may send, in bytes without the terminator.
+    pub max_line_length: Bounded<16, 65_536>,
+    /// Bytes that may wait in one client's outbound queue before it is disconnected as too slow.
+    pub max_queue_bytes: Bounded<4_096, 1_073_741_824>,
+    /// How long a new connection has to choose an accepted name.
+    #[serde(with = "humantime_serde")]
+    pub name_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_clients: Bounded(10_000),
+            max_line_length: Bounded(2048),
+            max_queue_bytes: Bounded(1 << 20),
+            name_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[admin]`: the admin socket `chatctl` talks to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AdminConfig {
+    /// Socket path; empty means the standard location (see `admin::proto::default_socket_path`).
+    /// (restart)
+    pub socket: PathBuf,
+    /// File mode of the socket; the kernel refuses `connect()` to anyone it does not allow.
+    pub mode: FileMode,
+    /// Members of this group may administer the daemon (besides root and the daemon's own user).
+    /// Empty disables group access.
+    pub group: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            socket: PathBuf::new(),
+            mode: FileMode(0o660),
+            group: "chatadm".to_owned(),
+        }
+    }
+}
+
+/// `[log]`: what gets logged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LogConfig {
+    /// A level (`info`) or `tracing` filter directives (`info,chatd::admin=debug`);
+    /// `RUST_LOG` overrides it.
+    pub level: LogLevel,
+}
+
+/// An integer that must lie in `MIN..=MAX`; checked while parsing so the error points at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "i64", into = "i64")]
+pub struct Bounded<const MIN: u64, const MAX: u64>(pub u64);
+
+impl<const MIN: u64, const MAX: u64> Bounded<MIN, MAX> {
+    /// The value as a `usize` (every bound we use fits).
+    pub fn get(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl<const MIN: u64, const MAX: u64> TryFrom<i64> for Bounded<MIN, MAX> {
+    type Error = String;
+    fn try_from(v: i64) -> Result<Self, String> {
+        match u64::try_from(v) {
+            Ok(u) if (MIN..=MAX).contains(&u) => Ok(Bounded(u)),
+            _ => Err(format!("{v} is out of range, expected {MIN} to {MAX}")),
+        }
+    }
+}
+
+impl<const MIN: u64, const MAX: u64> From<Bounded<MIN, MAX>> for i64 {
+    fn from(b: Bounded<MIN, MAX>) -> i64 {
+        i64::try_from(b.0).unwrap_or(i64::MAX)
+    }
+}
+
+/// A Unix permission mode (at most `0o777`); write it as `0o660` in TOML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "i64", into = "i64")]
+pub struct FileMode(pub u32);
+
+impl TryFrom<i64> for FileMode {
+    type Error = String;
+    fn try_from(v: i64) -> Result<Self, String> {
+        match u32::try_from(v) {
+            Ok(m) if m <= 0o777 => Ok(FileMode(m)),
+            _ => Err(format!(
+                "{v} is not a file mode; write it in octal, e.g. 0o660"
+            )),
+        }
+    }
+}
+
+impl From<FileMode> for i64 {
+    fn from(m: FileMode) -> i64 {
+        i64::from(m.0)
+    }
+}
+
+/// Validated `tracing` filter directives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct LogLevel(String);
+
+impl LogLevel {
+    /// The directives as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for LogLevel {
+    fn default() -> Self {
+        LogLevel("info".to_owned())
+    }
+}
+
+impl TryFrom<String> for LogLevel {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        tracing_subscriber::EnvFilter::builder()
+            .parse(&s)
+            .map_err(|e| format!("invalid log level {s:?}: {e}"))?;
+        Ok(LogLevel(s))
+    }
+}
+
+impl From<LogLevel> for String {
+    fn from(l: LogLevel) -> String {
+        l.0
+    }
+}
+
+/// Why a config could not be used; `Display` gives `file:line:col: message` where known.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read config: {source}")]
+    Io {
+        /// The config file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong type or range.
+    #[error("{path}:{line}:{col}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// 1-based line of the offending text.
+        line: usize,
+        /// 1-based column (in characters) of the offending text.
+        col: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// Values that are fine one by one but not together.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong, naming the keys involved.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates the config at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                col,
+                message: e.message().trim().to_owned(),
+            }
+        })?;
+        config.check().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks that involve more than one value.
+    fn check(&self) -> Result<(), String> {
+        if self.server.listen.is_empty() {
+            return Err("server.listen: at least one address is needed".to_owned());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for addr in &self.server.listen {
+            if !seen.insert(addr) {
+                return Err(format!("server.listen: {addr} is listed twice"));
+            }
+        }
+        for name in &self.names.reserved {
+            if name.trim().is_empty() {
+                return Err("names.reserved: empty names are not allowed".to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    /// The config as TOML, with every default filled in (for `chatd --check-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// 1-based line and character column of byte offset `at` in `text`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let at = at.min(text.len());
+    let before = text.get(..at).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, col)
+}
+
+/// What a reload changed: keys applied at once and keys that wait for a restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigDiff {
+    /// Changed keys now in effect.
+    pub applied: Vec<String>,
+    /// Changed keys that only take effect after a restart.
+    pub needs_restart: Vec<String>,
+}
+
+impl ConfigDiff {
+    /// Compares two configs key by key (dotted TOML paths).
+    pub fn between(old: &Config, new: &Config) -> ConfigDiff {
+        let (old, new) = (flatten(old), flatten(new));
+        let mut diff = ConfigDiff::default();
+        let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+        for key in keys {
+            if old.get(key) != new.get(key) {
+                if RESTART_KEYS.contains(&key.as_str()) {
+                    diff.needs_restart.push(key.clone());
+                } else {
+                    diff.applied.push(key.clone());
+                }
+            }
+        }
+        diff
+    }
+}
+
+impl fmt::Display for ConfigDiff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "nothing".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
+        write!(
+            f,
+            "applied: {}; needs restart: {}",
+            list(&self.applied),
+            list(&self.needs_restart)
+        )
+    }
+}
+
+/// The config as `section.key → value`, for comparing configs without listing every field.
+fn flatten(config: &Config) -> BTreeMap<String, toml::Value> {
+    let mut out = BTreeMap::new();
+    if let Ok(toml::Value::Table(sections)) = toml::Value::try_from(config) {
+        for (section, value) in sections {
+            match value {
+                toml::Value::Table(keys) => {
+                    for (key, v) in keys {
+                        out.insert(format!("{section}.{key}"), v);
+                    }
+                }
+                other => {
+                    out.insert(section, other);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/chatd/chatd.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(parse("").ok(), Some(Config::default()));
+    }
+
+    #[test]
+    fn shipped_config_parses_and_equals_defaults() {
+        let text = include_str!("../../config/chatd.toml");
+        let parsed = parse(text).map_err(|e| e.to_string());
+        assert_eq!(parsed.ok(), Some(Config::default()));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_col() {
+        let err = parse("[room]\nhistory = 5\nmotdd = \"x\"\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("/etc/chatd/chatd.toml:3:1: "), "{err}");
+        assert!(err.contains("unknown field `motdd`"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_value_points_at_the_value() {
+        let err = parse("[limits]\nmax-line-length = 5\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("/etc/chatd/chatd.toml:2:19: "), "{err}");
+        assert!(err.contains("out of range"), "{err}");
+    }
+
+    #[test]
+    fn bad_log_level_is_rejected() {
+        assert!(parse("[log]\nlevel = \"loud=?=\"\n").is_err());
+    }
+
+    #[test]
+    fn octal_mode_and_durations_parse() {
+        let c = parse("[admin]\nmode = 0o600\n[limits]\nname-timeout = \"5s\"\n").ok();
+        let c = c.unwrap_or_default();
+        assert_eq!(c.admin.mode, FileMode(0o600));
+        assert_eq!(c.limits.name_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn diff_separates_live_and_restart_keys() {
+        let old = Config::default();
+        let mut new = old.clone();
+        new.room.motd = "hi".into();
+        new.server.listen = vec![SocketAddr::from(([127, 0, 0, 1], 1))];
+        let d = ConfigDiff::between(&old, &new);
+        assert_eq!(d.applied, vec!["room.motd".to_owned()]);
+        assert_eq!(d.needs_restart, vec!["server.listen".to_owned()]);
+        assert_eq!(
+            d.to_string(),
+            "applied: room.motd; needs restart: server.listen"
+        );
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        assert_eq!(line_col("ab\nçd", 5), (2, 2));
+        assert_eq!(line_col("", 0), (1, 1));
+    }
+}

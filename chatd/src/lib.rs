@@ -1,0 +1,95 @@
+//! chatd: a chatroom daemon. The binary (`main.rs`) parses arguments, loads the config, sets up
+//! logging and binds sockets; [`run`] serves them until told to stop.
+//!
+//! Data flows one way: listener (`server`) → `session` → `room` → every other member's
+//! `outbox` → that member's session writer. The room never touches a socket and a session never
+//! reaches into another session.
+
+pub mod admin;
+pub mod codec;
+pub mod command;
+pub mod config;
+pub mod logging;
+pub mod names;
+pub mod outbox;
+pub mod protocol;
+pub mod room;
+pub mod server;
+pub mod session;
+pub mod shared;
+pub mod signals;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use admin::AdminListener;
+use shared::Shared;
+use signals::Event;
+
+/// Serves the chat `listeners` and the `admin` socket until a shutdown event arrives (or the
+/// event stream ends), then stops accepting, tells every user, and waits up to
+/// `server.shutdown-grace` for their queues to drain. The admin socket file is removed on return.
+pub async fn run(
+    shared: Arc<Shared>,
+    listeners: Vec<TcpListener>,
+    admin: AdminListener,
+    mut events: mpsc::Receiver<Event>,
+) {
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    for listener in listeners {
+        tracker.spawn(server::accept_loop(
+            listener,
+            shared.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+    let admin = Arc::new(admin);
+    {
+        let (admin, shared, shutdown, inner) = (
+            admin.clone(),
+            shared.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        );
+        tracker.spawn(async move { admin::serve(&admin, shared, shutdown, inner).await });
+    }
+    server::log_bound(&shared.listen);
+    info!(socket = %admin.path().display(), "admin socket ready");
+
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Reload => match shared.reload() {
+                Ok(diff) => info!(%diff, "config reloaded (SIGHUP)"),
+                Err(e) => {
+                    error!(error = %e, "config reload failed (SIGHUP); keeping the running config")
+                }
+            },
+            Event::Shutdown => break,
+        }
+    }
+
+    let users = shared.room.len();
+    info!(users, "shutting down");
+    // Order: stop accepting and tell every session (one token), then wait for the drain.
+    shutdown.cancel();
+    tracker.close();
+    let grace = shared.live.load().config.server.shutdown_grace;
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(
+            connections = shared
+                .connections
+                .load(std::sync::atomic::Ordering::Relaxed),
+            ?grace,
+            "some connections did not drain in time (server.shutdown-grace); closing them"
+        );
+    }
+    drop(admin);
+    info!("stopped");
+}

@@ -1,0 +1,153 @@
+//! The `chatd` binary: arguments → config → logging → sockets → [`chatd::run`] → exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tracing::{error, info, warn};
+
+use chatd::admin::{self, proto};
+use chatd::config::DEFAULT_CONFIG_PATH;
+use chatd::shared::{ApplyHook, ConfigSource, Shared};
+use chatd::{logging, server, signals};
+
+/// Exit status for a configuration error at startup (sysexits EX_CONFIG).
+const EX_CONFIG: u8 = 78;
+
+/// chatd: a chatroom daemon, served on TCP and administered over a Unix socket with chatctl.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Config file. Without it, /etc/chatd/chatd.toml is used if it exists, else built-in
+    /// defaults.
+    #[arg(short, long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Validate the config, print it with every default filled in, and exit (0 valid, 1 not).
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let source = ConfigSource {
+        path: args
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
+        explicit: args.config.is_some(),
+    };
+    let config = match source.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chatd: {e}");
+            return ExitCode::from(if args.check_config { 1 } else { EX_CONFIG });
+        }
+    };
+    if args.check_config {
+        match &config {
+            Some(_) => eprintln!("chatd: {}: config OK", source.path.display()),
+            None => eprintln!(
+                "chatd: {} does not exist; built-in defaults apply",
+                source.path.display()
+            ),
+        }
+        print!("{}", config.clone().unwrap_or_default().to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let effective = config.clone().unwrap_or_default();
+    let log = logging::init(effective.log.level.as_str());
+    match &config {
+        Some(_) => info!(config = %source.path.display(), "config loaded"),
+        None => info!(
+            config = %source.path.display(),
+            "no config file; running on built-in defaults"
+        ),
+    }
+    raise_fd_limit();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async move {
+        let std_listeners = match server::bind_all(&effective.server.listen) {
+            Ok(l) => l,
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut listeners = Vec::new();
+        let mut bound = Vec::new();
+        for l in std_listeners {
+            match l.local_addr().and_then(|a| {
+                bound.push(a);
+                tokio::net::TcpListener::from_std(l)
+            }) {
+                Ok(l) => listeners.push(l),
+                Err(e) => {
+                    error!(error = %e, "cannot register listener");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        let socket_path = if effective.admin.socket.as_os_str().is_empty() {
+            proto::default_socket_path(nix::unistd::geteuid().is_root())
+        } else {
+            effective.admin.socket.clone()
+        };
+        let admin_listener =
+            match admin::bind(&socket_path, effective.admin.mode.0, &effective.admin.group) {
+                Ok(a) => a,
+                Err(e) => {
+                    error!("cannot create admin socket: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+        let events = match signals::listen() {
+            Ok(rx) => rx,
+            Err(e) => {
+                error!(error = %e, "cannot install signal handlers");
+                return ExitCode::FAILURE;
+            }
+        };
+        let hooks: Vec<ApplyHook> = vec![
+            Box::new(move |c| log.set_level(c.log.level.as_str())),
+            Box::new({
+                let path = socket_path.clone();
+                move |c| {
+                    admin::apply_permissions(&path, c.admin.mode.0, &c.admin.group)
+                        .map_err(|e| e.to_string())
+                }
+            }),
+        ];
+        let shared = Arc::new(Shared::new(config, source, bound, socket_path, hooks));
+        chatd::run(shared, listeners, admin_listener, events).await;
+        ExitCode::SUCCESS
+    });
+    drop(runtime);
+    code
+}
+
+/// Raises the soft open-files limit to the hard one: every client is a file descriptor.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+            } else {
+                info!(limit = hard, "raised the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open-files limit"),
+    }
+}

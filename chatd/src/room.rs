@@ -1,0 +1,472 @@
+//! The chatroom: who is in it, their names, recent history, and fan-out.
+//!
+//! This is the room's whole interface: events come in as method calls (`join`, `say`, `leave`,
+//! `kick`, ...) and every effect goes out as encoded frames pushed into members' [`Outbox`]es.
+//! The room never touches a socket, so a message bus or another protocol can drive it or listen
+//! to it by being one more caller or one more outbox.
+//!
+//! Ordering: every broadcast is pushed into all outboxes while the room lock is held, so all
+//! members receive room lines in one global order. The lock is a std mutex held only for those
+//! pushes (each a refcount bump and a queue append); no I/O and no `.await` happen under it.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+
+use crate::names::{Name, NameError};
+use crate::outbox::{Close, Outbox};
+use crate::protocol::{self, kind};
+
+/// Identity of one connection for its whole life (names can change, addresses can repeat).
+pub type ClientId = u64;
+
+/// A member of the room.
+#[derive(Debug)]
+struct Member {
+    name: Name,
+    outbox: Arc<Outbox>,
+    addr: SocketAddr,
+    joined_at: SystemTime,
+    last_active: Instant,
+}
+
+/// A stored message, for newcomers.
+#[derive(Debug)]
+struct HistoryEntry {
+    at: SystemTime,
+    /// The frame as it was broadcast (shared, not copied).
+    line: Bytes,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    members: HashMap<ClientId, Member>,
+    /// Name key → member, for uniqueness and lookups by name.
+    by_key: HashMap<String, ClientId>,
+    history: VecDeque<HistoryEntry>,
+    history_cap: usize,
+}
+
+/// Counters shown by `chatctl status`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Room messages and actions accepted from users.
+    pub messages: AtomicU64,
+    /// Frames queued to recipients (one message to N others counts N).
+    pub deliveries: AtomicU64,
+    /// Members disconnected because their outbound queue overflowed.
+    pub slow_disconnects: AtomicU64,
+    /// Members kicked by an admin.
+    pub kicks: AtomicU64,
+}
+
+/// What `chatctl list` shows of one member.
+#[derive(Debug, Clone)]
+pub struct MemberInfo {
+    /// Display name.
+    pub name: String,
+    /// Peer address.
+    pub addr: SocketAddr,
+    /// When the member joined (took a name).
+    pub joined_at: SystemTime,
+    /// Time since the member last sent a message (or joined).
+    pub idle: std::time::Duration,
+}
+
+/// Why a room operation addressed to a name failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoomError {
+    /// No member has that name.
+    #[error("no user named {0:?} is online")]
+    NoSuchUser(String),
+    /// The name rules or uniqueness refused a name.
+    #[error(transparent)]
+    Name(#[from] NameError),
+}
+
+/// The shared chatroom.
+#[derive(Debug, Default)]
+pub struct Room {
+    state: Mutex<State>,
+    /// Activity counters, readable without the lock.
+    pub counters: Counters,
+}
+
+impl Room {
+    /// An empty room keeping `history` recent messages.
+    pub fn new(history: usize) -> Self {
+        let room = Room::default();
+        room.lock().history_cap = history;
+        room
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every mutation below leaves `State` consistent before it can panic (maps are updated
+        // together, pushes cannot fail), so a poisoned lock holds valid data.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes how many messages are kept (config reload); trims at once.
+    pub fn set_history_cap(&self, cap: usize) {
+        let mut st = self.lock();
+        st.history_cap = cap;
+        while st.history.len() > cap {
+            st.history.pop_front();
+        }
+    }
+
+    /// Adds a member under `name`. On success the newcomer's outbox gets the history and everyone
+    /// else gets `*** JOIN`; the caller sends the welcome first (it is not a room line).
+    /// `welcome` is queued to the newcomer before the history, atomically with the join.
+    pub fn join(
+        &self,
+        id: ClientId,
+        name: Name,
+        addr: SocketAddr,
+        outbox: Arc<Outbox>,
+        welcome: &[Bytes],
+    ) -> Result<usize, NameError> {
+        let mut st = self.lock();
+        if st.by_key.contains_key(&name.key) {
+            return Err(NameError::Taken);
+        }
+        for frame in welcome {
+            outbox.push(frame.clone());
+        }
+        for entry in &st.history {
+            let when = humantime::format_rfc3339_seconds(entry.at).to_string();
+            outbox.push(protocol::history_line(&when, &entry.line));
+        }
+        let joined = protocol::server_line(kind::JOIN, &format!("{} joined", name.display));
+        self.broadcast(&st, Some(id), &joined);
+        st.by_key.insert(name.key.clone(), id);
+        st.members.insert(
+            id,
+            Member {
+                name,
+                outbox,
+                addr,
+                joined_at: SystemTime::now(),
+                last_active: Instant::now(),
+            },
+        );
+        Ok(st.members.len())
+    }
+
+    /// Queues `frame` to every member but `except`, and closes the outboxes that overflow.
+    fn broadcast(&self, st: &State, except: Option<ClientId>, frame: &Bytes) {
+        let mut delivered = 0;
+        for (id, m) in &st.members {
+            if Some(*id) == except {
+                continue;
+            }
+            if m.outbox.push(frame.clone()) {
+                delivered += 1;
+            } else if m.outbox.closed() == Some(Close::Overflow) {
+                // The member's session sees the close, ends, and calls `leave`, which announces
+                // it; it stays listed until then so names are not freed twice.
+                self.counters
+                    .slow_disconnects
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.counters
+            .deliveries
+            .fetch_add(delivered, Ordering::Relaxed);
+    }
+
+    /// A message from member `id` to everyone else; `text` must already be sanitised.
+    pub fn say(&self, id: ClientId, text: &str) {
+        self.post(id, |name| protocol::chat_line(name, text));
+    }
+
+    /// An action (`/me`) from member `id`.
+    pub fn act(&self, id: ClientId, text: &str) {
+        self.post(id, |name| protocol::action_line(name, text));
+    }
+
+    fn post(&self, id: ClientId, encode: impl FnOnce(&str) -> Bytes) {
+        let mut st = self.lock();
+        let Some(member) = st.members.get_mut(&id) else {
+            return;
+        };
+        member.last_active = Instant::now();
+        // Encoded once; every recipient and the history share these bytes.
+        let frame = encode(&member.name.display);
+        self.broadcast(&st, Some(id), &frame);
+        self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        if st.history_cap > 0 {
+            if st.history.len() == st.history_cap {
+                st.history.pop_front();
+            }
+            st.history.push_back(HistoryEntry {
+                at: SystemTime::now(),
+                line: frame,
+            });
+        }
+    }
+
+    /// A private message from member `from` to the member named `to`.
+    pub fn private(&self, from: ClientId, to: &str, text: &str) -> Result<String, RoomError> {
+        let st = self.lock();
+        let Some(sender) = st.members.get(&from) else {
+            return Err(RoomError::NoSuchUser(to.to_owned()));
+        };
+        let target = self.find(&st, to)?;
+        target
+            .outbox
+            .push(protocol::private_line(&sender.name.display, text));
+        self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
+        Ok(target.name.display.clone())
+    }
+
+    fn find<'s>(&self, st: &'s State, name: &str) -> Result<&'s Member, RoomError> {
+        let key = crate::names::lookup_key(name);
+        st.by_key
+            .get(&key)
+            .and_then(|id| st.members.get(id))
+            .ok_or_else(|| RoomError::NoSuchUser(name.to_owned()))
+    }
+
+    /// Renames member `id`; everyone (including the member) is told. Returns the old name.
+    pub fn rename(&self, id: ClientId, new: Name) -> Result<String, NameError> {
+        let mut st = self.lock();
+        let Some(old) = st.members.get(&id).map(|m| m.name.clone()) else {
+            return Err(NameError::Empty);
+        };
+        if old.key != new.key && st.by_key.contains_key(&new.key) {
+            return Err(NameError::Taken);
+        }
+        let line = protocol::server_line(
+            kind::NICK,
+            &format!("{} is now known as {}", old.display, new.display),
+        );
+        self.broadcast(&st, None, &line);
+        st.by_key.remove(&old.key);
+        st.by_key.insert(new.key.clone(), id);
+        if let Some(m) = st.members.get_mut(&id) {
+            m.name = new;
+        }
+        Ok(old.display)
+    }
+
+    /// Removes member `id` (if still present) and tells everyone else why. Idempotent.
+    pub fn leave(&self, id: ClientId, reason: &str) -> Option<String> {
+        let mut st = self.lock();
+        let member = st.members.remove(&id)?;
+        st.by_key.remove(&member.name.key);
+        let line = protocol::server_line(
+            kind::LEAVE,
+            &format!("{} left ({reason})", member.name.display),
+        );
+        self.broadcast(&st, None, &line);
+        Some(member.name.display)
+    }
+
+    /// Disconnects the member named `name`: they get `*** KICKED <reason>`, everyone else
+    /// `*** KICK`. Returns the member's display name and address.
+    pub fn kick(&self, name: &str, reason: &str) -> Result<(String, SocketAddr), RoomError> {
+        let mut st = self.lock();
+        let key = crate::names::lookup_key(name);
+        let Some(member) = st
+            .by_key
+            .get(&key)
+            .copied()
+            .and_then(|id| st.members.remove(&id))
+        else {
+            return Err(RoomError::NoSuchUser(name.to_owned()));
+        };
+        st.by_key.remove(&member.name.key);
+        member.outbox.close_with(
+            Some(protocol::server_line(kind::KICKED, reason)),
+            Close::Kicked,
+        );
+        let line = protocol::server_line(
+            kind::KICK,
+            &format!("{} was kicked ({reason})", member.name.display),
+        );
+        self.broadcast(&st, None, &line);
+        self.counters.kicks.fetch_add(1, Ordering::Relaxed);
+        Ok((member.name.display, member.addr))
+    }
+
+    /// A notice from the operators to every member; returns how many received it.
+    pub fn announce(&self, text: &str) -> usize {
+        let st = self.lock();
+        let line = protocol::server_line(kind::NOTICE, text);
+        self.broadcast(&st, None, &line);
+        st.members.len()
+    }
+
+    /// Display names of everyone online, sorted case-insensitively.
+    pub fn names(&self) -> Vec<String> {
+        let st = self.lock();
+        let mut names: Vec<(String, String)> = st
+            .members
+            .values()
+            .map(|m| (m.name.key.clone(), m.name.display.clone()))
+            .collect();
+        drop(st);
+        names.sort();
+        names.into_iter().map(|(_, d)| d).collect()
+    }
+
+    /// A snapshot of every member, sorted by name.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let st = self.lock();
+        let now = Instant::now();
+        let mut list: Vec<(String, MemberInfo)> = st
+            .members
+            .values()
+            .map(|m| {
+                (
+                    m.name.key.clone(),
+                    MemberInfo {
+                        name: m.name.display.clone(),
+                        addr: m.addr,
+                        joined_at: m.joined_at,
+                        idle: now.saturating_duration_since(m.last_active),
+                    },
+                )
+            })
+            .collect();
+        drop(st);
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list.into_iter().map(|(_, m)| m).collect()
+    }
+
+    /// Number of members.
+    pub fn len(&self) -> usize {
+        self.lock().members.len()
+    }
+
+    /// Whether nobody is in the room.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes every member's outbox with a last `*** SHUTDOWN` line.
+    pub fn shut_down(&self, text: &str) {
+        let st = self.lock();
+        let line = protocol::server_line(kind::SHUTDOWN, text);
+        for m in st.members.values() {
+            m.outbox.close_with(Some(line.clone()), Close::Shutdown);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::names::NameRules;
+
+    fn name(s: &str) -> Name {
+        NameRules::new(24, &[])
+            .validate(s)
+            .unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 1))
+    }
+
+    fn drained(o: &Outbox) -> Vec<String> {
+        let mut q = VecDeque::new();
+        o.drain_into(&mut q);
+        q.iter()
+            .map(|b| String::from_utf8_lossy(b).trim_end().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn join_say_leave_fan_out_to_others_only() {
+        let room = Room::new(10);
+        let (a, b) = (
+            Arc::new(Outbox::new(1 << 16)),
+            Arc::new(Outbox::new(1 << 16)),
+        );
+        assert_eq!(room.join(1, name("alice"), addr(), a.clone(), &[]), Ok(1));
+        assert_eq!(room.join(2, name("Bob"), addr(), b.clone(), &[]), Ok(2));
+        assert_eq!(drained(&a), vec!["*** JOIN Bob joined"]);
+        room.say(1, "hi");
+        assert_eq!(drained(&b), vec!["alice: hi"]);
+        assert!(drained(&a).is_empty());
+        room.leave(1, "quit");
+        assert_eq!(drained(&b), vec!["*** LEAVE alice left (quit)"]);
+        assert_eq!(room.leave(1, "quit"), None);
+    }
+
+    #[test]
+    fn names_are_unique_case_insensitively() {
+        let room = Room::new(0);
+        let o = Arc::new(Outbox::new(1024));
+        assert!(room.join(1, name("alice"), addr(), o.clone(), &[]).is_ok());
+        assert_eq!(
+            room.join(2, name("ALICE"), addr(), o.clone(), &[]),
+            Err(NameError::Taken)
+        );
+        assert_eq!(room.rename(1, name("Alice")).ok(), Some("alice".to_owned()));
+    }
+
+    #[test]
+    fn newcomer_sees_bounded_history() {
+        let room = Room::new(2);
+        let a = Arc::new(Outbox::new(1 << 16));
+        assert!(room.join(1, name("a"), addr(), a, &[]).is_ok());
+        for t in ["one", "two", "three"] {
+            room.say(1, t);
+        }
+        let b = Arc::new(Outbox::new(1 << 16));
+        assert!(room.join(2, name("b"), addr(), b.clone(), &[]).is_ok());
+        let got = drained(&b);
+        assert_eq!(got.len(), 2);
+        assert!(got[0].starts_with("*** HISTORY ") && got[0].ends_with(" a: two"));
+        assert!(got[1].ends_with(" a: three"));
+    }
+
+    #[test]
+    fn kick_closes_outbox_and_tells_others() {
+        let room = Room::new(0);
+        let (a, b) = (
+            Arc::new(Outbox::new(1 << 16)),
+            Arc::new(Outbox::new(1 << 16)),
+        );
+        assert!(room.join(1, name("alice"), addr(), a.clone(), &[]).is_ok());
+        assert!(room.join(2, name("bob"), addr(), b.clone(), &[]).is_ok());
+        drained(&a);
+        assert!(room.kick("BOB", "spam").is_ok());
+        assert_eq!(drained(&b), vec!["*** KICKED spam"]);
+        assert_eq!(b.closed(), Some(Close::Kicked));
+        assert_eq!(drained(&a), vec!["*** KICK bob was kicked (spam)"]);
+        assert_eq!(
+            room.kick("bob", "x").err(),
+            Some(RoomError::NoSuchUser("bob".into()))
+        );
+    }
+
+    #[test]
+    fn slow_member_overflows_without_touching_others() {
+        let room = Room::new(0);
+        let (a, slow, c) = (
+            Arc::new(Outbox::new(1 << 16)),
+            Arc::new(Outbox::new(64)),
+            Arc::new(Outbox::new(1 << 16)),
+        );
+        assert!(room.join(1, name("a"), addr(), a, &[]).is_ok());
+        assert!(
+            room.join(2, name("slow"), addr(), slow.clone(), &[])
+                .is_ok()
+        );
+        assert!(room.join(3, name("c"), addr(), c.clone(), &[]).is_ok());
+        drained(&c);
+        for i in 0..20 {
+            room.say(1, &format!("message {i}"));
+        }
+        assert_eq!(slow.closed(), Some(Close::Overflow));
+        assert_eq!(drained(&c).len(), 20);
+    }
+}

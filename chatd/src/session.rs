@@ -1,0 +1,416 @@
+//! One TCP client, from greeting to goodbye: reads its lines, turns them into room events, and
+//! writes what its outbox collects.
+//!
+//! A session is one task driving one socket without splitting it: it waits for "readable",
+//! "writable while output is pending", "outbox has frames", "partial line went quiet", "naming
+//! deadline" and "shutdown", and does non-blocking reads and writes. Nothing is cancelled
+//! half-way, since every I/O call is a synchronous `try_*`.
+//!
+//! States: naming (every line is a name attempt) → chatting → closing (flush what is queued,
+//! bounded by a deadline, then close).
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::codec::{Frame, LineDecoder};
+use crate::command::{self, Input};
+use crate::names::NameError;
+use crate::outbox::{Close, Outbox};
+use crate::protocol::{self, code, kind};
+use crate::room::{ClientId, RoomError};
+use crate::shared::Shared;
+
+/// Longest a closing session waits for its peer to read what is queued (quit, kick).
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Frames written per vectored write call.
+const MAX_IOVECS: usize = 64;
+/// Read buffer reserved when the socket is readable.
+const READ_CHUNK: usize = 4096;
+
+enum Phase {
+    Naming,
+    Chatting,
+}
+
+/// One connected client.
+pub struct Session {
+    id: ClientId,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    /// Frames for this client; the room and the session itself push, the writer drains.
+    outbox: Arc<Outbox>,
+    decoder: LineDecoder,
+    /// Frames taken from the outbox but not yet fully written; `written` bytes of the first one
+    /// are already on the wire.
+    pending: VecDeque<Bytes>,
+    written: usize,
+    phase: Phase,
+    /// The name while chatting, for logs.
+    name: String,
+    /// Why the member leaves the room, announced when the session ends.
+    leave_reason: &'static str,
+    last_read: Instant,
+}
+
+impl Session {
+    /// A session for an accepted connection.
+    pub fn new(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) -> Self {
+        let live = shared.live.load();
+        let outbox = Arc::new(Outbox::new(live.config.limits.max_queue_bytes.get()));
+        let decoder = LineDecoder::new(live.config.limits.max_line_length.get());
+        drop(live);
+        Session {
+            id: shared.next_client_id(),
+            stream,
+            peer,
+            shared,
+            outbox,
+            decoder,
+            pending: VecDeque::new(),
+            written: 0,
+            phase: Phase::Naming,
+            name: String::new(),
+            leave_reason: "connection lost",
+            last_read: Instant::now(),
+        }
+    }
+
+    /// Runs the session to its end. Never panics on peer input; I/O errors end the session.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let _guard = LeaveOnDrop {
+            shared: self.shared.clone(),
+            id: self.id,
+        };
+        let live = self.shared.live.load_full();
+        self.outbox.push(protocol::server_line(
+            kind::HELLO,
+            &format!(
+                "chatd {} - welcome! Please send your name.",
+                env!("CARGO_PKG_VERSION")
+            ),
+        ));
+        let name_deadline = Instant::now() + live.config.limits.name_timeout;
+        drop(live);
+        let mut close_deadline: Option<Instant> = None;
+
+        let result: io::Result<()> = async {
+            loop {
+                match self.outbox.drain_into(&mut self.pending) {
+                    Some(Close::Overflow) => {
+                        self.leave_reason = "too slow: outbound queue full";
+                        warn!(peer = %self.peer, user = %self.name,
+                            limit = self.shared.live.load().config.limits.max_queue_bytes.get(),
+                            "disconnecting a client that does not read (limits.max-queue-bytes)");
+                        return Ok(());
+                    }
+                    Some(_) if close_deadline.is_none() => {
+                        close_deadline = Some(Instant::now() + CLOSE_FLUSH_TIMEOUT);
+                    }
+                    _ => {}
+                }
+                self.write_pending()?;
+                if close_deadline.is_some() && self.pending.is_empty() {
+                    return Ok(());
+                }
+                let closing = close_deadline.is_some();
+                let flush_at = self.partial_flush_at();
+                let naming = matches!(self.phase, Phase::Naming);
+                tokio::select! {
+                    _ = shutdown.cancelled(), if !closing => {
+                        self.leave_reason = "server shutting down";
+                        self.outbox.close_with(
+                            Some(protocol::server_line(kind::SHUTDOWN, "the server is stopping, goodbye")),
+                            Close::Shutdown,
+                        );
+                    }
+                    ready = self.stream.readable(), if !closing => {
+                        ready?;
+                        if !self.read_available()? {
+                            return Ok(());
+                        }
+                    }
+                    ready = self.stream.writable(), if !self.pending.is_empty() => ready?,
+                    _ = self.outbox.ready() => {}
+                    _ = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() && !closing => {
+                        if let Some(frame) = self.decoder.take_partial() {
+                            self.handle_frame(frame);
+                        }
+                    }
+                    _ = sleep_until(name_deadline), if naming && !closing => {
+                        self.outbox.close_with(
+                            Some(protocol::error_line(code::NAME_TIMEOUT,
+                                "no name was chosen in time (limits.name-timeout), goodbye")),
+                            Close::Quit,
+                        );
+                    }
+                    _ = sleep_until(close_deadline.unwrap_or_else(Instant::now)), if closing => {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        .await;
+
+        if let Err(e) = result {
+            debug!(peer = %self.peer, user = %self.name, error = %e, "connection error");
+        }
+        if let Some(name) = self.shared.room.leave(self.id, self.leave_reason) {
+            info!(peer = %self.peer, user = %name, reason = self.leave_reason, "user left");
+        }
+    }
+
+    /// When the pending partial line of a message client is taken as complete.
+    fn partial_flush_at(&self) -> Option<Instant> {
+        (!self.decoder.is_line_client() && self.decoder.has_partial())
+            .then(|| self.last_read + self.shared.live.load().config.server.partial_line_flush)
+    }
+
+    /// Reads what the socket has and handles every complete line. Returns `false` at EOF.
+    fn read_available(&mut self) -> io::Result<bool> {
+        self.decoder
+            .set_max_len(self.shared.live.load().config.limits.max_line_length.get());
+        // Bounded per wake-up so one fast sender cannot monopolise this worker thread.
+        for _ in 0..16 {
+            let buf = self.decoder.buffer_mut();
+            buf.reserve(READ_CHUNK);
+            match self.stream.try_read_buf(buf) {
+                Ok(0) => {
+                    // A message client's last words before closing still count.
+                    if let Some(frame) = self.decoder.take_partial() {
+                        self.handle_frame(frame);
+                    }
+                    return Ok(false);
+                }
+                Ok(_) => {
+                    self.last_read = Instant::now();
+                    while let Some(frame) = self.decoder.next_frame() {
+                        self.handle_frame(frame);
+                        if self.outbox.closed().is_some() {
+                            return Ok(true);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        self.decoder.shrink_if_idle();
+        Ok(true)
+    }
+
+    /// Writes as much pending output as the socket takes without blocking.
+    fn write_pending(&mut self) -> io::Result<()> {
+        while !self.pending.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (i, frame) in self.pending.iter().take(MAX_IOVECS).enumerate() {
+                let bytes = if i == 0 {
+                    &frame[self.written..]
+                } else {
+                    &frame[..]
+                };
+                slices[i] = IoSlice::new(bytes);
+                n += 1;
+            }
+            match self.stream.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut wrote) => {
+                    while wrote > 0 {
+                        let Some(front) = self.pending.front_mut() else {
+                            break;
+                        };
+                        let left = front.len() - self.written;
+                        if wrote >= left {
+                            wrote -= left;
+                            self.written = 0;
+                            self.pending.pop_front();
+                        } else {
+                            self.written += wrote;
+                            wrote = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        // Release the queue's memory after a burst so idle connections stay small.
+        if self.pending.capacity() > 64 {
+            self.pending = VecDeque::new();
+        }
+        Ok(())
+    }
+
+    /// Queues a line for this client only.
+    fn reply(&self, frame: Bytes) {
+        self.outbox.push(frame);
+    }
+
+    fn handle_frame(&mut self, frame: Frame) {
+        let line = match frame {
+            Frame::TooLong => {
+                let max = self.shared.live.load().config.limits.max_line_length.get();
+                self.reply(protocol::error_line(
+                    code::LINE_TOO_LONG,
+                    &format!("line longer than {max} bytes (limits.max-line-length) was not sent"),
+                ));
+                return;
+            }
+            Frame::Line(line) => line,
+        };
+        let Ok(text) = std::str::from_utf8(&line) else {
+            self.reply(protocol::error_line(
+                code::BAD_UTF8,
+                "line is not valid UTF-8 and was not sent",
+            ));
+            return;
+        };
+        match self.phase {
+            Phase::Naming => self.choose_name(text),
+            Phase::Chatting => self.chat(text),
+        }
+    }
+
+    fn choose_name(&mut self, text: &str) {
+        if matches!(command::parse(text), Input::Quit) {
+            self.quit();
+            return;
+        }
+        let live = self.shared.live.load_full();
+        let name = match live.name_rules.validate(text) {
+            Ok(name) => name,
+            Err(e) => return self.name_refused(&e),
+        };
+        let mut welcome = vec![protocol::server_line(
+            kind::WELCOME,
+            &format!(
+                "{} you are chatting as {}; type /help for commands",
+                name.display, name.display
+            ),
+        )];
+        welcome.extend(
+            live.config
+                .room
+                .motd
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| protocol::server_line(kind::MOTD, &protocol::sanitize(l))),
+        );
+        let shown = name.display.clone();
+        match self
+            .shared
+            .room
+            .join(self.id, name, self.peer, self.outbox.clone(), &welcome)
+        {
+            Ok(users) => {
+                self.phase = Phase::Chatting;
+                info!(peer = %self.peer, user = %shown, users, "user joined");
+                self.name = shown;
+            }
+            Err(e) => self.name_refused(&e),
+        }
+    }
+
+    fn name_refused(&self, e: &NameError) {
+        self.reply(protocol::error_line(
+            e.code(),
+            &format!("{e}; send another name"),
+        ));
+    }
+
+    fn quit(&mut self) {
+        self.leave_reason = "quit";
+        self.outbox.close_with(
+            Some(protocol::server_line(kind::BYE, "goodbye")),
+            Close::Quit,
+        );
+        // Tell the room at once rather than when the socket is finally closed.
+        if let Some(name) = self.shared.room.leave(self.id, "quit") {
+            info!(peer = %self.peer, user = %name, reason = "quit", "user left");
+        }
+    }
+
+    fn chat(&mut self, line: &str) {
+        let room = &self.shared.room;
+        match command::parse(line) {
+            Input::Blank => {}
+            Input::Say(text) => room.say(self.id, &protocol::sanitize(text)),
+            Input::Me(text) => room.act(self.id, &protocol::sanitize(text)),
+            Input::Quit => self.quit(),
+            Input::Who => {
+                let names = room.names();
+                self.reply(protocol::server_line(
+                    kind::WHO,
+                    &format!("{} {}", names.len(), names.join(" ")),
+                ));
+            }
+            Input::Msg { to, text } => {
+                let text = protocol::sanitize(text);
+                match room.private(self.id, to, &text) {
+                    Ok(to) => self.reply(protocol::private_echo_line(&to, &text)),
+                    Err(e) => self.reply(protocol::error_line(
+                        code::NO_SUCH_USER,
+                        &protocol::sanitize(&e.to_string()),
+                    )),
+                }
+            }
+            Input::Nick(new) => {
+                let live = self.shared.live.load_full();
+                let result = live
+                    .name_rules
+                    .validate(new)
+                    .map_err(RoomError::from)
+                    .and_then(|name| {
+                        let display = name.display.clone();
+                        room.rename(self.id, name)
+                            .map(|old| (old, display))
+                            .map_err(RoomError::from)
+                    });
+                match result {
+                    Ok((old, new)) => {
+                        info!(peer = %self.peer, user = %new, old = %old, "user renamed");
+                        self.name = new;
+                    }
+                    Err(RoomError::Name(e)) => self.name_refused(&e),
+                    Err(e) => self.reply(protocol::error_line(code::NO_SUCH_USER, &e.to_string())),
+                }
+            }
+            Input::Help => {
+                for line in command::HELP {
+                    self.reply(protocol::server_line(kind::INFO, line));
+                }
+            }
+            Input::Usage(usage) => self.reply(protocol::error_line(code::BAD_ARGUMENTS, usage)),
+            Input::Unknown(cmd) => self.reply(protocol::error_line(
+                code::UNKNOWN_COMMAND,
+                &format!(
+                    "unknown command /{}; type /help for the list",
+                    protocol::sanitize(cmd)
+                ),
+            )),
+        }
+    }
+}
+
+/// Removes the member from the room however the session ends, a panic included, so no ghost
+/// member keeps a name and an outbox nobody drains.
+struct LeaveOnDrop {
+    shared: Arc<Shared>,
+    id: ClientId,
+}
+
+impl Drop for LeaveOnDrop {
+    fn drop(&mut self) {
+        self.shared.room.leave(self.id, "connection lost");
+    }
+}

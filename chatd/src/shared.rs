@@ -1,0 +1,171 @@
+//! State every task of the daemon shares: the room, the live config and the counters, plus the
+//! one place a reload is carried out (for SIGHUP and `chatctl reload` alike).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+
+use crate::config::{Config, ConfigDiff, ConfigError};
+use crate::names::NameRules;
+use crate::room::Room;
+
+/// Where the config came from, so a reload reads the same place.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The file to (re-)read.
+    pub path: PathBuf,
+    /// Given with `--config`: a missing file is an error. Otherwise (the default path) a missing
+    /// file means "built-in defaults".
+    pub explicit: bool,
+}
+
+impl ConfigSource {
+    /// Loads the config from this source; `Ok(None)` means the default file does not exist and
+    /// the built-in defaults apply.
+    pub fn load(&self) -> Result<Option<Config>, ConfigError> {
+        if !self.explicit && !self.path.exists() {
+            return Ok(None);
+        }
+        Config::load(&self.path).map(Some)
+    }
+}
+
+/// The config as tasks read it, with what is derived from it computed once per reload.
+#[derive(Debug)]
+pub struct Live {
+    /// The config in force.
+    pub config: Config,
+    /// Name rules built from `config.names`.
+    pub name_rules: NameRules,
+    /// Whether the config came from a file (false: built-in defaults).
+    pub from_file: bool,
+}
+
+impl Live {
+    /// Derives the live view of `config`.
+    pub fn new(config: Config, from_file: bool) -> Self {
+        let name_rules = NameRules::new(config.names.max_length.get(), &config.names.reserved);
+        Live {
+            config,
+            name_rules,
+            from_file,
+        }
+    }
+}
+
+/// Applies the side effects of a new config outside the room (log level, admin socket mode).
+pub type ApplyHook = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
+
+/// Everything the daemon's tasks share.
+pub struct Shared {
+    /// The chatroom.
+    pub room: Room,
+    /// The config in force. Readers `load()` it when they need a value and never hold the guard
+    /// across an `.await`.
+    pub live: ArcSwap<Live>,
+    /// Where reloads read from.
+    pub source: ConfigSource,
+    /// Addresses actually bound (known after binding).
+    pub listen: Vec<SocketAddr>,
+    /// The admin socket's path.
+    pub admin_socket: PathBuf,
+    /// Start time, for uptime.
+    pub started: Instant,
+    /// Wall-clock start time.
+    pub started_at: SystemTime,
+    /// Next client id; ids are never reused.
+    next_id: AtomicU64,
+    /// Open TCP connections (named or not).
+    pub connections: AtomicUsize,
+    /// Connections refused because `limits.max-clients` was reached.
+    pub refused_full: AtomicU64,
+    /// Successful reloads.
+    pub reloads: AtomicU64,
+    /// Serialises reloads so two never interleave their swaps and hooks.
+    reload_lock: Mutex<()>,
+    /// Side effects of a reload beyond the room (log filter, admin socket permissions).
+    apply_hooks: Vec<ApplyHook>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("listen", &self.listen)
+            .field("admin_socket", &self.admin_socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Shared state for a daemon that loaded `config` (None: built-in defaults) from `source`.
+    pub fn new(
+        config: Option<Config>,
+        source: ConfigSource,
+        listen: Vec<SocketAddr>,
+        admin_socket: PathBuf,
+        apply_hooks: Vec<ApplyHook>,
+    ) -> Self {
+        let from_file = config.is_some();
+        let live = Live::new(config.unwrap_or_default(), from_file);
+        Shared {
+            room: Room::new(live.config.room.history.get()),
+            live: ArcSwap::from_pointee(live),
+            source,
+            listen,
+            admin_socket,
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            next_id: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+            refused_full: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
+            reload_lock: Mutex::new(()),
+            apply_hooks,
+        }
+    }
+
+    /// A fresh client id.
+    pub fn next_client_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The config file in force, if any.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.live
+            .load()
+            .from_file
+            .then_some(self.source.path.as_path())
+    }
+
+    /// Re-reads the config and applies what can change live. On any error the running config
+    /// stays exactly as it was.
+    pub fn reload(&self) -> Result<ConfigDiff, ConfigError> {
+        let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let loaded = self.source.load()?;
+        let from_file = loaded.is_some();
+        let new = loaded.unwrap_or_default();
+        let old = self.live.load_full();
+        let diff = ConfigDiff::between(&old.config, &new);
+        for hook in &self.apply_hooks {
+            if let Err(message) = hook(&new) {
+                // Hooks validate before they change anything, so nothing was applied yet;
+                // undo the ones that ran by re-applying the old config.
+                for undo in &self.apply_hooks {
+                    let _ = undo(&old.config);
+                }
+                return Err(ConfigError::Invalid {
+                    path: self.source.path.clone(),
+                    message,
+                });
+            }
+        }
+        self.room.set_history_cap(new.room.history.get());
+        self.live.store(Arc::new(Live::new(new, from_file)));
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        Ok(diff)
+    }
+}
