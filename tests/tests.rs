@@ -1,1 +1,10 @@
+//! Integration tests: every test starts the real `chatd` binary on an ephemeral port with a
+//! temporary config and admin socket, and talks to it over real sockets or through the real
+//! `chatctl` and `chat-client` binaries. Every wait is bounded.
 
+mod helper;
+
+mod admin;
+mod chat;
+mod config;
+mod signals;

@@ -1,1 +1,347 @@
-fn main() {}
+//! chatctl: administer a running chatd over its Unix admin socket.
+//!
+//! Speaks the typed protocol in `chatd::admin::proto` (the same types the daemon uses) and maps
+//! every failure to a message a person understands and a distinct exit code.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+
+mod cli;
+use cli::{Cli, Command};
+
+use chatd::admin::proto::{
+    self, AdminError, ErrorCode, PROTOCOL_VERSION, Request, RequestEnvelope, Response,
+    ResponseEnvelope, StatusInfo, UserInfo,
+};
+
+/// How long chatctl waits for the daemon to answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Exit codes, documented in `chatctl --help` and docs/admin-protocol.md.
+mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const NOT_RUNNING: u8 = 3;
+    pub const PERMISSION_DENIED: u8 = 4;
+    pub const NO_SUCH_USER: u8 = 5;
+    pub const INVALID_ARGUMENT: u8 = 6;
+    pub const RELOAD_FAILED: u8 = 7;
+    pub const PROTOCOL: u8 = 8;
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let request = match &cli.command {
+        Command::List => Request::List {},
+        Command::Kick { name, reason } => Request::Kick {
+            name: name.clone(),
+            reason: reason.clone(),
+        },
+        Command::Announce { text } => Request::Announce {
+            text: text.join(" "),
+        },
+        Command::Status => Request::Status {},
+        Command::Reload => Request::Reload {},
+    };
+    let result = find_socket(cli.socket.as_deref()).and_then(|path| call(&path, request));
+    match result {
+        Ok(env) => {
+            let code = match &env.response {
+                Response::Error(e) => exit_code(e.code),
+                _ => exit::OK,
+            };
+            if cli.json {
+                match serde_json::to_string(&env) {
+                    Ok(json) => println!("{json}"),
+                    Err(e) => eprintln!("chatctl: cannot encode answer: {e}"),
+                }
+            } else {
+                render(&env.response);
+            }
+            ExitCode::from(code)
+        }
+        Err(fail) => {
+            if cli.json {
+                let env = ResponseEnvelope {
+                    version: PROTOCOL_VERSION,
+                    response: Response::Error(AdminError::new(fail.code, fail.message.clone())),
+                };
+                if let Ok(json) = serde_json::to_string(&env) {
+                    println!("{json}");
+                }
+            }
+            eprintln!("chatctl: {}", fail.message);
+            ExitCode::from(fail.exit)
+        }
+    }
+}
+
+/// A failure before a response arrived.
+struct Failure {
+    code: ErrorCode,
+    exit: u8,
+    message: String,
+}
+
+fn exit_code(code: ErrorCode) -> u8 {
+    match code {
+        ErrorCode::PermissionDenied => exit::PERMISSION_DENIED,
+        ErrorCode::NoSuchUser => exit::NO_SUCH_USER,
+        ErrorCode::InvalidArgument => exit::INVALID_ARGUMENT,
+        ErrorCode::ReloadFailed => exit::RELOAD_FAILED,
+        ErrorCode::UnsupportedVersion | ErrorCode::BadRequest => exit::PROTOCOL,
+        ErrorCode::DaemonUnreachable => exit::NOT_RUNNING,
+    }
+}
+
+fn find_socket(explicit: Option<&Path>) -> Result<PathBuf, Failure> {
+    if let Some(p) = explicit {
+        return Ok(p.to_owned());
+    }
+    let candidates = proto::socket_candidates();
+    if let Some(p) = candidates.iter().find(|p| p.exists()) {
+        return Ok(p.clone());
+    }
+    let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    Err(Failure {
+        code: ErrorCode::DaemonUnreachable,
+        exit: exit::NOT_RUNNING,
+        message: format!(
+            "chatd is not running: no admin socket found (tried {}); is the service started? (use --socket to point elsewhere)",
+            tried.join(", ")
+        ),
+    })
+}
+
+fn call(path: &Path, request: Request) -> Result<ResponseEnvelope, Failure> {
+    let mut stream = UnixStream::connect(path).map_err(|e| connect_failure(path, &e))?;
+    let io_fail = |what: &str, e: std::io::Error| Failure {
+        code: ErrorCode::DaemonUnreachable,
+        exit: exit::FAILURE,
+        message: format!("{}: {what}: {e}", path.display()),
+    };
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
+        .map_err(|e| io_fail("setting timeouts", e))?;
+    let env = RequestEnvelope {
+        version: PROTOCOL_VERSION,
+        request,
+    };
+    let mut line = serde_json::to_vec(&env).map_err(|e| Failure {
+        code: ErrorCode::BadRequest,
+        exit: exit::FAILURE,
+        message: format!("cannot encode request: {e}"),
+    })?;
+    line.push(b'\n');
+    // The daemon may refuse an unauthorised peer before reading; its answer still follows.
+    let _ = stream.write_all(&line);
+    let mut reader = BufReader::new(stream.take_limit());
+    let mut answer = String::new();
+    match reader.read_line(&mut answer) {
+        Ok(0) => {
+            return Err(Failure {
+                code: ErrorCode::DaemonUnreachable,
+                exit: exit::PROTOCOL,
+                message: format!(
+                    "{}: chatd closed the connection without answering",
+                    path.display()
+                ),
+            });
+        }
+        Ok(_) => {}
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            return Err(Failure {
+                code: ErrorCode::DaemonUnreachable,
+                exit: exit::FAILURE,
+                message: format!(
+                    "{}: chatd did not answer within {}s",
+                    path.display(),
+                    TIMEOUT.as_secs()
+                ),
+            });
+        }
+        Err(e) => return Err(io_fail("reading answer", e)),
+    }
+    serde_json::from_str::<ResponseEnvelope>(&answer).map_err(|e| Failure {
+        code: ErrorCode::BadRequest,
+        exit: exit::PROTOCOL,
+        message: format!("unexpected answer from chatd (is it a compatible version?): {e}"),
+    })
+}
+
+/// Bounds what chatctl reads from the socket, whatever the peer sends.
+trait TakeLimit {
+    fn take_limit(self) -> std::io::Take<UnixStream>;
+}
+
+impl TakeLimit for UnixStream {
+    fn take_limit(self) -> std::io::Take<UnixStream> {
+        std::io::Read::take(self, 16 * 1024 * 1024)
+    }
+}
+
+fn connect_failure(path: &Path, e: &std::io::Error) -> Failure {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::NotFound | ErrorKind::ConnectionRefused => Failure {
+            code: ErrorCode::DaemonUnreachable,
+            exit: exit::NOT_RUNNING,
+            message: format!(
+                "chatd is not running: cannot connect to {} ({e})",
+                path.display()
+            ),
+        },
+        ErrorKind::PermissionDenied => Failure {
+            code: ErrorCode::PermissionDenied,
+            exit: exit::PERMISSION_DENIED,
+            message: format!(
+                "permission denied: {} (run as root or as a member of chatd's admin group)",
+                path.display()
+            ),
+        },
+        _ => Failure {
+            code: ErrorCode::DaemonUnreachable,
+            exit: exit::FAILURE,
+            message: format!("cannot connect to {}: {e}", path.display()),
+        },
+    }
+}
+
+fn render(response: &Response) {
+    match response {
+        Response::Users { users } => print_users(users),
+        Response::Kicked { name, addr } => println!("kicked {name} ({addr})"),
+        Response::Announced { recipients } => {
+            println!("announced to {recipients} user{}", plural(*recipients));
+        }
+        Response::Status(s) => print_status(s),
+        Response::Reloaded {
+            applied,
+            needs_restart,
+        } => {
+            println!("config reloaded");
+            println!("applied: {}", list_or_none(applied));
+            println!("needs restart: {}", list_or_none(needs_restart));
+        }
+        Response::Error(e) => eprintln!("chatctl: {}", e.message),
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+fn list_or_none(keys: &[String]) -> String {
+    if keys.is_empty() {
+        "nothing".to_owned()
+    } else {
+        keys.join(", ")
+    }
+}
+
+fn print_users(users: &[UserInfo]) {
+    if users.is_empty() {
+        println!("no users online");
+        return;
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let rows: Vec<[String; 4]> = users
+        .iter()
+        .map(|u| {
+            let since = UNIX_EPOCH + Duration::from_secs(u.connected_since);
+            [
+                u.name.clone(),
+                u.addr.clone(),
+                format!(
+                    "{} ({} ago)",
+                    humantime::format_rfc3339_seconds(since),
+                    short_duration(now.saturating_sub(u.connected_since))
+                ),
+                short_duration(u.idle_secs),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "ADDRESS", "CONNECTED SINCE", "IDLE"];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let print_row = |cells: [&str; 4]| {
+        println!(
+            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        );
+    };
+    print_row(header);
+    for row in &rows {
+        print_row([&row[0], &row[1], &row[2], &row[3]]);
+    }
+    println!("{} user{} online", users.len(), plural(users.len()));
+}
+
+/// `3d4h`, `2h5m`, `4m12s`, `9s`: the two largest units.
+fn short_duration(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m{s}s"),
+        (0, _, _) => format!("{h}h{m}m"),
+        _ => format!("{d}d{h}h"),
+    }
+}
+
+fn print_status(s: &StatusInfo) {
+    println!("chatd {} up {}", s.version, short_duration(s.uptime_secs));
+    println!("users:            {}", s.users);
+    println!("connections:      {}", s.connections);
+    println!("messages:         {}", s.messages);
+    println!("deliveries:       {}", s.deliveries);
+    println!("kicks:            {}", s.kicks);
+    println!("slow disconnects: {}", s.slow_disconnects);
+    println!("refused (full):   {}", s.refused_full);
+    println!("reloads:          {}", s.reloads);
+    println!(
+        "config:           {}",
+        s.config_path.as_deref().unwrap_or("(built-in defaults)")
+    );
+    println!("listening on:     {}", s.listen.join(", "));
+    println!("admin socket:     {}", s.admin_socket);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_short() {
+        assert_eq!(short_duration(9), "9s");
+        assert_eq!(short_duration(252), "4m12s");
+        assert_eq!(short_duration(7500), "2h5m");
+        assert_eq!(short_duration(360_000), "4d4h");
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -58,8 +58,11 @@ pub fn init(level: &str) -> LogControl {
         None
     };
     let stderr = journald.is_none().then(|| {
+        use std::io::IsTerminal;
+        let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(color)
             .with_target(false)
     });
     let _ = tracing_subscriber::registry()

@@ -178,6 +178,8 @@ pub enum ErrorCode {
     UnsupportedVersion,
     /// The new config was rejected; the old one stays in force.
     ReloadFailed,
+    /// Client-side only (chatctl `--json`): no daemon could be reached.
+    DaemonUnreachable,
 }
 
 /// Where the admin socket may be, in order of preference: `$RUNTIME_DIRECTORY` (set by systemd's

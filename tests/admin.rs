@@ -1,0 +1,1 @@
+//! chatctl against a live daemon.

@@ -1,0 +1,1 @@
+//! SIGHUP reloads and SIGTERM shutdown.
