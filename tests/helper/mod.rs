@@ -158,12 +158,15 @@ impl TestDaemon {
         Client::connect(self.addr)
     }
 
-    /// Connects and takes `name`; returns once the welcome has arrived.
+    /// Connects and takes `name`; returns once the welcome, MOTD and history have been read
+    /// (a `/who` round trip marks their end).
     pub fn join(&self, name: &str) -> Client {
         let mut c = self.connect();
         c.expect_prefix("*** HELLO ");
         c.send(name);
         c.expect_prefix(&format!("*** WELCOME {name}"));
+        c.send("/who");
+        c.expect_prefix("*** WHO ");
         c
     }
 
