@@ -7,4 +7,5 @@ mod helper;
 mod admin;
 mod chat;
 mod config;
+mod docs;
 mod signals;

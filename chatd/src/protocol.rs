@@ -48,6 +48,40 @@ pub mod kind {
     pub const SHUTDOWN: &str = "SHUTDOWN";
 }
 
+/// Every server line kind, for documentation checks and clients.
+pub const ALL_KINDS: &[&str] = &[
+    kind::HELLO,
+    kind::ERR,
+    kind::WELCOME,
+    kind::MOTD,
+    kind::HISTORY,
+    kind::JOIN,
+    kind::LEAVE,
+    kind::NICK,
+    kind::KICK,
+    kind::KICKED,
+    kind::NOTICE,
+    kind::WHO,
+    kind::INFO,
+    kind::BYE,
+    kind::SHUTDOWN,
+];
+
+/// Every error code, for documentation checks and clients.
+pub const ALL_CODES: &[&str] = &[
+    code::NAME_INVALID,
+    code::NAME_RESERVED,
+    code::NAME_TAKEN,
+    code::LINE_TOO_LONG,
+    code::BAD_UTF8,
+    code::UNKNOWN_COMMAND,
+    code::BAD_ARGUMENTS,
+    code::NO_SUCH_USER,
+    code::SERVER_FULL,
+    code::NAME_TIMEOUT,
+    code::TOO_SLOW,
+];
+
 /// Error codes sent in `*** ERR <code> <text>`.
 pub mod code {
     /// The name has characters outside the allowed set, is empty or too long.

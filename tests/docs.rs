@@ -1,0 +1,101 @@
+//! The written contracts in docs/ and config/ cannot drift from the code.
+
+use chatd::admin::proto::ErrorCode;
+use chatd::config::{Config, RESTART_KEYS};
+use chatd::protocol::{ALL_CODES, ALL_KINDS};
+
+fn read(rel: &str) -> String {
+    let path = format!("{}/../{rel}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn protocol_doc_lists_every_server_line_kind_and_error_code() {
+    let doc = read("docs/protocol.md");
+    for kind in ALL_KINDS {
+        assert!(
+            doc.contains(&format!("| `{kind}` | `*** {kind}")),
+            "docs/protocol.md lacks kind {kind}"
+        );
+    }
+    for code in ALL_CODES {
+        assert!(
+            doc.contains(&format!("| `{code}` |")),
+            "docs/protocol.md lacks code {code}"
+        );
+    }
+}
+
+#[test]
+fn admin_doc_lists_every_error_code() {
+    let doc = read("docs/admin-protocol.md");
+    for code in [
+        ErrorCode::PermissionDenied,
+        ErrorCode::NoSuchUser,
+        ErrorCode::InvalidArgument,
+        ErrorCode::BadRequest,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::ReloadFailed,
+        ErrorCode::DaemonUnreachable,
+    ] {
+        let name = serde_json::to_value(code)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned));
+        let name = name.unwrap_or_default();
+        assert!(
+            doc.contains(&format!("`{name}`")),
+            "docs/admin-protocol.md lacks {name}"
+        );
+    }
+}
+
+/// Every `section.key` of the config, from the defaults.
+fn config_keys() -> Vec<String> {
+    let mut keys = Vec::new();
+    if let Ok(toml::Value::Table(sections)) = toml::Value::try_from(Config::default()) {
+        for (section, v) in sections {
+            if let toml::Value::Table(t) = v {
+                keys.extend(t.keys().map(|k| format!("{section}.{k}")));
+            }
+        }
+    }
+    keys
+}
+
+#[test]
+fn configuration_doc_and_shipped_config_cover_every_key_with_its_reload_class() {
+    let doc = read("docs/configuration.md");
+    let shipped = read("config/chatd.toml");
+    let keys = config_keys();
+    assert!(keys.len() > 10, "{keys:?}");
+    for key in &keys {
+        let row = doc
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{key}` |")))
+            .unwrap_or_else(|| panic!("docs/configuration.md has no row for {key}"));
+        let restart = RESTART_KEYS.contains(&key.as_str());
+        assert_eq!(row.trim_end().ends_with("| restart |"), restart, "{row}");
+        let (section, name) = key.split_once('.').unwrap_or_default();
+        assert!(
+            shipped.contains(&format!("[{section}]")),
+            "config/chatd.toml lacks [{section}]"
+        );
+        let lines: Vec<&str> = shipped.lines().collect();
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with(&format!("{name} =")))
+            .unwrap_or_else(|| panic!("config/chatd.toml lacks {key}"));
+        // The comment block right above the key says how it applies.
+        let comment: String = lines[..at]
+            .iter()
+            .rev()
+            .take_while(|l| l.starts_with('#'))
+            .copied()
+            .collect();
+        let class = if restart { "(restart)" } else { "(live" };
+        assert!(
+            comment.contains(class),
+            "config/chatd.toml: {key} not marked {class}"
+        );
+    }
+}
