@@ -9,3 +9,4 @@ mod chat;
 mod config;
 mod docs;
 mod signals;
+mod systemd;

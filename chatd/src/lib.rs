@@ -18,6 +18,7 @@ pub mod server;
 pub mod session;
 pub mod shared;
 pub mod signals;
+pub mod systemd;
 
 use std::sync::Arc;
 
@@ -62,10 +63,17 @@ pub async fn run(
     }
     server::log_bound(&shared.listen);
     info!(socket = %admin.path().display(), "admin socket ready");
+    // Only now, with every listener accepting and the admin socket up (and the SIGHUP handler
+    // installed by the caller), may systemd consider the service started.
+    systemd::notify_ready(&shared);
+    // Not in `tracker`: these run until aborted below, after the drain, so the watchdog keeps
+    // being fed while clients are told goodbye.
+    let status = tokio::spawn(systemd::status_task(shared.clone()));
+    let watchdog = tokio::spawn(systemd::watchdog_task());
 
     while let Some(event) = events.recv().await {
         match event {
-            Event::Reload => match shared.reload() {
+            Event::Reload => match systemd::reload(&shared) {
                 Ok(diff) => info!(%diff, "config reloaded (SIGHUP)"),
                 Err(e) => {
                     error!(error = %e, "config reload failed (SIGHUP); keeping the running config")
@@ -77,6 +85,7 @@ pub async fn run(
 
     let users = shared.room.len();
     info!(users, "shutting down");
+    systemd::notify_stopping(users);
     // Order: stop accepting and tell every session (one token), then wait for the drain.
     shutdown.cancel();
     tracker.close();
@@ -90,6 +99,8 @@ pub async fn run(
             "some connections did not drain in time (server.shutdown-grace); closing them"
         );
     }
+    status.abort();
+    watchdog.abort();
     drop(admin);
     info!("stopped");
 }

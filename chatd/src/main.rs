@@ -1,5 +1,6 @@
 //! The `chatd` binary: arguments → config → logging → sockets → [`chatd::run`] → exit code.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,23 +11,13 @@ use tracing::{error, info, warn};
 use chatd::admin::{self, proto};
 use chatd::config::DEFAULT_CONFIG_PATH;
 use chatd::shared::{ApplyHook, ConfigSource, Shared};
-use chatd::{logging, server, signals};
+use chatd::{logging, server, signals, systemd};
+
+mod cli;
+use cli::Args;
 
 /// Exit status for a configuration error at startup (sysexits EX_CONFIG).
 const EX_CONFIG: u8 = 78;
-
-/// chatd: a chatroom daemon, served on TCP and administered over a Unix socket with chatctl.
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {
-    /// Config file. Without it, /etc/chatd/chatd.toml is used if it exists, else built-in
-    /// defaults.
-    #[arg(short, long, value_name = "PATH")]
-    config: Option<PathBuf>,
-    /// Validate the config, print it with every default filled in, and exit (0 valid, 1 not).
-    #[arg(long)]
-    check_config: bool,
-}
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -77,7 +68,7 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(async move {
-        let std_listeners = match server::bind_all(&effective.server.listen) {
+        let std_listeners = match listeners(&effective.server.listen) {
             Ok(l) => l,
             Err(e) => {
                 error!("{e}");
@@ -134,6 +125,24 @@ fn main() -> ExitCode {
     });
     drop(runtime);
     code
+}
+
+/// The chat listeners: the sockets systemd passed when socket-activated (chatd.socket), else
+/// `server.listen` bound here. Sockets passed for another process are ignored.
+fn listeners(configured: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, String> {
+    match systemd::take_listeners() {
+        Ok(Some(passed)) => {
+            let names: Vec<&str> = passed.iter().map(|(n, _)| n.as_str()).collect();
+            info!(
+                sockets = passed.len(),
+                names = ?names,
+                "socket activation: serving the sockets systemd passed; server.listen is not bound"
+            );
+            Ok(passed.into_iter().map(|(_, l)| l).collect())
+        }
+        Ok(None) => server::bind_all(configured),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Raises the soft open-files limit to the hard one: every client is a file descriptor.

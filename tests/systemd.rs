@@ -1,0 +1,306 @@
+//! The systemd contract of the real `chatd` binary, without systemd: a fake service manager
+//! listens on an abstract `NOTIFY_SOCKET` and checks every datagram of a daemon's life, and
+//! socket activation is driven the way systemd does it (`LISTEN_PID`/`LISTEN_FDS`, fd 3).
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::helper::{Client, TestDaemon, WAIT, bin, wait_until};
+
+/// A fake service manager on an abstract socket, as systemd ≥ 254 uses by default.
+struct FakeManager {
+    socket: UnixDatagram,
+    name: String,
+    /// `WATCHDOG=1` pings seen so far (they interleave with everything else).
+    watchdog_pings: usize,
+    /// Every datagram received, in order, for failure messages.
+    seen: Vec<String>,
+}
+
+impl FakeManager {
+    fn new() -> FakeManager {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!("chatd-it-{}-{stamp}", std::process::id());
+        let addr = UnixAddr::from_abstract_name(name.as_bytes()).expect("abstract address");
+        let socket = UnixDatagram::bind_addr(&addr).expect("bind abstract socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        FakeManager {
+            socket,
+            name: format!("@{name}"),
+            watchdog_pings: 0,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next datagram that is not a watchdog ping (those are counted), within `WAIT`.
+    fn next(&mut self) -> String {
+        let deadline = Instant::now() + WAIT;
+        let mut buf = [0u8; 4096];
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "no notification within {WAIT:?}; saw {:?}",
+                self.seen
+            );
+            let Ok(n) = self.socket.recv(&mut buf) else {
+                continue;
+            };
+            let msg = String::from_utf8(buf[..n].to_vec()).expect("UTF-8 datagram");
+            self.seen.push(msg.clone());
+            if msg == "WATCHDOG=1" {
+                self.watchdog_pings += 1;
+                continue;
+            }
+            return msg;
+        }
+    }
+
+    /// Skips plain `STATUS=` updates until a datagram starting with `prefix`.
+    fn expect(&mut self, prefix: &str) -> String {
+        loop {
+            let msg = self.next();
+            if msg.starts_with(prefix) {
+                return msg;
+            }
+            assert!(
+                msg.starts_with("STATUS="),
+                "expected {prefix:?}, got {msg:?} (all: {:?})",
+                self.seen
+            );
+        }
+    }
+}
+
+/// Starts chatd on `config` with extra environment, stderr to `log`.
+fn spawn_chatd(dir: &Path, config: &str, env: &[(&str, &str)]) -> (Child, std::path::PathBuf) {
+    let config_path = dir.join("chatd.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    let log_path = dir.join("chatd.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut cmd = Command::new(bin("chatd"));
+    cmd.arg("--config")
+        .arg(&config_path)
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_FDNAMES")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    (cmd.spawn().expect("spawn chatd"), log_path)
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The chat port chatd logged ("listening for chat clients ... :PORT").
+fn logged_port(log: &str) -> Option<u16> {
+    log.lines()
+        .find(|l| l.contains("listening for chat clients"))
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|p| p.trim().parse().ok())
+}
+
+fn join(addr: SocketAddr, name: &str) -> Client {
+    let mut c = Client::connect(addr);
+    c.expect_prefix("*** HELLO ");
+    c.send(name);
+    c.expect_prefix(&format!("*** WELCOME {name}"));
+    c
+}
+
+fn wait_exit(child: &mut Child) -> Option<i32> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("chatd did not exit in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn notifies_ready_reload_status_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("admin.sock");
+    let config = TestDaemon::config_text(&socket, "");
+    let mut manager = FakeManager::new();
+    // A 400 ms watchdog: pings every 200 ms.
+    let (mut child, log) = spawn_chatd(
+        dir.path(),
+        &config,
+        &[
+            ("NOTIFY_SOCKET", &manager.name),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let pid = Pid::from_raw(child.id() as i32);
+
+    // READY=1 comes once, after the listeners and the admin socket are up.
+    let ready = manager.expect("READY=1");
+    assert_eq!(ready, "READY=1\nSTATUS=0 users online, 0 connections");
+    let text = read(&log);
+    assert!(
+        text.contains("admin socket ready"),
+        "READY before admin socket:\n{text}"
+    );
+    let port = logged_port(&text).expect("port logged before READY");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let status = Command::new(bin("chatctl"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("status")
+        .output()
+        .expect("chatctl");
+    assert!(
+        status.status.success(),
+        "chatctl status right after READY failed"
+    );
+
+    // The status line follows the user count.
+    let mut alice = join(addr, "alice");
+    let status = manager.expect("STATUS=1 user online");
+    assert_eq!(status, "STATUS=1 user online, 1 connection");
+
+    // SIGHUP: RELOADING=1 with MONOTONIC_USEC in one datagram, then READY=1.
+    kill(pid, Signal::SIGHUP).expect("SIGHUP");
+    let reloading = manager.expect("RELOADING=1");
+    let lines: Vec<&str> = reloading.lines().collect();
+    assert_eq!(lines.len(), 3, "{reloading:?}");
+    assert_eq!(lines[0], "RELOADING=1");
+    let usec: u64 = lines[1]
+        .strip_prefix("MONOTONIC_USEC=")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {reloading:?}"));
+    assert!(usec > 0);
+    assert_eq!(lines[2], "STATUS=Reloading configuration");
+    assert_eq!(
+        manager.expect("READY=1"),
+        "READY=1\nSTATUS=1 user online, 1 connection"
+    );
+    alice.send("still here");
+
+    // The watchdog was fed all along (400 ms deadline, pinged every 200 ms).
+    let pings_before = manager.watchdog_pings;
+    wait_until(WAIT, "watchdog pings", || {
+        let mut buf = [0u8; 64];
+        if let Ok(n) = manager.socket.recv(&mut buf) {
+            assert_eq!(&buf[..n], b"WATCHDOG=1", "unexpected datagram");
+            manager.watchdog_pings += 1;
+        }
+        manager.watchdog_pings >= pings_before + 3
+    });
+
+    // SIGTERM: STOPPING=1 before the users are told.
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    assert_eq!(
+        manager.expect("STOPPING=1"),
+        "STOPPING=1\nSTATUS=Shutting down, telling 1 users"
+    );
+    alice.until_eof();
+    assert_eq!(wait_exit(&mut child), Some(0));
+}
+
+#[test]
+fn without_notify_socket_nothing_is_sent_and_chatd_runs() {
+    // The plain case every other test covers too; here it also must not log notify errors.
+    let d = TestDaemon::start("");
+    let _a = d.join("alice");
+    assert!(!d.log().contains("cannot notify systemd"), "{}", d.log());
+}
+
+#[test]
+fn socket_activation_serves_the_passed_listener() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("admin.sock");
+    // If chatd bound server.listen it would fail: 192.0.2.1 (TEST-NET-1) is not a local address.
+    let config = format!(
+        "[server]\nlisten = [\"192.0.2.1:9\"]\n\n[admin]\nsocket = \"{}\"\ngroup = \"\"\n",
+        socket.display()
+    );
+    std::fs::write(dir.path().join("chatd.toml"), &config).expect("write config");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut manager = FakeManager::new();
+    // Like systemd: the socket at fd 3, LISTEN_PID = chatd's own pid. The listener goes in as
+    // the shell's stdin (the only safe way to hand a child a descriptor), the shell moves it to
+    // fd 3 and execs chatd, keeping its pid ($$).
+    let log_path = dir.path().join("chatd.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(
+            "exec 3<&0 0</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=chat \
+             exec \"$0\" --config \"$1\"",
+        )
+        .arg(bin("chatd"))
+        .arg(dir.path().join("chatd.toml"))
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .env("NOTIFY_SOCKET", &manager.name)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::from(OwnedFd::from(listener)))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn chatd");
+    let ready = manager.expect("READY=1");
+    assert!(ready.starts_with("READY=1\nSTATUS="), "{ready:?}");
+    let text = read(&log_path);
+    assert!(text.contains("socket activation"), "{text}");
+    assert_eq!(logged_port(&text), Some(addr.port()), "{text}");
+    let mut a = join(addr, "alice");
+    let mut b = join(addr, "bob");
+    a.expect_prefix("*** JOIN bob");
+    b.send("hi alice");
+    assert_eq!(a.expect_prefix("bob:"), "bob: hi alice");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert_eq!(wait_exit(&mut child), Some(0));
+}
+
+#[test]
+fn sockets_passed_to_another_process_are_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("admin.sock");
+    let config = TestDaemon::config_text(&socket, "");
+    // LISTEN_PID names some other process: chatd must bind server.listen itself.
+    let (mut child, log) = spawn_chatd(
+        dir.path(),
+        &config,
+        &[("LISTEN_PID", "1"), ("LISTEN_FDS", "1")],
+    );
+    wait_until(WAIT, "chatd to listen", || {
+        logged_port(&read(&log)).is_some() && read(&log).contains("admin socket ready")
+    });
+    let port = logged_port(&read(&log)).expect("port");
+    assert_ne!(port, 0);
+    let _a = join(SocketAddr::from(([127, 0, 0, 1], port)), "alice");
+    assert!(!read(&log).contains("socket activation"));
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert_eq!(wait_exit(&mut child), Some(0));
+}
