@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::helper::{TestDaemon, WAIT};
+use crate::helper::{NO_RATE_LIMIT, TestDaemon, WAIT};
 
 #[test]
 fn greeting_join_message_and_quit() {
@@ -81,7 +81,7 @@ fn invalid_reserved_and_taken_names_can_be_retried() {
 
 #[test]
 fn every_receiver_sees_messages_in_the_same_order() {
-    let d = TestDaemon::start("");
+    let d = TestDaemon::start(NO_RATE_LIMIT);
     let mut senders: Vec<_> = (0..3).map(|i| d.join(&format!("s{i}"))).collect();
     let mut receivers: Vec<_> = (0..3).map(|i| d.join(&format!("r{i}"))).collect();
     let per_sender = 50;
@@ -123,7 +123,8 @@ fn every_receiver_sees_messages_in_the_same_order() {
 
 #[test]
 fn slash_commands() {
-    let d = TestDaemon::start("");
+    // Eleven lines in a burst: more than the default limits.message-burst.
+    let d = TestDaemon::start(NO_RATE_LIMIT);
     let mut a = d.join("alice");
     let mut b = d.join("bob");
     a.expect_prefix("*** JOIN bob");

@@ -194,7 +194,9 @@ fn sighup_applies_admin_mode_group_and_log_level() {
 
 #[test]
 fn sighup_applies_shutdown_grace() {
-    let d = TestDaemon::start("[limits]\nmax-queue-bytes = 1073741824\n");
+    let d = TestDaemon::start(
+        "[limits]\nmax-queue-bytes = 1073741824\nmessage-rate = 1000000\nmessage-burst = 1000000\n",
+    );
     let text = std::fs::read_to_string(&d.config_path).unwrap_or_default();
     std::fs::write(
         &d.config_path,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// The exit-status and socket-lookup notes shown after `--help`.
 pub const AFTER_HELP: &str = "\
 Exit status:
   0  success
@@ -12,7 +13,7 @@ Exit status:
   2  bad command line
   3  chatd is not running (no socket, or nobody listening)
   4  permission denied (not root, not chatd's user, not in the admin group)
-  5  no such user
+  5  no such user (or, for unban, no such ban)
   6  invalid argument (empty, too long, or multi-line text)
   7  reload failed: the new config was rejected and the old one stays in force
   8  protocol error (incompatible chatd version or garbled answer)
@@ -20,7 +21,7 @@ Exit status:
 The socket is found by --socket, else $CHATD_SOCKET, else the first that exists of
 $RUNTIME_DIRECTORY/chatd.sock, /run/chatd/chatd.sock, $XDG_RUNTIME_DIR/chatd.sock.";
 
-/// Administer a running chatd: list users, kick, announce, status, reload.
+/// Administer a running chatd: list users, kick, ban, announce, status, reload.
 #[derive(Debug, Parser)]
 #[command(name = "chatctl", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
@@ -30,10 +31,12 @@ pub struct Cli {
     /// Print the daemon's answer as one line of JSON (see docs/admin-protocol.md).
     #[arg(long, global = true)]
     pub json: bool,
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// One chatctl command.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Users online, with address, connected-since and idle time.
@@ -56,4 +59,23 @@ pub enum Command {
     Status,
     /// Re-read the config file (like SIGHUP) and report what changed or why it was rejected.
     Reload,
+    /// Ban a name, an IP address or a CIDR block; matching users are disconnected at once and
+    /// refused when they come back. Bans survive restarts.
+    Ban {
+        /// NAME, IP (192.0.2.7, 2001:db8::7) or CIDR block (192.0.2.0/24, 2001:db8::/48).
+        target: String,
+        /// How long, e.g. 30m, 2h, 7d; permanent when absent.
+        #[arg(long, short, value_name = "DURATION")]
+        duration: Option<String>,
+        /// Why; shown to the banned user.
+        #[arg(long, short)]
+        reason: Option<String>,
+    },
+    /// Lift a ban, naming its target as it was banned.
+    Unban {
+        /// NAME, IP or CIDR block.
+        target: String,
+    },
+    /// Bans in force, with reason and expiry.
+    Bans,
 }

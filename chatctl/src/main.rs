@@ -15,7 +15,7 @@ mod cli;
 use cli::{Cli, Command};
 
 use chatd::admin::proto::{
-    self, AdminError, ErrorCode, PROTOCOL_VERSION, Request, RequestEnvelope, Response,
+    self, AdminError, BanInfo, ErrorCode, PROTOCOL_VERSION, Request, RequestEnvelope, Response,
     ResponseEnvelope, StatusInfo, UserInfo,
 };
 
@@ -47,6 +47,29 @@ fn main() -> ExitCode {
         },
         Command::Status => Request::Status {},
         Command::Reload => Request::Reload {},
+        Command::Ban {
+            target,
+            duration,
+            reason,
+        } => {
+            let duration_secs = match duration.as_deref().map(humantime::parse_duration) {
+                None => None,
+                Some(Ok(d)) => Some(d.as_secs().max(1)),
+                Some(Err(e)) => {
+                    eprintln!("chatctl: invalid --duration: {e} (write it like 30m, 2h or 7d)");
+                    return ExitCode::from(exit::INVALID_ARGUMENT);
+                }
+            };
+            Request::Ban {
+                target: target.clone(),
+                duration_secs,
+                reason: reason.clone(),
+            }
+        }
+        Command::Unban { target } => Request::Unban {
+            target: target.clone(),
+        },
+        Command::Bans => Request::Bans {},
     };
     let result = find_socket(cli.socket.as_deref()).and_then(|path| call(&path, request));
     match result {
@@ -91,7 +114,7 @@ struct Failure {
 fn exit_code(code: ErrorCode) -> u8 {
     match code {
         ErrorCode::PermissionDenied => exit::PERMISSION_DENIED,
-        ErrorCode::NoSuchUser => exit::NO_SUCH_USER,
+        ErrorCode::NoSuchUser | ErrorCode::NoSuchBan => exit::NO_SUCH_USER,
         ErrorCode::InvalidArgument => exit::INVALID_ARGUMENT,
         ErrorCode::ReloadFailed => exit::RELOAD_FAILED,
         ErrorCode::UnsupportedVersion | ErrorCode::BadRequest => exit::PROTOCOL,
@@ -232,7 +255,57 @@ fn render(response: &Response) {
             println!("applied: {}", list_or_none(applied));
             println!("needs restart: {}", list_or_none(needs_restart));
         }
+        Response::Banned { ban, disconnected } => {
+            println!(
+                "banned {} {}: {}",
+                ban.target,
+                until(ban.expires),
+                ban.reason
+            );
+            if !disconnected.is_empty() {
+                println!("disconnected: {}", disconnected.join(", "));
+            }
+        }
+        Response::Unbanned { target } => println!("unbanned {target}"),
+        Response::BanList { bans } => print_bans(bans),
         Response::Error(e) => eprintln!("chatctl: {}", e.message),
+    }
+}
+
+/// "until <time>" or "permanently".
+fn until(expires: Option<u64>) -> String {
+    match expires {
+        Some(e) => format!(
+            "until {}",
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(e))
+        ),
+        None => "permanently".to_owned(),
+    }
+}
+
+fn print_bans(bans: &[BanInfo]) {
+    if bans.is_empty() {
+        println!("no bans");
+        return;
+    }
+    let width = bans
+        .iter()
+        .map(|b| b.target.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    println!(
+        "{:<width$}  {:<4}  {:<27}  REASON",
+        "TARGET", "KIND", "EXPIRES"
+    );
+    for b in bans {
+        println!(
+            "{:<width$}  {:<4}  {:<27}  {}",
+            b.target,
+            b.kind,
+            until(b.expires),
+            b.reason
+        );
     }
 }
 
@@ -319,6 +392,22 @@ fn print_status(s: &StatusInfo) {
     println!("slow disconnects: {}", s.slow_disconnects);
     println!("refused (full):   {}", s.refused_full);
     println!("reloads:          {}", s.reloads);
+    let l = &s.limits;
+    println!(
+        "limits fired:     line-too-long {}, bad-utf8 {}, rate-limited {}, flood-disconnects {}, \
+         slow-disconnects {}, refused-full {}, refused-per-ip {}, name-timeouts {}, \
+         refused-banned {}, accept-backoffs {}",
+        l.line_too_long,
+        l.bad_utf8,
+        l.rate_limited,
+        l.flood_disconnects,
+        l.slow_disconnects,
+        l.refused_full,
+        l.refused_per_ip,
+        l.name_timeouts,
+        l.refused_banned,
+        l.accept_backoffs
+    );
     println!(
         "config:           {}",
         s.config_path.as_deref().unwrap_or("(built-in defaults)")

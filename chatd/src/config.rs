@@ -18,7 +18,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/chatd/chatd.toml";
 
 /// Keys whose change only takes effect after a restart. Everything else applies on reload.
 /// Kept as data so `docs/configuration.md`, the shipped config and the reload report agree.
-pub const RESTART_KEYS: &[&str] = &["server.listen", "admin.socket"];
+pub const RESTART_KEYS: &[&str] = &["server.listen", "server.state-dir", "admin.socket"];
 
 /// The whole configuration. `Default` is the built-in configuration the daemon runs on when no
 /// config file exists.
@@ -53,6 +53,9 @@ pub struct ServerConfig {
     /// How long shutdown waits for queued messages to reach clients before closing anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Where state that must survive a restart (bans) is kept; empty means `$STATE_DIRECTORY`,
+    /// else `/var/lib/chatd` as root, else `$XDG_STATE_HOME/chatd`. (restart)
+    pub state_dir: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
             ],
             partial_line_flush: Duration::from_millis(200),
             shutdown_grace: Duration::from_secs(3),
+            state_dir: PathBuf::new(),
         }
     }
 }
@@ -119,6 +123,18 @@ pub struct LimitsConfig {
     /// How long a new connection has to choose an accepted name.
     #[serde(with = "humantime_serde")]
     pub name_timeout: Duration,
+    /// Most simultaneous connections from one IPv4 address or one IPv6 /64.
+    pub max_connections_per_ip: Bounded<1, 1_000_000>,
+    /// Lines per second a client may send, sustained (token bucket refill rate).
+    pub message_rate: Bounded<1, 1_000_000>,
+    /// Lines a client may send in a burst above the sustained rate (token bucket size).
+    pub message_burst: Bounded<1, 1_000_000>,
+    /// A client whose lines are refused this many times within 10 seconds is disconnected.
+    pub flood_disconnect: Bounded<1, 1_000_000>,
+    /// Idle time before TCP keepalive probes start; a peer that answers none of 3 probes is
+    /// dropped, so half-open connections free their slots.
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -128,6 +144,11 @@ impl Default for LimitsConfig {
             max_line_length: Bounded(2048),
             max_queue_bytes: Bounded(1 << 20),
             name_timeout: Duration::from_secs(60),
+            max_connections_per_ip: Bounded(20),
+            message_rate: Bounded(5),
+            message_burst: Bounded(10),
+            flood_disconnect: Bounded(20),
+            keepalive: Duration::from_secs(60),
         }
     }
 }
@@ -321,6 +342,9 @@ impl Config {
             if !seen.insert(addr) {
                 return Err(format!("server.listen: {addr} is listed twice"));
             }
+        }
+        if self.limits.keepalive < Duration::from_secs(1) {
+            return Err("limits.keepalive: must be at least 1s".to_owned());
         }
         for name in &self.names.reserved {
             if name.trim().is_empty() {

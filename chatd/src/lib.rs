@@ -6,9 +6,11 @@
 //! reaches into another session.
 
 pub mod admin;
+pub mod bans;
 pub mod codec;
 pub mod command;
 pub mod config;
+pub mod limits;
 pub mod logging;
 pub mod names;
 pub mod outbox;

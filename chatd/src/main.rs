@@ -56,6 +56,19 @@ fn main() -> ExitCode {
         ),
     }
     raise_fd_limit();
+    let state_dir = if effective.server.state_dir.as_os_str().is_empty() {
+        chatd::bans::default_state_dir(nix::unistd::geteuid().is_root())
+    } else {
+        effective.server.state_dir.clone()
+    };
+    let bans = match chatd::bans::Bans::load(&state_dir) {
+        Ok(b) => b,
+        Err(e) => {
+            error!("cannot load bans: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    info!(bans = bans.active().len(), file = %bans.path().display(), "ban list loaded");
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -119,7 +132,7 @@ fn main() -> ExitCode {
                 }
             }),
         ];
-        let shared = Arc::new(Shared::new(config, source, bound, socket_path, hooks));
+        let shared = Arc::new(Shared::new(config, source, bound, socket_path, bans, hooks));
         chatd::run(shared, listeners, admin_listener, events).await;
         ExitCode::SUCCESS
     });

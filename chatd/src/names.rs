@@ -1,11 +1,16 @@
 //! Name rules: what a user may call themselves and when two names count as the same.
 //!
-//! A name is normalised (NFKC), then checked against a small safe alphabet: Unicode letters and
-//! digits plus `_`, `-` and `.`, starting with a letter or digit. Two names are the same when
-//! their keys are equal; the key is the NFKC form, lower-cased. Names that could pass for the
-//! server or its staff are reserved. Nothing here touches a socket.
+//! A name is normalised (NFKC), then checked against a small safe alphabet: letters and digits
+//! that UTS #39 allows in identifiers, plus `_`, `-` and `.`, starting with a letter or digit, all
+//! from one script (so `аlice` with a Cyrillic `а` is refused outright). Two names are the same
+//! when their keys are equal; the key is the UTS #39 confusable skeleton of the lower-cased NFKC
+//! form, so a look-alike of an online name (`аlісе` in all-Cyrillic, `ALICE`, full-width
+//! `ａｌｉｃｅ`) counts as taken. The skeleton also equates a few Latin pairs such as `rn`/`m`; we
+//! accept those false positives, as refusing a name is cheap and impersonation is not.
+//! Names that could pass for the server or its staff are reserved. Nothing here touches a socket.
 
 use unicode_normalization::UnicodeNormalization;
+use unicode_security::{GeneralSecurityProfile, MixedScript};
 
 /// Names nobody may take, compared by key.
 pub const BUILTIN_RESERVED: &[&str] = &[
@@ -52,11 +57,14 @@ pub enum NameError {
         "names may only use letters, digits, '_', '-' and '.', and must start with a letter or digit"
     )]
     BadCharacter,
+    /// Letters from more than one script (the classic look-alike trick).
+    #[error("a name must use letters of a single script")]
+    MixedScripts,
     /// A built-in or configured reserved name.
     #[error("that name is reserved")]
     Reserved,
-    /// Someone online already has it (case-insensitively).
-    #[error("that name is already in use, pick another one")]
+    /// Someone online already has it, or a name that looks the same.
+    #[error("that name (or one that looks like it) is already in use")]
     Taken,
 }
 
@@ -64,9 +72,10 @@ impl NameError {
     /// The stable error code sent in `*** ERR <code> ...`.
     pub fn code(&self) -> &'static str {
         match self {
-            NameError::Empty | NameError::TooLong { .. } | NameError::BadCharacter => {
-                "name-invalid"
-            }
+            NameError::Empty
+            | NameError::TooLong { .. }
+            | NameError::BadCharacter
+            | NameError::MixedScripts => "name-invalid",
             NameError::Reserved => "name-reserved",
             NameError::Taken => "name-taken",
         }
@@ -85,8 +94,9 @@ impl NameRules {
     pub fn new(max_len: usize, extra_reserved: &[String]) -> Self {
         let reserved = BUILTIN_RESERVED
             .iter()
-            .map(|s| (*s).to_owned())
-            .chain(extra_reserved.iter().map(|s| key_of(s.trim())))
+            .copied()
+            .chain(extra_reserved.iter().map(|s| s.trim()))
+            .map(key_of)
             .collect();
         NameRules { max_len, reserved }
     }
@@ -101,13 +111,17 @@ impl NameRules {
         if display.chars().count() > self.max_len {
             return Err(NameError::TooLong { max: self.max_len });
         }
-        if !first.is_alphanumeric()
-            || !chars.all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        let letter_or_digit = |c: char| c.is_alphanumeric() && c.identifier_allowed();
+        if !letter_or_digit(first)
+            || !chars.all(|c| letter_or_digit(c) || matches!(c, '_' | '-' | '.'))
         {
             return Err(NameError::BadCharacter);
         }
+        if !display.as_str().is_single_script() {
+            return Err(NameError::MixedScripts);
+        }
         let key = key_of(&display);
-        if self.reserved.iter().any(|r| *r == key) {
+        if self.reserved.contains(&key) {
             return Err(NameError::Reserved);
         }
         Ok(Name { display, key })
@@ -119,9 +133,13 @@ pub fn lookup_key(raw: &str) -> String {
     key_of(raw.trim())
 }
 
-/// The uniqueness key of a name.
+/// The uniqueness key of a name: the confusable skeleton of its lower-cased NFKC form.
 fn key_of(name: &str) -> String {
-    name.nfkc().flat_map(char::to_lowercase).collect()
+    let folded: String = name.nfkc().flat_map(char::to_lowercase).collect();
+    // The skeleton may map to upper-case look-alikes; fold again so case never matters.
+    unicode_security::skeleton(&folded)
+        .flat_map(char::to_lowercase)
+        .collect()
 }
 
 #[cfg(test)]
@@ -135,10 +153,8 @@ mod tests {
     #[test]
     fn accepts_ordinary_names_and_trims() {
         let n = rules().validate("  Alice_1 ").ok();
-        assert_eq!(
-            n.map(|n| (n.display, n.key)),
-            Some(("Alice_1".into(), "alice_1".into()))
-        );
+        assert_eq!(n.as_ref().map(|n| n.display.as_str()), Some("Alice_1"));
+        assert_eq!(n.map(|n| n.key), Some(key_of("alice_1")));
         assert!(rules().validate("José").is_ok());
     }
 
@@ -169,7 +185,35 @@ mod tests {
     fn fullwidth_and_case_variants_share_a_key() {
         let r = rules();
         let a = r.validate("ａｌｉｃｅ").map(|n| n.key);
-        assert_eq!(a, Ok("alice".to_owned()));
-        assert_eq!(r.validate("ALICE").map(|n| n.key), Ok("alice".to_owned()));
+        assert_eq!(a, Ok(key_of("alice")));
+        assert_eq!(r.validate("ALICE").map(|n| n.key), Ok(key_of("alice")));
+    }
+
+    #[test]
+    fn look_alikes_share_a_key_or_are_refused() {
+        let r = rules();
+        let latin = r.validate("alice").map(|n| n.key);
+        // All-Cyrillic look-alike: allowed as a name, but it is the same name.
+        let cyrillic = r.validate("\u{430}l\u{456}\u{441}\u{435}");
+        assert!(cyrillic.is_err() || cyrillic.map(|n| n.key) == latin);
+        // Mixed Latin and Cyrillic is refused outright.
+        assert_eq!(r.validate("\u{430}lice"), Err(NameError::MixedScripts));
+        // A Greek omicron in a Latin name.
+        assert_eq!(r.validate("b\u{3bf}b"), Err(NameError::MixedScripts));
+        assert_eq!(r.validate("ＡＤＭＩＮ"), Err(NameError::Reserved));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(10_000))]
+
+        /// Nothing panics, and an accepted name validates to itself (keys are stable).
+        #[test]
+        fn validate_never_panics_and_is_idempotent(raw in "\\PC{0,40}") {
+            let r = NameRules::new(24, &[]);
+            if let Ok(name) = r.validate(&raw) {
+                let again = r.validate(&name.display);
+                proptest::prop_assert_eq!(again.map(|n| n.key), Ok(name.key));
+            }
+        }
     }
 }

@@ -80,6 +80,10 @@ pub const ALL_CODES: &[&str] = &[
     code::SERVER_FULL,
     code::NAME_TIMEOUT,
     code::TOO_SLOW,
+    code::RATE_LIMITED,
+    code::FLOODING,
+    code::TOO_MANY_CONNECTIONS,
+    code::BANNED,
 ];
 
 /// Error codes sent in `*** ERR <code> <text>`.
@@ -106,6 +110,14 @@ pub mod code {
     pub const NAME_TIMEOUT: &str = "name-timeout";
     /// The client did not read fast enough and its queue overflowed.
     pub const TOO_SLOW: &str = "too-slow";
+    /// More lines than `limits.message-rate` allows; the line was not sent.
+    pub const RATE_LIMITED: &str = "rate-limited";
+    /// Refused too often for flooding; the server closes right after.
+    pub const FLOODING: &str = "flooding";
+    /// Too many connections from one address.
+    pub const TOO_MANY_CONNECTIONS: &str = "too-many-connections";
+    /// The address or name is banned; the text says until when and why.
+    pub const BANNED: &str = "banned";
 }
 
 /// Builds one encoded line; used for every frame so each is allocated exactly once.

@@ -272,14 +272,39 @@ impl Room {
     pub fn kick(&self, name: &str, reason: &str) -> Result<(String, SocketAddr), RoomError> {
         let mut st = self.lock();
         let key = crate::names::lookup_key(name);
-        let Some(member) = st
-            .by_key
-            .get(&key)
-            .copied()
-            .and_then(|id| st.members.remove(&id))
-        else {
+        let Some(id) = st.by_key.get(&key).copied() else {
             return Err(RoomError::NoSuchUser(name.to_owned()));
         };
+        self.remove_kicked(&mut st, id, reason)
+            .ok_or_else(|| RoomError::NoSuchUser(name.to_owned()))
+    }
+
+    /// Kicks every member for whom `matches(key, addr)` holds (a ban); returns who was kicked.
+    pub fn kick_where(
+        &self,
+        matches: impl Fn(&str, SocketAddr) -> bool,
+        reason: &str,
+    ) -> Vec<(String, SocketAddr)> {
+        let mut st = self.lock();
+        let ids: Vec<ClientId> = st
+            .members
+            .iter()
+            .filter(|(_, m)| matches(&m.name.key, m.addr))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.remove_kicked(&mut st, id, reason))
+            .collect()
+    }
+
+    /// Removes member `id`, sends them `*** KICKED` and closes their outbox, tells the others.
+    fn remove_kicked(
+        &self,
+        st: &mut State,
+        id: ClientId,
+        reason: &str,
+    ) -> Option<(String, SocketAddr)> {
+        let member = st.members.remove(&id)?;
         st.by_key.remove(&member.name.key);
         member.outbox.close_with(
             Some(protocol::server_line(kind::KICKED, reason)),
@@ -289,9 +314,9 @@ impl Room {
             kind::KICK,
             &format!("{} was kicked ({reason})", member.name.display),
         );
-        self.broadcast(&st, None, &line);
+        self.broadcast(st, None, &line);
         self.counters.kicks.fetch_add(1, Ordering::Relaxed);
-        Ok((member.name.display, member.addr))
+        Some((member.name.display, member.addr))
     }
 
     /// A notice from the operators to every member; returns how many received it.

@@ -5,7 +5,7 @@
 //! connections degrades service instead of spinning or crashing.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -69,12 +69,64 @@ pub fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, Stri
     Ok(out)
 }
 
-/// Counts an open connection for as long as it lives.
-struct ConnectionSlot(Arc<Shared>);
+/// Open connections per client address. IPv4 addresses count one by one; IPv6 addresses count
+/// per /64, the block one subscriber usually gets, so a single host cannot dodge the limit by
+/// rotating through its own addresses.
+#[derive(Debug, Default)]
+pub struct PerIp {
+    // A std mutex: one hash-map update per connect and disconnect, never across an await.
+    open: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+}
+
+impl PerIp {
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => {
+                    let s = v6.segments();
+                    IpAddr::from([s[0], s[1], s[2], s[3], 0, 0, 0, 0])
+                }
+            },
+        }
+    }
+
+    /// Counts a connection from `ip` unless `max` are already open; returns whether it may stay.
+    fn try_add(&self, ip: IpAddr, max: usize) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(Self::key(ip)).or_insert(0);
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn remove(&self, ip: IpAddr) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let key = Self::key(ip);
+        if let Some(n) = open.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&key);
+            }
+        }
+    }
+}
+
+/// Counts an open connection (globally and for its address) for as long as it lives.
+struct ConnectionSlot {
+    shared: Arc<Shared>,
+    ip: Option<IpAddr>,
+}
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.ip {
+            self.shared.per_ip.remove(ip);
+        }
     }
 }
 
@@ -97,6 +149,7 @@ pub async fn accept_loop(
                 conn
             }
             Err(e) if is_resource_exhaustion(&e) => {
+                crate::shared::LimitCounters::bump(&shared.limits.accept_backoffs);
                 error!(error = %e, retry_in = ?backoff, "cannot accept connections: out of resources");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -110,16 +163,41 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        tune(&stream);
-        let max = shared.live.load().config.limits.max_clients.get();
+        let live = shared.live.load_full();
+        tune(&stream, live.config.limits.keepalive);
+        let max = live.config.limits.max_clients.get();
         let open = shared.connections.fetch_add(1, Ordering::Relaxed);
-        let slot = ConnectionSlot(shared.clone());
+        let mut slot = ConnectionSlot {
+            shared: shared.clone(),
+            ip: None,
+        };
         if open >= max {
             shared.refused_full.fetch_add(1, Ordering::Relaxed);
             warn!(%peer, max_clients = max, "refusing connection: server full (limits.max-clients)");
-            tracker.spawn(refuse(stream, slot, max));
+            let text =
+                format!("server full ({max} connections, limits.max-clients), try again later");
+            tracker.spawn(refuse(stream, slot, code::SERVER_FULL, text));
             continue;
         }
+        if let Some(ban) = shared.bans.for_ip(peer.ip()) {
+            crate::shared::LimitCounters::bump(&shared.limits.refused_banned);
+            info!(%peer, ban = %ban.target.to_text(), "refusing connection: banned address");
+            tracker.spawn(refuse(stream, slot, code::BANNED, ban.refusal()));
+            continue;
+        }
+        let per_ip = live.config.limits.max_connections_per_ip.get();
+        if !shared.per_ip.try_add(peer.ip(), per_ip) {
+            crate::shared::LimitCounters::bump(&shared.limits.refused_per_ip);
+            warn!(%peer, max_connections_per_ip = per_ip,
+                "refusing connection: too many from this address (limits.max-connections-per-ip)");
+            let text = format!(
+                "too many connections from your address ({per_ip}, limits.max-connections-per-ip)"
+            );
+            tracker.spawn(refuse(stream, slot, code::TOO_MANY_CONNECTIONS, text));
+            continue;
+        }
+        slot.ip = Some(peer.ip());
+        drop(live);
         debug!(%peer, "connection accepted");
         let session = Session::new(stream, peer, shared.clone());
         let token = shutdown.clone();
@@ -131,25 +209,22 @@ pub async fn accept_loop(
 }
 
 /// Low latency (no Nagle) and keepalive, so half-open peers are found and their slots freed.
-fn tune(stream: &TcpStream) {
+fn tune(stream: &TcpStream, idle: Duration) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(error = %e, "cannot set TCP_NODELAY");
     }
     let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
+        .with_time(idle)
+        .with_interval((idle / 6).max(Duration::from_secs(1)))
         .with_retries(3);
     if let Err(e) = SockRef::from(stream).set_tcp_keepalive(&keepalive) {
         debug!(error = %e, "cannot set TCP keepalive");
     }
 }
 
-/// Tells a client past the connection limit why it is refused, then closes.
-async fn refuse(mut stream: TcpStream, _slot: ConnectionSlot, max: usize) {
-    let line = protocol::error_line(
-        code::SERVER_FULL,
-        &format!("server full ({max} connections, limits.max-clients), try again later"),
-    );
+/// Tells a refused client why (one `*** ERR` line), then closes.
+async fn refuse(mut stream: TcpStream, _slot: ConnectionSlot, code: &str, text: String) {
+    let line = protocol::error_line(code, &text);
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         stream.write_all(&line).await?;
         stream.shutdown().await

@@ -23,10 +23,12 @@ use tracing::{debug, info, warn};
 
 use crate::codec::{Frame, LineDecoder};
 use crate::command::{self, Input};
+use crate::limits::{FloodWindow, TokenBucket};
 use crate::names::NameError;
 use crate::outbox::{Close, Outbox};
 use crate::protocol::{self, code, kind};
 use crate::room::{ClientId, RoomError};
+use crate::shared::LimitCounters;
 use crate::shared::Shared;
 
 /// Longest a closing session waits for its peer to read what is queued (quit, kick).
@@ -60,6 +62,10 @@ pub struct Session {
     /// Why the member leaves the room, announced when the session ends.
     leave_reason: &'static str,
     last_read: Instant,
+    /// Flood control: one token per line received.
+    bucket: TokenBucket,
+    /// Refused lines in the current window; too many disconnect the client.
+    flood: FloodWindow,
 }
 
 impl Session {
@@ -68,6 +74,12 @@ impl Session {
         let live = shared.live.load();
         let outbox = Arc::new(Outbox::new(live.config.limits.max_queue_bytes.get()));
         let decoder = LineDecoder::new(live.config.limits.max_line_length.get());
+        let now = std::time::Instant::now();
+        let bucket = TokenBucket::new(
+            live.config.limits.message_rate.0,
+            live.config.limits.message_burst.0,
+            now,
+        );
         drop(live);
         Session {
             id: shared.next_client_id(),
@@ -82,6 +94,8 @@ impl Session {
             name: String::new(),
             leave_reason: "connection lost",
             last_read: Instant::now(),
+            bucket,
+            flood: FloodWindow::new(now),
         }
     }
 
@@ -147,6 +161,8 @@ impl Session {
                         }
                     }
                     _ = sleep_until(name_deadline), if naming && !closing => {
+                        LimitCounters::bump(&self.shared.limits.name_timeouts);
+                        debug!(peer = %self.peer, "closing: no name in time (limits.name-timeout)");
                         self.outbox.close_with(
                             Some(protocol::error_line(code::NAME_TIMEOUT,
                                 "no name was chosen in time (limits.name-timeout), goodbye")),
@@ -256,9 +272,58 @@ impl Session {
         self.outbox.push(frame);
     }
 
+    /// Flood control: takes a token for this line, or refuses it (and past
+    /// `limits.flood-disconnect` refusals in a window, disconnects). Returns whether to go on.
+    fn admit(&mut self) -> bool {
+        let live = self.shared.live.load();
+        let limits = &live.config.limits;
+        self.bucket
+            .set(limits.message_rate.0, limits.message_burst.0);
+        let now = std::time::Instant::now();
+        let Err(retry) = self.bucket.take(now) else {
+            return true;
+        };
+        LimitCounters::bump(&self.shared.limits.rate_limited);
+        if self.flood.refuse(now, limits.flood_disconnect.0) {
+            LimitCounters::bump(&self.shared.limits.flood_disconnects);
+            warn!(peer = %self.peer, user = %self.name, limit = limits.flood_disconnect.0,
+                "disconnecting a flooding client (limits.flood-disconnect)");
+            self.leave_reason = "flooding";
+            self.outbox.close_with(
+                Some(protocol::error_line(
+                    code::FLOODING,
+                    &format!(
+                        "disconnected for flooding: {} lines refused within {}s (limits.flood-disconnect)",
+                        limits.flood_disconnect.0,
+                        crate::limits::FLOOD_WINDOW.as_secs()
+                    ),
+                )),
+                Close::Quit,
+            );
+            if let Some(name) = self.shared.room.leave(self.id, "flooding") {
+                info!(peer = %self.peer, user = %name, reason = "flooding", "user left");
+            }
+            return false;
+        }
+        self.reply(protocol::error_line(
+            code::RATE_LIMITED,
+            &format!(
+                "line not sent: more than {} lines per second (limits.message-rate, bursts of limits.message-burst = {}); retry in {}ms",
+                limits.message_rate.0,
+                limits.message_burst.0,
+                retry.as_millis().max(1)
+            ),
+        ));
+        false
+    }
+
     fn handle_frame(&mut self, frame: Frame) {
+        if self.outbox.closed().is_some() || !self.admit() {
+            return;
+        }
         let line = match frame {
             Frame::TooLong => {
+                LimitCounters::bump(&self.shared.limits.line_too_long);
                 let max = self.shared.live.load().config.limits.max_line_length.get();
                 self.reply(protocol::error_line(
                     code::LINE_TOO_LONG,
@@ -269,6 +334,7 @@ impl Session {
             Frame::Line(line) => line,
         };
         let Ok(text) = std::str::from_utf8(&line) else {
+            LimitCounters::bump(&self.shared.limits.bad_utf8);
             self.reply(protocol::error_line(
                 code::BAD_UTF8,
                 "line is not valid UTF-8 and was not sent",
@@ -291,6 +357,22 @@ impl Session {
             Ok(name) => name,
             Err(e) => return self.name_refused(&e),
         };
+        // Bans made after this connection was accepted, and bans on the name itself.
+        let ban = self
+            .shared
+            .bans
+            .for_ip(self.peer.ip())
+            .or_else(|| self.shared.bans.for_name_key(&name.key));
+        if let Some(ban) = ban {
+            LimitCounters::bump(&self.shared.limits.refused_banned);
+            info!(peer = %self.peer, name = %name.display, ban = %ban.target.to_text(), "refused a banned user");
+            self.leave_reason = "banned";
+            self.outbox.close_with(
+                Some(protocol::error_line(code::BANNED, &ban.refusal())),
+                Close::Quit,
+            );
+            return;
+        }
         let mut welcome = vec![protocol::server_line(
             kind::WELCOME,
             &format!(

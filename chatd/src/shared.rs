@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 
+use crate::bans::Bans;
 use crate::config::{Config, ConfigDiff, ConfigError};
 use crate::names::NameRules;
 use crate::room::Room;
@@ -60,6 +61,34 @@ impl Live {
 /// Applies the side effects of a new config outside the room (log level, admin socket mode).
 pub type ApplyHook = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
 
+/// How often each limit fired since start (`chatctl status`).
+#[derive(Debug, Default)]
+pub struct LimitCounters {
+    /// Lines refused for exceeding `limits.max-line-length`.
+    pub line_too_long: AtomicU64,
+    /// Lines refused for not being UTF-8.
+    pub bad_utf8: AtomicU64,
+    /// Lines refused by the flood limit (`limits.message-rate`).
+    pub rate_limited: AtomicU64,
+    /// Clients disconnected for flooding (`limits.flood-disconnect`).
+    pub flood_disconnects: AtomicU64,
+    /// Connections refused by `limits.max-connections-per-ip`.
+    pub refused_per_ip: AtomicU64,
+    /// Connections closed for not choosing a name in time (`limits.name-timeout`).
+    pub name_timeouts: AtomicU64,
+    /// Connections or names refused by a ban.
+    pub refused_banned: AtomicU64,
+    /// Times accepting stalled for lack of resources (EMFILE and kin).
+    pub accept_backoffs: AtomicU64,
+}
+
+impl LimitCounters {
+    /// Adds one to `counter`.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Everything the daemon's tasks share.
 pub struct Shared {
     /// The chatroom.
@@ -85,6 +114,12 @@ pub struct Shared {
     pub refused_full: AtomicU64,
     /// Successful reloads.
     pub reloads: AtomicU64,
+    /// How often each limit fired.
+    pub limits: LimitCounters,
+    /// Bans, persisted in the state directory.
+    pub bans: Bans,
+    /// Open connections per address (IPv4 address or IPv6 /64).
+    pub per_ip: crate::server::PerIp,
     /// Serialises reloads so two never interleave their swaps and hooks.
     reload_lock: Mutex<()>,
     /// Side effects of a reload beyond the room (log filter, admin socket permissions).
@@ -107,6 +142,7 @@ impl Shared {
         source: ConfigSource,
         listen: Vec<SocketAddr>,
         admin_socket: PathBuf,
+        bans: Bans,
         apply_hooks: Vec<ApplyHook>,
     ) -> Self {
         let from_file = config.is_some();
@@ -123,6 +159,9 @@ impl Shared {
             connections: AtomicUsize::new(0),
             refused_full: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
+            limits: LimitCounters::default(),
+            bans,
+            per_ip: crate::server::PerIp::default(),
             reload_lock: Mutex::new(()),
             apply_hooks,
         }

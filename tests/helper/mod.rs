@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// A `[limits]` section that lifts flood control, for tests that send bursts.
+pub const NO_RATE_LIMIT: &str = "[limits]\nmessage-rate = 1000000\nmessage-burst = 1000000\n";
+
 /// Default bound for any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -52,8 +55,10 @@ impl TestDaemon {
     /// The config every test daemon starts from; `extra` is appended (whole sections).
     pub fn config_text(socket: &Path, extra: &str) -> String {
         format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\npartial-line-flush = \"150ms\"\nshutdown-grace = \"3s\"\n\n\
+            "[server]\nlisten = [\"127.0.0.1:0\"]\npartial-line-flush = \"150ms\"\nshutdown-grace = \"3s\"\n\
+             state-dir = \"{}\"\n\n\
              [admin]\nsocket = \"{}\"\nmode = 0o660\ngroup = \"\"\n\n{extra}",
+            socket.with_file_name("state").display(),
             socket.display()
         )
     }

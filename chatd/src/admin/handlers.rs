@@ -7,7 +7,10 @@ use std::time::UNIX_EPOCH;
 
 use tracing::{info, warn};
 
-use super::proto::{AdminError, ErrorCode, Request, Response, StatusInfo, UserInfo};
+use super::proto::{
+    AdminError, BanInfo, ErrorCode, LimitStats, Request, Response, StatusInfo, UserInfo,
+};
+use crate::bans::{self, Ban, Target};
 use crate::protocol;
 use crate::room::RoomError;
 use crate::shared::Shared;
@@ -23,6 +26,15 @@ pub fn handle(shared: &Shared, uid: u32, request: Request) -> Response {
         Request::Announce { text } => announce(shared, uid, &text),
         Request::Status {} => status(shared),
         Request::Reload {} => reload(shared, uid),
+        Request::Ban {
+            target,
+            duration_secs,
+            reason,
+        } => ban(shared, uid, &target, duration_secs, reason.as_deref()),
+        Request::Unban { target } => unban(shared, uid, &target),
+        Request::Bans {} => Response::BanList {
+            bans: shared.bans.active().iter().map(ban_info).collect(),
+        },
     }
 }
 
@@ -31,16 +43,19 @@ fn invalid(message: impl Into<String>) -> Response {
 }
 
 /// Text an admin wants users to see: one line, not empty, not huge, terminal-safe.
-fn user_text<'a>(what: &str, text: &'a str) -> Result<std::borrow::Cow<'a, str>, Response> {
+///
+/// The error is the message for an `invalid-argument` response (kept small: a `Response`
+/// is a large enum and clippy rightly objects to it as an error type).
+fn user_text<'a>(what: &str, text: &'a str) -> Result<std::borrow::Cow<'a, str>, String> {
     let text = text.trim();
     if text.is_empty() {
-        return Err(invalid(format!("{what} must not be empty")));
+        return Err(format!("{what} must not be empty"));
     }
     if text.len() > MAX_TEXT {
-        return Err(invalid(format!("{what} is longer than {MAX_TEXT} bytes")));
+        return Err(format!("{what} is longer than {MAX_TEXT} bytes"));
     }
     if text.contains(['\n', '\r']) {
-        return Err(invalid(format!("{what} must be a single line")));
+        return Err(format!("{what} must be a single line"));
     }
     Ok(protocol::sanitize(text))
 }
@@ -67,7 +82,7 @@ fn kick(shared: &Shared, uid: u32, name: &str, reason: Option<&str>) -> Response
     let reason = match reason {
         Some(r) => match user_text("reason", r) {
             Ok(r) => r,
-            Err(resp) => return resp,
+            Err(msg) => return invalid(msg),
         },
         None => "kicked by an administrator".into(),
     };
@@ -90,7 +105,7 @@ fn kick(shared: &Shared, uid: u32, name: &str, reason: Option<&str>) -> Response
 fn announce(shared: &Shared, uid: u32, text: &str) -> Response {
     let text = match user_text("announcement", text) {
         Ok(t) => t,
-        Err(resp) => return resp,
+        Err(msg) => return invalid(msg),
     };
     let recipients = shared.room.announce(&text);
     info!(text = %text, recipients, admin_uid = uid, "announcement sent");
@@ -99,6 +114,8 @@ fn announce(shared: &Shared, uid: u32, text: &str) -> Response {
 
 fn status(shared: &Shared) -> Response {
     let c = &shared.room.counters;
+    let l = &shared.limits;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     Response::Status(StatusInfo {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_secs: shared.started.elapsed().as_secs(),
@@ -110,6 +127,18 @@ fn status(shared: &Shared) -> Response {
         slow_disconnects: c.slow_disconnects.load(Ordering::Relaxed),
         refused_full: shared.refused_full.load(Ordering::Relaxed),
         reloads: shared.reloads.load(Ordering::Relaxed),
+        limits: LimitStats {
+            line_too_long: load(&l.line_too_long),
+            bad_utf8: load(&l.bad_utf8),
+            rate_limited: load(&l.rate_limited),
+            flood_disconnects: load(&l.flood_disconnects),
+            slow_disconnects: c.slow_disconnects.load(Ordering::Relaxed),
+            refused_full: shared.refused_full.load(Ordering::Relaxed),
+            refused_per_ip: load(&l.refused_per_ip),
+            name_timeouts: load(&l.name_timeouts),
+            refused_banned: load(&l.refused_banned),
+            accept_backoffs: load(&l.accept_backoffs),
+        },
         config_path: shared.config_path().map(|p| p.display().to_string()),
         listen: shared.listen.iter().map(ToString::to_string).collect(),
         admin_socket: shared.admin_socket.display().to_string(),
@@ -129,5 +158,99 @@ fn reload(shared: &Shared, uid: u32) -> Response {
             warn!(admin_uid = uid, error = %e, "config reload failed; keeping the running config");
             Response::Error(AdminError::new(ErrorCode::ReloadFailed, e.to_string()))
         }
+    }
+}
+
+fn ban_info(b: &Ban) -> BanInfo {
+    BanInfo {
+        kind: match b.target {
+            Target::Name(_) => "name",
+            Target::Net(_) => "net",
+        }
+        .to_owned(),
+        target: b.target.to_text(),
+        reason: b.reason.clone(),
+        created: b.created,
+        expires: b.expires,
+    }
+}
+
+fn ban(
+    shared: &Shared,
+    uid: u32,
+    target: &str,
+    duration_secs: Option<u64>,
+    reason: Option<&str>,
+) -> Response {
+    let target = match Target::parse(target) {
+        Ok(t) => t,
+        Err(e) => return invalid(e),
+    };
+    if duration_secs == Some(0) {
+        return invalid("a ban's duration must be more than zero");
+    }
+    let reason = match reason {
+        Some(r) => match user_text("reason", r) {
+            Ok(r) => r.into_owned(),
+            Err(msg) => return invalid(msg),
+        },
+        None => "banned by an administrator".to_owned(),
+    };
+    let now = bans::now_secs();
+    let ban = Ban {
+        target,
+        reason,
+        created: now,
+        expires: duration_secs.map(|d| now.saturating_add(d)),
+    };
+    if let Err(e) = shared.bans.add(ban.clone()) {
+        warn!(error = %e, "cannot save ban list");
+        return Response::Error(AdminError::new(
+            ErrorCode::InvalidArgument,
+            format!("ban not saved: {e}"),
+        ));
+    }
+    let kick_reason = format!("banned {}: {}", ban.until_text(), ban.reason);
+    let disconnected: Vec<String> = match &ban.target {
+        Target::Name(n) => {
+            let key = crate::names::lookup_key(n);
+            shared.room.kick_where(|k, _| k == key, &kick_reason)
+        }
+        Target::Net(net) => shared.room.kick_where(
+            |_, addr| net.contains(&bans::canonical(addr.ip())),
+            &kick_reason,
+        ),
+    }
+    .into_iter()
+    .map(|(name, _)| name)
+    .collect();
+    info!(target = %ban.target.to_text(), reason = %ban.reason, until = %ban.until_text(),
+        disconnected = disconnected.len(), admin_uid = uid, "ban added");
+    Response::Banned {
+        ban: ban_info(&ban),
+        disconnected,
+    }
+}
+
+fn unban(shared: &Shared, uid: u32, target: &str) -> Response {
+    let parsed = match Target::parse(target) {
+        Ok(t) => t,
+        Err(e) => return invalid(e),
+    };
+    match shared.bans.remove(&parsed) {
+        Ok(true) => {
+            info!(target = %parsed.to_text(), admin_uid = uid, "ban lifted");
+            Response::Unbanned {
+                target: parsed.to_text(),
+            }
+        }
+        Ok(false) => Response::Error(AdminError::new(
+            ErrorCode::NoSuchBan,
+            format!("no ban on {:?}", parsed.to_text()),
+        )),
+        Err(e) => Response::Error(AdminError::new(
+            ErrorCode::InvalidArgument,
+            format!("ban list not saved: {e}"),
+        )),
     }
 }

@@ -115,9 +115,8 @@ pub fn bind(path: &Path, mode: u32, group: &str) -> Result<AdminListener, BindEr
     }
     let socket = UnixSocket::new_stream().map_err(io_err(path, "creating socket"))?;
     socket.bind(path).map_err(io_err(path, "binding"))?;
-    apply_permissions(path, mode, group).map_err(|e| {
+    apply_permissions(path, mode, group).inspect_err(|_| {
         let _ = std::fs::remove_file(path);
-        e
     })?;
     let listener = socket.listen(128).map_err(io_err(path, "listening"))?;
     Ok(AdminListener {

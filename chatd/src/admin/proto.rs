@@ -53,6 +53,24 @@ pub enum Request {
     Status {},
     /// Re-read the config file, as SIGHUP does, and report the outcome.
     Reload {},
+    /// Ban a name, an IP address or a CIDR block; matching users online are disconnected.
+    Ban {
+        /// `NAME`, `IP` or `IP/PREFIX`.
+        target: String,
+        /// How long, in seconds; absent means permanent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_secs: Option<u64>,
+        /// Shown to the banned user; a default is used when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// Lift the ban on a target, written as it was banned.
+    Unban {
+        /// `NAME`, `IP` or `IP/PREFIX`.
+        target: String,
+    },
+    /// Bans in force.
+    Bans {},
 }
 
 /// A response with the protocol version it is written in.
@@ -94,8 +112,40 @@ pub enum Response {
         /// Changed keys that wait for a restart.
         needs_restart: Vec<String>,
     },
+    /// Answer to [`Request::Ban`].
+    Banned {
+        /// The ban now in force.
+        ban: BanInfo,
+        /// Users disconnected by it.
+        disconnected: Vec<String>,
+    },
+    /// Answer to [`Request::Unban`].
+    Unbanned {
+        /// The target whose ban was lifted.
+        target: String,
+    },
+    /// Answer to [`Request::Bans`].
+    BanList {
+        /// Bans in force, oldest first.
+        bans: Vec<BanInfo>,
+    },
     /// The request failed.
     Error(AdminError),
+}
+
+/// One ban in [`Response::Banned`] and [`Response::BanList`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BanInfo {
+    /// `name`, or `net` for an address or block.
+    pub kind: String,
+    /// The name, address or CIDR block.
+    pub target: String,
+    /// Why.
+    pub reason: String,
+    /// When it was made, Unix seconds.
+    pub created: u64,
+    /// When it ends, Unix seconds; `null` for permanent.
+    pub expires: Option<u64>,
 }
 
 /// One user in [`Response::Users`].
@@ -134,12 +184,39 @@ pub struct StatusInfo {
     pub refused_full: u64,
     /// Successful reloads since start.
     pub reloads: u64,
+    /// How often each limit fired since start.
+    pub limits: LimitStats,
     /// The config file, or `null` when running on built-in defaults.
     pub config_path: Option<String>,
     /// Addresses actually bound.
     pub listen: Vec<String>,
     /// The admin socket's path.
     pub admin_socket: String,
+}
+
+/// How often each limit fired, in [`StatusInfo`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitStats {
+    /// Lines refused for exceeding `limits.max-line-length`.
+    pub line_too_long: u64,
+    /// Lines refused for not being UTF-8.
+    pub bad_utf8: u64,
+    /// Lines refused by `limits.message-rate`.
+    pub rate_limited: u64,
+    /// Clients disconnected for flooding.
+    pub flood_disconnects: u64,
+    /// Clients disconnected because their outbound queue overflowed.
+    pub slow_disconnects: u64,
+    /// Connections refused by `limits.max-clients`.
+    pub refused_full: u64,
+    /// Connections refused by `limits.max-connections-per-ip`.
+    pub refused_per_ip: u64,
+    /// Connections closed by `limits.name-timeout`.
+    pub name_timeouts: u64,
+    /// Connections or names refused by a ban.
+    pub refused_banned: u64,
+    /// Times accepting stalled for lack of file descriptors or memory.
+    pub accept_backoffs: u64,
 }
 
 /// A failed request: a stable code for programs and a message for people.
@@ -170,6 +247,8 @@ pub enum ErrorCode {
     PermissionDenied,
     /// No user of that name is online.
     NoSuchUser,
+    /// No ban on that target.
+    NoSuchBan,
     /// An argument is empty, too long or malformed.
     InvalidArgument,
     /// The request line is not a valid request (bad JSON, unknown command, too large).
