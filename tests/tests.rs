@@ -6,6 +6,7 @@ mod helper;
 
 mod admin;
 mod chat;
+mod client;
 mod config;
 mod docs;
 mod signals;

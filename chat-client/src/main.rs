@@ -1,1 +1,50 @@
-fn main() {}
+//! `chat-client`: a terminal client for the chatd chatroom. Arguments are in `cli.rs`, the
+//! client's life (connect, name, chat, reconnect) in `app.rs`, display in `render.rs`, and the
+//! interactive line editor in `editor.rs`. See docs/client.md.
+
+mod app;
+mod cli;
+mod config;
+mod editor;
+mod net;
+mod render;
+mod roster;
+mod ui;
+
+use clap::Parser;
+
+fn main() {
+    let cli = cli::Cli::parse();
+    let config = match config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chat-client: {e:#}");
+            std::process::exit(app::exit::ERROR);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chat-client: cannot start: {e}");
+            std::process::exit(app::exit::ERROR);
+        }
+    };
+    let code = runtime.block_on(async {
+        let mut ui_settings = config.ui.clone();
+        if cli.no_bell {
+            ui_settings.bell = false;
+        }
+        match ui::Ui::new(!cli.no_color, ui_settings) {
+            Ok(ui) => app::run(cli, config, ui).await,
+            Err(e) => {
+                eprintln!("chat-client: cannot set up the terminal: {e}");
+                app::exit::ERROR
+            }
+        }
+    });
+    // The key-reading thread may still sit in a blocking read; exiting here ends it.
+    std::process::exit(code);
+}

@@ -1,0 +1,474 @@
+//! The client's life: find the server, connect, get a name, chat, and on a lost connection
+//! reconnect and reclaim the name (see docs/client.md for the reasoning).
+
+use std::time::Duration;
+
+use chatd::command::{self, Input as Cmd};
+use chatd::protocol::{Incoming, code, kind, split_subject};
+use tokio::time::{Instant, sleep, sleep_until};
+
+use crate::cli::Cli;
+use crate::config::ClientConfig;
+use crate::net::{Connection, FromServer};
+use crate::roster::Roster;
+use crate::ui::{Input, Ui};
+
+/// Offered at the address prompt.
+const DEFAULT_HOST: &str = "127.0.0.1";
+/// Offered at the port prompt.
+const DEFAULT_PORT: u16 = 42069;
+/// How long to wait for the server's `*** BYE` after sending `quit`.
+const BYE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Least time between two lines sent for the user, so a multi-line paste arrives as separate,
+/// ordered messages instead of one burst that a server or the other readers might choke on.
+const PACE: Duration = Duration::from_millis(40);
+/// First wait before reconnecting; doubled after each failure up to [`BACKOFF_MAX`].
+const BACKOFF_START: Duration = Duration::from_millis(500);
+/// Longest wait between reconnection attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a reconnecting client keeps retrying its old name while the server still holds it
+/// for the dead connection.
+const RECLAIM_FOR: Duration = Duration::from_secs(60);
+
+/// Process exit codes (documented in docs/client.md).
+pub mod exit {
+    /// Left normally.
+    pub const OK: i32 = 0;
+    /// Could not connect, the connection was lost, or bad configuration.
+    pub const ERROR: i32 = 1;
+    /// Missing arguments with nobody to ask.
+    pub const USAGE: i32 = 2;
+    /// Kicked by the operators.
+    pub const KICKED: i32 = 3;
+    /// The server refused the name and there was no other to try.
+    pub const NAME_REFUSED: i32 = 4;
+}
+
+/// Why a chat ended.
+enum End {
+    /// The user left (quit, `/quit`, Ctrl-D, end of piped input).
+    Quit,
+    /// The server kicked us, with its reason.
+    Kicked(String),
+    /// The connection went away without a goodbye.
+    Lost(String),
+}
+
+/// How a name attempt went.
+enum Naming {
+    /// Accepted under this (normalised) name.
+    Welcome(String),
+    /// Refused with this code and text.
+    Refused(String, String),
+    /// The user gave up (end of input or quit).
+    Quit,
+    /// The connection ended while naming.
+    Lost(String),
+}
+
+/// Where the name attempts come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NameSource {
+    /// `--name`: tried once; afterwards asked for when interactive.
+    Given,
+    /// Asked at a prompt.
+    Prompt,
+    /// Read from piped standard input, one line per attempt.
+    Stdin,
+}
+
+/// Runs the client to its end and returns the exit code.
+pub async fn run(cli: Cli, config: ClientConfig, mut ui: Ui) -> i32 {
+    let code = run_inner(cli, config, &mut ui).await;
+    ui.finish();
+    code
+}
+
+async fn run_inner(cli: Cli, config: ClientConfig, ui: &mut Ui) -> i32 {
+    let mut host = cli.host.clone().or(config.server.host.clone());
+    let mut port = cli.port.or(config.server.port);
+    if !ui.interactive && (host.is_none() || port.is_none()) {
+        ui.status(
+            "no server given: use chat-client HOST PORT (standard input is not a terminal, so \
+             nothing is asked)",
+        );
+        return exit::USAGE;
+    }
+
+    // Connect, asking again on a terminal when it fails.
+    let mut conn = loop {
+        let h = match host.clone() {
+            Some(h) => h,
+            None => match ui.ask("server address", Some(DEFAULT_HOST)).await {
+                Some(h) => h,
+                None => return exit::OK,
+            },
+        };
+        let p = match port {
+            Some(p) => p,
+            None => match ask_port(ui).await {
+                Some(p) => p,
+                None => return exit::OK,
+            },
+        };
+        if ui.is_editor() {
+            ui.status(&format!("connecting to {h}:{p} ..."));
+        }
+        match Connection::open(&h, p).await {
+            Ok(c) => {
+                host = Some(h);
+                port = Some(p);
+                break c;
+            }
+            Err(e) if ui.interactive => {
+                ui.status(&format!("{e:#}; try another address"));
+                host = None;
+                port = None;
+            }
+            Err(e) => {
+                ui.status(&format!("{e:#}"));
+                return exit::ERROR;
+            }
+        }
+    };
+    let (host, port) = (host.unwrap_or_default(), port.unwrap_or(DEFAULT_PORT));
+    if ui.is_editor() {
+        ui.status(&format!("connected to {host}:{port}"));
+    }
+
+    let source = if cli.name.is_some() {
+        NameSource::Given
+    } else if ui.interactive {
+        NameSource::Prompt
+    } else {
+        NameSource::Stdin
+    };
+    let mut roster = Roster::default();
+    let mut name = match choose_name(ui, &mut conn, source, cli.name.clone(), &config).await {
+        Ok(n) => n,
+        Err(code) => return code,
+    };
+    ui.renderer.me = name.clone();
+    ui.set_prompt(&format!("{name}> "));
+    roster.insert(&name);
+    let reconnect = ui.is_editor() && !cli.no_reconnect;
+
+    loop {
+        let end = chat(ui, &mut conn, &mut roster, &mut name).await;
+        match end {
+            End::Quit => return exit::OK,
+            End::Kicked(reason) => {
+                ui.status(&format!("kicked by the server: {reason}"));
+                return exit::KICKED;
+            }
+            End::Lost(why) => {
+                ui.status(&format!("connection to server lost ({why})"));
+                if !reconnect {
+                    return exit::ERROR;
+                }
+            }
+        }
+        ui.set_prompt("(offline)> ");
+        match reconnect_and_reclaim(ui, &host, port, &name, &config).await {
+            Some((c, n)) => {
+                conn = c;
+                name = n;
+                roster.clear();
+                roster.insert(&name);
+                ui.renderer.me = name.clone();
+                ui.set_prompt(&format!("{name}> "));
+                // Names online changed while we were away; refresh them for completion.
+                let _ = conn.send("/who").await;
+            }
+            None => return exit::OK,
+        }
+    }
+}
+
+/// Asks for the port until it is a number (or input ends).
+async fn ask_port(ui: &mut Ui) -> Option<u16> {
+    loop {
+        let answer = ui.ask("port", Some(&DEFAULT_PORT.to_string())).await?;
+        match answer.parse::<u16>() {
+            Ok(p) if p != 0 => return Some(p),
+            _ => ui.status(&format!("{answer:?} is not a port number (1-65535)")),
+        }
+    }
+}
+
+/// Gets a name accepted, asking again (or reading the next piped line) after a refusal.
+/// `Err` carries the exit code.
+async fn choose_name(
+    ui: &mut Ui,
+    conn: &mut Connection,
+    mut source: NameSource,
+    mut given: Option<String>,
+    config: &ClientConfig,
+) -> Result<String, i32> {
+    loop {
+        let attempt = match source {
+            NameSource::Given => given.take(),
+            NameSource::Prompt => ui.ask("your name", config.name.as_deref()).await,
+            NameSource::Stdin => match ui.next().await {
+                Input::Line(l) => Some(l.trim().to_owned()),
+                Input::Eof => None,
+            },
+        };
+        let Some(attempt) = attempt else {
+            ui.status("no name was accepted before the end of input");
+            let _ = conn.send("quit").await;
+            return Err(exit::NAME_REFUSED);
+        };
+        if attempt.is_empty() {
+            continue;
+        }
+        match try_name(ui, conn, &attempt).await {
+            Naming::Welcome(n) => return Ok(n),
+            Naming::Refused(code, text) => {
+                ui.status(&format!(
+                    "the server refused the name {attempt:?} ({code}): {text}"
+                ));
+                match source {
+                    NameSource::Given if ui.interactive => source = NameSource::Prompt,
+                    NameSource::Given => {
+                        let _ = conn.send("quit").await;
+                        return Err(exit::NAME_REFUSED);
+                    }
+                    _ => {}
+                }
+            }
+            Naming::Quit => return Err(exit::OK),
+            Naming::Lost(why) => {
+                ui.status(&format!("connection to server lost ({why})"));
+                return Err(exit::ERROR);
+            }
+        }
+    }
+}
+
+/// Sends one name and waits for the verdict, showing whatever else arrives.
+async fn try_name(ui: &mut Ui, conn: &mut Connection, name: &str) -> Naming {
+    if matches!(command::parse(name), Cmd::Quit) {
+        let _ = conn.send("quit").await;
+        return Naming::Quit;
+    }
+    if let Err(e) = conn.send(name).await {
+        return Naming::Lost(e.to_string());
+    }
+    loop {
+        match conn.recv().await {
+            FromServer::Line(line) => match Incoming::parse(&line) {
+                Incoming::Server {
+                    kind: kind::WELCOME,
+                    rest,
+                } => {
+                    let accepted = split_subject(rest).0.to_owned();
+                    ui.renderer.me = accepted.clone();
+                    ui.show_incoming(&line);
+                    return Naming::Welcome(accepted);
+                }
+                Incoming::Server {
+                    kind: kind::ERR,
+                    rest,
+                } => {
+                    let (code, text) = split_subject(rest);
+                    if matches!(
+                        code,
+                        code::NAME_TAKEN | code::NAME_INVALID | code::NAME_RESERVED
+                    ) {
+                        if !ui.is_editor() {
+                            ui.show_incoming(&line);
+                        }
+                        return Naming::Refused(
+                            chatd::protocol::sanitize(code).into_owned(),
+                            chatd::protocol::sanitize(text).into_owned(),
+                        );
+                    }
+                    ui.show_incoming(&line);
+                }
+                _ => ui.show_incoming(&line),
+            },
+            FromServer::Closed(e) => return Naming::Lost(describe_close(e)),
+        }
+    }
+}
+
+fn describe_close(e: Option<std::io::Error>) -> String {
+    match e {
+        Some(e) => e.to_string(),
+        None => "the server closed the connection".to_owned(),
+    }
+}
+
+/// Chats until the connection ends or the user leaves.
+async fn chat(ui: &mut Ui, conn: &mut Connection, roster: &mut Roster, name: &mut String) -> End {
+    let mut kicked: Option<String> = None;
+    let mut bye = false;
+    let mut shutdown = false;
+    let mut quit_deadline: Option<Instant> = None;
+    let mut last_sent = Instant::now() - PACE;
+    loop {
+        tokio::select! {
+            ev = conn.recv() => match ev {
+                FromServer::Line(line) => {
+                    let inc = Incoming::parse(&line);
+                    if let Some((old, new)) = roster.observe(&inc)
+                        && old.eq_ignore_ascii_case(name)
+                    {
+                        *name = new;
+                        ui.renderer.me = name.clone();
+                        ui.set_prompt(&format!("{name}> "));
+                    }
+                    if let Some(t) = ui.terminal() {
+                        t.set_names(roster.names());
+                    }
+                    if let Incoming::Server { kind, rest } = inc {
+                        match kind {
+                            kind::KICKED => kicked = Some(chatd::protocol::sanitize(rest).into_owned()),
+                            kind::BYE => bye = true,
+                            kind::SHUTDOWN => shutdown = true,
+                            _ => {}
+                        }
+                    }
+                    ui.show_incoming(&line);
+                }
+                FromServer::Closed(e) => {
+                    if let Some(reason) = kicked {
+                        return End::Kicked(reason);
+                    }
+                    if bye || quit_deadline.is_some() {
+                        return End::Quit;
+                    }
+                    if shutdown {
+                        return End::Lost("the server is shutting down".to_owned());
+                    }
+                    return End::Lost(describe_close(e));
+                }
+            },
+            input = ui.next(), if quit_deadline.is_none() => match input {
+                Input::Line(line) => {
+                    let wait = PACE.saturating_sub(last_sent.elapsed());
+                    if !wait.is_zero() {
+                        sleep(wait).await;
+                    }
+                    last_sent = Instant::now();
+                    match user_line(ui, conn, &line).await {
+                        Ok(true) => quit_deadline = Some(Instant::now() + BYE_TIMEOUT),
+                        Ok(false) => {}
+                        Err(e) => return End::Lost(e.to_string()),
+                    }
+                }
+                Input::Eof => {
+                    // Leave politely so the room sees "quit", then print what is still coming.
+                    if conn.send("quit").await.is_err() {
+                        return End::Quit;
+                    }
+                    quit_deadline = Some(Instant::now() + BYE_TIMEOUT);
+                }
+            },
+            _ = sleep_until(quit_deadline.unwrap_or_else(Instant::now)), if quit_deadline.is_some() => {
+                ui.status("the server did not say goodbye in time; leaving anyway");
+                return End::Quit;
+            }
+        }
+    }
+}
+
+/// Sends a line the user typed and echoes it as the room will see it (the server does not send
+/// our own messages back). Returns whether it was a quit.
+async fn user_line(ui: &mut Ui, conn: &mut Connection, line: &str) -> std::io::Result<bool> {
+    let parsed = command::parse(line);
+    if matches!(parsed, Cmd::Help) && ui.is_editor() {
+        for l in crate::editor::HELP {
+            ui.status(l);
+        }
+    }
+    conn.send(line).await?;
+    if ui.is_editor() {
+        match parsed {
+            Cmd::Say(text) => ui.show(&ui.renderer.own_message(text)),
+            Cmd::Me(text) => ui.show(&ui.renderer.own_action(text)),
+            _ => {}
+        }
+    }
+    Ok(matches!(parsed, Cmd::Quit))
+}
+
+/// After a lost connection: reconnects with backoff, then reclaims `name` (retrying while the
+/// server still holds it for our dead connection). `None` when the user leaves meanwhile.
+async fn reconnect_and_reclaim(
+    ui: &mut Ui,
+    host: &str,
+    port: u16,
+    name: &str,
+    config: &ClientConfig,
+) -> Option<(Connection, String)> {
+    let mut backoff = BACKOFF_START;
+    loop {
+        let mut conn = loop {
+            ui.status(&format!(
+                "reconnecting to {host}:{port} in {:.1}s (type /quit or press Ctrl-D to give up)",
+                backoff.as_secs_f64()
+            ));
+            if !wait_or_quit(ui, backoff).await {
+                return None;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            match Connection::open(host, port).await {
+                Ok(c) => break c,
+                Err(e) => ui.status(&format!("{e:#}")),
+            }
+        };
+        ui.status(&format!(
+            "reconnected to {host}:{port}; reclaiming the name {name}"
+        ));
+        let started = Instant::now();
+        let mut retry = BACKOFF_START;
+        loop {
+            match try_name(ui, &mut conn, name).await {
+                Naming::Welcome(n) => return Some((conn, n)),
+                Naming::Refused(code, _)
+                    if code == code::NAME_TAKEN && started.elapsed() < RECLAIM_FOR =>
+                {
+                    ui.status(&format!(
+                        "the server still holds {name} for the old connection; retrying in {:.1}s",
+                        retry.as_secs_f64()
+                    ));
+                    if !wait_or_quit(ui, retry).await {
+                        let _ = conn.send("quit").await;
+                        return None;
+                    }
+                    retry = (retry * 2).min(Duration::from_secs(5));
+                }
+                Naming::Refused(..) => {
+                    ui.status(&format!("could not reclaim {name}; choose another name"));
+                    return choose_name(ui, &mut conn, NameSource::Prompt, None, config)
+                        .await
+                        .ok()
+                        .map(|n| (conn, n));
+                }
+                Naming::Quit => return None,
+                Naming::Lost(why) => {
+                    ui.status(&format!("connection to server lost again ({why})"));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Waits `d`, while the user may type; `false` if they chose to leave. Other lines are not sent
+/// (there is no connection) and the user is told so.
+async fn wait_or_quit(ui: &mut Ui, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    loop {
+        tokio::select! {
+            _ = sleep_until(until) => return true,
+            input = ui.next() => match input {
+                Input::Eof => return false,
+                Input::Line(l) if matches!(command::parse(&l), Cmd::Quit) => return false,
+                Input::Line(_) => ui.status("not connected: the line was not sent"),
+            },
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The TCP connection to the server: connecting with a bound, reading lines in a task of their
+//! own (so waiting for a line can sit in `select!` without losing half-read data), and sending.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+
+/// Longest a connection attempt may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest line accepted from the server; the daemon's own maximum is 64 KiB plus framing, so
+/// anything longer is a broken or hostile server and is cut.
+const MAX_LINE: usize = 80 * 1024;
+
+/// What the reader task reports.
+#[derive(Debug)]
+pub enum FromServer {
+    /// One line, without its terminator, invalid UTF-8 replaced.
+    Line(String),
+    /// The server closed the connection (`None`) or it failed.
+    Closed(Option<io::Error>),
+}
+
+/// A live connection: lines arrive on `lines`, `send` writes.
+pub struct Connection {
+    /// Lines from the server, ending with one `Closed`.
+    pub lines: mpsc::Receiver<FromServer>,
+    writer: OwnedWriteHalf,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Connection {
+    /// Connects to `host:port`; the error says where and why, e.g.
+    /// "cannot connect to 127.0.0.1:1: Connection refused (os error 111)".
+    pub async fn open(host: &str, port: u16) -> anyhow::Result<Connection> {
+        let target = format!("{}:{port}", bracket_v6(host));
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => anyhow::bail!("cannot connect to {target}: {e}"),
+            Err(_) => anyhow::bail!(
+                "cannot connect to {target}: no answer within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        };
+        // Chat lines are tiny and interactive; waiting to coalesce them only adds latency.
+        let _ = stream.set_nodelay(true);
+        let (read, writer) = stream.into_split();
+        let (tx, lines) = mpsc::channel(256);
+        let reader = tokio::spawn(read_lines(read, tx));
+        Ok(Connection {
+            lines,
+            writer,
+            reader,
+        })
+    }
+
+    /// Sends one line (a `\n` is added).
+    pub async fn send(&mut self, line: &str) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        self.writer.write_all(&buf).await
+    }
+
+    /// The next event from the server; a finished reader counts as closed.
+    pub async fn recv(&mut self) -> FromServer {
+        self.lines.recv().await.unwrap_or(FromServer::Closed(None))
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// `::1` must be written `[::1]` before a port is added.
+fn bracket_v6(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
+/// Splits the stream into lines until it ends, bounding each line's size.
+async fn read_lines(read: OwnedReadHalf, tx: mpsc::Sender<FromServer>) {
+    let mut reader = BufReader::with_capacity(16 * 1024, read);
+    let mut line: Vec<u8> = Vec::new();
+    let mut overlong = false;
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok([]) => {
+                let _ = tx.send(FromServer::Closed(None)).await;
+                return;
+            }
+            Ok(b) => b,
+            Err(e) => {
+                let _ = tx.send(FromServer::Closed(Some(e))).await;
+                return;
+            }
+        };
+        let (chunk, used, complete) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], i + 1, true),
+            None => (buf, buf.len(), false),
+        };
+        if line.len() + chunk.len() > MAX_LINE {
+            overlong = true;
+        } else {
+            line.extend_from_slice(chunk);
+        }
+        reader.consume(used);
+        if complete {
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            let text = if overlong {
+                "*** ERR line-too-long a line from the server was too long to show".to_owned()
+            } else {
+                String::from_utf8_lossy(&line).into_owned()
+            };
+            line.clear();
+            overlong = false;
+            if tx.send(FromServer::Line(text)).await.is_err() {
+                return;
+            }
+        }
+    }
+}

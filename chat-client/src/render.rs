@@ -1,0 +1,387 @@
+//! Turns what the server sent (and what the client itself has to say) into lines to show.
+//!
+//! Every field that came from the network goes through [`sanitize`] here, and only here, so no
+//! byte from the wire can reach the terminal as a control sequence. Colour codes are added
+//! afterwards by [`Renderer::paint`] around already-sanitised text.
+
+use chatd::protocol::{Incoming, kind, sanitize, split_subject};
+
+use crate::config::UiSection;
+
+/// How one span of a shown line looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tone {
+    /// Default terminal colours.
+    Plain,
+    /// The timestamp.
+    Time,
+    /// Your own name.
+    Own,
+    /// Someone else's name, with the SGR colour picked for it.
+    Name(u8),
+    /// Joins, leaves, replies and other server chatter.
+    Notice,
+    /// An announcement from the operators.
+    Announce,
+    /// An error from the server or the client.
+    Error,
+    /// A message that mentions your name.
+    Mention,
+    /// A private message.
+    Private,
+    /// The client's own status lines (connecting, lost, ...).
+    Status,
+}
+
+/// A line ready to show: spans of sanitised text.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shown {
+    /// The pieces, in order.
+    pub spans: Vec<(Tone, String)>,
+    /// Whether the line deserves the bell (your name was mentioned).
+    pub bell: bool,
+}
+
+impl Shown {
+    fn push(&mut self, tone: Tone, text: impl Into<String>) {
+        self.spans.push((tone, text.into()));
+    }
+
+    /// The text without any styling.
+    pub fn plain(&self) -> String {
+        self.spans.iter().map(|(_, t)| t.as_str()).collect()
+    }
+}
+
+/// Formats lines for one output.
+#[derive(Debug, Clone)]
+pub struct Renderer {
+    /// Pretty (timestamps, symbols) rather than the wire's own shapes, for people not scripts.
+    pub pretty: bool,
+    /// Whether [`paint`](Self::paint) adds colour codes.
+    pub color: bool,
+    /// Settings from the config file.
+    pub ui: UiSection,
+    /// The name we chat as (for "own" styling and mentions); empty before the welcome.
+    pub me: String,
+}
+
+impl Renderer {
+    /// Formats a line from the server received now.
+    pub fn incoming(&self, line: &str) -> Shown {
+        if !self.pretty {
+            let mut s = Shown::default();
+            s.push(Tone::Plain, sanitize(line));
+            return s;
+        }
+        let mut s = Shown::default();
+        if self.ui.timestamps {
+            s.push(
+                Tone::Time,
+                format!("{} ", chrono::Local::now().format("%H:%M")),
+            );
+        }
+        self.body(&mut s, &Incoming::parse(line));
+        s
+    }
+
+    /// Formats the client's own copy of a message it sent (the server does not echo them).
+    pub fn own_message(&self, text: &str) -> Shown {
+        self.incoming(&format!("{}: {text}", self.me))
+    }
+
+    /// Formats the client's own copy of an action it sent.
+    pub fn own_action(&self, text: &str) -> Shown {
+        self.incoming(&format!("* {} {text}", self.me))
+    }
+
+    /// A line from the client itself about the connection or a mistake.
+    pub fn status(&self, text: &str) -> Shown {
+        let mut s = Shown::default();
+        if self.pretty && self.ui.timestamps {
+            s.push(
+                Tone::Time,
+                format!("{} ", chrono::Local::now().format("%H:%M")),
+            );
+        }
+        s.push(Tone::Status, format!("-!- {}", sanitize(text)));
+        s
+    }
+
+    fn name_tone(&self, name: &str) -> Tone {
+        if !self.me.is_empty() && name.eq_ignore_ascii_case(&self.me) || name == self.me {
+            return Tone::Own;
+        }
+        let palette = &self.ui.name_colors;
+        let pick = (fnv1a(&name.to_lowercase()) % palette.len().max(1) as u64) as usize;
+        Tone::Name(palette.get(pick).map_or(0, |c| c.sgr()))
+    }
+
+    fn mentions_me(&self, from: &str, text: &str) -> bool {
+        !self.me.is_empty() && !from.eq_ignore_ascii_case(&self.me) && mentions(text, &self.me)
+    }
+
+    fn body(&self, s: &mut Shown, line: &Incoming<'_>) {
+        match *line {
+            Incoming::Chat { name, text } => {
+                let mention = self.mentions_me(name, text);
+                s.push(self.name_tone(name), sanitize(name));
+                s.push(Tone::Plain, ": ");
+                s.push(
+                    if mention { Tone::Mention } else { Tone::Plain },
+                    sanitize(text),
+                );
+                s.bell |= mention;
+            }
+            Incoming::Action { name, text } => {
+                let mention = self.mentions_me(name, text);
+                s.push(Tone::Plain, "* ");
+                s.push(self.name_tone(name), sanitize(name));
+                s.push(
+                    if mention { Tone::Mention } else { Tone::Plain },
+                    format!(" {}", sanitize(text)),
+                );
+                s.bell |= mention;
+            }
+            Incoming::Private { from, text } => {
+                s.push(Tone::Private, "[private] ");
+                s.push(self.name_tone(from), sanitize(from));
+                s.push(Tone::Private, format!(": {}", sanitize(text)));
+                s.bell |= !self.me.is_empty();
+            }
+            Incoming::PrivateEcho { to, text } => {
+                s.push(Tone::Private, "[private] -> ");
+                s.push(self.name_tone(to), sanitize(to));
+                s.push(Tone::Private, format!(": {}", sanitize(text)));
+            }
+            Incoming::Server { kind, rest } => self.server(s, kind, rest),
+            Incoming::Other(text) => s.push(Tone::Plain, sanitize(text)),
+        }
+    }
+
+    fn server(&self, s: &mut Shown, k: &str, rest: &str) {
+        match k {
+            kind::HISTORY => {
+                // `*** HISTORY <rfc3339> <line>`: show the stored line at its own time.
+                let (when, line) = split_subject(rest);
+                if self.ui.timestamps
+                    && let Some((Tone::Time, t)) = s.spans.last_mut()
+                    && let Ok(at) = chrono::DateTime::parse_from_rfc3339(when)
+                {
+                    *t = format!("{} ", at.with_timezone(&chrono::Local).format("%H:%M"));
+                }
+                let mut inner = Shown::default();
+                self.body(&mut inner, &Incoming::parse(line));
+                // History is context, not news: no bell, dimmed.
+                for (tone, text) in inner.spans {
+                    s.push(
+                        if tone == Tone::Mention {
+                            Tone::Notice
+                        } else {
+                            tone
+                        },
+                        text,
+                    );
+                }
+            }
+            kind::ERR => {
+                let (_, text) = split_subject(rest);
+                s.push(Tone::Error, format!("!!! {}", sanitize(text)));
+            }
+            kind::NOTICE => s.push(Tone::Announce, format!("*** NOTICE: {}", sanitize(rest))),
+            kind::KICKED => s.push(
+                Tone::Error,
+                format!("!!! you were kicked: {}", sanitize(rest)),
+            ),
+            kind::WHO => {
+                let (count, names) = split_subject(rest);
+                let names: Vec<_> = names.split(' ').filter(|n| !n.is_empty()).collect();
+                s.push(
+                    Tone::Notice,
+                    format!(
+                        "--- online ({}): {}",
+                        sanitize(count),
+                        sanitize(&names.join(", "))
+                    ),
+                );
+            }
+            kind::WELCOME => {
+                let (_, text) = split_subject(rest);
+                s.push(Tone::Notice, format!("--- {}", sanitize(text)));
+            }
+            kind::HELLO
+            | kind::MOTD
+            | kind::JOIN
+            | kind::LEAVE
+            | kind::NICK
+            | kind::KICK
+            | kind::INFO
+            | kind::BYE
+            | kind::SHUTDOWN => s.push(Tone::Notice, format!("--- {}", sanitize(rest))),
+            other => s.push(
+                Tone::Notice,
+                format!("--- {} {}", sanitize(other), sanitize(rest)),
+            ),
+        }
+    }
+
+    /// The line as terminal text: SGR colour codes around spans when colour is on.
+    pub fn paint(&self, shown: &Shown) -> String {
+        if !self.color {
+            return shown.plain();
+        }
+        let mut out = String::new();
+        for (tone, text) in &shown.spans {
+            let sgr = match *tone {
+                Tone::Plain => None,
+                Tone::Time => Some("2".to_owned()),
+                Tone::Own => Some(format!("1;{}", self.ui.own_color.sgr())),
+                Tone::Name(c) => Some(c.to_string()),
+                Tone::Notice => Some(self.ui.notice_color.sgr().to_string()),
+                Tone::Announce => Some("1;33".to_owned()),
+                Tone::Error => Some("1;31".to_owned()),
+                Tone::Mention => Some(format!("1;{}", self.ui.mention_color.sgr())),
+                Tone::Private => Some("35".to_owned()),
+                Tone::Status => Some("36".to_owned()),
+            };
+            match sgr {
+                Some(code) => {
+                    out.push_str("\x1b[");
+                    out.push_str(&code);
+                    out.push('m');
+                    out.push_str(text);
+                    out.push_str("\x1b[0m");
+                }
+                None => out.push_str(text),
+            }
+        }
+        out
+    }
+}
+
+/// Whether `text` contains `name` as a whole word, ignoring case.
+pub fn mentions(text: &str, name: &str) -> bool {
+    let text = text.to_lowercase();
+    let name = name.to_lowercase();
+    if name.is_empty() {
+        return false;
+    }
+    let is_word = |c: char| c.is_alphanumeric() || matches!(c, '_' | '-' | '.');
+    let mut from = 0;
+    while let Some(i) = text[from..].find(&name) {
+        let start = from + i;
+        let end = start + name.len();
+        let before_ok = text[..start]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !is_word(c));
+        // A trailing '.' ends a sentence more often than it continues a name.
+        let after_ok = text[end..]
+            .chars()
+            .next()
+            .is_none_or(|c| !is_word(c) || c == '.');
+        if before_ok && after_ok {
+            return true;
+        }
+        from = start + name.len().max(1);
+    }
+    false
+}
+
+/// A small stable hash, so a name keeps its colour across runs and machines.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pretty(me: &str) -> Renderer {
+        Renderer {
+            pretty: true,
+            color: true,
+            ui: UiSection {
+                timestamps: false,
+                ..UiSection::default()
+            },
+            me: me.into(),
+        }
+    }
+
+    #[test]
+    fn plain_mode_keeps_wire_shape_but_sanitises() {
+        let r = Renderer {
+            pretty: false,
+            ..pretty("")
+        };
+        let s = r.incoming("bob: hi \x1b[2J there");
+        assert_eq!(s.plain(), "bob: hi \\u{001b}[2J there");
+    }
+
+    #[test]
+    fn escapes_never_reach_painted_output_raw() {
+        let r = pretty("ann");
+        for line in [
+            "b\x1bob: x\x07",
+            "* bob \x1b]0;title\x07",
+            "*** KICKED \x1b[31mred",
+            "*** HISTORY 2026-01-01T00:00:00Z bob: \x1bx",
+            "\u{9b}31m",
+        ] {
+            let painted = r.paint(&r.incoming(line));
+            let stripped = painted
+                .replace("\x1b[0m", "")
+                .split("\x1b[")
+                .enumerate()
+                .map(|(i, p)| {
+                    if i == 0 {
+                        p
+                    } else {
+                        p.split_once('m').map_or(p, |x| x.1)
+                    }
+                })
+                .collect::<String>();
+            assert!(
+                !stripped.chars().any(chatd::protocol::is_unsafe_char),
+                "{line:?} -> {painted:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_have_stable_colours_and_own_name_stands_out() {
+        let r = pretty("ann");
+        assert_eq!(r.name_tone("bob"), r.name_tone("BOB"));
+        assert_eq!(r.name_tone("Ann"), Tone::Own);
+        let s = r.incoming("bob: hey ann, look");
+        assert!(s.bell);
+        assert!(s.spans.iter().any(|(t, _)| *t == Tone::Mention));
+        assert!(!r.incoming("bob: banner").bell);
+    }
+
+    #[test]
+    fn mention_word_boundaries() {
+        assert!(mentions("hi Ann!", "ann"));
+        assert!(mentions("ann.", "ann"));
+        assert!(!mentions("joanna", "ann"));
+        assert!(!mentions("ann_x", "ann"));
+    }
+
+    #[test]
+    fn shapes_are_readable() {
+        let r = Renderer {
+            color: false,
+            ..pretty("ann")
+        };
+        let show = |l: &str| r.paint(&r.incoming(l));
+        assert_eq!(show("* bob waves"), "* bob waves");
+        assert_eq!(show("*** JOIN bob joined"), "--- bob joined");
+        assert_eq!(show("*** WHO 2 ann bob"), "--- online (2): ann, bob");
+        assert_eq!(show("*** KICKED spam"), "!!! you were kicked: spam");
+        assert_eq!(show("*** ERR name-taken in use"), "!!! in use");
+        assert_eq!(show("bob (private): psst"), "[private] bob: psst");
+    }
+}
