@@ -1,0 +1,1011 @@
+//! chat-bench: the chatd load generator. It drives a running chatd over real loopback TCP and
+//! prints one JSON line of results.
+//!
+//! - `fanout`: C clients join; S of them send numbered, timestamped messages (at a fixed rate, or
+//!   as fast as the server takes them while no receiver is more than `--window` messages
+//!   behind). Every client checks every message it receives, so the report counts deliveries
+//!   per second, end-to-end latency percentiles, and messages lost, duplicated or reordered.
+//! - `idle`: C clients connect and join at a given rate (the join storm), then sit idle; the
+//!   report gives how long seating everyone took and the server's RSS per idle connection,
+//!   read once every join announcement has been delivered.
+//!
+//! Both modes read the server's CPU time and RSS from `/proc/<pid>` when `--pid` is given.
+//!
+//! The generator shares the machine with the server, so it is built to cost little: one thread,
+//! one epoll set (mio, edge-triggered), one 256 KiB read buffer shared by all connections, and
+//! per line only a newline search and, for messages, three integer parses. Message payloads are
+//! `<seq> <send-time-ns>` padded to `--text-bytes`; the sender is known from the name (`b<id>`)
+//! the server prefixes, and the timestamp comes from this same process's monotonic clock, so no
+//! cross-process clock is involved.
+
+mod hist;
+mod procfs;
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use serde_json::{Value, json};
+
+use hist::Histogram;
+
+/// Size of the one read buffer shared by every connection.
+const SCRATCH: usize = 256 * 1024;
+/// Connection attempts in flight at once when connecting as fast as possible; stays well below
+/// chatd's listen backlog (1024) so no SYN is dropped and retried a second later.
+const MAX_CONNECTING: usize = 128;
+/// A line longer than this without a newline means the peer is not speaking the chat protocol.
+const MAX_PARTIAL: usize = 64 * 1024;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Load generator for chatd: fan-out throughput, latency, loss and memory per \
+             connection, printed as one JSON line"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// C clients join, S of them send; measures deliveries/s, latency, loss and reordering.
+    Fanout(FanoutArgs),
+    /// C clients join at a given rate and stay idle; measures seating time and RSS per
+    /// connection.
+    Idle(IdleArgs),
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// The server's chat address; only loopback addresses are accepted.
+    #[arg(long, default_value = "127.0.0.1:42069")]
+    addr: SocketAddr,
+    /// The server's pid, to read its CPU time and RSS from /proc.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Hard bound on the whole run, in seconds; the report says `timed_out` if it is hit.
+    #[arg(long, default_value_t = 120.0)]
+    timeout: f64,
+    /// Free text copied into the report (which build, which machine state).
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+#[derive(Debug, Args)]
+struct FanoutArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Connected clients (each also receives).
+    #[arg(long, short = 'c', default_value_t = 100)]
+    clients: usize,
+    /// How many of the clients send.
+    #[arg(long, short = 's', default_value_t = 10)]
+    senders: usize,
+    /// Messages per second per sender; 0 sends as fast as the window allows.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Senders pause while any receiver is more than this many messages behind; 0 disables.
+    #[arg(long, default_value_t = 64)]
+    window: u64,
+    /// How long the senders send, in seconds.
+    #[arg(long, short = 'd', default_value_t = 10.0)]
+    duration: f64,
+    /// After sending stops, how long to wait for the last messages, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    drain: f64,
+    /// Message text is padded to this many bytes (the payload itself is about 20).
+    #[arg(long, default_value_t = 32)]
+    text_bytes: usize,
+}
+
+#[derive(Debug, Args)]
+struct IdleArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Connections to open and join.
+    #[arg(long, short = 'c', default_value_t = 5000)]
+    clients: usize,
+    /// New connections per second (each sends its name as soon as it is connected).
+    #[arg(long, default_value_t = 1000.0)]
+    join_rate: f64,
+    /// Pause after the join storm has drained before RSS is read, in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    settle: f64,
+    /// How long to keep the idle connections open after reading RSS, checking none is dropped.
+    #[arg(long, default_value_t = 2.0)]
+    hold: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let common = match &cli.mode {
+        Mode::Fanout(a) => &a.common,
+        Mode::Idle(a) => &a.common,
+    };
+    if !common.addr.ip().is_loopback() {
+        eprintln!(
+            "chat-bench: {} is not a loopback address; this benchmark only runs against a local \
+             server",
+            common.addr
+        );
+        return ExitCode::from(2);
+    }
+    procfs::raise_fd_limit();
+    let result = match &cli.mode {
+        Mode::Fanout(a) => fanout(a),
+        Mode::Idle(a) => idle(a),
+    };
+    match result {
+        Ok((report, complete)) => {
+            println!("{report}");
+            if complete {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("chat-bench: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    NotStarted,
+    Connecting,
+    Open,
+    Closed,
+}
+
+/// One client connection of the generator.
+struct Conn {
+    stream: Option<TcpStream>,
+    state: ConnState,
+    seated: bool,
+    /// Received bytes after the last newline.
+    partial: Vec<u8>,
+    /// Bytes waiting to be written (the name, then messages for senders).
+    out: Vec<u8>,
+}
+
+/// Per-message bookkeeping of a fan-out run: what was sent, what each client received.
+struct Fanout {
+    clients: usize,
+    senders: usize,
+    window: u64,
+    /// Messages sent by each sender; sequence numbers run 0.. per sender.
+    sent: Vec<u64>,
+    sent_total: u64,
+    /// Bitmap of sequence numbers received, per (receiver, sender) pair.
+    seen: Vec<Vec<u64>>,
+    /// One past the highest sequence number received, per pair.
+    next: Vec<u64>,
+    unique: u64,
+    duplicated: u64,
+    reordered: u64,
+    /// Message lines whose sender or sequence number make no sense (never sent).
+    bogus: u64,
+    hist: Histogram,
+    first_send_ns: Option<u64>,
+    last_delivery_ns: u64,
+    /// Per client: unique messages received plus messages it sent itself; a client is
+    /// `sent_total - progress` messages behind.
+    progress: Vec<u64>,
+    gone: Vec<bool>,
+    /// Smallest progress among live clients, and how many are at it.
+    min_progress: u64,
+    at_min: usize,
+    /// Where the next send round starts, so no sender is favoured.
+    round_robin: usize,
+    text_bytes: usize,
+}
+
+impl Fanout {
+    fn new(clients: usize, senders: usize, window: u64, text_bytes: usize) -> Self {
+        Fanout {
+            clients,
+            senders,
+            window,
+            sent: vec![0; senders],
+            sent_total: 0,
+            seen: vec![Vec::new(); clients * senders],
+            next: vec![0; clients * senders],
+            unique: 0,
+            duplicated: 0,
+            reordered: 0,
+            bogus: 0,
+            hist: Histogram::new(),
+            first_send_ns: None,
+            last_delivery_ns: 0,
+            progress: vec![0; clients],
+            gone: vec![false; clients],
+            min_progress: 0,
+            at_min: clients,
+            round_robin: 0,
+            text_bytes,
+        }
+    }
+
+    /// Client `r` got message `seq` of sender `s`, stamped `ts`, at `now`.
+    fn deliver(&mut self, r: usize, s: usize, seq: u64, ts: u64, now: u64) {
+        if s >= self.senders || s == r || seq >= self.sent[s] || ts > now {
+            self.bogus += 1;
+            return;
+        }
+        let pair = r * self.senders + s;
+        let bitmap = &mut self.seen[pair];
+        let (word, bit) = ((seq / 64) as usize, 1u64 << (seq % 64));
+        if bitmap.len() <= word {
+            bitmap.resize(word + 1, 0);
+        }
+        if bitmap[word] & bit != 0 {
+            self.duplicated += 1;
+            return;
+        }
+        bitmap[word] |= bit;
+        self.unique += 1;
+        if seq < self.next[pair] {
+            self.reordered += 1;
+        } else {
+            self.next[pair] = seq + 1;
+        }
+        self.hist.record(now - ts);
+        self.last_delivery_ns = now;
+        self.advance(r, 1);
+    }
+
+    fn advance(&mut self, c: usize, by: u64) {
+        let old = self.progress[c];
+        self.progress[c] = old + by;
+        if old == self.min_progress && !self.gone[c] {
+            self.at_min -= 1;
+            if self.at_min == 0 {
+                self.rescan();
+            }
+        }
+    }
+
+    fn leave(&mut self, c: usize) {
+        if self.gone[c] {
+            return;
+        }
+        self.gone[c] = true;
+        if self.progress[c] == self.min_progress {
+            self.at_min -= 1;
+            if self.at_min == 0 {
+                self.rescan();
+            }
+        }
+    }
+
+    /// Recomputes the minimum; runs only when the last client at the old minimum moved on.
+    fn rescan(&mut self) {
+        let live = self
+            .progress
+            .iter()
+            .zip(&self.gone)
+            .filter(|(_, g)| !**g)
+            .map(|(p, _)| *p);
+        self.min_progress = live.clone().min().unwrap_or(u64::MAX);
+        self.at_min = live.filter(|p| *p == self.min_progress).count();
+    }
+
+    /// Messages that may be sent now without any receiver falling more than `window` behind.
+    fn budget(&self) -> u64 {
+        if self.window == 0 {
+            return u64::MAX;
+        }
+        self.min_progress
+            .saturating_add(self.window)
+            .saturating_sub(self.sent_total)
+    }
+
+    /// Appends message `seq` of sender `s` to `out`.
+    fn encode(&mut self, s: usize, now: u64, out: &mut Vec<u8>) {
+        let seq = self.sent[s];
+        self.sent[s] += 1;
+        self.sent_total += 1;
+        self.first_send_ns.get_or_insert(now);
+        let start = out.len();
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "{seq} {now}");
+        let len = out.len() - start;
+        if len < self.text_bytes {
+            out.resize(start + self.text_bytes, b'.');
+        }
+        out.push(b'\n');
+        self.advance(s, 1);
+    }
+
+    /// Deliveries that should have happened: every message to every client but its sender.
+    fn expected(&self) -> u64 {
+        let clients = self.clients as u64;
+        self.sent_total * (clients - 1)
+    }
+}
+
+/// The event loop shared by both modes.
+struct Engine {
+    poll: Poll,
+    events: Events,
+    ready: Vec<(usize, bool, bool)>,
+    addr: SocketAddr,
+    conns: Vec<Conn>,
+    scratch: Vec<u8>,
+    t0: Instant,
+    /// Which clients send (they keep write interest); the first `senders` clients.
+    senders: usize,
+    started: usize,
+    connecting: usize,
+    connect_failed: usize,
+    seated: usize,
+    last_seated_ns: u64,
+    joins: u64,
+    closed: usize,
+    errors: u64,
+    first_error: Option<String>,
+    other_lines: u64,
+    fan: Option<Fanout>,
+}
+
+impl Engine {
+    fn new(addr: SocketAddr, clients: usize, senders: usize) -> io::Result<Engine> {
+        Ok(Engine {
+            poll: Poll::new()?,
+            events: Events::with_capacity(1024),
+            ready: Vec::with_capacity(1024),
+            addr,
+            conns: (0..clients)
+                .map(|_| Conn {
+                    stream: None,
+                    state: ConnState::NotStarted,
+                    seated: false,
+                    partial: Vec::new(),
+                    out: Vec::new(),
+                })
+                .collect(),
+            scratch: vec![0; SCRATCH],
+            t0: Instant::now(),
+            senders,
+            started: 0,
+            connecting: 0,
+            connect_failed: 0,
+            seated: 0,
+            last_seated_ns: 0,
+            joins: 0,
+            closed: 0,
+            errors: 0,
+            first_error: None,
+            other_lines: 0,
+            fan: None,
+        })
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.t0.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Starts connections up to `target` in total (and at most MAX_CONNECTING in flight when
+    /// `throttle` is set).
+    fn start_connects(&mut self, target: usize, throttle: bool) {
+        let target = target.min(self.conns.len());
+        while self.started < target && (!throttle || self.connecting < MAX_CONNECTING) {
+            let i = self.started;
+            self.started += 1;
+            match TcpStream::connect(self.addr).and_then(|mut s| {
+                self.poll.registry().register(
+                    &mut s,
+                    Token(i),
+                    Interest::READABLE | Interest::WRITABLE,
+                )?;
+                Ok(s)
+            }) {
+                Ok(s) => {
+                    self.conns[i].stream = Some(s);
+                    self.conns[i].state = ConnState::Connecting;
+                    self.connecting += 1;
+                }
+                Err(e) => {
+                    self.connect_failed += 1;
+                    self.note_error(format!("connect: {e}"));
+                    self.conns[i].state = ConnState::Closed;
+                    if let Some(f) = &mut self.fan {
+                        f.leave(i);
+                    }
+                }
+            }
+        }
+    }
+
+    fn note_error(&mut self, e: String) {
+        self.errors += 1;
+        self.first_error.get_or_insert(e);
+    }
+
+    /// Waits up to `timeout` for socket events and handles them.
+    fn step(&mut self, timeout: Duration) {
+        if let Err(e) = self.poll.poll(&mut self.events, Some(timeout))
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            self.note_error(format!("poll: {e}"));
+            return;
+        }
+        self.ready.clear();
+        for ev in self.events.iter() {
+            let failed = ev.is_error();
+            self.ready.push((
+                ev.token().0,
+                ev.is_readable() || ev.is_read_closed() || failed,
+                ev.is_writable() || failed,
+            ));
+        }
+        for k in 0..self.ready.len() {
+            let (i, readable, writable) = self.ready[k];
+            if writable {
+                self.on_writable(i);
+            }
+            if readable {
+                self.on_readable(i);
+            }
+        }
+    }
+
+    fn on_writable(&mut self, i: usize) {
+        if self.conns[i].state == ConnState::Connecting {
+            match self.finish_connect(i) {
+                Ok(true) => {}
+                // Not connected yet (a spurious wake-up): wait for the next event.
+                Ok(false) => return,
+                Err(e) => {
+                    self.connecting -= 1;
+                    self.connect_failed += 1;
+                    self.note_error(format!("connect: {e}"));
+                    self.close(i);
+                    return;
+                }
+            }
+        }
+        self.flush(i);
+    }
+
+    /// Completes a non-blocking connect: `Ok(false)` while still in progress; once connected,
+    /// queues the client's name.
+    fn finish_connect(&mut self, i: usize) -> io::Result<bool> {
+        let conn = &mut self.conns[i];
+        let Some(stream) = conn.stream.as_mut() else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+        match stream.peer_addr() {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        stream.set_nodelay(true)?;
+        if i >= self.senders {
+            // Receivers never write after their name (which fits any socket buffer): stop
+            // write wake-ups for them.
+            self.poll
+                .registry()
+                .reregister(stream, Token(i), Interest::READABLE)?;
+        }
+        conn.state = ConnState::Open;
+        self.connecting -= 1;
+        let _ = writeln!(conn.out, "b{i}");
+        Ok(true)
+    }
+
+    /// Writes what is queued for client `i` as far as the socket takes it.
+    fn flush(&mut self, i: usize) {
+        let conn = &mut self.conns[i];
+        if conn.state != ConnState::Open || conn.out.is_empty() {
+            return;
+        }
+        let Some(stream) = conn.stream.as_mut() else {
+            return;
+        };
+        let mut done = 0;
+        let failed = loop {
+            if done == conn.out.len() {
+                break None;
+            }
+            match stream.write(&conn.out[done..]) {
+                Ok(0) => break Some("write returned 0".to_owned()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Some(format!("write: {e}")),
+            }
+        };
+        conn.out.drain(..done);
+        if let Some(e) = failed {
+            self.note_error(e);
+            self.close(i);
+        }
+    }
+
+    fn on_readable(&mut self, i: usize) {
+        let mut buf = std::mem::take(&mut self.scratch);
+        loop {
+            let conn = &mut self.conns[i];
+            if conn.state != ConnState::Open {
+                break;
+            }
+            let Some(stream) = conn.stream.as_mut() else {
+                break;
+            };
+            let keep = conn.partial.len();
+            buf[..keep].copy_from_slice(&conn.partial);
+            conn.partial.clear();
+            match stream.read(&mut buf[keep..]) {
+                Ok(0) => {
+                    self.close(i);
+                    break;
+                }
+                Ok(n) => {
+                    // One clock reading per read call: every line in it arrived by now.
+                    let now = self.now();
+                    let end = keep + n;
+                    let mut start = 0;
+                    for nl in memchr::memchr_iter(b'\n', &buf[..end]) {
+                        self.line(i, &buf[start..nl], now);
+                        start = nl + 1;
+                    }
+                    let rest = &buf[start..end];
+                    if rest.len() > MAX_PARTIAL {
+                        self.note_error(format!("client {i}: line without newline"));
+                        self.close(i);
+                        break;
+                    }
+                    let conn = &mut self.conns[i];
+                    conn.partial.extend_from_slice(rest);
+                    if conn.partial.is_empty() && conn.partial.capacity() > 256 {
+                        conn.partial = Vec::new();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let conn = &mut self.conns[i];
+                    conn.partial.extend_from_slice(&buf[..keep]);
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    self.conns[i].partial.extend_from_slice(&buf[..keep]);
+                }
+                Err(e) => {
+                    self.note_error(format!("read: {e}"));
+                    self.close(i);
+                    break;
+                }
+            }
+        }
+        self.scratch = buf;
+    }
+
+    /// Handles one received line (without its newline).
+    fn line(&mut self, i: usize, line: &[u8], now: u64) {
+        if let Some(rest) = line.strip_prefix(b"*** ") {
+            if rest.starts_with(b"JOIN ") {
+                self.joins += 1;
+            } else if rest.starts_with(b"WELCOME ") {
+                let conn = &mut self.conns[i];
+                if !conn.seated {
+                    conn.seated = true;
+                    self.seated += 1;
+                    self.last_seated_ns = now;
+                }
+            } else if rest.starts_with(b"ERR ") {
+                self.note_error(String::from_utf8_lossy(line).into_owned());
+            }
+            return;
+        }
+        match (parse_message(line), &mut self.fan) {
+            (Some((s, seq, ts)), Some(f)) => f.deliver(i, s, seq, ts, now),
+            _ => self.other_lines += 1,
+        }
+    }
+
+    fn close(&mut self, i: usize) {
+        let conn = &mut self.conns[i];
+        if conn.state == ConnState::Closed {
+            return;
+        }
+        if let Some(mut s) = conn.stream.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+        }
+        conn.state = ConnState::Closed;
+        conn.out = Vec::new();
+        conn.partial = Vec::new();
+        self.closed += 1;
+        if let Some(f) = &mut self.fan {
+            f.leave(i);
+        }
+    }
+
+    fn open(&self) -> usize {
+        self.conns
+            .iter()
+            .filter(|c| c.state == ConnState::Open)
+            .count()
+    }
+}
+
+/// `b<sender>: <seq> <ts>...` → (sender, seq, ts).
+fn parse_message(line: &[u8]) -> Option<(usize, u64, u64)> {
+    let rest = line.strip_prefix(b"b")?;
+    let (s, rest) = parse_u64(rest)?;
+    let rest = rest.strip_prefix(b": ")?;
+    let (seq, rest) = parse_u64(rest)?;
+    let rest = rest.strip_prefix(b" ")?;
+    let (ts, _) = parse_u64(rest)?;
+    Some((usize::try_from(s).ok()?, seq, ts))
+}
+
+/// Leading decimal digits as a number, and what follows them.
+fn parse_u64(b: &[u8]) -> Option<(u64, &[u8])> {
+    let digits = b.iter().take_while(|c| c.is_ascii_digit()).count();
+    if digits == 0 || digits > 19 {
+        return None;
+    }
+    let mut v = 0u64;
+    for &c in &b[..digits] {
+        v = v * 10 + u64::from(c - b'0');
+    }
+    Some((v, &b[digits..]))
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+fn round(v: f64, places: i32) -> f64 {
+    let f = 10f64.powi(places);
+    (v * f).round() / f
+}
+
+fn us(ns: u64) -> f64 {
+    round(ns as f64 / 1e3, 1)
+}
+
+fn server_json(s: Option<procfs::Sample>) -> Value {
+    match s {
+        Some(s) => json!({"rss_kib": s.rss_kib, "rss_peak_kib": s.hwm_kib}),
+        None => Value::Null,
+    }
+}
+
+/// Joins everyone: connects (throttled, or at `rate` per second), waits until every client is
+/// seated and has seen the join of everyone after it. Returns whether that completed.
+fn join_all(e: &mut Engine, rate: f64, deadline: u64) -> bool {
+    let clients = e.conns.len();
+    let expected_joins = (clients as u64) * (clients as u64).saturating_sub(1) / 2;
+    let start = e.now();
+    loop {
+        let now = e.now();
+        if rate > 0.0 {
+            let due = (secs(now - start) * rate) as usize + 1;
+            e.start_connects(due, false);
+        } else {
+            e.start_connects(clients, true);
+        }
+        if e.seated == clients && e.joins >= expected_joins {
+            return true;
+        }
+        if now >= deadline || e.started == clients && e.open() + e.connecting == 0 {
+            return false;
+        }
+        let wait = if e.started < clients && rate > 0.0 {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_millis(10)
+        };
+        e.step(wait);
+    }
+}
+
+fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
+    if a.clients < 2 || a.senders == 0 || a.senders > a.clients {
+        return Err("need at least 2 clients and 1 to clients senders".into());
+    }
+    let load = procfs::loadavg();
+    let mut e = Engine::new(a.common.addr, a.clients, a.senders).map_err(|e| e.to_string())?;
+    e.fan = Some(Fanout::new(a.clients, a.senders, a.window, a.text_bytes));
+    let deadline = e.now() + (a.common.timeout * 1e9) as u64;
+    let joined = join_all(&mut e, 0.0, deadline);
+    let setup_s = secs(e.now());
+    let pid = a.common.pid;
+    let before = pid.and_then(procfs::sample);
+    let own_before = procfs::own_cpu();
+
+    let mut timed_out = !joined;
+    if joined {
+        let send_start = e.now();
+        let send_end = send_start + (a.duration * 1e9) as u64;
+        let interval = if a.rate > 0.0 {
+            (1e9 / a.rate) as u64
+        } else {
+            0
+        };
+        // Fixed-rate senders start staggered across one interval so they do not send in step.
+        let mut due: Vec<u64> = (0..a.senders)
+            .map(|s| send_start + interval * s as u64 / a.senders as u64)
+            .collect();
+        loop {
+            let now = e.now();
+            if now >= send_end.min(deadline) {
+                timed_out = now >= deadline;
+                break;
+            }
+            let wait = if interval > 0 {
+                send_due(&mut e, &mut due, interval, now);
+                let next = due.iter().copied().min().unwrap_or(now);
+                Duration::from_nanos(next.saturating_sub(now).min(10_000_000))
+            } else {
+                send_round(&mut e, now);
+                Duration::from_millis(10)
+            };
+            e.step(wait);
+        }
+        // Drain: no new messages; wait until every live client has everything, or give up.
+        let drain_end = (e.now() + (a.drain * 1e9) as u64).min(deadline);
+        loop {
+            for s in 0..a.senders {
+                e.flush(s);
+            }
+            let pending = (0..a.senders).any(|s| !e.conns[s].out.is_empty());
+            let f = e.fan.as_ref().ok_or("no fan-out state")?;
+            if !pending && f.min_progress >= f.sent_total {
+                break;
+            }
+            if e.now() >= drain_end {
+                break;
+            }
+            e.step(Duration::from_millis(5));
+        }
+    }
+    let after = pid.and_then(procfs::sample);
+    let own_cpu = (procfs::own_cpu() - own_before).as_secs_f64();
+    let f = e.fan.as_ref().ok_or("no fan-out state")?;
+    let first = f.first_send_ns.unwrap_or(0);
+    let elapsed = secs(f.last_delivery_ns.saturating_sub(first));
+    let per_s = if elapsed > 0.0 {
+        f.unique as f64 / elapsed
+    } else {
+        0.0
+    };
+    let server = match (before, after) {
+        (Some(b), Some(x)) => {
+            let cpu = (x.cpu.saturating_sub(b.cpu)).as_secs_f64();
+            json!({
+                "pid": pid,
+                "cpu_s": round(cpu, 2),
+                "deliveries_per_cpu_s": if cpu > 0.0 { (f.unique as f64 / cpu).round() } else { 0.0 },
+                "rss_kib": x.rss_kib,
+                "rss_peak_kib": x.hwm_kib,
+            })
+        }
+        _ => Value::Null,
+    };
+    let lost = f.expected().saturating_sub(f.unique);
+    let report = json!({
+        "bench": "chat-bench",
+        "mode": "fanout",
+        "label": a.common.label,
+        "clients": a.clients,
+        "senders": a.senders,
+        "rate_per_sender": a.rate,
+        "window": a.window,
+        "duration_s": a.duration,
+        "text_bytes": a.text_bytes,
+        "setup_s": round(setup_s, 3),
+        "seated": e.seated,
+        "sent": f.sent_total,
+        "expected_deliveries": f.expected(),
+        "deliveries": f.unique,
+        "elapsed_s": round(elapsed, 4),
+        "deliveries_per_s": per_s.round(),
+        "lost": lost,
+        "duplicated": f.duplicated,
+        "reordered": f.reordered,
+        "bogus": f.bogus,
+        "disconnected": e.closed,
+        "errors": e.errors,
+        "first_error": e.first_error,
+        "other_lines": e.other_lines,
+        "latency_us": {
+            "samples": f.hist.count(),
+            "p50": us(f.hist.quantile(0.5)),
+            "p99": us(f.hist.quantile(0.99)),
+            "p999": us(f.hist.quantile(0.999)),
+            "max": us(f.hist.max()),
+        },
+        "server": server,
+        "loadgen_cpu_s": round(own_cpu, 2),
+        "loadavg_1m_at_start": load,
+        "timed_out": timed_out,
+    });
+    Ok((report, !timed_out))
+}
+
+/// As-fast-as-possible mode: shares the current window among the senders, each writing its
+/// share in one call.
+fn send_round(e: &mut Engine, now: u64) {
+    let Some(f) = e.fan.as_mut() else {
+        return;
+    };
+    let mut left = f.budget().min(1 << 20);
+    if left == 0 {
+        return;
+    }
+    let senders = f.senders;
+    let share = left.div_ceil(senders as u64);
+    let first = f.round_robin;
+    f.round_robin = (first + 1) % senders;
+    for k in 0..senders {
+        let s = (first + k) % senders;
+        let conn = &mut e.conns[s];
+        if left == 0 {
+            break;
+        }
+        if conn.state != ConnState::Open || !conn.out.is_empty() {
+            continue;
+        }
+        let n = share.min(left);
+        for _ in 0..n {
+            f.encode(s, now, &mut conn.out);
+        }
+        left -= n;
+    }
+    for s in 0..senders {
+        e.flush(s);
+    }
+}
+
+/// Fixed-rate mode: every sender sends the messages that are due (the window still applies).
+fn send_due(e: &mut Engine, due: &mut [u64], interval: u64, now: u64) {
+    let Some(f) = e.fan.as_mut() else {
+        return;
+    };
+    for (s, next) in due.iter_mut().enumerate() {
+        let conn = &mut e.conns[s];
+        if conn.state != ConnState::Open {
+            continue;
+        }
+        while *next <= now && f.budget() > 0 {
+            f.encode(s, now, &mut conn.out);
+            *next += interval;
+        }
+    }
+    for s in 0..due.len() {
+        e.flush(s);
+    }
+}
+
+fn idle(a: &IdleArgs) -> Result<(Value, bool), String> {
+    if a.clients == 0 || a.join_rate <= 0.0 {
+        return Err("need at least 1 client and a positive --join-rate".into());
+    }
+    let load = procfs::loadavg();
+    let pid = a.common.pid;
+    let before = pid.and_then(procfs::sample);
+    let mut e = Engine::new(a.common.addr, a.clients, 0).map_err(|e| e.to_string())?;
+    let deadline = e.now() + (a.common.timeout * 1e9) as u64;
+    let start = e.now();
+    let drained = join_all(&mut e, a.join_rate, deadline);
+    let drained_at = e.now();
+    let storm = pid.and_then(procfs::sample);
+    // Let the server settle (freed queues, idle writers) before its memory is read.
+    let settle_end = (e.now() + (a.settle * 1e9) as u64).min(deadline);
+    while e.now() < settle_end {
+        e.step(Duration::from_millis(20));
+    }
+    let idle_sample = pid.and_then(procfs::sample);
+    let hold_end = (e.now() + (a.hold * 1e9) as u64).min(deadline);
+    while e.now() < hold_end {
+        e.step(Duration::from_millis(20));
+    }
+    let still_open = e.open();
+    let expected_joins = (a.clients as u64) * (a.clients as u64).saturating_sub(1) / 2;
+    let server = match (before, idle_sample) {
+        (Some(b), Some(x)) => {
+            let grown = x.rss_kib.saturating_sub(b.rss_kib) * 1024;
+            json!({
+                "pid": pid,
+                "rss_kib_before": b.rss_kib,
+                "rss_kib_idle": x.rss_kib,
+                "rss_per_conn_bytes": (grown as f64 / a.clients as f64).round(),
+                "rss_peak_kib": x.hwm_kib,
+                "cpu_s_join_storm": storm.map(|s| round(s.cpu.saturating_sub(b.cpu).as_secs_f64(), 2)),
+            })
+        }
+        _ => server_json(idle_sample),
+    };
+    let report = json!({
+        "bench": "chat-bench",
+        "mode": "idle",
+        "label": a.common.label,
+        "clients": a.clients,
+        "join_rate": a.join_rate,
+        "seated": e.seated,
+        "all_seated_s": round(secs(e.last_seated_ns.saturating_sub(start)), 3),
+        "joins_expected": expected_joins,
+        "joins_received": e.joins,
+        "drained_s": if drained { Some(round(secs(drained_at - start), 3)) } else { None },
+        "still_open": still_open,
+        "disconnected": e.closed,
+        "connect_failed": e.connect_failed,
+        "errors": e.errors,
+        "first_error": e.first_error,
+        "server": server,
+        "loadgen_cpu_s": round(procfs::own_cpu().as_secs_f64(), 2),
+        "loadavg_1m_at_start": load,
+        "timed_out": !drained,
+    });
+    Ok((report, drained && still_open == a.clients))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_message_lines() {
+        assert_eq!(parse_message(b"b12: 345 678....."), Some((12, 345, 678)));
+        assert_eq!(parse_message(b"b12: 345"), None);
+        assert_eq!(parse_message(b"x12: 3 4"), None);
+        assert_eq!(parse_message(b"b1 (private): 3 4"), None);
+    }
+
+    #[test]
+    fn detects_loss_duplicates_and_reordering() {
+        let mut f = Fanout::new(3, 1, 0, 0);
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            f.encode(0, 1, &mut out);
+        }
+        // Client 1 gets 0, 2, 1 (reordered), 2 again (duplicate); 3 and 4 are lost.
+        for seq in [0, 2, 1, 2] {
+            f.deliver(1, 0, seq, 1, 10);
+        }
+        // Client 2 gets everything in order.
+        for seq in 0..5 {
+            f.deliver(2, 0, seq, 1, 10);
+        }
+        assert_eq!(f.unique, 8);
+        assert_eq!(f.duplicated, 1);
+        assert_eq!(f.reordered, 1);
+        assert_eq!(f.expected() - f.unique, 2);
+        // Its own message, or one never sent, is bogus.
+        f.deliver(0, 0, 0, 1, 10);
+        f.deliver(1, 0, 99, 1, 10);
+        assert_eq!(f.bogus, 2);
+    }
+
+    #[test]
+    fn window_tracks_the_slowest_live_client() {
+        let mut f = Fanout::new(3, 1, 4, 0);
+        let mut out = Vec::new();
+        assert_eq!(f.budget(), 4);
+        for _ in 0..4 {
+            f.encode(0, 1, &mut out);
+        }
+        assert_eq!(f.budget(), 0);
+        for seq in 0..4 {
+            f.deliver(1, 0, seq, 1, 2);
+        }
+        assert_eq!(f.budget(), 0, "client 2 is still 4 behind");
+        f.deliver(2, 0, 0, 1, 2);
+        assert_eq!(f.budget(), 1);
+        f.leave(2);
+        assert_eq!(f.budget(), 4);
+    }
+}

@@ -1,0 +1,84 @@
+//! What the benchmark reads about the server process (and itself) from `/proc`.
+
+use std::time::Duration;
+
+/// Clock ticks per second of `/proc/<pid>/stat` times. This is the kernel's USER_HZ, which the
+/// Linux ABI fixes at 100 on every architecture chatd targets (it is what `sysconf(_SC_CLK_TCK)`
+/// returns), so 10 ms resolution over runs of several seconds.
+const USER_HZ: f64 = 100.0;
+
+/// One reading of a process's resource use.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    /// User plus system CPU time of all its threads, dead ones included.
+    pub cpu: Duration,
+    /// Resident set size now, in KiB.
+    pub rss_kib: u64,
+    /// Peak resident set size so far, in KiB.
+    pub hwm_kib: u64,
+}
+
+/// Reads `/proc/<pid>/stat` and `/proc/<pid>/status`; `None` if the process is gone.
+pub fn sample(pid: u32) -> Option<Sample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is parenthesised and may contain spaces: split after it.
+    let after = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of the man page (utime, stime) are at 11 and 12 after the name.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some(Sample {
+        cpu: Duration::from_secs_f64((utime + stime) as f64 / USER_HZ),
+        rss_kib: kib("VmRSS:"),
+        hwm_kib: kib("VmHWM:"),
+    })
+}
+
+/// CPU time this process (the load generator) has used so far.
+pub fn own_cpu() -> Duration {
+    use nix::sys::resource::{UsageWho, getrusage};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let tv = |t: nix::sys::time::TimeVal| {
+                Duration::new(
+                    u64::try_from(t.tv_sec()).unwrap_or(0),
+                    u32::try_from(t.tv_usec()).unwrap_or(0) * 1000,
+                )
+            };
+            tv(u.user_time()) + tv(u.system_time())
+        }
+        Err(_) => Duration::ZERO,
+    }
+}
+
+/// The 1-minute load average, to record how busy the machine was during a run.
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+/// Raises this process's soft open-files limit to the hard one: every client is a descriptor.
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Ok((soft, _)) => soft,
+        Err(_) => 0,
+    }
+}
