@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# System packages the test suite drives for real: tmux (chat-client in a pseudo-terminal),
+# prlimit from util-linux (lowering chatd's hard fd limit), iproute2 and nftables (a half-open
+# peer in its own network namespace). Installed only when missing, so a prepared machine pays
+# nothing.
+set -euo pipefail
+need=()
+command -v tmux >/dev/null || need+=(tmux)
+command -v prlimit >/dev/null || need+=(util-linux)
+command -v ip >/dev/null || need+=(iproute2)
+command -v nft >/dev/null || need+=(nftables)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
