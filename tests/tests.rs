@@ -9,5 +9,6 @@ mod chat;
 mod client;
 mod config;
 mod docs;
+mod reclaim;
 mod signals;
 mod systemd;

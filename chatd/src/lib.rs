@@ -15,6 +15,7 @@ pub mod logging;
 pub mod names;
 pub mod outbox;
 pub mod protocol;
+pub mod reclaim;
 pub mod room;
 pub mod server;
 pub mod session;

@@ -46,6 +46,8 @@ pub mod kind {
     pub const BYE: &str = "BYE";
     /// The server is stopping: `*** SHUTDOWN <text>`.
     pub const SHUTDOWN: &str = "SHUTDOWN";
+    /// Answer to `/token`: `*** TOKEN <token> <text>`, this connection's reclaim token.
+    pub const TOKEN: &str = "TOKEN";
 }
 
 /// Every server line kind, for documentation checks and clients.
@@ -65,6 +67,7 @@ pub const ALL_KINDS: &[&str] = &[
     kind::INFO,
     kind::BYE,
     kind::SHUTDOWN,
+    kind::TOKEN,
 ];
 
 /// Every error code, for documentation checks and clients.
@@ -84,6 +87,7 @@ pub const ALL_CODES: &[&str] = &[
     code::FLOODING,
     code::TOO_MANY_CONNECTIONS,
     code::BANNED,
+    code::RECLAIM_REFUSED,
 ];
 
 /// Error codes sent in `*** ERR <code> <text>`.
@@ -118,6 +122,8 @@ pub mod code {
     pub const TOO_MANY_CONNECTIONS: &str = "too-many-connections";
     /// The address or name is banned; the text says until when and why.
     pub const BANNED: &str = "banned";
+    /// `/reclaim NAME TOKEN` with a token not issued to the connection holding NAME.
+    pub const RECLAIM_REFUSED: &str = "reclaim-refused";
 }
 
 /// Builds one encoded line; used for every frame so each is allocated exactly once.

@@ -94,6 +94,8 @@ pub struct Room {
     state: Mutex<State>,
     /// Activity counters, readable without the lock.
     pub counters: Counters,
+    /// Reclaim tokens issued to members' connections (see reclaim.rs).
+    pub reclaims: crate::reclaim::Reclaims,
 }
 
 impl Room {
@@ -130,10 +132,59 @@ impl Room {
         outbox: Arc<Outbox>,
         welcome: &[Bytes],
     ) -> Result<usize, NameError> {
-        let mut st = self.lock();
+        let st = self.lock();
         if st.by_key.contains_key(&name.key) {
             return Err(NameError::Taken);
         }
+        self.join_locked(st, id, name, addr, outbox, welcome)
+    }
+
+    /// Like [`join`](Self::join), but when `name` is held by a member for whom `may_replace`
+    /// says yes, that member is removed in the same step (told `*** KICKED <why>` and closed;
+    /// everyone else told `*** LEAVE <name> left (reconnected)`), so nobody can take the name
+    /// in between. Used to reclaim a name after a lost connection (reclaim.rs).
+    #[allow(clippy::too_many_arguments)]
+    pub fn join_replacing(
+        &self,
+        id: ClientId,
+        name: Name,
+        addr: SocketAddr,
+        outbox: Arc<Outbox>,
+        welcome: &[Bytes],
+        may_replace: impl FnOnce(ClientId) -> bool,
+        why: &str,
+    ) -> Result<usize, NameError> {
+        let mut st = self.lock();
+        if let Some(&holder) = st.by_key.get(&name.key) {
+            if holder == id || !may_replace(holder) {
+                return Err(NameError::Taken);
+            }
+            if let Some(old) = st.members.remove(&holder) {
+                st.by_key.remove(&old.name.key);
+                old.outbox.close_with(
+                    Some(protocol::server_line(kind::KICKED, why)),
+                    Close::Kicked,
+                );
+                let line = protocol::server_line(
+                    kind::LEAVE,
+                    &format!("{} left (reconnected)", old.name.display),
+                );
+                self.broadcast(&st, None, &line);
+            }
+        }
+        self.join_locked(st, id, name, addr, outbox, welcome)
+    }
+
+    /// The rest of a join once the name is known to be free, under the room lock.
+    fn join_locked(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        id: ClientId,
+        name: Name,
+        addr: SocketAddr,
+        outbox: Arc<Outbox>,
+        welcome: &[Bytes],
+    ) -> Result<usize, NameError> {
         for frame in welcome {
             outbox.push(frame.clone());
         }

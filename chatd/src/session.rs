@@ -27,6 +27,7 @@ use crate::limits::{FloodWindow, TokenBucket};
 use crate::names::NameError;
 use crate::outbox::{Close, Outbox};
 use crate::protocol::{self, code, kind};
+use crate::reclaim;
 use crate::room::{ClientId, RoomError};
 use crate::shared::LimitCounters;
 use crate::shared::Shared;
@@ -352,6 +353,17 @@ impl Session {
             self.quit();
             return;
         }
+        // `/reclaim NAME TOKEN` takes NAME back from a dead connection (reclaim.rs).
+        let (text, token) = match reclaim::parse(text) {
+            Some(reclaim::Request::Reclaim { name, token }) => (name, Some(token)),
+            Some(reclaim::Request::Usage) => {
+                return self.reply(protocol::error_line(
+                    code::BAD_ARGUMENTS,
+                    "usage: /reclaim NAME TOKEN",
+                ));
+            }
+            _ => (text, None),
+        };
         let live = self.shared.live.load_full();
         let name = match live.name_rules.validate(text) {
             Ok(name) => name,
@@ -389,14 +401,28 @@ impl Session {
                 .map(|l| protocol::server_line(kind::MOTD, &protocol::sanitize(l))),
         );
         let shown = name.display.clone();
-        match self
-            .shared
-            .room
-            .join(self.id, name, self.peer, self.outbox.clone(), &welcome)
-        {
+        let room = &self.shared.room;
+        let joined = match token {
+            None => room.join(self.id, name, self.peer, self.outbox.clone(), &welcome),
+            Some(token) => {
+                match reclaim::join(
+                    room,
+                    token,
+                    self.id,
+                    name,
+                    self.peer,
+                    self.outbox.clone(),
+                    &welcome,
+                ) {
+                    Ok(users) => Ok(users),
+                    Err(refusal) => return self.reply(refusal),
+                }
+            }
+        };
+        match joined {
             Ok(users) => {
                 self.phase = Phase::Chatting;
-                info!(peer = %self.peer, user = %shown, users, "user joined");
+                info!(peer = %self.peer, user = %shown, users, reclaimed = token.is_some(), "user joined");
                 self.name = shown;
             }
             Err(e) => self.name_refused(&e),
@@ -423,6 +449,9 @@ impl Session {
     }
 
     fn chat(&mut self, line: &str) {
+        if reclaim::parse(line) == Some(reclaim::Request::Token) {
+            return self.reply(self.shared.room.reclaims.token_line(self.id));
+        }
         let room = &self.shared.room;
         match command::parse(line) {
             Input::Blank => {}
@@ -494,5 +523,6 @@ struct LeaveOnDrop {
 impl Drop for LeaveOnDrop {
     fn drop(&mut self) {
         self.shared.room.leave(self.id, "connection lost");
+        self.shared.room.reclaims.forget(self.id);
     }
 }

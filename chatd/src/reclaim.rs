@@ -1,0 +1,257 @@
+//! Taking a name back after a lost connection.
+//!
+//! The server frees a name only when it notices that its connection is dead, which after a
+//! network failure can take minutes (until a write to the dead socket fails). A client that
+//! reconnects meanwhile would find its own name "taken". So a named client may ask for a
+//! **reclaim token** (`/token` → `*** TOKEN <token> ...`), a 128-bit random secret bound to its
+//! connection. On a new connection it sends `/reclaim NAME TOKEN` as its name line; when NAME is
+//! held by the connection the token was issued to, that connection is closed (it is told
+//! `*** KICKED`, the room `*** LEAVE NAME left (reconnected)`) and the newcomer joins under NAME
+//! in the same step, so nobody can take the name in between. A wrong token gets
+//! `*** ERR reclaim-refused` and changes nothing; a free NAME is simply joined.
+//!
+//! Tokens live only in memory and die with their connection, so a restarted server knows none
+//! (and holds no names either). They are compared in constant time and never logged.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::names::Name;
+use crate::outbox::Outbox;
+use crate::protocol::{self, code, kind};
+use crate::room::{ClientId, Room};
+
+/// Random bytes per token.
+const TOKEN_BYTES: usize = 16;
+
+/// What a line asks of this module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// `/token` (while chatting): issue this connection's token.
+    Token,
+    /// `/reclaim NAME TOKEN` (as the name line): take NAME back.
+    Reclaim {
+        /// The name as sent.
+        name: &'a str,
+        /// The token as sent (not yet checked).
+        token: &'a str,
+    },
+    /// `/reclaim` with the wrong number of words.
+    Usage,
+}
+
+/// Recognises `/token` and `/reclaim NAME TOKEN` (command word in any case).
+pub fn parse(line: &str) -> Option<Request<'_>> {
+    let body = line.trim().strip_prefix('/')?;
+    let mut words = body.split_whitespace();
+    let cmd = words.next()?;
+    if cmd.eq_ignore_ascii_case("token") {
+        return Some(Request::Token);
+    }
+    if !cmd.eq_ignore_ascii_case("reclaim") {
+        return None;
+    }
+    Some(match (words.next(), words.next(), words.next()) {
+        (Some(name), Some(token), None) => Request::Reclaim { name, token },
+        _ => Request::Usage,
+    })
+}
+
+/// A reclaim token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Token([u8; TOKEN_BYTES]);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A secret: never in logs.
+        f.write_str("Token(..)")
+    }
+}
+
+impl Token {
+    /// A fresh token from the kernel's random source.
+    pub fn generate() -> std::io::Result<Token> {
+        let mut bytes = [0u8; TOKEN_BYTES];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        Ok(Token(bytes))
+    }
+
+    /// Lower-case hex, as sent on the wire.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses the wire form; `None` unless it is exactly 32 hex digits.
+    pub fn from_hex(s: &str) -> Option<Token> {
+        if s.len() != TOKEN_BYTES * 2 || !s.is_ascii() {
+            return None;
+        }
+        let mut bytes = [0u8; TOKEN_BYTES];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Token(bytes))
+    }
+
+    /// Equality that takes the same time wherever the first difference is.
+    fn ct_eq(&self, other: &Token) -> bool {
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+/// The tokens issued, by connection. Owned by the room (`Room::reclaims`) so that checking a
+/// token and replacing the name's holder happen under one room lock.
+#[derive(Debug, Default)]
+pub struct Reclaims {
+    by_client: Mutex<HashMap<ClientId, Token>>,
+}
+
+impl Reclaims {
+    fn lock(&self) -> MutexGuard<'_, HashMap<ClientId, Token>> {
+        // Inserts and removes leave the map valid at every point.
+        self.by_client.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The token of connection `id`, made on first request.
+    pub fn issue(&self, id: ClientId) -> std::io::Result<Token> {
+        if let Some(t) = self.lock().get(&id) {
+            return Ok(*t);
+        }
+        let token = Token::generate()?;
+        Ok(*self.lock().entry(id).or_insert(token))
+    }
+
+    /// Whether `token` was issued to connection `id`.
+    pub fn matches(&self, id: ClientId, token: &Token) -> bool {
+        self.lock().get(&id).is_some_and(|t| t.ct_eq(token))
+    }
+
+    /// Forgets connection `id`'s token (its session ended).
+    pub fn forget(&self, id: ClientId) {
+        self.lock().remove(&id);
+    }
+
+    /// Number of live tokens.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no token is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The reply to `/token` for connection `id`.
+    pub fn token_line(&self, id: ClientId) -> Bytes {
+        match self.issue(id) {
+            Ok(t) => protocol::server_line(
+                kind::TOKEN,
+                &format!(
+                    "{} keep this secret; after a lost connection send \"/reclaim NAME {}\" as \
+                     your name to take your name back",
+                    t.to_hex(),
+                    t.to_hex()
+                ),
+            ),
+            Err(_) => protocol::error_line(
+                code::RECLAIM_REFUSED,
+                "no reclaim token can be issued right now",
+            ),
+        }
+    }
+}
+
+/// Joins connection `id` under `name`, replacing the member holding it if `token` (as sent) was
+/// issued to that member's connection. A free name is simply joined. `Err` carries the line to
+/// send back: `name-taken` is never the answer to a reclaim, so a client can tell "this token
+/// is not (or no longer) the holder's" (`reclaim-refused`) from other refusals.
+pub fn join(
+    room: &Room,
+    token: &str,
+    id: ClientId,
+    name: Name,
+    addr: SocketAddr,
+    outbox: Arc<Outbox>,
+    welcome: &[Bytes],
+) -> Result<usize, Bytes> {
+    let refused = || {
+        protocol::error_line(
+            code::RECLAIM_REFUSED,
+            "that name is held by a connection this token was not issued to; send another name",
+        )
+    };
+    let Some(token) = Token::from_hex(token) else {
+        return Err(refused());
+    };
+    room.join_replacing(
+        id,
+        name,
+        addr,
+        outbox,
+        welcome,
+        |holder| room.reclaims.matches(holder, &token),
+        "your name was reclaimed by a new connection",
+    )
+    .map_err(|e| match e {
+        crate::names::NameError::Taken => refused(),
+        e => protocol::error_line(e.code(), &format!("{e}; send another name")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests() {
+        assert_eq!(parse("/token"), Some(Request::Token));
+        assert_eq!(parse(" /TOKEN "), Some(Request::Token));
+        assert_eq!(
+            parse("/reclaim alice 00ff"),
+            Some(Request::Reclaim {
+                name: "alice",
+                token: "00ff"
+            })
+        );
+        assert_eq!(parse("/reclaim alice"), Some(Request::Usage));
+        assert_eq!(parse("/reclaim a b c"), Some(Request::Usage));
+        assert_eq!(parse("/tokens"), None);
+        assert_eq!(parse("token"), None);
+        assert_eq!(parse("/who"), None);
+    }
+
+    #[test]
+    fn tokens_round_trip_and_compare() {
+        let t = Token::generate().expect("urandom");
+        let hex = t.to_hex();
+        assert_eq!(hex.len(), 32);
+        assert_eq!(Token::from_hex(&hex), Some(t));
+        assert_eq!(Token::from_hex(&hex[1..]), None);
+        assert_eq!(Token::from_hex(&"zz".repeat(16)), None);
+        assert_eq!(Token::from_hex(&"é".repeat(16)), None);
+        assert_ne!(Token::generate().expect("urandom"), t);
+        assert_eq!(format!("{t:?}"), "Token(..)");
+    }
+
+    #[test]
+    fn registry_issues_once_per_connection() {
+        let r = Reclaims::default();
+        let a = r.issue(1).expect("issue");
+        assert_eq!(r.issue(1).expect("issue"), a);
+        let b = r.issue(2).expect("issue");
+        assert!(r.matches(1, &a) && !r.matches(1, &b) && !r.matches(3, &a));
+        r.forget(1);
+        assert!(!r.matches(1, &a));
+        assert_eq!(r.len(), 1);
+    }
+}
