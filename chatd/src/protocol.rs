@@ -373,4 +373,20 @@ mod tests {
         assert_eq!(sanitize("t\tu\r"), "t u\\u{000d}");
         assert_eq!(sanitize("\u{9b}c"), "\\u{009b}c");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(10_000))]
+
+        /// Whatever a user sends, what reaches another terminal has no unsafe character, and
+        /// clean text passes through untouched.
+        #[test]
+        fn sanitized_text_is_terminal_safe(text in "\\PC*|[\\x00-\\x1f\\x7f\\u{80}-\\u{9f}\\u{200b}-\\u{202e}\\u{2060}-\\u{2069}a ]{0,40}") {
+            let out = sanitize(&text);
+            proptest::prop_assert!(!out.chars().any(is_unsafe_char), "{out:?}");
+            if !text.chars().any(is_unsafe_char) {
+                proptest::prop_assert_eq!(out.as_ref(), text.as_str());
+            }
+            let _ = Incoming::parse(&text);
+        }
+    }
 }

@@ -213,14 +213,26 @@ fn tune(stream: &TcpStream, idle: Duration) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(error = %e, "cannot set TCP_NODELAY");
     }
+    let interval = (idle / 6).max(Duration::from_secs(1));
     let keepalive = TcpKeepalive::new()
         .with_time(idle)
-        .with_interval((idle / 6).max(Duration::from_secs(1)))
-        .with_retries(3);
-    if let Err(e) = SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        .with_interval(interval)
+        .with_retries(KEEPALIVE_PROBES);
+    let sock = SockRef::from(stream);
+    if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
         debug!(error = %e, "cannot set TCP keepalive");
     }
+    // Keepalive probes only run while nothing is in flight. A dead peer that we are still
+    // sending room traffic to would otherwise be retransmitted to for ~15 minutes; the user
+    // timeout bounds unacknowledged data by the same budget as the probes.
+    let budget = idle + interval * KEEPALIVE_PROBES;
+    if let Err(e) = sock.set_tcp_user_timeout(Some(budget)) {
+        debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+    }
 }
+
+/// Unanswered keepalive probes after which a peer is considered gone.
+const KEEPALIVE_PROBES: u32 = 3;
 
 /// Tells a refused client why (one `*** ERR` line), then closes.
 async fn refuse(mut stream: TcpStream, _slot: ConnectionSlot, code: &str, text: String) {

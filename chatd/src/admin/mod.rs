@@ -352,3 +352,62 @@ async fn write_response(stream: &mut UnixStream, response: Response) -> io::Resu
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "admin client not reading"))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// JSON-shaped noise: fragments of real requests glued together, so the decoder gets deep
+    /// into serde's paths instead of failing at the first byte.
+    fn jsonish() -> impl Strategy<Value = Vec<u8>> {
+        let parts = prop_oneof![
+            Just("{".to_owned()),
+            Just("}".to_owned()),
+            Just("\"version\":".to_owned()),
+            Just("\"request\":".to_owned()),
+            Just("\"cmd\":".to_owned()),
+            Just("\"kick\"".to_owned()),
+            Just("\"ban\"".to_owned()),
+            Just("\"list\"".to_owned()),
+            Just("\"name\":".to_owned()),
+            Just(",".to_owned()),
+            Just("1".to_owned()),
+            Just("null".to_owned()),
+            Just("[".to_owned()),
+            Just("]".to_owned()),
+            "[a-z\\\\\"0-9 ]{0,8}",
+            any::<u32>().prop_map(|n| n.to_string()),
+        ];
+        proptest::collection::vec(parts, 0..24).prop_map(|v| v.concat().into_bytes())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+        /// Arbitrary bytes never panic the request decoder; every failure is a typed error.
+        #[test]
+        fn decode_never_panics_on_bytes(line in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Err(e) = decode(&line) {
+                prop_assert!(matches!(e.code, ErrorCode::BadRequest | ErrorCode::UnsupportedVersion));
+            }
+        }
+
+        /// Nor on near-miss JSON.
+        #[test]
+        fn decode_never_panics_on_jsonish(line in jsonish()) {
+            if let Err(e) = decode(&line) {
+                prop_assert!(!e.message.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn decode_reports_version_before_shape() {
+        let e = decode(br#"{"version":9,"request":{"cmd":"frobnicate"}}"#).err();
+        assert_eq!(e.map(|e| e.code), Some(ErrorCode::UnsupportedVersion));
+        let e = decode(br#"{"version":1,"request":{"cmd":"frobnicate"}}"#).err();
+        assert_eq!(e.map(|e| e.code), Some(ErrorCode::BadRequest));
+        assert!(decode(br#"{"version":1,"request":{"cmd":"list"}}"#).is_ok());
+    }
+}
