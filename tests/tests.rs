@@ -5,6 +5,7 @@
 mod helper;
 
 mod admin;
+mod bench;
 mod chat;
 mod client;
 mod config;

@@ -11,6 +11,10 @@
 //!
 //! Both modes read the server's CPU time and RSS from `/proc/<pid>` when `--pid` is given.
 //!
+//! Exit status: 0 for a complete, clean run; 1 when the run timed out or saw a message lost,
+//! duplicated, reordered or never sent, an error or a dropped connection (the JSON line is printed
+//! either way); 2 for bad arguments.
+//!
 //! The generator shares the machine with the server, so it is built to cost little: one thread,
 //! one epoll set (mio, edge-triggered), one 256 KiB read buffer shared by all connections, and
 //! per line only a newline search and, for messages, three integer parses. Message payloads are
@@ -833,7 +837,14 @@ fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
         "loadavg_1m_at_start": load,
         "timed_out": timed_out,
     });
-    Ok((report, !timed_out))
+    // A run only succeeds when every client kept up and got every message exactly once, in order.
+    let clean = lost == 0
+        && f.duplicated == 0
+        && f.reordered == 0
+        && f.bogus == 0
+        && e.closed == 0
+        && e.errors == 0;
+    Ok((report, !timed_out && clean))
 }
 
 /// As-fast-as-possible mode: shares the current window among the senders, each writing its
