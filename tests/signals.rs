@@ -292,3 +292,112 @@ fn stale_socket_is_replaced_and_live_one_is_not_stolen() {
     d2.wait_log("replaced a stale admin socket");
     assert_eq!(d2.chatctl(&["status"]).status.code(), Some(0));
 }
+
+#[test]
+fn sighup_applies_flood_limits_to_connected_sessions() {
+    let d = TestDaemon::start(crate::helper::NO_RATE_LIMIT);
+    let mut a = d.join("alice");
+    let mut b = d.join("bob");
+    a.expect_prefix("*** JOIN bob");
+    let burst: String = (0..15).map(|k| format!("before {k}\n")).collect();
+    b.send_raw(burst.as_bytes());
+    for k in 0..15 {
+        assert_eq!(a.line(), format!("bob: before {k}"));
+    }
+    reload(
+        &d,
+        "[limits]\nmessage-rate = 1\nmessage-burst = 2\nflood-disconnect = 3\n",
+        "limits.message-rate",
+    );
+    let burst: String = (0..15).map(|k| format!("after {k}\n")).collect();
+    b.send_raw(burst.as_bytes());
+    let replies = b.until_eof();
+    assert!(
+        replies
+            .iter()
+            .any(|l| l.starts_with("*** ERR rate-limited ")),
+        "{replies:?}"
+    );
+    assert!(
+        replies
+            .last()
+            .is_some_and(|l| l.starts_with("*** ERR flooding ") && l.contains("3 lines")),
+        "{replies:?}"
+    );
+}
+
+#[test]
+fn sighup_applies_the_per_address_limit_to_new_connections() {
+    let d = TestDaemon::start("[limits]\nmax-connections-per-ip = 5\n");
+    let mut a = d.join("alice");
+    let _b = d.join("bob");
+    reload(
+        &d,
+        "[limits]\nmax-connections-per-ip = 2\n",
+        "limits.max-connections-per-ip",
+    );
+    let mut c = d.connect();
+    assert!(c.line().starts_with("*** ERR too-many-connections "));
+    // Those already connected stay.
+    a.send("/who");
+    assert_eq!(a.expect_prefix("*** WHO"), "*** WHO 2 alice bob");
+}
+
+/// The keepalive timer the kernel runs for chatd's side of the connection from `client_port`,
+/// in seconds, as `ss` reports it (`timer:(keepalive,59sec,0)`).
+fn keepalive_timer(server_port: u16, client_port: u16) -> Option<f64> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .arg(format!(
+            "( sport = :{server_port} and dport = :{client_port} )"
+        ))
+        .output()
+        .expect("ss (iproute2) must be installed: see .ci/install-deps.sh");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let timer = text.split("timer:(keepalive,").nth(1)?;
+    let value = timer.split(',').next()?;
+    // "59sec", "1min59sec" or "500ms".
+    let mut secs = 0.0;
+    let mut num = String::new();
+    let mut unit = String::new();
+    for ch in value.chars().chain(std::iter::once('0')) {
+        if ch.is_ascii_digit() || ch == '.' {
+            if !unit.is_empty() {
+                let n: f64 = num.parse().ok()?;
+                secs += match unit.as_str() {
+                    "min" => n * 60.0,
+                    "sec" => n,
+                    "ms" => n / 1000.0,
+                    _ => return None,
+                };
+                num.clear();
+                unit.clear();
+            }
+            num.push(ch);
+        } else {
+            unit.push(ch);
+        }
+    }
+    Some(secs)
+}
+
+#[test]
+fn sighup_applies_keepalive_to_new_connections() {
+    let d = TestDaemon::start("");
+    let a = d.join("alice");
+    let port = |c: &crate::helper::Client| c.writer.local_addr().map(|a| a.port()).unwrap_or(0);
+    let mut before = None;
+    wait_until(WAIT, "a keepalive timer on the first connection", || {
+        before = keepalive_timer(d.addr.port(), port(&a));
+        before.is_some()
+    });
+    assert!(before.unwrap_or(0.0) > 30.0, "default 60s: {before:?}");
+    reload(&d, "[limits]\nkeepalive = \"7s\"\n", "limits.keepalive");
+    let b = d.join("bob");
+    let mut after = None;
+    wait_until(WAIT, "a keepalive timer on the new connection", || {
+        after = keepalive_timer(d.addr.port(), port(&b));
+        after.is_some()
+    });
+    assert!(after.unwrap_or(99.0) <= 7.0, "{after:?}");
+}

@@ -4,6 +4,7 @@
 
 mod helper;
 
+mod abuse;
 mod admin;
 mod bench;
 mod chat;

@@ -13,9 +13,9 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::names::{Name, NameError};
 use crate::outbox::{Close, Outbox};
@@ -34,6 +34,31 @@ struct Member {
     last_active: Instant,
 }
 
+/// Joins closer together than this are a join storm: their `*** JOIN` lines are collected and
+/// sent together, as one shared frame per member, at most this much later (or earlier, before
+/// any other room line, so the order everyone sees is unchanged). A lone join is sent at once.
+/// Without this a storm of n joins costs n² queue pushes and writer wake-ups.
+pub const JOIN_COALESCE: Duration = Duration::from_millis(20);
+
+/// How many joins in a row, each within [`JOIN_COALESCE`] of the last, make a storm; a few
+/// friends arriving together are still announced at once.
+const JOIN_STORM_STREAK: u32 = 8;
+
+/// The `*** JOIN` lines of a join storm not yet sent.
+#[derive(Debug)]
+struct JoinBatch {
+    /// The lines, in join order.
+    lines: BytesMut,
+    /// How many lines `lines` holds.
+    count: usize,
+    /// Members who joined during this batch → (where their own line ends, how many lines up to
+    /// and including it): they are sent only the joins after theirs, as if each had been sent
+    /// at once.
+    newcomers: HashMap<ClientId, (usize, usize)>,
+    /// When the batch must be sent at the latest.
+    due: Instant,
+}
+
 /// A stored message, for newcomers.
 #[derive(Debug)]
 struct HistoryEntry {
@@ -49,6 +74,12 @@ struct State {
     by_key: HashMap<String, ClientId>,
     history: VecDeque<HistoryEntry>,
     history_cap: usize,
+    /// When the last member joined, and how many joins in a row came that close together: a
+    /// join storm, or a lone join.
+    last_join: Option<Instant>,
+    join_streak: u32,
+    /// Joins not yet announced; every other room line sends them first.
+    joins: Option<JoinBatch>,
 }
 
 /// Counters shown by `chatctl status`.
@@ -155,6 +186,7 @@ impl Room {
         why: &str,
     ) -> Result<usize, NameError> {
         let mut st = self.lock();
+        self.send_joins(&mut st);
         if let Some(&holder) = st.by_key.get(&name.key) {
             if holder == id || !may_replace(holder) {
                 return Err(NameError::Taken);
@@ -193,7 +225,27 @@ impl Room {
             outbox.push(protocol::history_line(&when, &entry.line));
         }
         let joined = protocol::server_line(kind::JOIN, &format!("{} joined", name.display));
-        self.broadcast(&st, Some(id), &joined);
+        let now = Instant::now();
+        let close = st
+            .last_join
+            .is_some_and(|t| now.saturating_duration_since(t) < JOIN_COALESCE);
+        st.join_streak = if close { st.join_streak + 1 } else { 0 };
+        st.last_join = Some(now);
+        let storm = st.joins.is_some() || st.join_streak >= JOIN_STORM_STREAK;
+        if storm {
+            let batch = st.joins.get_or_insert_with(|| JoinBatch {
+                lines: BytesMut::new(),
+                count: 0,
+                newcomers: HashMap::new(),
+                due: now + JOIN_COALESCE,
+            });
+            batch.lines.extend_from_slice(&joined);
+            batch.count += 1;
+            let (end, count) = (batch.lines.len(), batch.count);
+            batch.newcomers.insert(id, (end, count));
+        } else {
+            self.broadcast(&st, Some(id), &joined);
+        }
         st.by_key.insert(name.key.clone(), id);
         st.members.insert(
             id,
@@ -208,6 +260,41 @@ impl Room {
         Ok(st.members.len())
     }
 
+    /// When the pending join announcements must be sent (see [`JOIN_COALESCE`]); the caller
+    /// arranges for [`Room::flush_joins`] to run then.
+    pub fn joins_due(&self) -> Option<Instant> {
+        self.lock().joins.as_ref().map(|b| b.due)
+    }
+
+    /// Sends the pending join announcements, if any.
+    pub fn flush_joins(&self) {
+        let mut st = self.lock();
+        self.send_joins(&mut st);
+    }
+
+    /// Sends the pending join announcements: one shared frame, of which each member who joined
+    /// during the batch gets only the part after its own line.
+    fn send_joins(&self, st: &mut State) {
+        let Some(batch) = st.joins.take() else {
+            return;
+        };
+        let frame = batch.lines.freeze();
+        let mut delivered = 0;
+        for (id, m) in &st.members {
+            let (part, lines) = match batch.newcomers.get(id) {
+                Some(&(end, count)) => (frame.slice(end..), batch.count - count),
+                None => (frame.clone(), batch.count),
+            };
+            // An overflowing push closes the outbox; the session handles that (see broadcast).
+            if lines > 0 && m.outbox.push(part) {
+                delivered += lines as u64;
+            }
+        }
+        self.counters
+            .deliveries
+            .fetch_add(delivered, Ordering::Relaxed);
+    }
+
     /// Queues `frame` to every member but `except`, and closes the outboxes that overflow.
     fn broadcast(&self, st: &State, except: Option<ClientId>, frame: &Bytes) {
         let mut delivered = 0;
@@ -215,14 +302,11 @@ impl Room {
             if Some(*id) == except {
                 continue;
             }
+            // A push that overflows closes the outbox; the member's session sees the close,
+            // counts and logs it, ends, and calls `leave`, which announces it. It stays listed
+            // until then so names are not freed twice.
             if m.outbox.push(frame.clone()) {
                 delivered += 1;
-            } else if m.outbox.closed() == Some(Close::Overflow) {
-                // The member's session sees the close, ends, and calls `leave`, which announces
-                // it; it stays listed until then so names are not freed twice.
-                self.counters
-                    .slow_disconnects
-                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         self.counters
@@ -242,6 +326,7 @@ impl Room {
 
     fn post(&self, id: ClientId, encode: impl FnOnce(&str) -> Bytes) {
         let mut st = self.lock();
+        self.send_joins(&mut st);
         let Some(member) = st.members.get_mut(&id) else {
             return;
         };
@@ -263,7 +348,8 @@ impl Room {
 
     /// A private message from member `from` to the member named `to`.
     pub fn private(&self, from: ClientId, to: &str, text: &str) -> Result<String, RoomError> {
-        let st = self.lock();
+        let mut st = self.lock();
+        self.send_joins(&mut st);
         let Some(sender) = st.members.get(&from) else {
             return Err(RoomError::NoSuchUser(to.to_owned()));
         };
@@ -286,6 +372,7 @@ impl Room {
     /// Renames member `id`; everyone (including the member) is told. Returns the old name.
     pub fn rename(&self, id: ClientId, new: Name) -> Result<String, NameError> {
         let mut st = self.lock();
+        self.send_joins(&mut st);
         let Some(old) = st.members.get(&id).map(|m| m.name.clone()) else {
             return Err(NameError::Empty);
         };
@@ -308,6 +395,7 @@ impl Room {
     /// Removes member `id` (if still present) and tells everyone else why. Idempotent.
     pub fn leave(&self, id: ClientId, reason: &str) -> Option<String> {
         let mut st = self.lock();
+        self.send_joins(&mut st);
         let member = st.members.remove(&id)?;
         st.by_key.remove(&member.name.key);
         let line = protocol::server_line(
@@ -322,6 +410,7 @@ impl Room {
     /// `*** KICK`. Returns the member's display name and address.
     pub fn kick(&self, name: &str, reason: &str) -> Result<(String, SocketAddr), RoomError> {
         let mut st = self.lock();
+        self.send_joins(&mut st);
         let key = crate::names::lookup_key(name);
         let Some(id) = st.by_key.get(&key).copied() else {
             return Err(RoomError::NoSuchUser(name.to_owned()));
@@ -337,6 +426,7 @@ impl Room {
         reason: &str,
     ) -> Vec<(String, SocketAddr)> {
         let mut st = self.lock();
+        self.send_joins(&mut st);
         let ids: Vec<ClientId> = st
             .members
             .iter()
@@ -372,7 +462,8 @@ impl Room {
 
     /// A notice from the operators to every member; returns how many received it.
     pub fn announce(&self, text: &str) -> usize {
-        let st = self.lock();
+        let mut st = self.lock();
+        self.send_joins(&mut st);
         let line = protocol::server_line(kind::NOTICE, text);
         self.broadcast(&st, None, &line);
         st.members.len()
@@ -380,7 +471,9 @@ impl Room {
 
     /// Display names of everyone online, sorted case-insensitively.
     pub fn names(&self) -> Vec<String> {
-        let st = self.lock();
+        // Joins first, so a `/who` answer never names someone whose join the asker has not seen.
+        let mut st = self.lock();
+        self.send_joins(&mut st);
         let mut names: Vec<(String, String)> = st
             .members
             .values()
@@ -427,7 +520,8 @@ impl Room {
 
     /// Closes every member's outbox with a last `*** SHUTDOWN` line.
     pub fn shut_down(&self, text: &str) {
-        let st = self.lock();
+        let mut st = self.lock();
+        self.send_joins(&mut st);
         let line = protocol::server_line(kind::SHUTDOWN, text);
         for m in st.members.values() {
             m.outbox.close_with(Some(line.clone()), Close::Shutdown);

@@ -34,6 +34,8 @@ use crate::shared::Shared;
 
 /// Longest a closing session waits for its peer to read what is queued (quit, kick).
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the farewell line and FIN, how long a session waits for the peer to close its side.
+const LINGER: Duration = Duration::from_millis(500);
 /// Frames written per vectored write call.
 const MAX_IOVECS: usize = 64;
 /// Read buffer reserved when the socket is readable.
@@ -67,6 +69,9 @@ pub struct Session {
     bucket: TokenBucket,
     /// Refused lines in the current window; too many disconnect the client.
     flood: FloodWindow,
+    /// Set after joining during a join storm: when the room's pending join announcements are
+    /// due, so they go out even if nothing else happens in the room (room::JOIN_COALESCE).
+    joins_due: Option<Instant>,
 }
 
 impl Session {
@@ -97,6 +102,7 @@ impl Session {
             last_read: Instant::now(),
             bucket,
             flood: FloodWindow::new(now),
+            joins_due: None,
         }
     }
 
@@ -120,9 +126,22 @@ impl Session {
 
         let result: io::Result<()> = async {
             loop {
-                match self.outbox.drain_into(&mut self.pending) {
+                // Take more from the outbox only once the socket has taken everything drained
+                // before: the outbox's byte bound then also bounds `pending`, so a client that
+                // stops reading holds at most two queues' worth before its outbox overflows.
+                let closed = if self.pending.is_empty() {
+                    self.outbox.drain_into(&mut self.pending)
+                } else {
+                    self.outbox.closed()
+                };
+                match closed {
                     Some(Close::Overflow) => {
                         self.leave_reason = "too slow: outbound queue full";
+                        self.shared
+                            .room
+                            .counters
+                            .slow_disconnects
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         warn!(peer = %self.peer, user = %self.name,
                             limit = self.shared.live.load().config.limits.max_queue_bytes.get(),
                             "disconnecting a client that does not read (limits.max-queue-bytes)");
@@ -135,11 +154,18 @@ impl Session {
                 }
                 self.write_pending()?;
                 if close_deadline.is_some() && self.pending.is_empty() {
-                    return Ok(());
+                    // Closing: end once the last frames still in the outbox are written too.
+                    self.outbox.drain_into(&mut self.pending);
+                    if self.pending.is_empty() {
+                        self.linger().await;
+                        return Ok(());
+                    }
+                    continue;
                 }
                 let closing = close_deadline.is_some();
                 let flush_at = self.partial_flush_at();
                 let naming = matches!(self.phase, Phase::Naming);
+                let joins_due = self.joins_due;
                 tokio::select! {
                     _ = shutdown.cancelled(), if !closing => {
                         self.leave_reason = "server shutting down";
@@ -169,6 +195,10 @@ impl Session {
                                 "no name was chosen in time (limits.name-timeout), goodbye")),
                             Close::Quit,
                         );
+                    }
+                    _ = sleep_until(joins_due.unwrap_or_else(Instant::now)), if joins_due.is_some() => {
+                        self.joins_due = None;
+                        self.shared.room.flush_joins();
                     }
                     _ = sleep_until(close_deadline.unwrap_or_else(Instant::now)), if closing => {
                         return Ok(());
@@ -225,6 +255,37 @@ impl Session {
         Ok(true)
     }
 
+    /// Ends a connection we chose to close (quit, kick, shutdown) politely. Closing a socket
+    /// with unread input makes the kernel send a reset, and a reset can make the peer lose the
+    /// farewell line still in its receive buffer. So: FIN after the last frame, then discard
+    /// what the peer still sends until it closes too, for at most [`LINGER`].
+    async fn linger(&mut self) {
+        if socket2::SockRef::from(&self.stream)
+            .shutdown(std::net::Shutdown::Write)
+            .is_err()
+        {
+            return;
+        }
+        let deadline = Instant::now() + LINGER;
+        let mut scratch = [0u8; 1024];
+        loop {
+            tokio::select! {
+                ready = self.stream.readable() => {
+                    if ready.is_err() {
+                        return;
+                    }
+                    match self.stream.try_read(&mut scratch) {
+                        Ok(0) => return,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
+                }
+                _ = sleep_until(deadline) => return,
+            }
+        }
+    }
+
     /// Writes as much pending output as the socket takes without blocking.
     fn write_pending(&mut self) -> io::Result<()> {
         while !self.pending.is_empty() {
@@ -261,8 +322,9 @@ impl Session {
                 Err(e) => return Err(e),
             }
         }
-        // Release the queue's memory after a burst so idle connections stay small.
-        if self.pending.capacity() > 64 {
+        // Everything is written: give the queue's memory back, so an idle connection holds no
+        // buffer at all (the outbox hands over its own queue on the next drain).
+        if self.pending.capacity() > 0 {
             self.pending = VecDeque::new();
         }
         Ok(())
@@ -422,6 +484,7 @@ impl Session {
         match joined {
             Ok(users) => {
                 self.phase = Phase::Chatting;
+                self.joins_due = self.shared.room.joins_due().map(Instant::from_std);
                 info!(peer = %self.peer, user = %shown, users, reclaimed = token.is_some(), "user joined");
                 self.name = shown;
             }
