@@ -63,10 +63,7 @@ fn token_takes_the_name_back_from_the_old_connection() {
     let t2 = token(&mut new);
     assert_ne!(t2, t);
     let (_c, verdict) = try_name(&d, &format!("/reclaim alice {t}"));
-    assert!(
-        verdict.starts_with("*** ERR reclaim-refused "),
-        "{verdict}"
-    );
+    assert!(verdict.starts_with("*** ERR reclaim-refused "), "{verdict}");
 }
 
 #[test]
@@ -117,7 +114,9 @@ fn wrong_or_foreign_tokens_are_refused_and_change_nothing() {
         }
     };
     assert!(
-        !seen.iter().any(|l| l.contains("KICKED") || l.contains("LEAVE alice")),
+        !seen
+            .iter()
+            .any(|l| l.contains("KICKED") || l.contains("LEAVE alice")),
         "{seen:?}"
     );
 }

@@ -9,6 +9,7 @@ mod admin;
 mod bench;
 mod chat;
 mod client;
+mod client_tty;
 mod config;
 mod docs;
 mod reclaim;

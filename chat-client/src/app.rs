@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use chatd::command::{self, Input as Cmd};
 use chatd::protocol::{Incoming, code, kind, split_subject};
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, sleep_until};
 
 use crate::cli::Cli;
 use crate::config::ClientConfig;
 use crate::net::{Connection, FromServer};
+use crate::pace::Pacer;
 use crate::roster::Roster;
 use crate::ui::{Input, Ui};
 
@@ -19,9 +20,6 @@ const DEFAULT_HOST: &str = "127.0.0.1";
 const DEFAULT_PORT: u16 = 42069;
 /// How long to wait for the server's `*** BYE` after sending `quit`.
 const BYE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Least time between two lines sent for the user, so a multi-line paste arrives as separate,
-/// ordered messages instead of one burst that a server or the other readers might choke on.
-const PACE: Duration = Duration::from_millis(40);
 /// First wait before reconnecting; doubled after each failure up to [`BACKOFF_MAX`].
 const BACKOFF_START: Duration = Duration::from_millis(500);
 /// Longest wait between reconnection attempts.
@@ -152,9 +150,19 @@ async fn run_inner(cli: Cli, config: ClientConfig, ui: &mut Ui) -> i32 {
     ui.set_prompt(&format!("{name}> "));
     roster.insert(&name);
     let reconnect = ui.is_editor() && !cli.no_reconnect;
+    // The reclaim token of the current connection (docs/protocol.md), asked for only when it
+    // may be used.
+    let mut token: Option<String> = None;
 
     loop {
-        let end = chat(ui, &mut conn, &mut roster, &mut name).await;
+        let end = chat(
+            ui,
+            &mut conn,
+            &mut roster,
+            &mut name,
+            reconnect.then_some(&mut token),
+        )
+        .await;
         match end {
             End::Quit => return exit::OK,
             End::Kicked(reason) => {
@@ -169,7 +177,7 @@ async fn run_inner(cli: Cli, config: ClientConfig, ui: &mut Ui) -> i32 {
             }
         }
         ui.set_prompt("(offline)> ");
-        match reconnect_and_reclaim(ui, &host, port, &name, &config).await {
+        match reconnect_and_reclaim(ui, &host, port, &name, token.take(), &config).await {
             Some((c, n)) => {
                 conn = c;
                 name = n;
@@ -177,8 +185,6 @@ async fn run_inner(cli: Cli, config: ClientConfig, ui: &mut Ui) -> i32 {
                 roster.insert(&name);
                 ui.renderer.me = name.clone();
                 ui.set_prompt(&format!("{name}> "));
-                // Names online changed while we were away; refresh them for completion.
-                let _ = conn.send("/who").await;
             }
             None => return exit::OK,
         }
@@ -274,7 +280,10 @@ async fn try_name(ui: &mut Ui, conn: &mut Connection, name: &str) -> Naming {
                     let (code, text) = split_subject(rest);
                     if matches!(
                         code,
-                        code::NAME_TAKEN | code::NAME_INVALID | code::NAME_RESERVED
+                        code::NAME_TAKEN
+                            | code::NAME_INVALID
+                            | code::NAME_RESERVED
+                            | code::RECLAIM_REFUSED
                     ) {
                         if !ui.is_editor() {
                             ui.show_incoming(&line);
@@ -300,14 +309,33 @@ fn describe_close(e: Option<std::io::Error>) -> String {
     }
 }
 
-/// Chats until the connection ends or the user leaves.
-async fn chat(ui: &mut Ui, conn: &mut Connection, roster: &mut Roster, name: &mut String) -> End {
+/// Chats until the connection ends or the user leaves. With `token`, this connection's reclaim
+/// token is asked for and kept there.
+async fn chat(
+    ui: &mut Ui,
+    conn: &mut Connection,
+    roster: &mut Roster,
+    name: &mut String,
+    mut token: Option<&mut Option<String>>,
+) -> End {
     let mut kicked: Option<String> = None;
     let mut bye = false;
     let mut shutdown = false;
     let mut quit_deadline: Option<Instant> = None;
-    let mut last_sent = Instant::now() - PACE;
+    // Set once a quit is queued: later input is not taken.
+    let mut leaving = false;
+    let mut awaiting_token = false;
+    if token.is_some() {
+        awaiting_token = conn.send("/token").await.is_ok();
+    }
+    // Who is online, for the user and for Tab completion.
+    if ui.is_editor() {
+        let _ = conn.send("/who").await;
+    }
+    // The name line, `/token` and a `/who` after reconnecting went out unpaced.
+    let mut pacer = Pacer::new(3);
     loop {
+        let send_at = pacer.next_at().map(Instant::from_std);
         tokio::select! {
             ev = conn.recv() => match ev {
                 FromServer::Line(line) => {
@@ -327,6 +355,24 @@ async fn chat(ui: &mut Ui, conn: &mut Connection, roster: &mut Roster, name: &mu
                             kind::KICKED => kicked = Some(chatd::protocol::sanitize(rest).into_owned()),
                             kind::BYE => bye = true,
                             kind::SHUTDOWN => shutdown = true,
+                            // Our own request: kept, never shown (it is a secret).
+                            kind::TOKEN if awaiting_token => {
+                                awaiting_token = false;
+                                if let Some(slot) = token.as_deref_mut() {
+                                    *slot = Some(split_subject(rest).0.to_owned());
+                                }
+                                continue;
+                            }
+                            kind::ERR => {
+                                let (code, text) = split_subject(rest);
+                                if code == code::RATE_LIMITED {
+                                    pacer.refused(text);
+                                } else if awaiting_token && code == code::UNKNOWN_COMMAND {
+                                    // A server without reclaim tokens: reclaim by retrying.
+                                    awaiting_token = false;
+                                    continue;
+                                }
+                            }
                             _ => {}
                         }
                     }
@@ -339,33 +385,36 @@ async fn chat(ui: &mut Ui, conn: &mut Connection, roster: &mut Roster, name: &mu
                     if bye || quit_deadline.is_some() {
                         return End::Quit;
                     }
+                    if pacer.len() > 0 {
+                        ui.status(&format!("{} typed lines were not sent", pacer.len()));
+                    }
                     if shutdown {
                         return End::Lost("the server is shutting down".to_owned());
                     }
                     return End::Lost(describe_close(e));
                 }
             },
-            input = ui.next(), if quit_deadline.is_none() => match input {
+            input = ui.next(), if !leaving => match input {
                 Input::Line(line) => {
-                    let wait = PACE.saturating_sub(last_sent.elapsed());
-                    if !wait.is_zero() {
-                        sleep(wait).await;
-                    }
-                    last_sent = Instant::now();
+                    leaving = matches!(command::parse(&line), Cmd::Quit);
+                    pacer.push(line);
+                }
+                Input::Eof => {
+                    // Leave politely (after what is queued) so the room sees "quit".
+                    leaving = true;
+                    pacer.push("quit".to_owned());
+                }
+            },
+            _ = sleep_until(send_at.unwrap_or_else(Instant::now)), if send_at.is_some() && quit_deadline.is_none() => {
+                if let Some(line) = pacer.pop_ready() {
                     match user_line(ui, conn, &line).await {
                         Ok(true) => quit_deadline = Some(Instant::now() + BYE_TIMEOUT),
                         Ok(false) => {}
+                        Err(_) if leaving && pacer.len() == 0 => return End::Quit,
                         Err(e) => return End::Lost(e.to_string()),
                     }
                 }
-                Input::Eof => {
-                    // Leave politely so the room sees "quit", then print what is still coming.
-                    if conn.send("quit").await.is_err() {
-                        return End::Quit;
-                    }
-                    quit_deadline = Some(Instant::now() + BYE_TIMEOUT);
-                }
-            },
+            }
             _ = sleep_until(quit_deadline.unwrap_or_else(Instant::now)), if quit_deadline.is_some() => {
                 ui.status("the server did not say goodbye in time; leaving anyway");
                 return End::Quit;
@@ -401,6 +450,7 @@ async fn reconnect_and_reclaim(
     host: &str,
     port: u16,
     name: &str,
+    mut token: Option<String>,
     config: &ClientConfig,
 ) -> Option<(Connection, String)> {
     let mut backoff = BACKOFF_START;
@@ -422,6 +472,31 @@ async fn reconnect_and_reclaim(
         ui.status(&format!(
             "reconnected to {host}:{port}; reclaiming the name {name}"
         ));
+        // With a token the name comes back at once, even while the server still holds it for
+        // the dead connection; without one, retry until the server notices that connection died.
+        if let Some(t) = token.take() {
+            match try_name(ui, &mut conn, &format!("/reclaim {name} {t}")).await {
+                Naming::Welcome(n) => {
+                    ui.status(&format!("reclaimed the name {n}"));
+                    return Some((conn, n));
+                }
+                Naming::Refused(code, text) => {
+                    ui.status(&format!(
+                        "could not reclaim {name} ({code}): {text}; choose another name"
+                    ));
+                    return choose_name(ui, &mut conn, NameSource::Prompt, None, config)
+                        .await
+                        .ok()
+                        .map(|n| (conn, n));
+                }
+                Naming::Quit => return None,
+                Naming::Lost(why) => {
+                    ui.status(&format!("connection to server lost again ({why})"));
+                    token = Some(t);
+                    continue;
+                }
+            }
+        }
         let started = Instant::now();
         let mut retry = BACKOFF_START;
         loop {

@@ -7,6 +7,7 @@ mod cli;
 mod config;
 mod editor;
 mod net;
+mod pace;
 mod render;
 mod roster;
 mod ui;
