@@ -99,7 +99,9 @@ fn a_flooder_is_refused_then_disconnected_while_others_chat() {
     assert_eq!(a.line(), "bob: still here");
     assert!(counter(&d, "rate_limited") >= 1);
     assert_eq!(counter(&d, "flood_disconnects"), 1);
-    assert!(d.log().contains("disconnecting a flooding client"));
+    let log = d.log();
+    assert!(log.contains("disconnecting a flooding client"), "{log}");
+    assert_eq!(log.matches("rate limiting a client").count(), 1, "{log}");
 }
 
 #[test]

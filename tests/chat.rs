@@ -294,6 +294,7 @@ fn name_timeout_closes_silent_connections() {
         rest.iter().any(|l| l.starts_with("*** ERR name-timeout ")),
         "{rest:?}"
     );
+    d.wait_log("no name in time (limits.name-timeout)");
 }
 
 #[test]

@@ -32,6 +32,7 @@ fn admin_doc_lists_every_error_code() {
     for code in [
         ErrorCode::PermissionDenied,
         ErrorCode::NoSuchUser,
+        ErrorCode::NoSuchBan,
         ErrorCode::InvalidArgument,
         ErrorCode::BadRequest,
         ErrorCode::UnsupportedVersion,

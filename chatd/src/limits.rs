@@ -77,6 +77,11 @@ impl FloodWindow {
         self.refused += 1;
         self.refused >= limit
     }
+
+    /// Refusals in the current window (1 right after the first one).
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
 }
 
 #[cfg(test)]

@@ -189,7 +189,7 @@ impl Session {
                     }
                     _ = sleep_until(name_deadline), if naming && !closing => {
                         LimitCounters::bump(&self.shared.limits.name_timeouts);
-                        debug!(peer = %self.peer, "closing: no name in time (limits.name-timeout)");
+                        info!(peer = %self.peer, "closing: no name in time (limits.name-timeout)");
                         self.outbox.close_with(
                             Some(protocol::error_line(code::NAME_TIMEOUT,
                                 "no name was chosen in time (limits.name-timeout), goodbye")),
@@ -368,6 +368,11 @@ impl Session {
             }
             return false;
         }
+        // Logged once per flood window, not per line: the log must not become the flood.
+        if self.flood.refused() == 1 {
+            info!(peer = %self.peer, user = %self.name, rate = limits.message_rate.0,
+                burst = limits.message_burst.0, "rate limiting a client (limits.message-rate)");
+        }
         self.reply(protocol::error_line(
             code::RATE_LIMITED,
             &format!(
@@ -388,6 +393,8 @@ impl Session {
             Frame::TooLong => {
                 LimitCounters::bump(&self.shared.limits.line_too_long);
                 let max = self.shared.live.load().config.limits.max_line_length.get();
+                info!(peer = %self.peer, user = %self.name, max,
+                    "refused a line (limits.max-line-length)");
                 self.reply(protocol::error_line(
                     code::LINE_TOO_LONG,
                     &format!("line longer than {max} bytes (limits.max-line-length) was not sent"),
@@ -398,6 +405,7 @@ impl Session {
         };
         let Ok(text) = std::str::from_utf8(&line) else {
             LimitCounters::bump(&self.shared.limits.bad_utf8);
+            info!(peer = %self.peer, user = %self.name, "refused a line that is not UTF-8");
             self.reply(protocol::error_line(
                 code::BAD_UTF8,
                 "line is not valid UTF-8 and was not sent",
