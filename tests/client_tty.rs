@@ -378,6 +378,50 @@ fn tab_completes_commands_and_online_names() {
     ann.wait_input("ann> /msg dora");
 }
 
+#[test]
+fn commands_work_from_the_client_and_lines_are_readable() {
+    let d = TestDaemon::start("");
+    let mut bob = d.join("bob");
+    let ann = joined(&d, "ann", &[], &[]);
+    ann.type_text("/me waves");
+    ann.keys(&["Enter"]);
+    assert_eq!(bob.expect_prefix("* ann"), "* ann waves");
+    ann.wait_for("* ann waves");
+    bob.send("/me nods");
+    ann.wait_for("* bob nods");
+    ann.type_text("/msg bob psst");
+    ann.keys(&["Enter"]);
+    assert_eq!(bob.expect_prefix("ann (private)"), "ann (private): psst");
+    ann.wait_for("[private] -> bob: psst");
+    bob.send("/msg ann hush");
+    ann.wait_for("[private] bob: hush");
+    ann.type_text("/help");
+    ann.keys(&["Enter"]);
+    ann.wait_for("keys: Enter send");
+    ann.wait_for("--- commands: /who");
+    let out = d.chatctl(&["announce", "maintenance at noon"]);
+    assert!(out.status.success(), "{out:?}");
+    ann.wait_for("*** NOTICE: maintenance at noon");
+    ann.type_text("/nick anna");
+    ann.keys(&["Enter"]);
+    assert_eq!(
+        bob.expect_prefix("*** NICK"),
+        "*** NICK ann is now known as anna"
+    );
+    ann.wait_input("anna>");
+    ann.type_text("/who");
+    ann.keys(&["Enter"]);
+    ann.wait_for("--- online (2): anna, bob");
+    // A refused command is an error line, not a message.
+    ann.type_text("/dance");
+    ann.keys(&["Enter"]);
+    ann.wait_for("!!! unknown command /dance");
+    ann.type_text("/quit");
+    ann.keys(&["Enter"]);
+    assert_eq!(ann.wait_exit(), 0);
+    assert_eq!(bob.expect_prefix("*** LEAVE"), "*** LEAVE anna left (quit)");
+}
+
 /// The SGR parameters written right before `word` on the first line of a `capture-pane -e`
 /// screen that also contains `marker` (escape sequences are not part of the match).
 fn sgr_before(screen: &str, marker: &str, word: &str) -> Vec<String> {
@@ -606,6 +650,23 @@ fn asks_for_address_port_and_name_and_asks_again() {
 }
 
 #[test]
+fn a_server_that_refuses_at_once_counts_as_a_failed_connection() {
+    let d = TestDaemon::start("[limits]\nmax-clients = 1\n");
+    let bob = d.join("bob");
+    let port = d.addr.port().to_string();
+    let t = Tty::start(&["127.0.0.1", &port], &[], None);
+    t.wait_for("refused the connection (server-full); try another address");
+    t.wait_input("server address [127.0.0.1]:");
+    drop(bob);
+    t.keys(&["Enter"]);
+    t.type_text(&port);
+    t.keys(&["Enter"]);
+    // The greeting is shown before the name is asked for.
+    let screen = t.wait_for("your name:");
+    assert!(screen.contains("--- chatd "), "{screen}");
+}
+
+#[test]
 fn config_file_supplies_server_and_name() {
     let d = TestDaemon::start("");
     let mut bob = d.join("bob");
@@ -696,10 +757,12 @@ fn no_reconnect_exits_when_the_connection_is_lost() {
 /// open: to the daemon, the old connection looks alive (as after a network failure).
 struct Relay {
     port: u16,
+    /// Tells the accept loop to end (it is woken by one more connection).
+    stop: Arc<std::sync::atomic::AtomicBool>,
     /// Client-side streams of live relayed connections.
     clients: Arc<Mutex<Vec<TcpStream>>>,
     /// Daemon-side streams, kept open on purpose after a cut.
-    _servers: Arc<Mutex<Vec<TcpStream>>>,
+    servers: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl Relay {
@@ -708,10 +771,14 @@ impl Relay {
         let port = l.local_addr().expect("addr").port();
         let clients = Arc::new(Mutex::new(Vec::new()));
         let servers = Arc::new(Mutex::new(Vec::new()));
-        let (c2, s2) = (clients.clone(), servers.clone());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c2, s2, stop2) = (clients.clone(), servers.clone(), stop.clone());
         std::thread::spawn(move || {
             for conn in l.incoming() {
                 let Ok(client) = conn else { return };
+                if stop2.load(Ordering::Relaxed) {
+                    return;
+                }
                 let Ok(server) = TcpStream::connect(to) else {
                     return;
                 };
@@ -742,8 +809,9 @@ impl Relay {
         });
         Relay {
             port,
+            stop,
             clients,
-            _servers: servers,
+            servers,
         }
     }
 
@@ -751,6 +819,17 @@ impl Relay {
     fn cut(&self) {
         for c in self.clients.lock().expect("lock").drain(..) {
             let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        self.cut();
+        for s in self.servers.lock().expect("lock").drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
 }

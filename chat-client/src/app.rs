@@ -113,6 +113,18 @@ async fn run_inner(cli: Cli, config: ClientConfig, ui: &mut Ui) -> i32 {
             ui.status(&format!("connecting to {h}:{p} ..."));
         }
         match Connection::open(&h, p).await {
+            Ok(mut c) if ui.is_editor() => match greeting(ui, &mut c).await {
+                Ok(()) => {
+                    host = Some(h);
+                    port = Some(p);
+                    break c;
+                }
+                Err(why) => {
+                    ui.status(&format!("{h}:{p} {why}; try another address"));
+                    host = None;
+                    port = None;
+                }
+            },
             Ok(c) => {
                 host = Some(h);
                 port = Some(p);
@@ -188,6 +200,33 @@ async fn run_inner(cli: Cli, config: ClientConfig, ui: &mut Ui) -> i32 {
             }
             None => return exit::OK,
         }
+    }
+}
+
+/// Longest wait for the server's greeting before the name is asked for anyway.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Shows the server's first line before asking for a name, so a server that refuses at once
+/// (`server-full`, `banned`, ...) counts as a failed connection and another address is asked
+/// for. `Err` says why the connection is no good.
+async fn greeting(ui: &mut Ui, conn: &mut Connection) -> Result<(), String> {
+    match tokio::time::timeout(GREETING_TIMEOUT, conn.recv()).await {
+        // A server that does not greet may still take a name.
+        Err(_) => Ok(()),
+        Ok(FromServer::Line(line)) => {
+            ui.show_incoming(&line);
+            match Incoming::parse(&line) {
+                Incoming::Server {
+                    kind: kind::ERR,
+                    rest,
+                } => Err(format!(
+                    "refused the connection ({})",
+                    chatd::protocol::sanitize(split_subject(rest).0)
+                )),
+                _ => Ok(()),
+            }
+        }
+        Ok(FromServer::Closed(e)) => Err(format!("closed the connection: {}", describe_close(e))),
     }
 }
 
