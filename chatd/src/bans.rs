@@ -388,4 +388,22 @@ mod tests {
             .unwrap_or_default();
         assert!(err.contains("not a valid ban list"), "{err}");
     }
+
+    /// A crash between writing the temporary file and renaming it leaves a torn `.tmp` beside
+    /// the intact old list: loading ignores it, and the next change replaces it.
+    #[test]
+    fn a_crash_mid_write_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let bans = Bans::load(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        bans.add(ban("eve", None)).ok();
+        drop(bans);
+        std::fs::write(dir.path().join("bans.json.tmp"), b"{\"version\":1,\"ba").ok();
+        let bans = Bans::load(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(bans.active().len(), 1);
+        bans.add(ban("mallory", None)).ok();
+        drop(bans);
+        let again = Bans::load(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(again.active().len(), 2);
+        assert!(!dir.path().join("bans.json.tmp").exists());
+    }
 }
