@@ -408,18 +408,10 @@ fn reload_storm_under_load_drops_no_one_and_loses_nothing() {
         done.store(true, Ordering::Relaxed);
     });
     assert!(done.load(Ordering::Relaxed));
-    let mut orders = Vec::new();
-    for r in &mut receivers {
-        let mut got = Vec::new();
-        while got.len() < 3 * per_sender {
-            let l = r.line();
-            assert!(!l.starts_with("*** LEAVE"), "someone was dropped: {l}");
-            if !l.starts_with("*** ") {
-                got.push(l);
-            }
-        }
-        orders.push(got);
-    }
+    let orders: Vec<_> = receivers
+        .iter_mut()
+        .map(|r| r.chat_lines(3 * per_sender))
+        .collect();
     assert!(
         orders.windows(2).all(|w| w[0] == w[1]),
         "receivers disagree"

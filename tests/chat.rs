@@ -94,17 +94,10 @@ fn every_receiver_sees_messages_in_the_same_order() {
             });
         }
     });
-    let mut orders = Vec::new();
-    for r in &mut receivers {
-        let mut got = Vec::new();
-        while got.len() < 3 * per_sender {
-            let l = r.line();
-            if !l.starts_with("*** ") {
-                got.push(l);
-            }
-        }
-        orders.push(got);
-    }
+    let orders: Vec<_> = receivers
+        .iter_mut()
+        .map(|r| r.chat_lines(3 * per_sender))
+        .collect();
     assert!(
         orders.windows(2).all(|w| w[0] == w[1]),
         "receivers disagree on order"

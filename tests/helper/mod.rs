@@ -257,6 +257,20 @@ impl Client {
         }
     }
 
+    /// Reads the next `n` chat lines (everything but server lines), in order; panics if
+    /// anyone leaves meanwhile, since the tests using it promise nobody is dropped.
+    pub fn chat_lines(&mut self, n: usize) -> Vec<String> {
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            let l = self.line();
+            assert!(!l.starts_with("*** LEAVE"), "someone was dropped: {l}");
+            if !l.starts_with("*** ") {
+                got.push(l);
+            }
+        }
+        got
+    }
+
     /// Reads until EOF and returns the remaining lines; panics on timeout.
     pub fn until_eof(&mut self) -> Vec<String> {
         let mut out = Vec::new();
