@@ -383,15 +383,17 @@ fn reload_storm_under_load_drops_no_one_and_loses_nothing() {
                 scope.spawn(move || {
                     for k in 0..per_sender {
                         s.send(&format!("m{i}-{k}"));
-                        if k % 50 == 0 {
-                            std::thread::sleep(Duration::from_millis(5));
+                        // Spread the sending over the whole storm.
+                        if k % 5 == 0 {
+                            std::thread::sleep(Duration::from_millis(2));
                         }
                     }
                 })
             })
             .collect();
-        // SIGHUP every few milliseconds; every fourth config is invalid and must be rejected.
-        while !handles.iter().all(|h| h.is_finished()) || reloads < 20 {
+        // SIGHUP every few milliseconds (at least 100 of them); every fourth config is invalid
+        // and must be rejected.
+        while !handles.iter().all(|h| h.is_finished()) || reloads < 100 {
             let good = reloads % 4 != 3;
             let extra = if good {
                 format!("{NO_RATE_LIMIT}\n[room]\nmotd = \"v{reloads}\"\n")
