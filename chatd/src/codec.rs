@@ -131,9 +131,10 @@ impl LineDecoder {
         Some(line_frame(line))
     }
 
-    /// Gives back buffer memory after a burst, so idle connections stay small.
+    /// Gives the buffer's memory back when no partial line is waiting, so an idle connection
+    /// holds no read buffer at all (the next read allocates one again).
     pub fn shrink_if_idle(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > 4096 {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
             self.buf = BytesMut::new();
         }
     }

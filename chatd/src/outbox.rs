@@ -103,7 +103,13 @@ impl Outbox {
     pub fn drain_into(&self, out: &mut VecDeque<Bytes>) -> Option<Close> {
         let mut st = self.lock();
         st.bytes = 0;
-        out.append(&mut st.frames);
+        if out.is_empty() {
+            // The usual case: hand the whole queue over (no copy), keeping `out`'s allocation
+            // (none, once the writer has given it back) for the next frames.
+            std::mem::swap(out, &mut st.frames);
+        } else {
+            out.append(&mut st.frames);
+        }
         st.closed.clone()
     }
 

@@ -639,4 +639,60 @@ mod tests {
         assert_eq!(slow.closed(), Some(Close::Overflow));
         assert_eq!(drained(&c).len(), 20);
     }
+
+    /// Every line of every queued frame (a join-storm frame holds several).
+    fn lines(o: &Outbox) -> Vec<String> {
+        let mut q = VecDeque::new();
+        o.drain_into(&mut q);
+        q.iter()
+            .flat_map(|b| {
+                String::from_utf8_lossy(b)
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn join_storm_is_coalesced_without_changing_what_anyone_sees() {
+        let room = Room::new(0);
+        let first = Arc::new(Outbox::new(1 << 16));
+        assert!(
+            room.join(1, name("first"), addr(), first.clone(), &[])
+                .is_ok()
+        );
+        let outs: Vec<Arc<Outbox>> = (0..12).map(|_| Arc::new(Outbox::new(1 << 16))).collect();
+        for (i, o) in outs.iter().enumerate() {
+            let id = 2 + i as ClientId;
+            assert!(
+                room.join(id, name(&format!("n{i}")), addr(), o.clone(), &[])
+                    .is_ok()
+            );
+        }
+        // Twelve joins in a row, microseconds apart: the later ones wait in a batch.
+        let due = room.joins_due();
+        assert!(due.is_some_and(|d| d <= Instant::now() + JOIN_COALESCE));
+        let mut queued = VecDeque::new();
+        first.drain_into(&mut queued);
+        let sent_at_once = queued.len();
+        assert!(sent_at_once < 12, "nothing was coalesced");
+        // A message flushes the batch first, so the order is the same as without coalescing.
+        room.say(2, "hello");
+        assert_eq!(room.joins_due(), None);
+        let joins: Vec<String> = (0..12).map(|i| format!("*** JOIN n{i} joined")).collect();
+        let mut want = joins[sent_at_once..].to_vec();
+        want.push("n0: hello".to_owned());
+        assert_eq!(lines(&first), want);
+        // Each newcomer got exactly the joins after its own, then the message.
+        for (i, o) in outs.iter().enumerate() {
+            let mut want = joins[i + 1..].to_vec();
+            if i != 0 {
+                want.push("n0: hello".to_owned());
+            }
+            assert_eq!(lines(o), want, "newcomer n{i}");
+        }
+        room.flush_joins();
+        assert!(lines(&first).is_empty());
+    }
 }
