@@ -2,8 +2,8 @@
 //! chat-client from their clap definitions, so the Debian package never ships text that
 //! drifted from the real command lines.
 //!
-//! Usage: `chatd-gen-assets OUT_DIR` (the packaging step uses `target/gen-assets`). Writes
-//! `OUT_DIR/man/*.{1,8}` and `OUT_DIR/completions/{bash,zsh,fish}/…`.
+//! Usage: `chatd-gen-assets OUT_DIR` (the packaging step uses `packaging/generated`, which git
+//! ignores). Writes `OUT_DIR/man/*.{1,8}` and `OUT_DIR/completions/{bash,zsh,fish}/…`.
 //!
 //! Each program's arguments live in a file that depends only on clap and std, included here by
 //! path: the same source the program itself compiles.
