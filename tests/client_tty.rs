@@ -568,7 +568,15 @@ fn resize_redraws_and_long_wide_and_combining_input_keeps_the_cursor_right() {
         let l = ann.input_line();
         l.starts_with("ann> ") && l.ends_with("word13末") && ann.cursor().0 < 40
     });
-    let (x, _) = ann.cursor();
+    // The rows the terminal wrapped the old, wider input line onto are gone.
+    let screen = ann.screen();
+    let (x, y) = ann.cursor();
+    for (i, l) in screen.lines().enumerate() {
+        assert!(
+            i == y || !l.contains("word"),
+            "left behind at row {i}:\n{screen}"
+        );
+    }
     assert_eq!(
         x,
         ann.input_line()
@@ -579,6 +587,12 @@ fn resize_redraws_and_long_wide_and_combining_input_keeps_the_cursor_right() {
     bob.send("while narrow");
     ann.wait_for("bob: while narrow");
     assert!(ann.input_line().ends_with("word13末"));
+    // Wider again: as much of the line as fits is shown again.
+    ann.tmux(&["resize-window", "-x", "100", "-y", "30"]);
+    ann.wait("the input line redrawn for 100 columns", |_| {
+        let l = ann.input_line();
+        l.starts_with("ann> ") && l.contains("word01 word02") && l.ends_with("word13末")
+    });
     ann.keys(&["Enter"]);
     assert_eq!(
         next_from(&mut bob, "ann:"),

@@ -113,7 +113,7 @@ async fn run_inner(cli: Cli, config: ClientConfig, ui: &mut Ui) -> i32 {
             ui.status(&format!("connecting to {h}:{p} ..."));
         }
         match Connection::open(&h, p).await {
-            Ok(mut c) if ui.is_editor() => match greeting(ui, &mut c).await {
+            Ok(mut c) if ui.is_editor() => match greeting(ui, &mut c, &h, p).await {
                 Ok(()) => {
                     host = Some(h);
                     port = Some(p);
@@ -142,9 +142,6 @@ async fn run_inner(cli: Cli, config: ClientConfig, ui: &mut Ui) -> i32 {
         }
     };
     let (host, port) = (host.unwrap_or_default(), port.unwrap_or(DEFAULT_PORT));
-    if ui.is_editor() {
-        ui.status(&format!("connected to {host}:{port}"));
-    }
 
     let source = if cli.name.is_some() {
         NameSource::Given
@@ -209,7 +206,8 @@ const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 /// Shows the server's first line before asking for a name, so a server that refuses at once
 /// (`server-full`, `banned`, ...) counts as a failed connection and another address is asked
 /// for. `Err` says why the connection is no good.
-async fn greeting(ui: &mut Ui, conn: &mut Connection) -> Result<(), String> {
+async fn greeting(ui: &mut Ui, conn: &mut Connection, host: &str, port: u16) -> Result<(), String> {
+    ui.status(&format!("connected to {host}:{port}"));
     match tokio::time::timeout(GREETING_TIMEOUT, conn.recv()).await {
         // A server that does not greet may still take a name.
         Err(_) => Ok(()),

@@ -51,6 +51,8 @@ struct State {
     /// Names offered by Tab.
     names: Vec<String>,
     cols: usize,
+    /// Column the cursor was left at by the last draw.
+    drawn_at: usize,
     finished: bool,
 }
 
@@ -81,6 +83,7 @@ impl Terminal {
                 browsing: None,
                 names: Vec::new(),
                 cols,
+                drawn_at: 0,
                 finished: false,
             }),
         });
@@ -174,7 +177,25 @@ impl State {
             Event::Key(key) if key.kind != KeyEventKind::Release => self.key(key, &mut done),
             Event::Paste(text) => self.paste(&text, &mut done),
             Event::Resize(cols, _) => {
-                self.cols = usize::from(cols.max(1));
+                let cols = usize::from(cols.max(1));
+                // A terminal that reflows (tmux, VTE, kitty, iTerm2, ...) has wrapped a wider
+                // input line onto several rows, the cursor on the row its column fell to: go
+                // to the first of them and clear from there, or the wrapped rows stay behind.
+                let up = self.drawn_at / cols;
+                let _ = queue!(self.out, cursor::MoveToColumn(0));
+                if up > 0 {
+                    let _ = queue!(
+                        self.out,
+                        cursor::MoveUp(u16::try_from(up).unwrap_or(u16::MAX))
+                    );
+                }
+                let _ = queue!(
+                    self.out,
+                    terminal::Clear(terminal::ClearType::FromCursorDown)
+                );
+                self.cols = cols;
+                // Show as much of the line as fits again; `draw` scrolls to the cursor.
+                self.scroll = 0;
                 self.draw();
             }
             _ => {}
@@ -373,6 +394,7 @@ impl State {
             col += w;
         }
         let at = prompt_w + cursor_col - self.scroll;
+        self.drawn_at = at;
         let _ = queue!(
             self.out,
             cursor::MoveToColumn(0),
