@@ -108,7 +108,8 @@ rootfs() {
     local m
     m=$(mirror)
     [ -n "$m" ] || { echo "no Debian mirror in /etc/apt/sources.list* (set CHATD_MIRROR)" >&2; return 1; }
-    rm -rf "$dir" "$dir.tmp"
+    # --one-file-system: an interrupted debootstrap can leave /proc or /sys mounted inside.
+    rm -rf --one-file-system "$dir" "$dir.tmp"
     log "debootstrap $rel (minbase + $INCLUDE)" >&2
     if ! timeout 600 debootstrap --variant=minbase --include="$INCLUDE" "$rel" "$dir.tmp" "$m" \
         >"$WORK/debootstrap-$rel.log" 2>&1; then
@@ -125,9 +126,9 @@ rootfs() {
 # boot ROOTFS: starts the container and waits until its systemd reports the system running.
 boot() {
     local dir=$1 machine="chatd-test-$REL-$$"
-    # Facts behind each flag: ../shared/notes/systemd-in-a-container.md (register/keep-unit
-    # without a host systemd, read-only console so PID 1 never blocks on it, bpf so
-    # IPAddressDeny=/DevicePolicy= are really enforced).
+    # --register=no --keep-unit: there is no host systemd to register with; a read-only
+    # console, so PID 1 never blocks on a full pty; bpf allowed, so IPAddressDeny= and
+    # DevicePolicy= are really enforced inside; cgroup v2 inside, which newer systemd expects.
     SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 systemd-nspawn --boot --directory="$dir" \
         --machine="$machine" --register=no --keep-unit --console=read-only \
         --system-call-filter=bpf --volatile=overlay --private-network \
@@ -192,6 +193,7 @@ as_user() {
 }
 
 unit() { ct systemctl show -P "$1" chatd.service; }
+is_active() { [ "$(unit ActiveState)" = active ]; }
 
 # wait_for SECONDS CMD...: polls CMD every 0.1 s until it succeeds or the time is up.
 wait_for() {
@@ -340,6 +342,11 @@ t_start() {
     [ "$(ct systemctl is-active chatd)" = active ] || { echo "not active right after start"; return 1; }
     ct bash -c "exec 3<>/dev/tcp/127.0.0.1/$PORT" || { echo "port $PORT not accepting right after start"; return 1; }
     ct chatctl status >/dev/null || { echo "admin socket not answering right after start"; return 1; }
+    # And in the journal, chatd was ready before systemd called it started.
+    local order
+    order=$(ct journalctl -u chatd --no-pager -o cat | grep -n -e 'admin socket ready' -e 'Started chatd.service')
+    [[ $order == *"admin socket ready"*"Started chatd.service"* ]] ||
+        { echo "systemd reported chatd started before chatd was ready: $order"; return 1; }
     local status
     status=$(unit StatusText)
     echo "status: $status"
@@ -398,14 +405,14 @@ reload_and_settle() {
     if [ "$SYSTEMD_VERSION" -ge 253 ]; then
         # notify-reload: systemctl returned after chatd's READY=1, which follows the reload's
         # verdict, so the verdict must already be there (allowing only for the journal's flush).
-        wait_for 1 reload_logged "$before" ||
+        wait_for 2 reload_logged "$before" ||
             { echo "systemctl reload returned before chatd had reloaded"; return 1; }
         echo "systemctl reload returned after chatd's reload (notify-reload)"
     else
         wait_for 15 reload_logged "$before" || { echo "no reload verdict in the journal"; return 1; }
         echo "kill -HUP sent (Type=notify + ExecReload); chatd's verdict polled from the journal"
     fi
-    wait_for 15 test "$(unit ActiveState)" = active
+    wait_for 15 is_active
 }
 
 reload_logged() {
@@ -452,7 +459,7 @@ broken_reload() {
     reload_and_settle "$n" >/dev/null 2>&1
     echo "systemctl reload exited $? on the broken file"
     wait_for 15 reload_logged "$n" || { echo "no reload verdict in the journal"; return 1; }
-    wait_for 15 test "$(unit ActiveState)" = active ||
+    wait_for 15 is_active ||
         { echo "chatd is $(unit ActiveState) after a broken reload"; return 1; }
     local err
     # The reason is in the record's CHAT_ERROR field (journalctl -o verbose shows it).
