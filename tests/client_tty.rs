@@ -927,4 +927,21 @@ fn a_bad_config_file_is_an_error() {
         err.contains("client.toml") && err.contains("colour"),
         "{err}"
     );
+
+    // Without XDG_CONFIG_HOME the default file is ~/.config/chatd/client.toml.
+    let home = tempfile::tempdir().expect("tempdir");
+    let conf = home.path().join(".config").join("chatd");
+    std::fs::create_dir_all(&conf).expect("mkdir");
+    std::fs::write(conf.join("client.toml"), "[server]\nport = \"x\"\n").expect("write");
+    let out = Command::new(bin("chat-client"))
+        .args(["127.0.0.1", "1"])
+        .env("HOME", home.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("CHAT_CLIENT_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run chat-client");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(".config/chatd/client.toml"), "{err}");
 }
