@@ -695,6 +695,16 @@ fn config_file_supplies_server_and_name() {
     t.keys(&["Enter"]);
     t.wait_input("zed>");
     assert_eq!(bob.expect_prefix("*** JOIN"), "*** JOIN zed joined");
+
+    // Ctrl-D at a prompt leaves quietly, as at a shell prompt.
+    let u = Tty::start(&[], &[], Some(&conf));
+    u.wait_input("your name [zed]:");
+    u.keys(&["C-d"]);
+    assert_eq!(u.wait_exit(), 0);
+    let v = Tty::start(&[], &[], None);
+    v.wait_input("server address [127.0.0.1]:");
+    v.keys(&["C-d"]);
+    assert_eq!(v.wait_exit(), 0);
 }
 
 #[test]

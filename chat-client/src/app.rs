@@ -258,8 +258,12 @@ async fn choose_name(
             },
         };
         let Some(attempt) = attempt else {
-            ui.status("no name was accepted before the end of input");
             let _ = conn.send("quit").await;
+            // Ctrl-D at the name prompt is leaving, as at the address prompt.
+            if source == NameSource::Prompt {
+                return Err(exit::OK);
+            }
+            ui.status("no name was accepted before the end of input");
             return Err(exit::NAME_REFUSED);
         };
         if attempt.is_empty() {
