@@ -7,7 +7,9 @@
 //! [`Input`] events on a tokio channel. The cursor position is never queried from the terminal
 //! (no `ESC[6n`), so nothing can hang waiting for a reply the terminal does not send.
 
-use std::io::{Stdout, Write};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
@@ -38,7 +40,10 @@ pub struct Terminal {
 }
 
 struct State {
-    out: Stdout,
+    /// Standard output, unbuffered by std: every change is collected here and written with
+    /// one `write` by `draw`, so the terminal never shows a half-updated screen (a printed
+    /// line with the input line not yet redrawn under it).
+    out: BufWriter<File>,
     prompt: String,
     buf: String,
     /// Byte offset into `buf`, always on a grapheme boundary.
@@ -69,7 +74,8 @@ impl Terminal {
             let _ = std::io::stdout().flush();
             prev(info);
         }));
-        let mut out = std::io::stdout();
+        let stdout = File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+        let mut out = BufWriter::with_capacity(64 * 1024, stdout);
         let _ = queue!(out, event::EnableBracketedPaste);
         let cols = terminal::size().map_or(80, |(c, _)| usize::from(c.max(1)));
         let term = Arc::new(Terminal {
