@@ -623,6 +623,28 @@ fn multi_line_paste_is_sent_line_by_line_within_the_rate_limit() {
 }
 
 #[test]
+fn a_stricter_server_slows_the_paste_down_and_no_line_is_lost_silently() {
+    let d = TestDaemon::start("[limits]\nmessage-rate = 4\nmessage-burst = 3\n");
+    let mut bob = d.join("bob");
+    let ann = joined(&d, "ann", &[], &[]);
+    bob.expect_prefix("*** JOIN ann");
+    let text: Vec<String> = (1..=10).map(|i| format!("strict {i}")).collect();
+    ann.tmux(&["set-buffer", "--", &format!("{}\n", text.join("\n"))]);
+    ann.tmux(&["paste-buffer", "-p"]);
+    let mut got = Vec::new();
+    while got.last().map(String::as_str) != Some("ann: strict 10") {
+        got.push(bob.line());
+    }
+    // After the first refusal the client keeps to the limits it names, so the tail arrives;
+    // every line refused before that is reported on screen, none vanishes silently.
+    let missing = text.len() - got.len();
+    let screen = ann.wait_for("ann: strict 10");
+    let refusals = screen.matches("!!! line not sent").count();
+    assert_eq!(refusals, missing, "bob got {got:?}\n{screen}");
+    assert!(missing <= 5, "{got:?}");
+}
+
+#[test]
 fn asks_for_address_port_and_name_and_asks_again() {
     let d = TestDaemon::start("");
     let mut bob = d.join("bob");

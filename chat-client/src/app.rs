@@ -436,10 +436,14 @@ async fn chat(
                 }
             },
             input = ui.next(), if !leaving => match input {
-                Input::Line(line) => {
-                    leaving = matches!(command::parse(&line), Cmd::Quit);
-                    pacer.push(line);
-                }
+                Input::Line(line) => match command::parse(&line) {
+                    // The server ignores blank lines; they would only use up the pace.
+                    Cmd::Blank => {}
+                    parsed => {
+                        leaving = matches!(parsed, Cmd::Quit);
+                        pacer.push(line);
+                    }
+                },
                 Input::Eof => {
                     // Leave politely (after what is queued) so the room sees "quit".
                     leaving = true;
