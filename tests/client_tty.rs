@@ -683,6 +683,11 @@ fn asks_for_address_port_and_name_and_asks_again() {
     t.keys(&["Enter"]);
     t.wait_input("ann>");
     assert_eq!(bob.expect_prefix("*** JOIN"), "*** JOIN ann joined");
+    // Prompt answers are not in the input history.
+    // (Keys are handled in order: had Up recalled a line, "x" would follow it.)
+    t.keys(&["Up"]);
+    t.type_text("x");
+    t.wait_input("ann> x");
 }
 
 #[test]

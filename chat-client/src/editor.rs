@@ -147,6 +147,15 @@ impl Terminal {
         st.draw();
     }
 
+    /// Drops `line` from the input history if it is the newest entry (answers to the address,
+    /// port and name prompts are not chat lines worth recalling).
+    pub fn forget_from_history(&self, line: &str) {
+        let mut st = self.lock();
+        if st.history.last().is_some_and(|l| l == line) {
+            st.history.pop();
+        }
+    }
+
     /// Sets the names Tab completes.
     pub fn set_names<'a>(&self, names: impl Iterator<Item = &'a str>) {
         let mut st = self.lock();

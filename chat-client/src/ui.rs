@@ -114,11 +114,13 @@ impl Ui {
                 let _ = std::io::stderr().flush();
             }
         }
-        let answer = match self.next().await {
-            Input::Line(l) => l.trim().to_owned(),
+        let raw = match self.next().await {
+            Input::Line(l) => l,
             Input::Eof => return None,
         };
+        let answer = raw.trim().to_owned();
         if let Some(t) = &self.term {
+            t.forget_from_history(&raw);
             t.set_prompt("");
         }
         Some(match default {
