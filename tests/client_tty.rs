@@ -783,6 +783,11 @@ fn reconnects_after_the_server_restarts_and_takes_the_same_name() {
     t.type_text("lost words");
     t.keys(&["Enter"]);
     t.wait_for("not connected: the line was not sent");
+    // Attempts back off: 0.5 s, then 1 s, ...
+    t.wait_for("reconnecting to 127.0.0.1:");
+    let screen = t.wait_for(" in 1.0s ");
+    assert!(screen.contains(" in 0.5s "), "{screen}");
+    assert!(screen.contains("Connection refused"), "{screen}");
     let d2 = daemon_on(port);
     let mut bob = d2.join("bob");
     t.wait_for("reclaimed the name ann");
