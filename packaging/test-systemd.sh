@@ -382,15 +382,34 @@ t_chatctl_admin() {
     close_client carol
 }
 
+# Two layers refuse mallory: the kernel (the socket is 0660, group chatadm), and, with the
+# socket opened to everyone (admin.mode = 0o666, a live key), chatd's own peer-credential
+# check, which must still see through the sandbox that opal is in chatadm and mallory is not.
 t_chatctl_refused() {
+    mallory_refused "socket mode 0660" || return 1
+    ct sed -i 's/^mode = 0o660/mode = 0o666/' "$CONF" || return 1
+    reload_and_settle "$(reload_count)" >/dev/null || { echo "reload to admin.mode 0o666 failed"; return 1; }
+    local mode
+    mode=$(ct stat -c %a /run/chatd/chatd.sock)
+    [ "$mode" = 666 ] || { echo "socket mode is $mode after the reload, want 666"; return 1; }
+    mallory_refused "socket mode 0666, chatd's own check" || return 1
+    grep -q 'not root, the daemon.s user, or in group "chatadm"' "$WORK/mallory.out" ||
+        { echo "the refusal did not come from chatd:"; cat "$WORK/mallory.out"; return 1; }
+    as_user opal chatctl status >/dev/null || { echo "opal refused with mode 0o666"; return 1; }
+    ct sed -i 's/^mode = 0o666/mode = 0o660/' "$CONF" || return 1
+    reload_and_settle "$(reload_count)" >/dev/null
+}
+
+mallory_refused() {
     local cmd code
     for cmd in "list" "announce nope" "kick bob"; do
         # shellcheck disable=SC2086 # word-split on purpose
         as_user mallory chatctl $cmd >"$WORK/mallory.out" 2>&1
         code=$?
-        [ "$code" = 4 ] || { echo "mallory: chatctl $cmd exited $code, want 4 (permission denied)"; cat "$WORK/mallory.out"; return 1; }
+        [ "$code" = 4 ] || { echo "$1: mallory's chatctl $cmd exited $code, want 4 (permission denied)"; cat "$WORK/mallory.out"; return 1; }
     done
     grep -qi "permission denied" "$WORK/mallory.out" || { cat "$WORK/mallory.out"; return 1; }
+    echo "$1: $(cat "$WORK/mallory.out")"
     saw bob "nope" && { echo "mallory's announce reached bob"; return 1; }
     saw bob "*** KICKED" && { echo "mallory kicked bob"; return 1; }
     return 0
