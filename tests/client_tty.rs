@@ -555,6 +555,19 @@ fn resize_redraws_and_long_wide_and_combining_input_keeps_the_cursor_right() {
     ann.keys(&["Enter"]);
     assert_eq!(next_from(&mut bob, "ann:"), "ann: 日本語!e\u{301}");
 
+    // Scrolled sideways by an odd number of columns, a wide character is cut at the left edge:
+    // the rest of the line must stay in its columns, with the cursor right after it.
+    ann.type_text(&format!("{}a", "日".repeat(60)));
+    ann.wait("the end of the wide line in view", |_| {
+        ann.input_line().ends_with("日日a")
+    });
+    let line = ann.input_line();
+    let width: usize = line.chars().map(|c| if c == '日' { 2 } else { 1 }).sum();
+    assert_eq!(ann.cursor().0, width, "{line:?}");
+    assert!(width < usize::from(COLS), "{line:?}");
+    ann.keys(&["C-u"]);
+    ann.wait_input("ann>");
+
     // A line wider than the terminal scrolls sideways; a resize redraws it to fit.
     let long: String = (0..14).map(|i| format!("word{i:02} ")).collect();
     ann.type_text(long.trim_end());

@@ -393,22 +393,9 @@ impl State {
         let prompt_w = self.prompt.width();
         // Keep the last column free so the cursor never sits in the terminal's wrap position.
         let avail = self.cols.saturating_sub(prompt_w + 1).max(1);
-        let cursor_col = self.buf[..self.cursor].width();
-        if cursor_col < self.scroll {
-            self.scroll = cursor_col;
-        } else if cursor_col > self.scroll + avail {
-            self.scroll = cursor_col - avail;
-        }
-        let mut visible = String::new();
-        let mut col = 0;
-        for g in self.buf.graphemes(true) {
-            let w = g.width();
-            if col >= self.scroll && col + w <= self.scroll + avail {
-                visible.push_str(g);
-            }
-            col += w;
-        }
-        let at = prompt_w + cursor_col - self.scroll;
+        let (visible, scroll, x) = view(&self.buf, self.cursor, self.scroll, avail);
+        self.scroll = scroll;
+        let at = prompt_w + x;
         self.drawn_at = at;
         let _ = queue!(
             self.out,
@@ -420,6 +407,33 @@ impl State {
         );
         let _ = self.out.flush();
     }
+}
+
+/// The part of `buf` shown in `avail` columns, scrolled (from `scroll`, the first column shown
+/// last time) only as far as needed to keep the cursor at byte `cursor` in view. Returns the
+/// text to print, the new scroll and the cursor's column within the text. A wide character cut
+/// by the left edge is replaced by blanks, so every later character stays in its column.
+fn view(buf: &str, cursor: usize, scroll: usize, avail: usize) -> (String, usize, usize) {
+    let cursor_col = buf[..cursor].width();
+    let scroll = if cursor_col < scroll {
+        cursor_col
+    } else if cursor_col > scroll + avail {
+        cursor_col - avail
+    } else {
+        scroll
+    };
+    let mut visible = String::new();
+    let mut col = 0;
+    for g in buf.graphemes(true) {
+        let w = g.width();
+        if col < scroll && col + w > scroll {
+            visible.push_str(&" ".repeat((col + w - scroll).min(avail)));
+        } else if col >= scroll && col + w <= scroll + avail {
+            visible.push_str(g);
+        }
+        col += w;
+    }
+    (visible, scroll, cursor_col - scroll)
 }
 
 /// What Tab does to a line.
@@ -536,6 +550,25 @@ mod tests {
         assert_eq!(c.candidates, vec!["/me", "/msg"]);
         let c = complete("/msg a", 6, &names());
         assert_eq!(c.candidates.len(), 2);
+    }
+
+    #[test]
+    fn view_scrolls_to_the_cursor_and_keeps_wide_characters_in_their_columns() {
+        // Fits: nothing scrolls.
+        assert_eq!(view("héllo", 3, 0, 10), ("héllo".into(), 0, 2));
+        // Cursor past the right edge: scroll just enough.
+        let s = "abcdefghij";
+        assert_eq!(view(s, 10, 0, 4), ("ghij".into(), 6, 4));
+        // Cursor left of the view: scroll back to it.
+        assert_eq!(view(s, 2, 6, 4), ("cdef".into(), 2, 0));
+        // A two-column character cut by the left edge becomes a blank, so "c" stays in the
+        // column under which the cursor is drawn.
+        let s = "日本c";
+        assert_eq!(view(s, s.len(), 0, 2), (" c".into(), 3, 2));
+        assert_eq!(view(s, s.len(), 1, 4), (" 本c".into(), 1, 4));
+        // Combining marks take no column of their own.
+        let s = "e\u{301}e\u{301}x";
+        assert_eq!(view(s, s.len(), 0, 10).2, 3);
     }
 
     #[test]
