@@ -94,7 +94,7 @@ mirror() {
     cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list \
         2>/dev/null |
         sed -n -e 's/^URIs:[[:space:]]*//p' -e 's/^deb[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\?//p' |
-        tr ' \t' '\n\n' | grep -E '^(https?|file)://.*/debian/?$' | head -n 1
+        tr -s '[:blank:]' '\n' | grep -E '^(https?|file)://.*/debian/?$' | head -n 1
 }
 
 # rootfs RELEASE: prints the path of a ready rootfs, making it with debootstrap when missing.
@@ -264,7 +264,8 @@ client_join() {
 close_client() {
     local name=$1
     [ -n "${CLIENT_FD[$name]:-}" ] || return 0
-    exec {CLIENT_FD[$name]}>&-
+    local fd=${CLIENT_FD[$name]}
+    exec {fd}>&-
     kill "${CLIENT_PID[$name]}" 2>/dev/null
     wait "${CLIENT_PID[$name]}" 2>/dev/null
     unset "CLIENT_FD[$name]" "CLIENT_PID[$name]"
@@ -298,6 +299,7 @@ t_install() {
     # No `| grep -q` on a command's output anywhere here: with pipefail, grep exiting at the
     # first match can fail the writer with EPIPE (chatctl even panics on it).
     local conffiles
+    # shellcheck disable=SC2016 # a dpkg-query format, not a shell expansion
     conffiles=$(ct dpkg-query -W -f='${Conffiles}\n' chatd)
     [[ $conffiles == *"$CONF "* ]] || { echo "$CONF is not a conffile: $conffiles"; return 1; }
 }
@@ -537,8 +539,10 @@ t_stop() {
     local state result
     state=$(unit ActiveState)
     result=$(unit Result)
-    [ "$state" = inactive ] && [ "$result" = success ] ||
-        { echo "after stop: ActiveState=$state Result=$result, want inactive/success"; return 1; }
+    if [ "$state" != inactive ] || [ "$result" != success ]; then
+        echo "after stop: ActiveState=$state Result=$result, want inactive/success"
+        return 1
+    fi
     ct test ! -e /run/chatd/chatd.sock || { echo "admin socket left behind"; return 1; }
     close_all_clients
 }
