@@ -48,7 +48,12 @@ impl Tty {
         let mut cmd: Vec<String> = vec![
             "sh".into(),
             "-c".into(),
-            format!("\"$@\"; echo $? > {}", status.display()),
+            // ... and, before it, the terminal's settings as the client left them.
+            format!(
+                "\"$@\"; s=$?; stty -a > {}/stty 2>&1; echo $s > {}",
+                dir.path().display(),
+                status.display()
+            ),
             "sh".into(),
             "env".into(),
             "-u".into(),
@@ -220,6 +225,24 @@ impl Tty {
         }
     }
 
+    /// `stty -a` as the client left the terminal (once it has exited).
+    fn stty_after(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stty")).unwrap_or_default()
+    }
+
+    /// The client's process id.
+    fn client_pid(&self) -> i32 {
+        let sh = self.tmux(&["display-message", "-p", "#{pane_pid}"]);
+        let sh = sh.trim();
+        let children =
+            std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children")).unwrap_or_default();
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no client process under the pane's shell {sh}"))
+    }
+
     /// Whether the client is still running.
     fn alive(&self) -> bool {
         !self.status_path().exists()
@@ -287,6 +310,35 @@ fn typing_is_not_disturbed_by_arriving_lines_and_enter_sends_exactly_it() {
     // Our own line is shown (the server does not echo it) and the input line is empty again.
     ann.wait_for("ann: hel");
     ann.wait_input("ann>");
+}
+
+/// Asserts that the terminal is back in its cooked mode (line editing and echo on).
+fn assert_cooked(t: &Tty) {
+    let stty = t.stty_after();
+    let flags: Vec<&str> = stty.split_whitespace().collect();
+    assert!(
+        flags.contains(&"icanon") && flags.contains(&"echo"),
+        "terminal left in raw mode: {stty}"
+    );
+}
+
+#[test]
+fn the_terminal_is_given_back_after_quitting_and_after_sigterm() {
+    let d = TestDaemon::start("");
+    let ann = joined(&d, "ann", &[], &[]);
+    ann.type_text("/quit");
+    ann.keys(&["Enter"]);
+    assert_eq!(ann.wait_exit(), 0);
+    assert_cooked(&ann);
+    let bea = joined(&d, "bea", &[], &[]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(bea.client_pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    assert_eq!(bea.wait_exit(), 128 + 15);
+    assert_cooked(&bea);
+    bea.wait_for("chat-client: stopped by a signal");
 }
 
 #[test]

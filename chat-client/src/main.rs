@@ -34,6 +34,7 @@ fn main() {
         }
     };
     let code = runtime.block_on(async {
+        restore_terminal_on_signals();
         let mut ui_settings = config.ui.clone();
         if cli.no_bell {
             ui_settings.bell = false;
@@ -48,4 +49,22 @@ fn main() {
     });
     // The key-reading thread may still sit in a blocking read; exiting here ends it.
     std::process::exit(code);
+}
+
+/// SIGTERM and SIGHUP (the terminal went away) end the client; give the terminal back out of
+/// raw mode first, so the user's shell is usable again.
+fn restore_terminal_on_signals() {
+    use tokio::signal::unix::{SignalKind, signal};
+    for (kind, number) in [(SignalKind::terminate(), 15), (SignalKind::hangup(), 1)] {
+        let Ok(mut sig) = signal(kind) else { continue };
+        tokio::spawn(async move {
+            if sig.recv().await.is_some() {
+                let _ =
+                    crossterm::execute!(std::io::stdout(), crossterm::event::DisableBracketedPaste);
+                let _ = crossterm::terminal::disable_raw_mode();
+                eprintln!("\r\nchat-client: stopped by a signal");
+                std::process::exit(128 + number);
+            }
+        });
+    }
 }
