@@ -426,8 +426,10 @@ async fn chat(
                     if bye || quit_deadline.is_some() {
                         return End::Quit;
                     }
-                    if pacer.len() > 0 {
-                        ui.status(&format!("{} typed lines were not sent", pacer.len()));
+                    match pacer.len() {
+                        0 => {}
+                        1 => ui.status("1 typed line was not sent"),
+                        n => ui.status(&format!("{n} typed lines were not sent")),
                     }
                     if shutdown {
                         return End::Lost("the server is shutting down".to_owned());
