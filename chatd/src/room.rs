@@ -35,10 +35,21 @@ struct Member {
 }
 
 /// Joins closer together than this are a join storm: their `*** JOIN` lines are collected and
-/// sent together, as one shared frame per member, at most this much later (or earlier, before
-/// any other room line, so the order everyone sees is unchanged). A lone join is sent at once.
-/// Without this a storm of n joins costs n² queue pushes and writer wake-ups.
+/// sent together, as one shared frame per member, [`join_batch_window`] later (or earlier,
+/// before any other room line, so the order everyone sees is unchanged). A lone join is sent at
+/// once. Without this a storm of n joins costs n² queue pushes and writer wake-ups.
 pub const JOIN_COALESCE: Duration = Duration::from_millis(20);
+
+/// How long a join storm's announcements are collected: every flush wakes every member's
+/// writer, so the window grows with the room (5 µs of wake-ups per member, from 20 ms for up
+/// to 4,000 members to at most 250 ms), keeping a storm's writer wake-ups near 200,000 a second
+/// however large the room is.
+pub fn join_batch_window(members: usize) -> Duration {
+    let per_member = Duration::from_micros(5);
+    per_member
+        .saturating_mul(u32::try_from(members).unwrap_or(u32::MAX))
+        .clamp(JOIN_COALESCE, Duration::from_millis(250))
+}
 
 /// How many joins in a row, each within [`JOIN_COALESCE`] of the last, make a storm; a few
 /// friends arriving together are still announced at once.
@@ -233,11 +244,12 @@ impl Room {
         st.last_join = Some(now);
         let storm = st.joins.is_some() || st.join_streak >= JOIN_STORM_STREAK;
         if storm {
+            let members = st.members.len();
             let batch = st.joins.get_or_insert_with(|| JoinBatch {
                 lines: BytesMut::new(),
                 count: 0,
                 newcomers: HashMap::new(),
-                due: now + JOIN_COALESCE,
+                due: now + join_batch_window(members),
             });
             batch.lines.extend_from_slice(&joined);
             batch.count += 1;
@@ -655,6 +667,14 @@ mod tests {
     }
 
     #[test]
+    fn join_batch_window_grows_with_the_room_within_bounds() {
+        assert_eq!(join_batch_window(0), JOIN_COALESCE);
+        assert_eq!(join_batch_window(4_000), JOIN_COALESCE);
+        assert_eq!(join_batch_window(19_000), Duration::from_millis(95));
+        assert_eq!(join_batch_window(1_000_000), Duration::from_millis(250));
+    }
+
+    #[test]
     fn join_storm_is_coalesced_without_changing_what_anyone_sees() {
         let room = Room::new(0);
         let first = Arc::new(Outbox::new(1 << 16));
@@ -672,7 +692,7 @@ mod tests {
         }
         // Twelve joins in a row, microseconds apart: the later ones wait in a batch.
         let due = room.joins_due();
-        assert!(due.is_some_and(|d| d <= Instant::now() + JOIN_COALESCE));
+        assert!(due.is_some_and(|d| d <= Instant::now() + join_batch_window(13)));
         let mut queued = VecDeque::new();
         first.drain_into(&mut queued);
         let sent_at_once = queued.len();
