@@ -11,6 +11,10 @@ use tokio::sync::mpsc;
 
 /// Longest a connection attempt may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle time before the first keepalive probe, and the time between probes (3 unanswered
+/// probes end the connection: a dead path is noticed within about a minute).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Longest line accepted from the server; the daemon's own maximum is 64 KiB plus framing, so
 /// anything longer is a broken or hostile server and is cut.
 const MAX_LINE: usize = 80 * 1024;
@@ -48,6 +52,14 @@ impl Connection {
         };
         // Chat lines are tiny and interactive; waiting to coalesce them only adds latency.
         let _ = stream.set_nodelay(true);
+        // A quiet room sends nothing, so a dead path (suspended laptop, dropped Wi-Fi) would
+        // go unnoticed until the user types; keepalive probes find it, and reconnecting starts.
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(KEEPALIVE_IDLE)
+                .with_interval(KEEPALIVE_INTERVAL)
+                .with_retries(3),
+        );
         let (read, writer) = stream.into_split();
         let (tx, lines) = mpsc::channel(256);
         let reader = tokio::spawn(read_lines(read, tx));
