@@ -1,6 +1,6 @@
 //! The real `chat-client` against the real daemon (or, where the test must send what chatd
-//! never would, a scripted server on a real socket): pipe mode here, the interactive client in a
-//! pseudo-terminal (tmux) further down.
+//! never would, a scripted server on a real socket): pipe mode here; the interactive client, in a
+//! pseudo-terminal (tmux), is in client_tty.rs.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
