@@ -108,14 +108,16 @@ rootfs() {
     local m
     m=$(mirror)
     [ -n "$m" ] || { echo "no Debian mirror in /etc/apt/sources.list* (set CHATD_MIRROR)" >&2; return 1; }
-    # --one-file-system: an interrupted debootstrap can leave /proc or /sys mounted inside.
-    rm -rf --one-file-system "$dir" "$dir.tmp"
-    log "debootstrap $rel (minbase + $INCLUDE)" >&2
-    if ! timeout 600 debootstrap --variant=minbase --include="$INCLUDE" "$rel" "$dir.tmp" "$m" \
-        >"$WORK/debootstrap-$rel.log" 2>&1; then
+    local attempt
+    for attempt in 1 2; do
+        # --one-file-system: an interrupted debootstrap can leave /proc or /sys mounted inside.
+        rm -rf --one-file-system "$dir" "$dir.tmp"
+        log "debootstrap $rel (minbase + $INCLUDE), attempt $attempt" >&2
+        timeout 600 debootstrap --variant=minbase --include="$INCLUDE" "$rel" "$dir.tmp" "$m" \
+            >"$WORK/debootstrap-$rel.log" 2>&1 && break
         tail -n 20 "$WORK/debootstrap-$rel.log" >&2
-        return 1
-    fi
+        [ "$attempt" = 2 ] && return 1
+    done
     rm -f "$dir.tmp"/var/cache/apt/archives/*.deb
     # Only a finished tree is ever used as a cache.
     echo "$INCLUDE" >"$dir.tmp/.chatd-rootfs"
