@@ -1052,3 +1052,24 @@ fn a_bad_config_file_is_an_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(".config/chatd/client.toml"), "{err}");
 }
+
+/// A terminal that goes away (the window closed, ssh dropped) sends SIGHUP: the client must
+/// end and free its connection. It used to panic in its signal handler writing to the dead
+/// terminal, and then spin at full CPU in the terminal reader for ever.
+#[test]
+fn a_closed_terminal_ends_the_client() {
+    let d = TestDaemon::start("");
+    let mut watcher = d.join("watcher");
+    let ann = joined(&d, "ann", &[], &[]);
+    watcher.expect_prefix("*** JOIN ann");
+    let pid = ann.client_pid();
+    ann.tmux(&["kill-server"]);
+    let left = watcher.expect_prefix("*** LEAVE ann");
+    assert!(left.contains("connection lost"), "{left}");
+    crate::helper::wait_until(WAIT, "the client process to end", || {
+        // Gone, or a zombie nobody reaped (its parent shell died with the terminal too).
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+            .unwrap_or(true)
+    });
+}

@@ -54,6 +54,7 @@ fn main() {
 /// SIGTERM and SIGHUP (the terminal went away) end the client; give the terminal back out of
 /// raw mode first, so the user's shell is usable again.
 fn restore_terminal_on_signals() {
+    use std::io::Write;
     use tokio::signal::unix::{SignalKind, signal};
     for (kind, number) in [(SignalKind::terminate(), 15), (SignalKind::hangup(), 1)] {
         let Ok(mut sig) = signal(kind) else { continue };
@@ -62,7 +63,10 @@ fn restore_terminal_on_signals() {
                 let _ =
                     crossterm::execute!(std::io::stdout(), crossterm::event::DisableBracketedPaste);
                 let _ = crossterm::terminal::disable_raw_mode();
-                eprintln!("\r\nchat-client: stopped by a signal");
+                // Not eprintln!: after a hangup stderr is a dead terminal, and eprintln!
+                // panics on a failed write, which would end this task instead of the process
+                // (and leave crossterm's reader spinning on the closed tty).
+                let _ = writeln!(std::io::stderr(), "\r\nchat-client: stopped by a signal");
                 std::process::exit(128 + number);
             }
         });

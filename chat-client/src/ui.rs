@@ -97,7 +97,12 @@ impl Ui {
         if self.is_editor() {
             self.show(&self.renderer.status(text));
         } else {
-            eprintln!("chat-client: {}", chatd::protocol::sanitize(text));
+            // Never eprintln!: it panics when stderr is gone.
+            let _ = writeln!(
+                std::io::stderr(),
+                "chat-client: {}",
+                chatd::protocol::sanitize(text)
+            );
         }
     }
 
@@ -110,8 +115,9 @@ impl Ui {
         match &self.term {
             Some(t) => t.set_prompt(&prompt),
             None => {
-                eprint!("{prompt}");
-                let _ = std::io::stderr().flush();
+                let mut err = std::io::stderr();
+                let _ = write!(err, "{prompt}");
+                let _ = err.flush();
             }
         }
         let raw = match self.next().await {
