@@ -321,3 +321,24 @@ fn unauthorised_users_are_refused_by_the_kernel_and_by_chatd() {
     );
     d.wait_log("refused admin connection");
 }
+
+#[test]
+fn a_closed_output_pipe_ends_chatctl_quietly() {
+    let d = TestDaemon::start("");
+    let _a = d.join("alice");
+    // `chatctl list | head -0`: the reader is gone before chatctl writes.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(bin("chatctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("list")
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run chatctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}

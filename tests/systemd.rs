@@ -220,7 +220,7 @@ fn notifies_ready_reload_status_watchdog_and_stopping() {
     kill(pid, Signal::SIGTERM).expect("SIGTERM");
     assert_eq!(
         manager.expect("STOPPING=1"),
-        "STOPPING=1\nSTATUS=Shutting down, telling 1 users"
+        "STOPPING=1\nSTATUS=Shutting down, telling 1 user"
     );
     alice.until_eof();
     assert_eq!(wait_exit(&mut child), Some(0));

@@ -23,7 +23,7 @@ $RUNTIME_DIRECTORY/chatd.sock, /run/chatd/chatd.sock, $XDG_RUNTIME_DIR/chatd.soc
 
 /// Administer a running chatd: list users, kick, ban, announce, status, reload.
 #[derive(Debug, Parser)]
-#[command(name = "chatctl", version, about, after_help = AFTER_HELP)]
+#[command(name = "chatctl", version, after_help = AFTER_HELP)]
 pub struct Cli {
     /// Path of chatd's admin socket.
     #[arg(long, env = "CHATD_SOCKET", value_name = "PATH", global = true)]

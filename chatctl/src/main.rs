@@ -34,6 +34,27 @@ mod exit {
     pub const PROTOCOL: u8 = 8;
 }
 
+/// Writes one line to standard output. A reader that went away (`chatctl list | head -1`)
+/// ends chatctl quietly, as it would `ls`; any other write error is reported. (`println!`
+/// panics on both.)
+fn emit(line: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(line).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        let _ = writeln!(std::io::stderr(), "chatctl: cannot write output: {e}");
+        std::process::exit(i32::from(exit::FAILURE));
+    }
+}
+
+/// `println!` that never panics: see [`emit`].
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        emit(format_args!($($arg)*))
+    };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let request = match &cli.command {
@@ -80,7 +101,7 @@ fn main() -> ExitCode {
             };
             if cli.json {
                 match serde_json::to_string(&env) {
-                    Ok(json) => println!("{json}"),
+                    Ok(json) => outln!("{json}"),
                     Err(e) => eprintln!("chatctl: cannot encode answer: {e}"),
                 }
             } else {
@@ -95,7 +116,7 @@ fn main() -> ExitCode {
                     response: Response::Error(AdminError::new(fail.code, fail.message.clone())),
                 };
                 if let Ok(json) = serde_json::to_string(&env) {
-                    println!("{json}");
+                    outln!("{json}");
                 }
             }
             eprintln!("chatctl: {}", fail.message);
@@ -242,31 +263,31 @@ fn connect_failure(path: &Path, e: &std::io::Error) -> Failure {
 fn render(response: &Response) {
     match response {
         Response::Users { users } => print_users(users),
-        Response::Kicked { name, addr } => println!("kicked {name} ({addr})"),
+        Response::Kicked { name, addr } => outln!("kicked {name} ({addr})"),
         Response::Announced { recipients } => {
-            println!("announced to {recipients} user{}", plural(*recipients));
+            outln!("announced to {recipients} user{}", plural(*recipients));
         }
         Response::Status(s) => print_status(s),
         Response::Reloaded {
             applied,
             needs_restart,
         } => {
-            println!("config reloaded");
-            println!("applied: {}", list_or_none(applied));
-            println!("needs restart: {}", list_or_none(needs_restart));
+            outln!("config reloaded");
+            outln!("applied: {}", list_or_none(applied));
+            outln!("needs restart: {}", list_or_none(needs_restart));
         }
         Response::Banned { ban, disconnected } => {
-            println!(
+            outln!(
                 "banned {} {}: {}",
                 ban.target,
                 until(ban.expires),
                 ban.reason
             );
             if !disconnected.is_empty() {
-                println!("disconnected: {}", disconnected.join(", "));
+                outln!("disconnected: {}", disconnected.join(", "));
             }
         }
-        Response::Unbanned { target } => println!("unbanned {target}"),
+        Response::Unbanned { target } => outln!("unbanned {target}"),
         Response::BanList { bans } => print_bans(bans),
         Response::Error(e) => eprintln!("chatctl: {}", e.message),
     }
@@ -285,7 +306,7 @@ fn until(expires: Option<u64>) -> String {
 
 fn print_bans(bans: &[BanInfo]) {
     if bans.is_empty() {
-        println!("no bans");
+        outln!("no bans");
         return;
     }
     let width = bans
@@ -294,12 +315,14 @@ fn print_bans(bans: &[BanInfo]) {
         .max()
         .unwrap_or(6)
         .max(6);
-    println!(
+    outln!(
         "{:<width$}  {:<4}  {:<27}  REASON",
-        "TARGET", "KIND", "EXPIRES"
+        "TARGET",
+        "KIND",
+        "EXPIRES"
     );
     for b in bans {
-        println!(
+        outln!(
             "{:<width$}  {:<4}  {:<27}  {}",
             b.target,
             b.kind,
@@ -323,7 +346,7 @@ fn list_or_none(keys: &[String]) -> String {
 
 fn print_users(users: &[UserInfo]) {
     if users.is_empty() {
-        println!("no users online");
+        outln!("no users online");
         return;
     }
     let now = SystemTime::now()
@@ -353,7 +376,7 @@ fn print_users(users: &[UserInfo]) {
         }
     }
     let print_row = |cells: [&str; 4]| {
-        println!(
+        outln!(
             "{:<w0$}  {:<w1$}  {:<w2$}  {}",
             cells[0],
             cells[1],
@@ -368,7 +391,7 @@ fn print_users(users: &[UserInfo]) {
     for row in &rows {
         print_row([&row[0], &row[1], &row[2], &row[3]]);
     }
-    println!("{} user{} online", users.len(), plural(users.len()));
+    outln!("{} user{} online", users.len(), plural(users.len()));
 }
 
 /// `3d4h`, `2h5m`, `4m12s`, `9s`: the two largest units.
@@ -383,17 +406,17 @@ fn short_duration(secs: u64) -> String {
 }
 
 fn print_status(s: &StatusInfo) {
-    println!("chatd {} up {}", s.version, short_duration(s.uptime_secs));
-    println!("users:            {}", s.users);
-    println!("connections:      {}", s.connections);
-    println!("messages:         {}", s.messages);
-    println!("deliveries:       {}", s.deliveries);
-    println!("kicks:            {}", s.kicks);
-    println!("slow disconnects: {}", s.slow_disconnects);
-    println!("refused (full):   {}", s.refused_full);
-    println!("reloads:          {}", s.reloads);
+    outln!("chatd {} up {}", s.version, short_duration(s.uptime_secs));
+    outln!("users:            {}", s.users);
+    outln!("connections:      {}", s.connections);
+    outln!("messages:         {}", s.messages);
+    outln!("deliveries:       {}", s.deliveries);
+    outln!("kicks:            {}", s.kicks);
+    outln!("slow disconnects: {}", s.slow_disconnects);
+    outln!("refused (full):   {}", s.refused_full);
+    outln!("reloads:          {}", s.reloads);
     let l = &s.limits;
-    println!(
+    outln!(
         "limits fired:     line-too-long {}, bad-utf8 {}, rate-limited {}, flood-disconnects {}, \
          slow-disconnects {}, refused-full {}, refused-per-ip {}, name-timeouts {}, \
          refused-banned {}, accept-backoffs {}",
@@ -408,12 +431,12 @@ fn print_status(s: &StatusInfo) {
         l.refused_banned,
         l.accept_backoffs
     );
-    println!(
+    outln!(
         "config:           {}",
         s.config_path.as_deref().unwrap_or("(built-in defaults)")
     );
-    println!("listening on:     {}", s.listen.join(", "));
-    println!("admin socket:     {}", s.admin_socket);
+    outln!("listening on:     {}", s.listen.join(", "));
+    outln!("admin socket:     {}", s.admin_socket);
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ Exit status: 0 after a clean shutdown, 1 on a runtime failure, 78 if the config 
 
 /// chatd: a chatroom daemon, served on TCP and administered over a Unix socket with chatctl.
 #[derive(Debug, clap::Parser)]
-#[command(name = "chatd", version, about, after_help = AFTER_HELP)]
+#[command(name = "chatd", version, after_help = AFTER_HELP)]
 pub struct Args {
     /// Config file. Without it, /etc/chatd/chatd.toml is used if it exists, else built-in
     /// defaults.

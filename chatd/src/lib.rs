@@ -79,7 +79,7 @@ pub async fn run(
             Event::Reload => match systemd::reload(&shared) {
                 Ok(diff) => info!(%diff, "config reloaded (SIGHUP)"),
                 Err(e) => {
-                    error!(error = %e, "config reload failed (SIGHUP); keeping the running config")
+                    error!(error = %e, "config reload failed (SIGHUP), keeping the running config: {e}")
                 }
             },
             Event::Shutdown => break,

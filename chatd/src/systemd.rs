@@ -190,7 +190,10 @@ pub fn notify_ready(shared: &Shared) {
 pub fn notify_stopping(users: usize) {
     logged(
         "STOPPING",
-        notifier().stopping(&format!("Shutting down, telling {users} users")),
+        notifier().stopping(&format!(
+            "Shutting down, telling {users} {}",
+            if users == 1 { "user" } else { "users" }
+        )),
     );
 }
 

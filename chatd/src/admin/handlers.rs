@@ -155,7 +155,7 @@ fn reload(shared: &Shared, uid: u32) -> Response {
             }
         }
         Err(e) => {
-            warn!(admin_uid = uid, error = %e, "config reload failed; keeping the running config");
+            warn!(admin_uid = uid, error = %e, "config reload failed (chatctl reload), keeping the running config: {e}");
             Response::Error(AdminError::new(ErrorCode::ReloadFailed, e.to_string()))
         }
     }
