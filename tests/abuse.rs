@@ -535,11 +535,16 @@ fn ip(args: &[&str]) {
 }
 
 impl Netns {
-    fn new() -> Netns {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the half-open test needs root for network namespaces (CI runs as root)"
-        );
+    /// `None` (with a note) when not root outside CI: only root may make namespaces.
+    fn new() -> Option<Netns> {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run the tests as root: the half-open test needs a network namespace"
+            );
+            eprintln!("not root: cannot make a network namespace here; half-open test not run");
+            return None;
+        }
         let id = std::process::id() % 250 + 1;
         let name = format!("chatd-ho-{}", std::process::id());
         let (host, peer) = (format!("vh{id}x"), format!("vp{id}x"));
@@ -565,7 +570,7 @@ impl Netns {
         ]);
         ip(&["-n", &name, "link", "set", &peer, "up"]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
-        ns
+        Some(ns)
     }
 
     /// A TCP connection made from inside the namespace (a socket keeps the namespace it was
@@ -609,7 +614,7 @@ impl Drop for Netns {
 
 #[test]
 fn a_half_open_peer_is_found_by_keepalive_and_its_slot_freed() {
-    let ns = Netns::new();
+    let Some(ns) = Netns::new() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("admin.sock");
     let text = TestDaemon::config_text(&socket, "[limits]\nkeepalive = \"1s\"\n").replace(
