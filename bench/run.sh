@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs the benchmark suite of docs/performance.md against a fresh release chatd per run, on
+# config/bench.toml, appending one JSON line per run to OUT.
+#
+#   cargo build --release --bin chatd --bin chat-bench
+#   bench/run.sh OUT.jsonl [LABEL] [RUNS] [CASE...]
+#
+# CASE is one of: fanout100 fanout1000 latency idle5000 idle10000 idle19000 (default: all).
+# Needs port 42069 free. Run from the repository root.
+set -euo pipefail
+out=${1:?usage: bench/run.sh OUT.jsonl [LABEL] [RUNS] [CASE...]}
+label=${2:-}
+runs=${3:-3}
+shift $(($# < 3 ? $# : 3))
+cases=("$@")
+[ ${#cases[@]} -eq 0 ] && cases=(fanout100 fanout1000 latency idle5000 idle10000 idle19000)
+bin=target/release
+
+args_for() {
+    case $1 in
+    fanout100) echo "fanout -c 100 -s 10 -d 10" ;;
+    fanout1000) echo "fanout -c 1000 -s 5 -d 10" ;;
+    latency) echo "fanout -c 100 -s 10 --rate 100 -d 10" ;;
+    idle5000) echo "idle -c 5000 --join-rate 1000" ;;
+    idle10000) echo "idle -c 10000 --join-rate 1000 --timeout 300" ;;
+    idle19000) echo "idle -c 19000 --join-rate 1000 --timeout 600" ;;
+    *) echo "unknown case $1" >&2; exit 2 ;;
+    esac
+}
+
+for case in "${cases[@]}"; do
+    args=$(args_for "$case")
+    for run in $(seq "$runs"); do
+        "$bin/chatd" --config config/bench.toml 2>/tmp/chatd-bench.log &
+        pid=$!
+        for _ in $(seq 100); do
+            (exec 3<>/dev/tcp/127.0.0.1/42069) 2>/dev/null && break
+            sleep 0.1
+        done
+        # The probe connection above is one short-lived client; let it leave before measuring.
+        sleep 0.5
+        # shellcheck disable=SC2086
+        "$bin/chat-bench" $args --pid "$pid" --label "$label $case run $run load $(cut -d' ' -f1 /proc/loadavg)" >>"$out" || echo "run $case/$run exited $?" >&2
+        kill "$pid"
+        wait "$pid" || true
+    done
+done
