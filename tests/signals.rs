@@ -228,14 +228,26 @@ fn sighup_applies_shutdown_grace() {
 fn sigterm_tells_users_removes_socket_and_exits_zero() {
     let mut d = TestDaemon::start("");
     let mut a = d.join("alice");
+    let mut others: Vec<_> = (0..5).map(|i| d.join(&format!("u{i}"))).collect();
+    a.send("/who");
+    a.expect_prefix("*** WHO 6 ");
     let mut naming = d.connect();
     naming.expect_prefix("*** HELLO");
     assert!(d.socket.exists());
     d.signal(Signal::SIGTERM);
+    // Exactly one line each: those leaving at the same time are not announced to each other.
     assert_eq!(
         a.until_eof(),
         vec!["*** SHUTDOWN the server is stopping, goodbye"]
     );
+    for o in &mut others {
+        let rest: Vec<_> = o
+            .until_eof()
+            .into_iter()
+            .filter(|l| !l.starts_with("*** JOIN"))
+            .collect();
+        assert_eq!(rest, vec!["*** SHUTDOWN the server is stopping, goodbye"]);
+    }
     assert_eq!(
         naming.until_eof(),
         vec!["*** SHUTDOWN the server is stopping, goodbye"]

@@ -89,7 +89,9 @@ pub async fn run(
     let users = shared.room.len();
     info!(users, "shutting down");
     systemd::notify_stopping(users);
-    // Order: stop accepting and tell every session (one token), then wait for the drain.
+    // Order: stop announcing leaves, stop accepting and tell every session (one token), then
+    // wait for the drain.
+    shared.room.close();
     shutdown.cancel();
     tracker.close();
     let grace = shared.live.load().config.server.shutdown_grace;

@@ -91,6 +91,9 @@ struct State {
     join_streak: u32,
     /// Joins not yet announced; every other room line sends them first.
     joins: Option<JoinBatch>,
+    /// The server is shutting down: everyone is told once (`*** SHUTDOWN`), so members who
+    /// leave now are not announced; with n members that would be n² lines at the worst moment.
+    closing: bool,
 }
 
 /// Counters shown by `chatctl status`.
@@ -410,12 +413,23 @@ impl Room {
         self.send_joins(&mut st);
         let member = st.members.remove(&id)?;
         st.by_key.remove(&member.name.key);
+        if st.closing {
+            return Some(member.name.display);
+        }
         let line = protocol::server_line(
             kind::LEAVE,
             &format!("{} left ({reason})", member.name.display),
         );
         self.broadcast(&st, None, &line);
         Some(member.name.display)
+    }
+
+    /// Marks the room as shutting down: from now on leaves are not announced (every session
+    /// tells its own client `*** SHUTDOWN`).
+    pub fn close(&self) {
+        let mut st = self.lock();
+        self.send_joins(&mut st);
+        st.closing = true;
     }
 
     /// Disconnects the member named `name`: they get `*** KICKED <reason>`, everyone else
@@ -529,16 +543,6 @@ impl Room {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Closes every member's outbox with a last `*** SHUTDOWN` line.
-    pub fn shut_down(&self, text: &str) {
-        let mut st = self.lock();
-        self.send_joins(&mut st);
-        let line = protocol::server_line(kind::SHUTDOWN, text);
-        for m in st.members.values() {
-            m.outbox.close_with(Some(line.clone()), Close::Shutdown);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -580,6 +584,25 @@ mod tests {
         room.leave(1, "quit");
         assert_eq!(drained(&b), vec!["*** LEAVE alice left (quit)"]);
         assert_eq!(room.leave(1, "quit"), None);
+    }
+
+    #[test]
+    fn leaves_are_not_announced_once_the_room_is_closing() {
+        let room = Room::new(10);
+        let (a, b) = (
+            Arc::new(Outbox::new(1 << 16)),
+            Arc::new(Outbox::new(1 << 16)),
+        );
+        assert_eq!(room.join(1, name("alice"), addr(), a.clone(), &[]), Ok(1));
+        assert_eq!(room.join(2, name("bob"), addr(), b.clone(), &[]), Ok(2));
+        drained(&a);
+        room.close();
+        assert_eq!(
+            room.leave(1, "server shutting down").as_deref(),
+            Some("alice")
+        );
+        assert!(drained(&b).is_empty());
+        assert_eq!(room.len(), 1);
     }
 
     #[test]
