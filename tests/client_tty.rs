@@ -688,11 +688,35 @@ fn multi_line_paste_is_sent_line_by_line_within_the_rate_limit() {
 }
 
 #[test]
-fn a_stricter_server_slows_the_paste_down_and_no_line_is_lost_silently() {
-    let d = TestDaemon::start("[limits]\nmessage-rate = 4\nmessage-burst = 3\n");
+fn a_stricter_server_is_paced_from_the_limits_it_announces() {
+    // The WELCOME line says "at most 2 lines/s, bursts of 3": nothing is refused.
+    let d = TestDaemon::start("[limits]\nmessage-rate = 2\nmessage-burst = 3\n");
     let mut bob = d.join("bob");
     let ann = joined(&d, "ann", &[], &[]);
     bob.expect_prefix("*** JOIN ann");
+    let text: Vec<String> = (1..=6).map(|i| format!("strict {i}")).collect();
+    ann.tmux(&["set-buffer", "--", &format!("{}\n", text.join("\n"))]);
+    ann.tmux(&["paste-buffer", "-p"]);
+    for l in &text {
+        assert_eq!(bob.line(), format!("ann: {l}"));
+    }
+    let screen = ann.wait_for("ann: strict 6");
+    assert!(!screen.contains("not sent"), "{screen}");
+}
+
+#[test]
+fn limits_lowered_by_a_reload_slow_the_paste_down_and_no_line_is_lost_silently() {
+    let d = TestDaemon::start("");
+    let mut bob = d.join("bob");
+    let ann = joined(&d, "ann", &[], &[]);
+    bob.expect_prefix("*** JOIN ann");
+    // Lowered after ann joined, so the client paces to the old, announced limits at first.
+    let before = d.log().matches("config reloaded").count();
+    d.write_config("[limits]\nmessage-rate = 4\nmessage-burst = 3\n");
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    crate::helper::wait_until(WAIT, "the reload", || {
+        d.log().matches("config reloaded").count() > before
+    });
     let text: Vec<String> = (1..=10).map(|i| format!("strict {i}")).collect();
     ann.tmux(&["set-buffer", "--", &format!("{}\n", text.join("\n"))]);
     ann.tmux(&["paste-buffer", "-p"]);

@@ -309,7 +309,9 @@ async fn try_name(ui: &mut Ui, conn: &mut Connection, name: &str) -> Naming {
                     kind: kind::WELCOME,
                     rest,
                 } => {
-                    let accepted = split_subject(rest).0.to_owned();
+                    let (accepted, text) = split_subject(rest);
+                    let accepted = accepted.to_owned();
+                    conn.limits = crate::pace::announced_limits(text);
                     ui.renderer.me = accepted.clone();
                     ui.show_incoming(&line);
                     return Naming::Welcome(accepted);
@@ -374,7 +376,7 @@ async fn chat(
         let _ = conn.send("/who").await;
     }
     // The name line, `/token` and a `/who` after reconnecting went out unpaced.
-    let mut pacer = Pacer::new(3);
+    let mut pacer = Pacer::new(conn.limits, 3);
     loop {
         let send_at = pacer.next_at().map(Instant::from_std);
         tokio::select! {

@@ -34,6 +34,8 @@ pub struct Connection {
     pub lines: mpsc::Receiver<FromServer>,
     writer: OwnedWriteHalf,
     reader: tokio::task::JoinHandle<()>,
+    /// The flood limit the server announced when it welcomed us: (lines per second, burst).
+    pub limits: Option<(u64, u64)>,
 }
 
 impl Connection {
@@ -64,6 +66,7 @@ impl Connection {
         let (tx, lines) = mpsc::channel(256);
         let reader = tokio::spawn(read_lines(read, tx));
         Ok(Connection {
+            limits: None,
             lines,
             writer,
             reader,

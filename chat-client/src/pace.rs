@@ -2,10 +2,12 @@
 //! separate messages, in order, and none is refused.
 //!
 //! chatd refuses lines beyond `limits.message-rate` per second (bursts of
-//! `limits.message-burst`, by default 5/s and 10) with `*** ERR rate-limited`. The client keeps
-//! a token bucket a little stricter than the server's default and queues lines until it allows
-//! them. Should the server still refuse one (stricter limits there), the bucket adopts the
-//! limits the refusal names and waits as long as it says.
+//! `limits.message-burst`, by default 5/s and 10) with `*** ERR rate-limited`, and announces
+//! both at the end of its `*** WELCOME` line ("at most 5 lines/s, bursts of 10"). The client
+//! keeps a token bucket a little stricter than the announced limits (or the defaults, from a
+//! server that does not announce them) and queues lines until it allows them. Should the server
+//! still refuse one (its limits were lowered by a reload since), the bucket adopts the limits
+//! the refusal names and waits as long as it says.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -29,9 +31,13 @@ pub struct Pacer {
 impl Pacer {
     /// A pacer for a new connection on which `already_sent` lines (name, `/token`, ...) went
     /// out without it.
-    pub fn new(already_sent: usize) -> Pacer {
+    pub fn new(announced: Option<(u64, u64)>, already_sent: usize) -> Pacer {
         let now = Instant::now();
-        let mut bucket = TokenBucket::new(RATE, BURST, now);
+        let (rate, burst) = match announced {
+            Some((rate, burst)) => stricter(rate, burst),
+            None => (RATE, BURST),
+        };
+        let mut bucket = TokenBucket::new(rate, burst, now);
         for _ in 0..already_sent {
             let _ = bucket.take(now);
         }
@@ -89,10 +95,25 @@ impl Pacer {
         let burst = number_after("message-burst = ").unwrap_or(BURST);
         let retry = number_after("retry in ").unwrap_or(1000);
         let now = Instant::now();
-        self.bucket = TokenBucket::new((rate * 4 / 5).max(1), burst.saturating_sub(2).max(1), now);
+        let (rate, burst) = stricter(rate, burst);
+        self.bucket = TokenBucket::new(rate, burst, now);
         while self.bucket.take(now).is_ok() {}
         self.hold_until = now + Duration::from_millis(retry.min(60_000));
     }
+}
+
+/// A bucket a little stricter than the server's, so the server always has a token when ours
+/// does (its refill and ours drift apart by scheduling).
+fn stricter(rate: u64, burst: u64) -> (u64, u64) {
+    ((rate * 4 / 5).max(1), burst.saturating_sub(2).max(1))
+}
+
+/// The limits at the end of a `*** WELCOME` text: "... at most R lines/s, bursts of B".
+pub fn announced_limits(welcome: &str) -> Option<(u64, u64)> {
+    let rest = &welcome[welcome.rfind("at most ")? + "at most ".len()..];
+    let (rate, rest) = rest.split_once(" lines/s, bursts of ")?;
+    let burst: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    Some((rate.trim().parse().ok()?, burst.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -101,7 +122,7 @@ mod tests {
 
     #[test]
     fn bursts_then_paces() {
-        let mut p = Pacer::new(2);
+        let mut p = Pacer::new(None, 2);
         for i in 0..10 {
             p.push(format!("line {i}"));
         }
@@ -117,7 +138,7 @@ mod tests {
 
     #[test]
     fn adopts_the_limits_a_refusal_names() {
-        let mut p = Pacer::new(0);
+        let mut p = Pacer::new(None, 0);
         p.push("x".into());
         p.refused(
             "line not sent: more than 2 lines per second (limits.message-rate, bursts of \
@@ -126,5 +147,19 @@ mod tests {
         assert!(p.pop_ready().is_none());
         let wait = p.next_at().expect("queued") - Instant::now();
         assert!(wait > Duration::from_millis(300), "{wait:?}");
+    }
+
+    #[test]
+    fn reads_the_limits_the_welcome_announces() {
+        let text =
+            "you are chatting as ann; type /help for commands; at most 2 lines/s, bursts of 3";
+        assert_eq!(announced_limits(text), Some((2, 3)));
+        assert_eq!(announced_limits("you are chatting as ann"), None);
+        // Paced stricter than announced: a burst of 1 after the name line went out.
+        let mut p = Pacer::new(announced_limits(text), 0);
+        p.push("a".into());
+        p.push("b".into());
+        assert!(p.pop_ready().is_some());
+        assert!(p.pop_ready().is_none());
     }
 }

@@ -458,8 +458,11 @@ impl Session {
         let mut welcome = vec![protocol::server_line(
             kind::WELCOME,
             &format!(
-                "{} you are chatting as {}; type /help for commands",
-                name.display, name.display
+                "{} you are chatting as {}; type /help for commands; at most {} lines/s, bursts of {}",
+                name.display,
+                name.display,
+                live.config.limits.message_rate.0,
+                live.config.limits.message_burst.0
             ),
         )];
         welcome.extend(
