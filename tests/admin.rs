@@ -342,3 +342,46 @@ fn a_closed_output_pipe_ends_chatctl_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
+
+/// Runs chatctl as `nobody` with exactly the supplementary `groups` (setpriv, util-linux).
+fn chatctl_as_nobody_in(d: &TestDaemon, groups: &str, args: &[&str]) -> Output {
+    let group_arg = if groups.is_empty() {
+        "--clear-groups".to_owned()
+    } else {
+        format!("--groups={groups}")
+    };
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", &group_arg])
+        .arg(bin("chatctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("setpriv (util-linux) must be installed: see .ci/install-deps.sh")
+}
+
+#[test]
+fn members_of_the_admin_group_by_supplementary_group_are_served() {
+    if !running_as_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the tests as root to check admin authorisation"
+        );
+        eprintln!("not root: cannot run chatctl as another user here");
+        return;
+    }
+    // `users` (gid 100) exists on every Debian system; nobody's primary group is not it.
+    let d = TestDaemon::start("");
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let text = std::fs::read_to_string(&d.config_path).unwrap_or_default();
+    let text = text
+        .replace("mode = 0o660", "mode = 0o666")
+        .replace("group = \"\"", "group = \"users\"");
+    std::fs::write(&d.config_path, text).expect("write");
+    assert_eq!(d.chatctl(&["reload"]).status.code(), Some(0));
+    let member = chatctl_as_nobody_in(&d, "100", &["status"]);
+    assert_eq!(member.status.code(), Some(0), "{}", stderr(&member));
+    let outsider = chatctl_as_nobody_in(&d, "", &["status"]);
+    assert_eq!(outsider.status.code(), Some(4), "{}", stderr(&outsider));
+}

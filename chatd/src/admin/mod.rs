@@ -194,25 +194,32 @@ pub async fn serve(
 }
 
 /// Who is on the other end of an admin connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Peer {
     uid: u32,
     gid: u32,
     pid: Option<i32>,
+    /// Supplementary groups from the socket itself (`SO_PEERGROUPS`), when the kernel has it.
+    groups: Option<Vec<u32>>,
 }
 
 /// Root and the daemon's own user may always administer; others must be in `admin.group`,
-/// checked against the peer process's real supplementary groups.
-fn authorised(peer: Peer, group: &str) -> bool {
+/// as their primary group or one of their supplementary groups.
+fn authorised(peer: &Peer, group: &str) -> bool {
     if peer.uid == 0 || Uid::from_raw(peer.uid) == Uid::effective() {
         return true;
     }
     let Some(gid) = resolve_group(group) else {
         return false;
     };
-    if peer.gid == gid.as_raw() {
+    let gid = gid.as_raw();
+    if peer.gid == gid {
         return true;
     }
+    if let Some(groups) = &peer.groups {
+        return groups.contains(&gid);
+    }
+    // Kernels before 4.13: the process's groups as /proc shows them now.
     peer.pid
         .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
         .and_then(|status| {
@@ -221,10 +228,52 @@ fn authorised(peer: Peer, group: &str) -> bool {
                 .find_map(|l| l.strip_prefix("Groups:"))
                 .map(|g| {
                     g.split_whitespace()
-                        .any(|x| x.parse::<u32>().ok() == Some(gid.as_raw()))
+                        .any(|x| x.parse::<u32>().ok() == Some(gid))
                 })
         })
         .unwrap_or(false)
+}
+
+/// The peer's supplementary groups as the kernel recorded them when it connected
+/// (`SO_PEERGROUPS`, Linux 4.13+). Unlike `/proc/PID/status` this cannot race with the peer
+/// exiting and its PID being reused, and it still works when systemd's `ProtectProc=invisible`
+/// hides other users' processes from chatd.
+///
+/// This and the socket adoption in `systemd.rs` are the crate's only `unsafe` code: std, nix
+/// and socket2 have no wrapper for this option.
+#[allow(unsafe_code)]
+fn peer_groups(stream: &UnixStream) -> io::Result<Vec<u32>> {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    const GID: usize = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    loop {
+        let mut len = libc::socklen_t::try_from(groups.len() * GID)
+            .map_err(|_| io::Error::other("too many groups"))?;
+        // SAFETY: `groups` owns `len` bytes of writable, suitably aligned gid_t storage; the
+        // kernel writes at most `len` bytes there and stores the length it wrote (or, with
+        // ERANGE, the length it needs) in `len`. The fd is borrowed from a live stream.
+        let r = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = usize::try_from(len).unwrap_or(0) / GID;
+        if r == 0 {
+            groups.truncate(needed.min(groups.len()));
+            return Ok(groups);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ERANGE) && needed > groups.len() && needed <= 65_536 {
+            groups.resize(needed, 0);
+            continue;
+        }
+        return Err(err);
+    }
 }
 
 async fn handle_connection(
@@ -237,6 +286,7 @@ async fn handle_connection(
             uid: c.uid(),
             gid: c.gid(),
             pid: c.pid(),
+            groups: peer_groups(&stream).ok(),
         },
         Err(e) => {
             warn!(error = %e, "cannot read admin peer credentials; closing");
@@ -244,7 +294,7 @@ async fn handle_connection(
         }
     };
     let group = shared.live.load().config.admin.group.clone();
-    if !authorised(peer, &group) {
+    if !authorised(&peer, &group) {
         warn!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "refused admin connection: not authorised");
         let err = AdminError::new(
             ErrorCode::PermissionDenied,
