@@ -568,15 +568,22 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn join_say_leave_fan_out_to_others_only() {
+    /// A room of 10 history lines with `first` (id 1) and `second` (id 2) in it, and their
+    /// outboxes.
+    fn room_of_two(first: &str, second: &str) -> (Room, Arc<Outbox>, Arc<Outbox>) {
         let room = Room::new(10);
         let (a, b) = (
             Arc::new(Outbox::new(1 << 16)),
             Arc::new(Outbox::new(1 << 16)),
         );
-        assert_eq!(room.join(1, name("alice"), addr(), a.clone(), &[]), Ok(1));
-        assert_eq!(room.join(2, name("Bob"), addr(), b.clone(), &[]), Ok(2));
+        assert_eq!(room.join(1, name(first), addr(), a.clone(), &[]), Ok(1));
+        assert_eq!(room.join(2, name(second), addr(), b.clone(), &[]), Ok(2));
+        (room, a, b)
+    }
+
+    #[test]
+    fn join_say_leave_fan_out_to_others_only() {
+        let (room, a, b) = room_of_two("alice", "Bob");
         assert_eq!(drained(&a), vec!["*** JOIN Bob joined"]);
         room.say(1, "hi");
         assert_eq!(drained(&b), vec!["alice: hi"]);
@@ -588,13 +595,7 @@ mod tests {
 
     #[test]
     fn leaves_are_not_announced_once_the_room_is_closing() {
-        let room = Room::new(10);
-        let (a, b) = (
-            Arc::new(Outbox::new(1 << 16)),
-            Arc::new(Outbox::new(1 << 16)),
-        );
-        assert_eq!(room.join(1, name("alice"), addr(), a.clone(), &[]), Ok(1));
-        assert_eq!(room.join(2, name("bob"), addr(), b.clone(), &[]), Ok(2));
+        let (room, a, b) = room_of_two("alice", "bob");
         drained(&a);
         room.close();
         assert_eq!(
