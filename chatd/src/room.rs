@@ -205,18 +205,9 @@ impl Room {
             if holder == id || !may_replace(holder) {
                 return Err(NameError::Taken);
             }
-            if let Some(old) = st.members.remove(&holder) {
-                st.by_key.remove(&old.name.key);
-                old.outbox.close_with(
-                    Some(protocol::server_line(kind::KICKED, why)),
-                    Close::Kicked,
-                );
-                let line = protocol::server_line(
-                    kind::LEAVE,
-                    &format!("{} left (reconnected)", old.name.display),
-                );
-                self.broadcast(&st, None, &line);
-            }
+            self.evict(&mut st, holder, why, |name| {
+                protocol::server_line(kind::LEAVE, &format!("{name} left (reconnected)"))
+            });
         }
         self.join_locked(st, id, name, addr, outbox, welcome)
     }
@@ -471,19 +462,30 @@ impl Room {
         id: ClientId,
         reason: &str,
     ) -> Option<(String, SocketAddr)> {
+        let member = self.evict(st, id, reason, |name| {
+            protocol::server_line(kind::KICK, &format!("{name} was kicked ({reason})"))
+        })?;
+        self.counters.kicks.fetch_add(1, Ordering::Relaxed);
+        Some((member.name.display, member.addr))
+    }
+
+    /// Removes member `id` against their will: they get `*** KICKED <why>` as their last line,
+    /// everyone else the line `announce` builds from their name.
+    fn evict(
+        &self,
+        st: &mut State,
+        id: ClientId,
+        why: &str,
+        announce: impl FnOnce(&str) -> Bytes,
+    ) -> Option<Member> {
         let member = st.members.remove(&id)?;
         st.by_key.remove(&member.name.key);
         member.outbox.close_with(
-            Some(protocol::server_line(kind::KICKED, reason)),
+            Some(protocol::server_line(kind::KICKED, why)),
             Close::Kicked,
         );
-        let line = protocol::server_line(
-            kind::KICK,
-            &format!("{} was kicked ({reason})", member.name.display),
-        );
-        self.broadcast(st, None, &line);
-        self.counters.kicks.fetch_add(1, Ordering::Relaxed);
-        Some((member.name.display, member.addr))
+        self.broadcast(st, None, &announce(&member.name.display));
+        Some(member)
     }
 
     /// A notice from the operators to every member; returns how many received it.
