@@ -6,7 +6,8 @@
 #   bench/run.sh OUT.jsonl [LABEL] [RUNS] [CASE...]
 #
 # CASE is one of: fanout100 fanout1000 latency idle5000 idle10000 idle19000 (default: all).
-# Needs port 42069 free. Run from the repository root.
+# Needs port 42069 free. Run from the repository root. CHATD=PATH runs another chatd binary
+# (an A/B comparison against an older build); the load generator stays target/release/chat-bench.
 set -euo pipefail
 out=${1:?usage: bench/run.sh OUT.jsonl [LABEL] [RUNS] [CASE...]}
 label=${2:-}
@@ -15,6 +16,7 @@ shift $(($# < 3 ? $# : 3))
 cases=("$@")
 [ ${#cases[@]} -eq 0 ] && cases=(fanout100 fanout1000 latency idle5000 idle10000 idle19000)
 bin=target/release
+chatd=${CHATD:-$bin/chatd}
 
 args_for() {
     case $1 in
@@ -31,7 +33,7 @@ args_for() {
 for case in "${cases[@]}"; do
     args=$(args_for "$case")
     for run in $(seq "$runs"); do
-        "$bin/chatd" --config config/bench.toml 2>/tmp/chatd-bench.log &
+        "$chatd" --config config/bench.toml 2>/tmp/chatd-bench.log &
         pid=$!
         for _ in $(seq 100); do
             (exec 3<>/dev/tcp/127.0.0.1/42069) 2>/dev/null && break

@@ -729,6 +729,7 @@ fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
     let pid = a.common.pid;
     let before = pid.and_then(procfs::sample);
     let own_before = procfs::own_cpu();
+    let ticks_before = procfs::cpu_ticks();
 
     let mut timed_out = !joined;
     if joined {
@@ -778,6 +779,7 @@ fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
     }
     let after = pid.and_then(procfs::sample);
     let own_cpu = (procfs::own_cpu() - own_before).as_secs_f64();
+    let steal = procfs::steal_pct(ticks_before, procfs::cpu_ticks());
     let f = e.fan.as_ref().ok_or("no fan-out state")?;
     let first = f.first_send_ns.unwrap_or(0);
     let elapsed = secs(f.last_delivery_ns.saturating_sub(first));
@@ -835,6 +837,7 @@ fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
         "server": server,
         "loadgen_cpu_s": round(own_cpu, 2),
         "loadavg_1m_at_start": load,
+        "steal_pct": steal,
         "timed_out": timed_out,
     });
     // A run only succeeds when every client kept up and got every message exactly once, in order.
@@ -908,6 +911,7 @@ fn idle(a: &IdleArgs) -> Result<(Value, bool), String> {
     let load = procfs::loadavg();
     let pid = a.common.pid;
     let before = pid.and_then(procfs::sample);
+    let ticks_before = procfs::cpu_ticks();
     let mut e = Engine::new(a.common.addr, a.clients, 0).map_err(|e| e.to_string())?;
     let deadline = e.now() + (a.common.timeout * 1e9) as u64;
     let start = e.now();
@@ -920,6 +924,7 @@ fn idle(a: &IdleArgs) -> Result<(Value, bool), String> {
         e.step(Duration::from_millis(20));
     }
     let idle_sample = pid.and_then(procfs::sample);
+    let steal = procfs::steal_pct(ticks_before, procfs::cpu_ticks());
     let hold_end = (e.now() + (a.hold * 1e9) as u64).min(deadline);
     while e.now() < hold_end {
         e.step(Duration::from_millis(20));
@@ -959,6 +964,7 @@ fn idle(a: &IdleArgs) -> Result<(Value, bool), String> {
         "server": server,
         "loadgen_cpu_s": round(procfs::own_cpu().as_secs_f64(), 2),
         "loadavg_1m_at_start": load,
+        "steal_pct": steal,
         "timed_out": !drained,
     });
     Ok((report, drained && still_open == a.clients))

@@ -67,6 +67,33 @@ pub fn loadavg() -> f64 {
         .unwrap_or(-1.0)
 }
 
+/// The machine's CPU time so far, from the `cpu` line of `/proc/stat`: (all of it, stolen), in
+/// ticks. "Stolen" is time the hypervisor gave this virtual machine's CPUs to someone else while
+/// they had work: on a shared host it delays the server and the generator alike, whatever the
+/// load average says.
+pub fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+    let total = ticks.iter().take(8).sum();
+    Some((total, *ticks.get(7)?))
+}
+
+/// Percentage of the machine's CPU time stolen by the hypervisor between two [`cpu_ticks`].
+pub fn steal_pct(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> f64 {
+    match (before, after) {
+        (Some((t0, s0)), Some((t1, s1))) if t1 > t0 => {
+            (s1.saturating_sub(s0) as f64 * 1000.0 / (t1 - t0) as f64).round() / 10.0
+        }
+        _ => -1.0,
+    }
+}
+
 /// Raises this process's soft open-files limit to the hard one: every client is a descriptor.
 pub fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};

@@ -123,6 +123,14 @@ impl Session {
         let name_deadline = Instant::now() + live.config.limits.name_timeout;
         drop(live);
         let mut close_deadline: Option<Instant> = None;
+        // This session's own token, waited on by one future for the whole session. Every
+        // wake-up polls it, and polling the server-wide token takes that token's locks, shared
+        // by every session on both workers: a worker that stalls holding one (preempted, or its
+        // virtual CPU descheduled) stalls the other one's writers too. A child token's locks
+        // are this session's alone; shutdown still reaches it through the parent.
+        let shutdown = shutdown.child_token();
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
 
         let result: io::Result<()> = async {
             loop {
@@ -167,7 +175,7 @@ impl Session {
                 let naming = matches!(self.phase, Phase::Naming);
                 let joins_due = self.joins_due;
                 tokio::select! {
-                    _ = shutdown.cancelled(), if !closing => {
+                    _ = &mut cancelled, if !closing => {
                         self.leave_reason = "server shutting down";
                         self.outbox.close_with(
                             Some(protocol::server_line(kind::SHUTDOWN, "the server is stopping, goodbye")),
@@ -182,12 +190,12 @@ impl Session {
                     }
                     ready = self.stream.writable(), if !self.pending.is_empty() => ready?,
                     _ = self.outbox.ready() => {}
-                    _ = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() && !closing => {
+                    _ = sleep_opt(flush_at), if flush_at.is_some() && !closing => {
                         if let Some(frame) = self.decoder.take_partial() {
                             self.handle_frame(frame);
                         }
                     }
-                    _ = sleep_until(name_deadline), if naming && !closing => {
+                    _ = sleep_opt(Some(name_deadline)), if naming && !closing => {
                         LimitCounters::bump(&self.shared.limits.name_timeouts);
                         info!(peer = %self.peer, "closing: no name in time (limits.name-timeout)");
                         self.outbox.close_with(
@@ -196,11 +204,11 @@ impl Session {
                             Close::Quit,
                         );
                     }
-                    _ = sleep_until(joins_due.unwrap_or_else(Instant::now)), if joins_due.is_some() => {
+                    _ = sleep_opt(joins_due), if joins_due.is_some() => {
                         self.joins_due = None;
                         self.shared.room.flush_joins();
                     }
-                    _ = sleep_until(close_deadline.unwrap_or_else(Instant::now)), if closing => {
+                    _ = sleep_opt(close_deadline), if closing => {
                         return Ok(());
                     }
                 }
@@ -584,6 +592,17 @@ impl Session {
                 ),
             )),
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without a deadline. `select!` builds the future of every
+/// branch on each turn, disabled ones included, and a `Sleep` built there costs a clock read
+/// and a clone of the runtime handle even when it is never polled; this costs nothing until
+/// polled.
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
