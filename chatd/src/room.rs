@@ -103,8 +103,6 @@ pub struct Counters {
     pub messages: AtomicU64,
     /// Frames queued to recipients (one message to N others counts N).
     pub deliveries: AtomicU64,
-    /// Members disconnected because their outbound queue overflowed.
-    pub slow_disconnects: AtomicU64,
     /// Members kicked by an admin.
     pub kicks: AtomicU64,
 }

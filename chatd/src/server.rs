@@ -172,7 +172,7 @@ pub async fn accept_loop(
             ip: None,
         };
         if open >= max {
-            shared.refused_full.fetch_add(1, Ordering::Relaxed);
+            crate::shared::LimitCounters::bump(&shared.limits.refused_full);
             warn!(%peer, max_clients = max, "refusing connection: server full (limits.max-clients)");
             let text =
                 format!("server full ({max} connections, limits.max-clients), try again later");

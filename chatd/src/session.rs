@@ -145,11 +145,7 @@ impl Session {
                 match closed {
                     Some(Close::Overflow) => {
                         self.leave_reason = "too slow: outbound queue full";
-                        self.shared
-                            .room
-                            .counters
-                            .slow_disconnects
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        LimitCounters::bump(&self.shared.limits.slow_disconnects);
                         warn!(peer = %self.peer, user = %self.name,
                             limit = self.shared.live.load().config.limits.max_queue_bytes.get(),
                             "disconnecting a client that does not read (limits.max-queue-bytes)");

@@ -72,6 +72,10 @@ pub struct LimitCounters {
     pub rate_limited: AtomicU64,
     /// Clients disconnected for flooding (`limits.flood-disconnect`).
     pub flood_disconnects: AtomicU64,
+    /// Clients disconnected because their outbound queue overflowed (`limits.max-queue-bytes`).
+    pub slow_disconnects: AtomicU64,
+    /// Connections refused because `limits.max-clients` were open.
+    pub refused_full: AtomicU64,
     /// Connections refused by `limits.max-connections-per-ip`.
     pub refused_per_ip: AtomicU64,
     /// Connections closed for not choosing a name in time (`limits.name-timeout`).
@@ -110,8 +114,6 @@ pub struct Shared {
     next_id: AtomicU64,
     /// Open TCP connections (named or not).
     pub connections: AtomicUsize,
-    /// Connections refused because `limits.max-clients` was reached.
-    pub refused_full: AtomicU64,
     /// Successful reloads.
     pub reloads: AtomicU64,
     /// How often each limit fired.
@@ -157,7 +159,6 @@ impl Shared {
             started_at: SystemTime::now(),
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
-            refused_full: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             limits: LimitCounters::default(),
             bans,

@@ -124,16 +124,18 @@ fn status(shared: &Shared) -> Response {
         messages: c.messages.load(Ordering::Relaxed),
         deliveries: c.deliveries.load(Ordering::Relaxed),
         kicks: c.kicks.load(Ordering::Relaxed),
-        slow_disconnects: c.slow_disconnects.load(Ordering::Relaxed),
-        refused_full: shared.refused_full.load(Ordering::Relaxed),
+        // Kept at the top level as well as in `limits` for version-1 clients that read them
+        // there (fields are never removed within a version).
+        slow_disconnects: load(&l.slow_disconnects),
+        refused_full: load(&l.refused_full),
         reloads: shared.reloads.load(Ordering::Relaxed),
         limits: LimitStats {
             line_too_long: load(&l.line_too_long),
             bad_utf8: load(&l.bad_utf8),
             rate_limited: load(&l.rate_limited),
             flood_disconnects: load(&l.flood_disconnects),
-            slow_disconnects: c.slow_disconnects.load(Ordering::Relaxed),
-            refused_full: shared.refused_full.load(Ordering::Relaxed),
+            slow_disconnects: load(&l.slow_disconnects),
+            refused_full: load(&l.refused_full),
             refused_per_ip: load(&l.refused_per_ip),
             name_timeouts: load(&l.name_timeouts),
             refused_banned: load(&l.refused_banned),
