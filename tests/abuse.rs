@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use socket2::{Domain, Socket, Type};
 
-use crate::helper::{Client, NO_RATE_LIMIT, TestDaemon, WAIT, wait_until};
+use crate::helper::{Client, NO_RATE_LIMIT, TestDaemon, WAIT, agreed_order, wait_until};
 
 /// A client whose connection comes from `src` (any 127.0.0.0/8 address is local on Linux), so
 /// per-address limits and address bans can be tested on one machine.
@@ -410,15 +410,8 @@ fn reload_storm_under_load_drops_no_one_and_loses_nothing() {
         done.store(true, Ordering::Relaxed);
     });
     assert!(done.load(Ordering::Relaxed));
-    let orders: Vec<_> = receivers
-        .iter_mut()
-        .map(|r| r.chat_lines(3 * per_sender))
-        .collect();
-    assert!(
-        orders.windows(2).all(|w| w[0] == w[1]),
-        "receivers disagree"
-    );
-    let unique: HashSet<_> = orders[0].iter().collect();
+    let order = agreed_order(&mut receivers, 3 * per_sender);
+    let unique: HashSet<_> = order.iter().collect();
     assert_eq!(
         unique.len(),
         3 * per_sender,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::helper::{NO_RATE_LIMIT, TestDaemon, WAIT};
+use crate::helper::{NO_RATE_LIMIT, TestDaemon, WAIT, agreed_order};
 
 #[test]
 fn greeting_join_message_and_quit() {
@@ -94,17 +94,10 @@ fn every_receiver_sees_messages_in_the_same_order() {
             });
         }
     });
-    let orders: Vec<_> = receivers
-        .iter_mut()
-        .map(|r| r.chat_lines(3 * per_sender))
-        .collect();
-    assert!(
-        orders.windows(2).all(|w| w[0] == w[1]),
-        "receivers disagree on order"
-    );
+    let order = agreed_order(&mut receivers, 3 * per_sender);
     // Each sender's own messages arrive in the order it sent them, each exactly once.
     for i in 0..3 {
-        let mine: Vec<_> = orders[0]
+        let mine: Vec<_> = order
             .iter()
             .filter(|l| l.starts_with(&format!("s{i}: ")))
             .cloned()

@@ -494,6 +494,18 @@ async fn user_line(ui: &mut Ui, conn: &mut Connection, line: &str) -> std::io::R
 
 /// After a lost connection: reconnects with backoff, then reclaims `name` (retrying while the
 /// server still holds it for our dead connection). `None` when the user leaves meanwhile.
+/// The old name could not be had back: the user picks another on this same connection.
+async fn choose_other_name(
+    ui: &mut Ui,
+    mut conn: Connection,
+    config: &ClientConfig,
+) -> Option<(Connection, String)> {
+    choose_name(ui, &mut conn, NameSource::Prompt, None, config)
+        .await
+        .ok()
+        .map(|n| (conn, n))
+}
+
 async fn reconnect_and_reclaim(
     ui: &mut Ui,
     host: &str,
@@ -533,10 +545,7 @@ async fn reconnect_and_reclaim(
                     ui.status(&format!(
                         "could not reclaim {name} ({code}): {text}; choose another name"
                     ));
-                    return choose_name(ui, &mut conn, NameSource::Prompt, None, config)
-                        .await
-                        .ok()
-                        .map(|n| (conn, n));
+                    return choose_other_name(ui, conn, config).await;
                 }
                 Naming::Quit => return None,
                 Naming::Lost(why) => {
@@ -566,10 +575,7 @@ async fn reconnect_and_reclaim(
                 }
                 Naming::Refused(..) => {
                     ui.status(&format!("could not reclaim {name}; choose another name"));
-                    return choose_name(ui, &mut conn, NameSource::Prompt, None, config)
-                        .await
-                        .ok()
-                        .map(|n| (conn, n));
+                    return choose_other_name(ui, conn, config).await;
                 }
                 Naming::Quit => return None,
                 Naming::Lost(why) => {

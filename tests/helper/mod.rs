@@ -301,3 +301,14 @@ impl Client {
         }
     }
 }
+
+/// Reads `n` chat lines from every receiver, asserts that they all saw the same lines in the
+/// same order, and returns that order.
+pub fn agreed_order(receivers: &mut [Client], n: usize) -> Vec<String> {
+    let orders: Vec<_> = receivers.iter_mut().map(|r| r.chat_lines(n)).collect();
+    assert!(
+        orders.windows(2).all(|w| w[0] == w[1]),
+        "receivers disagree on order"
+    );
+    orders.into_iter().next().unwrap_or_default()
+}
