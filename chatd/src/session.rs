@@ -355,21 +355,16 @@ impl Session {
             LimitCounters::bump(&self.shared.limits.flood_disconnects);
             warn!(peer = %self.peer, user = %self.name, limit = limits.flood_disconnect.0,
                 "disconnecting a flooding client (limits.flood-disconnect)");
-            self.leave_reason = "flooding";
-            self.outbox.close_with(
-                Some(protocol::error_line(
-                    code::FLOODING,
-                    &format!(
-                        "disconnected for flooding: {} lines refused within {}s (limits.flood-disconnect)",
-                        limits.flood_disconnect.0,
-                        crate::limits::FLOOD_WINDOW.as_secs()
-                    ),
-                )),
-                Close::Quit,
+            let last = protocol::error_line(
+                code::FLOODING,
+                &format!(
+                    "disconnected for flooding: {} lines refused within {}s (limits.flood-disconnect)",
+                    limits.flood_disconnect.0,
+                    crate::limits::FLOOD_WINDOW.as_secs()
+                ),
             );
-            if let Some(name) = self.shared.room.leave(self.id, "flooding") {
-                info!(peer = %self.peer, user = %name, reason = "flooding", "user left");
-            }
+            drop(live);
+            self.leave_now("flooding", last);
             return false;
         }
         // Logged once per flood window, not per line: the log must not become the flood.
@@ -515,14 +510,16 @@ impl Session {
     }
 
     fn quit(&mut self) {
-        self.leave_reason = "quit";
-        self.outbox.close_with(
-            Some(protocol::server_line(kind::BYE, "goodbye")),
-            Close::Quit,
-        );
-        // Tell the room at once rather than when the socket is finally closed.
-        if let Some(name) = self.shared.room.leave(self.id, "quit") {
-            info!(peer = %self.peer, user = %name, reason = "quit", "user left");
+        self.leave_now("quit", protocol::server_line(kind::BYE, "goodbye"));
+    }
+
+    /// Ends the session on the server's side: `last` is the client's final line, and the room
+    /// is told at once rather than when the socket is finally closed.
+    fn leave_now(&mut self, reason: &'static str, last: Bytes) {
+        self.leave_reason = reason;
+        self.outbox.close_with(Some(last), Close::Quit);
+        if let Some(name) = self.shared.room.leave(self.id, reason) {
+            info!(peer = %self.peer, user = %name, reason, "user left");
         }
     }
 
