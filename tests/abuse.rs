@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use socket2::{Domain, Socket, Type};
 
-use crate::helper::{Client, NO_RATE_LIMIT, TestDaemon, WAIT, agreed_order, wait_until};
+use crate::helper::{Client, NO_RATE_LIMIT, TestDaemon, WAIT, agreed_order, json, wait_until};
 
 /// A client whose connection comes from `src` (any 127.0.0.0/8 address is local on Linux), so
 /// per-address limits and address bans can be tested on one machine.
@@ -20,24 +20,14 @@ fn connect_from(src: [u8; 4], to: SocketAddr) -> Client {
     sock.bind(&SocketAddr::from((src, 0)).into())
         .expect("bind source address");
     sock.connect_timeout(&to.into(), WAIT).expect("connect");
-    client_of(sock.into())
-}
-
-fn client_of(stream: TcpStream) -> Client {
-    stream.set_read_timeout(Some(WAIT)).expect("timeout");
-    stream.set_nodelay(true).expect("nodelay");
-    let writer = stream.try_clone().expect("clone");
-    Client {
-        reader: std::io::BufReader::new(stream),
-        writer,
-    }
+    Client::from_stream(sock.into())
 }
 
 /// `chatctl status --json`, parsed.
 fn status(d: &TestDaemon) -> serde_json::Value {
     let out = d.chatctl(&["--json", "status"]);
     assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).expect("status JSON")
+    json(&out)
 }
 
 /// One limit counter from `chatctl status --json`.
@@ -156,7 +146,7 @@ fn a_stalled_reader_is_dropped_and_never_delays_the_others() {
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
     sock.set_recv_buffer_size(4096).expect("rcvbuf");
     sock.connect_timeout(&d.addr.into(), WAIT).expect("connect");
-    let mut s = client_of(sock.into());
+    let mut s = Client::from_stream(sock.into());
     join_on(&mut s, "stalled");
     s.send("/who");
     s.expect_prefix("*** WHO");
@@ -234,7 +224,7 @@ fn look_alike_names_cannot_impersonate_an_online_user() {
 fn bans_json(d: &TestDaemon) -> serde_json::Value {
     let out = d.chatctl(&["--json", "bans"]);
     assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).expect("bans JSON")
+    json(&out)
 }
 
 #[test]
@@ -492,7 +482,7 @@ fn a_reset_connection_is_cleaned_up() {
     let mut a = d.join("alice");
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
     sock.connect_timeout(&d.addr.into(), WAIT).expect("connect");
-    let mut r = client_of(sock.try_clone().expect("clone").into());
+    let mut r = Client::from_stream(sock.try_clone().expect("clone").into());
     join_on(&mut r, "resetter");
     a.expect_prefix("*** JOIN resetter");
     // SO_LINGER 0: close sends RST instead of FIN.
@@ -625,7 +615,7 @@ fn a_half_open_peer_is_found_by_keepalive_and_its_slot_freed() {
         .and_then(|p| p.trim().parse::<u16>().ok())
         .expect("port of the namespace-facing listener");
     let mut a = d.join("alice");
-    let mut ghost = client_of(ns.connect(SocketAddr::new(ns.host_ip, port)));
+    let mut ghost = Client::from_stream(ns.connect(SocketAddr::new(ns.host_ip, port)));
     join_on(&mut ghost, "ghost");
     let joined = a.expect_prefix("*** JOIN ghost");
     assert!(joined.contains("ghost"));

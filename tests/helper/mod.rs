@@ -205,7 +205,11 @@ pub struct Client {
 impl Client {
     /// Connects to `addr`.
     pub fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect_timeout(&addr, WAIT).expect("connect");
+        Client::from_stream(TcpStream::connect_timeout(&addr, WAIT).expect("connect"))
+    }
+
+    /// Wraps a connected stream (one made with special socket options, say).
+    pub fn from_stream(stream: TcpStream) -> Client {
         stream.set_read_timeout(Some(WAIT)).expect("timeout");
         stream.set_nodelay(true).expect("nodelay");
         let writer = stream.try_clone().expect("clone");
@@ -311,4 +315,14 @@ pub fn agreed_order(receivers: &mut [Client], n: usize) -> Vec<String> {
         "receivers disagree on order"
     );
     orders.into_iter().next().unwrap_or_default()
+}
+
+/// chatctl's `--json` answer, parsed.
+pub fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "chatctl printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&o.stdout)
+        )
+    })
 }
