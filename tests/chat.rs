@@ -108,6 +108,47 @@ fn every_receiver_sees_messages_in_the_same_order() {
 }
 
 #[test]
+fn a_mass_disconnect_is_announced_once_each_in_one_order() {
+    // Enough clients dropping at once to make a leave storm, whose announcements the room
+    // batches: every watcher must still get each leave exactly once, in one order, with nothing
+    // else in the room to push the batch out.
+    let d = TestDaemon::start("[limits]\nmax-connections-per-ip = 100\n");
+    let mut watchers: Vec<_> = (0..3).map(|i| d.join(&format!("w{i}"))).collect();
+    let leavers: Vec<_> = (0..40).map(|i| d.join(&format!("x{i}"))).collect();
+    for w in &mut watchers {
+        w.expect_prefix("*** JOIN x39 ");
+    }
+    drop(leavers);
+    let orders: Vec<Vec<String>> = watchers
+        .iter_mut()
+        .map(|w| (0..40).map(|_| w.line()).collect())
+        .collect();
+    assert!(
+        orders.windows(2).all(|w| w[0] == w[1]),
+        "watchers disagree on order"
+    );
+    let mut names: Vec<String> = orders[0]
+        .iter()
+        .map(|l| {
+            let rest = l
+                .strip_prefix("*** LEAVE ")
+                .unwrap_or_else(|| panic!("not a leave: {l}"));
+            assert!(rest.ends_with(" left (connection lost)"), "{l}");
+            rest.split(' ').next().unwrap_or_default().to_owned()
+        })
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = (0..40).map(|i| format!("x{i}")).collect();
+    want.sort();
+    assert_eq!(names, want, "each leave exactly once");
+    // Later room lines come after all of them.
+    watchers[0].send("after");
+    for w in &mut watchers[1..] {
+        assert_eq!(w.line(), "w0: after");
+    }
+}
+
+#[test]
 fn slash_commands() {
     // Eleven lines in a burst: more than the default limits.message-burst.
     let d = TestDaemon::start(NO_RATE_LIMIT);

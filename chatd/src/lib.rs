@@ -73,6 +73,12 @@ pub async fn run(
     // being fed while clients are told goodbye.
     let status = tokio::spawn(systemd::status_task(shared.clone()));
     let watchdog = tokio::spawn(systemd::watchdog_task());
+    // Sends a join or leave storm's batched announcements when they are due. `Room::close`
+    // flushes the last batch, so stopping it with the others below loses nothing.
+    let presence = tokio::spawn({
+        let shared = shared.clone();
+        async move { shared.room.flush_when_due().await }
+    });
 
     while let Some(event) = events.recv().await {
         match event {
@@ -106,6 +112,7 @@ pub async fn run(
     }
     status.abort();
     watchdog.abort();
+    presence.abort();
     drop(admin);
     info!("stopped");
 }

@@ -34,37 +34,40 @@ struct Member {
     last_active: Instant,
 }
 
-/// Joins closer together than this are a join storm: their `*** JOIN` lines are collected and
-/// sent together, as one shared frame per member, [`join_batch_window`] later (or earlier,
-/// before any other room line, so the order everyone sees is unchanged). A lone join is sent at
-/// once. Without this a storm of n joins costs n² queue pushes and writer wake-ups.
-pub const JOIN_COALESCE: Duration = Duration::from_millis(20);
+/// Presence changes (joins and leaves) closer together than this are a storm: their
+/// `*** JOIN` and `*** LEAVE` lines are collected and sent together, as one shared frame per
+/// member, [`batch_window`] later (or earlier, before any other room line, so the order everyone
+/// sees is unchanged). A lone join or leave is sent at once. Without this a storm of n joins, or
+/// n clients dropping at once (a network blip, a proxy restart), costs n² queue pushes and
+/// writer wake-ups, and as many queue entries in the outboxes of sessions that have not yet
+/// noticed they are gone.
+pub const PRESENCE_COALESCE: Duration = Duration::from_millis(20);
 
-/// How long a join storm's announcements are collected: every flush wakes every member's
-/// writer, so the window grows with the room (5 µs of wake-ups per member, from 20 ms for up
-/// to 4,000 members to at most 250 ms), keeping a storm's writer wake-ups near 200,000 a second
-/// however large the room is.
-pub fn join_batch_window(members: usize) -> Duration {
+/// How long a storm's announcements are collected: every flush wakes every member's writer, so
+/// the window grows with the room (5 µs of wake-ups per member, from 20 ms for up to 4,000
+/// members to at most 250 ms), keeping a storm's writer wake-ups near 200,000 a second however
+/// large the room is.
+pub fn batch_window(members: usize) -> Duration {
     let per_member = Duration::from_micros(5);
     per_member
         .saturating_mul(u32::try_from(members).unwrap_or(u32::MAX))
-        .clamp(JOIN_COALESCE, Duration::from_millis(250))
+        .clamp(PRESENCE_COALESCE, Duration::from_millis(250))
 }
 
-/// How many joins in a row, each within [`JOIN_COALESCE`] of the last, make a storm; a few
-/// friends arriving together are still announced at once.
-const JOIN_STORM_STREAK: u32 = 8;
+/// How many presence changes in a row, each within [`PRESENCE_COALESCE`] of the last, make a
+/// storm; a few friends arriving or leaving together are still announced at once.
+const STORM_STREAK: u32 = 8;
 
-/// The `*** JOIN` lines of a join storm not yet sent.
+/// The `*** JOIN` and `*** LEAVE` lines of a storm not yet sent.
 #[derive(Debug)]
-struct JoinBatch {
-    /// The lines, in join order.
+struct PresenceBatch {
+    /// The lines, in the order the changes happened.
     lines: BytesMut,
     /// How many lines `lines` holds.
     count: usize,
     /// Members who joined during this batch → (where their own line ends, how many lines up to
-    /// and including it): they are sent only the joins after theirs, as if each had been sent
-    /// at once.
+    /// and including it): they are sent only the lines after theirs, as if each had been sent
+    /// at once. (Members who leave during the batch are no longer members, so they get nothing.)
     newcomers: HashMap<ClientId, (usize, usize)>,
     /// When the batch must be sent at the latest.
     due: Instant,
@@ -85,12 +88,12 @@ struct State {
     by_key: HashMap<String, ClientId>,
     history: VecDeque<HistoryEntry>,
     history_cap: usize,
-    /// When the last member joined, and how many joins in a row came that close together: a
-    /// join storm, or a lone join.
-    last_join: Option<Instant>,
-    join_streak: u32,
-    /// Joins not yet announced; every other room line sends them first.
-    joins: Option<JoinBatch>,
+    /// When membership last changed, and how many changes in a row came that close together:
+    /// a storm, or a lone join or leave.
+    last_change: Option<Instant>,
+    streak: u32,
+    /// Joins and leaves not yet announced; every other room line sends them first.
+    presence: Option<PresenceBatch>,
     /// The server is shutting down: everyone is told once (`*** SHUTDOWN`), so members who
     /// leave now are not announced; with n members that would be n² lines at the worst moment.
     closing: bool,
@@ -139,6 +142,8 @@ pub struct Room {
     pub counters: Counters,
     /// Reclaim tokens issued to members' connections (see reclaim.rs).
     pub reclaims: crate::reclaim::Reclaims,
+    /// Wakes [`Room::flush_when_due`] when a presence batch opens.
+    batch_opened: tokio::sync::Notify,
 }
 
 impl Room {
@@ -198,7 +203,7 @@ impl Room {
         why: &str,
     ) -> Result<usize, NameError> {
         let mut st = self.lock();
-        self.send_joins(&mut st);
+        self.send_presence(&mut st);
         if let Some(&holder) = st.by_key.get(&name.key) {
             if holder == id || !may_replace(holder) {
                 return Err(NameError::Taken);
@@ -228,28 +233,7 @@ impl Room {
             outbox.push(protocol::history_line(&when, &entry.line));
         }
         let joined = protocol::server_line(kind::JOIN, &format!("{} joined", name.display));
-        let now = Instant::now();
-        let close = st
-            .last_join
-            .is_some_and(|t| now.saturating_duration_since(t) < JOIN_COALESCE);
-        st.join_streak = if close { st.join_streak + 1 } else { 0 };
-        st.last_join = Some(now);
-        let storm = st.joins.is_some() || st.join_streak >= JOIN_STORM_STREAK;
-        if storm {
-            let members = st.members.len();
-            let batch = st.joins.get_or_insert_with(|| JoinBatch {
-                lines: BytesMut::new(),
-                count: 0,
-                newcomers: HashMap::new(),
-                due: now + join_batch_window(members),
-            });
-            batch.lines.extend_from_slice(&joined);
-            batch.count += 1;
-            let (end, count) = (batch.lines.len(), batch.count);
-            batch.newcomers.insert(id, (end, count));
-        } else {
-            self.broadcast(&st, Some(id), &joined);
-        }
+        self.presence_line(&mut st, &joined, Some(id));
         st.by_key.insert(name.key.clone(), id);
         st.members.insert(
             id,
@@ -264,22 +248,69 @@ impl Room {
         Ok(st.members.len())
     }
 
-    /// When the pending join announcements must be sent (see [`JOIN_COALESCE`]); the caller
-    /// arranges for [`Room::flush_joins`] to run then.
-    pub fn joins_due(&self) -> Option<Instant> {
-        self.lock().joins.as_ref().map(|b| b.due)
+    /// Announces a join or a leave: at once, or as part of a storm's batch (see
+    /// [`PRESENCE_COALESCE`]). `joiner` is the member this line announces if it is a join; it is
+    /// not in `st.members` yet, and leavers are no longer in it, so nobody gets their own line.
+    fn presence_line(&self, st: &mut State, line: &Bytes, joiner: Option<ClientId>) {
+        let now = Instant::now();
+        let close = st
+            .last_change
+            .is_some_and(|t| now.saturating_duration_since(t) < PRESENCE_COALESCE);
+        st.streak = if close { st.streak + 1 } else { 0 };
+        st.last_change = Some(now);
+        if st.presence.is_none() && st.streak < STORM_STREAK {
+            self.broadcast(st, None, line);
+            return;
+        }
+        let members = st.members.len();
+        let batch = st.presence.get_or_insert_with(|| {
+            self.batch_opened.notify_one();
+            PresenceBatch {
+                lines: BytesMut::new(),
+                count: 0,
+                newcomers: HashMap::new(),
+                due: now + batch_window(members),
+            }
+        });
+        batch.lines.extend_from_slice(line);
+        batch.count += 1;
+        if let Some(id) = joiner {
+            batch.newcomers.insert(id, (batch.lines.len(), batch.count));
+        }
     }
 
-    /// Sends the pending join announcements, if any.
-    pub fn flush_joins(&self) {
+    /// Sends every presence batch when it is due, so a storm's last lines go out even if
+    /// nothing else happens in the room. Runs for the daemon's life; cancel it by dropping it.
+    pub async fn flush_when_due(&self) {
+        loop {
+            let due = self.lock().presence.as_ref().map(|b| b.due);
+            match due {
+                // A permit left by a batch that opened before this wait is not lost
+                // (`notify_one` stores one), and a spurious wake just loops.
+                None => self.batch_opened.notified().await,
+                Some(due) if due > Instant::now() => {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                Some(_) => self.flush_presence(),
+            }
+        }
+    }
+
+    /// When the pending presence lines must be sent at the latest, if there are any.
+    pub fn presence_due(&self) -> Option<Instant> {
+        self.lock().presence.as_ref().map(|b| b.due)
+    }
+
+    /// Sends the pending presence lines, if any.
+    pub fn flush_presence(&self) {
         let mut st = self.lock();
-        self.send_joins(&mut st);
+        self.send_presence(&mut st);
     }
 
-    /// Sends the pending join announcements: one shared frame, of which each member who joined
+    /// Sends the pending presence lines: one shared frame, of which each member who joined
     /// during the batch gets only the part after its own line.
-    fn send_joins(&self, st: &mut State) {
-        let Some(batch) = st.joins.take() else {
+    fn send_presence(&self, st: &mut State) {
+        let Some(batch) = st.presence.take() else {
             return;
         };
         let frame = batch.lines.freeze();
@@ -330,7 +361,7 @@ impl Room {
 
     fn post(&self, id: ClientId, encode: impl FnOnce(&str) -> Bytes) {
         let mut st = self.lock();
-        self.send_joins(&mut st);
+        self.send_presence(&mut st);
         let Some(member) = st.members.get_mut(&id) else {
             return;
         };
@@ -353,7 +384,7 @@ impl Room {
     /// A private message from member `from` to the member named `to`.
     pub fn private(&self, from: ClientId, to: &str, text: &str) -> Result<String, RoomError> {
         let mut st = self.lock();
-        self.send_joins(&mut st);
+        self.send_presence(&mut st);
         let Some(sender) = st.members.get(&from) else {
             return Err(RoomError::NoSuchUser(to.to_owned()));
         };
@@ -376,7 +407,7 @@ impl Room {
     /// Renames member `id`; everyone (including the member) is told. Returns the old name.
     pub fn rename(&self, id: ClientId, new: Name) -> Result<String, NameError> {
         let mut st = self.lock();
-        self.send_joins(&mut st);
+        self.send_presence(&mut st);
         let Some(old) = st.members.get(&id).map(|m| m.name.clone()) else {
             return Err(NameError::Empty);
         };
@@ -399,7 +430,6 @@ impl Room {
     /// Removes member `id` (if still present) and tells everyone else why. Idempotent.
     pub fn leave(&self, id: ClientId, reason: &str) -> Option<String> {
         let mut st = self.lock();
-        self.send_joins(&mut st);
         let member = st.members.remove(&id)?;
         st.by_key.remove(&member.name.key);
         if st.closing {
@@ -409,7 +439,7 @@ impl Room {
             kind::LEAVE,
             &format!("{} left ({reason})", member.name.display),
         );
-        self.broadcast(&st, None, &line);
+        self.presence_line(&mut st, &line, None);
         Some(member.name.display)
     }
 
@@ -417,7 +447,7 @@ impl Room {
     /// tells its own client `*** SHUTDOWN`).
     pub fn close(&self) {
         let mut st = self.lock();
-        self.send_joins(&mut st);
+        self.send_presence(&mut st);
         st.closing = true;
     }
 
@@ -425,7 +455,7 @@ impl Room {
     /// `*** KICK`. Returns the member's display name and address.
     pub fn kick(&self, name: &str, reason: &str) -> Result<(String, SocketAddr), RoomError> {
         let mut st = self.lock();
-        self.send_joins(&mut st);
+        self.send_presence(&mut st);
         let key = crate::names::lookup_key(name);
         let Some(id) = st.by_key.get(&key).copied() else {
             return Err(RoomError::NoSuchUser(name.to_owned()));
@@ -441,7 +471,7 @@ impl Room {
         reason: &str,
     ) -> Vec<(String, SocketAddr)> {
         let mut st = self.lock();
-        self.send_joins(&mut st);
+        self.send_presence(&mut st);
         let ids: Vec<ClientId> = st
             .members
             .iter()
@@ -489,7 +519,7 @@ impl Room {
     /// A notice from the operators to every member; returns how many received it.
     pub fn announce(&self, text: &str) -> usize {
         let mut st = self.lock();
-        self.send_joins(&mut st);
+        self.send_presence(&mut st);
         let line = protocol::server_line(kind::NOTICE, text);
         self.broadcast(&st, None, &line);
         st.members.len()
@@ -499,7 +529,7 @@ impl Room {
     pub fn names(&self) -> Vec<String> {
         // Joins first, so a `/who` answer never names someone whose join the asker has not seen.
         let mut st = self.lock();
-        self.send_joins(&mut st);
+        self.send_presence(&mut st);
         let mut names: Vec<(String, String)> = st
             .members
             .values()
@@ -691,11 +721,11 @@ mod tests {
     }
 
     #[test]
-    fn join_batch_window_grows_with_the_room_within_bounds() {
-        assert_eq!(join_batch_window(0), JOIN_COALESCE);
-        assert_eq!(join_batch_window(4_000), JOIN_COALESCE);
-        assert_eq!(join_batch_window(19_000), Duration::from_millis(95));
-        assert_eq!(join_batch_window(1_000_000), Duration::from_millis(250));
+    fn batch_window_grows_with_the_room_within_bounds() {
+        assert_eq!(batch_window(0), PRESENCE_COALESCE);
+        assert_eq!(batch_window(4_000), PRESENCE_COALESCE);
+        assert_eq!(batch_window(19_000), Duration::from_millis(95));
+        assert_eq!(batch_window(1_000_000), Duration::from_millis(250));
     }
 
     #[test]
@@ -715,15 +745,15 @@ mod tests {
             );
         }
         // Twelve joins in a row, microseconds apart: the later ones wait in a batch.
-        let due = room.joins_due();
-        assert!(due.is_some_and(|d| d <= Instant::now() + join_batch_window(13)));
+        let due = room.presence_due();
+        assert!(due.is_some_and(|d| d <= Instant::now() + batch_window(13)));
         let mut queued = VecDeque::new();
         first.drain_into(&mut queued);
         let sent_at_once = queued.len();
         assert!(sent_at_once < 12, "nothing was coalesced");
         // A message flushes the batch first, so the order is the same as without coalescing.
         room.say(2, "hello");
-        assert_eq!(room.joins_due(), None);
+        assert_eq!(room.presence_due(), None);
         let joins: Vec<String> = (0..12).map(|i| format!("*** JOIN n{i} joined")).collect();
         let mut want = joins[sent_at_once..].to_vec();
         want.push("n0: hello".to_owned());
@@ -736,7 +766,81 @@ mod tests {
             }
             assert_eq!(lines(o), want, "newcomer n{i}");
         }
-        room.flush_joins();
+        room.flush_presence();
         assert!(lines(&first).is_empty());
+    }
+
+    #[test]
+    fn leave_storm_is_coalesced_and_leavers_get_nothing() {
+        let room = Room::new(0);
+        let outs: Vec<Arc<Outbox>> = (0..30).map(|_| Arc::new(Outbox::new(1 << 16))).collect();
+        for (i, o) in outs.iter().enumerate() {
+            assert!(
+                room.join(
+                    i as ClientId,
+                    name(&format!("n{i}")),
+                    addr(),
+                    o.clone(),
+                    &[]
+                )
+                .is_ok()
+            );
+        }
+        room.flush_presence();
+        for o in &outs {
+            lines(o);
+        }
+        // A pause ends the join storm, so the first leaves below go out one by one.
+        std::thread::sleep(PRESENCE_COALESCE + Duration::from_millis(5));
+        // Twenty members drop at once; after the first few the rest wait in one batch.
+        for i in 10..30 {
+            assert!(room.leave(i, "connection lost").is_some());
+        }
+        assert!(room.presence_due().is_some());
+        let leaves: Vec<String> = (10..30)
+            .map(|i| format!("*** LEAVE n{i} left (connection lost)"))
+            .collect();
+        let mut queued = VecDeque::new();
+        outs[0].drain_into(&mut queued);
+        let sent_at_once: usize = queued
+            .iter()
+            .map(|f| f.split(|&b| b == b'\n').count() - 1)
+            .sum();
+        assert!(sent_at_once < leaves.len(), "nothing was coalesced");
+        assert_eq!(
+            queued.len(),
+            sent_at_once,
+            "single leaves go out one frame each"
+        );
+        // A join flushes nothing by itself (it joins the batch); a message does.
+        let late = Arc::new(Outbox::new(1 << 16));
+        assert!(
+            room.join(99, name("late"), addr(), late.clone(), &[])
+                .is_ok()
+        );
+        room.say(0, "still here");
+        assert_eq!(room.presence_due(), None);
+        // The sender (n0) gets the batch first, but not its own message.
+        let mut want = leaves[sent_at_once..].to_vec();
+        want.push("*** JOIN late joined".to_owned());
+        assert_eq!(lines(&outs[0]), want);
+        for o in &outs[1..10] {
+            let mut want = leaves.clone();
+            want.push("*** JOIN late joined".to_owned());
+            want.push("n0: still here".to_owned());
+            assert_eq!(lines(o), want);
+        }
+        // The newcomer sees only what came after its own join; the leavers saw none of it.
+        assert_eq!(lines(&late), vec!["n0: still here"]);
+        // Each leaver got only the leaves sent at once before its own, none of the batch.
+        for (k, o) in outs[10..].iter().enumerate() {
+            assert_eq!(
+                lines(o),
+                leaves[..k.min(sent_at_once)].to_vec(),
+                "leaver n{}",
+                k + 10
+            );
+        }
+        assert_eq!(room.len(), 11);
     }
 }

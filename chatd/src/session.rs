@@ -69,9 +69,6 @@ pub struct Session {
     bucket: TokenBucket,
     /// Refused lines in the current window; too many disconnect the client.
     flood: FloodWindow,
-    /// Set after joining during a join storm: when the room's pending join announcements are
-    /// due, so they go out even if nothing else happens in the room (room::JOIN_COALESCE).
-    joins_due: Option<Instant>,
 }
 
 impl Session {
@@ -102,7 +99,6 @@ impl Session {
             last_read: Instant::now(),
             bucket,
             flood: FloodWindow::new(now),
-            joins_due: None,
         }
     }
 
@@ -169,7 +165,6 @@ impl Session {
                 let closing = close_deadline.is_some();
                 let flush_at = self.partial_flush_at();
                 let naming = matches!(self.phase, Phase::Naming);
-                let joins_due = self.joins_due;
                 tokio::select! {
                     _ = &mut cancelled, if !closing => {
                         self.leave_reason = "server shutting down";
@@ -199,10 +194,6 @@ impl Session {
                                 "no name was chosen in time (limits.name-timeout), goodbye")),
                             Close::Quit,
                         );
-                    }
-                    _ = sleep_opt(joins_due), if joins_due.is_some() => {
-                        self.joins_due = None;
-                        self.shared.room.flush_joins();
                     }
                     _ = sleep_opt(close_deadline), if closing => {
                         return Ok(());
@@ -494,7 +485,6 @@ impl Session {
         match joined {
             Ok(users) => {
                 self.phase = Phase::Chatting;
-                self.joins_due = self.shared.room.joins_due().map(Instant::from_std);
                 info!(peer = %self.peer, user = %shown, users, reclaimed = token.is_some(), "user joined");
                 self.name = shown;
             }
