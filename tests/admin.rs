@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
 
-use crate::helper::{TestDaemon, WAIT, bin, json};
+use crate::helper::{NO_RATE_LIMIT, TestDaemon, WAIT, bin, json, wait_until};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -146,6 +146,42 @@ fn status_reports_counters_and_addresses() {
         "{text}"
     );
     assert!(text.contains("users:            2"), "{text}");
+}
+
+#[test]
+fn memory_a_drained_burst_left_behind_is_given_back_and_reported() {
+    // One reader stops reading while 32 MB of messages queue up for it, then reads them all.
+    // Once they are written and freed, the allocator holds far more than the trim threshold
+    // free, and within a few checks the daemon gives it back and says so in `status`.
+    let d = TestDaemon::start(&format!(
+        "{NO_RATE_LIMIT}max-queue-bytes = 67108864\nmax-line-length = 8192\n"
+    ));
+    let mut sender = d.join("sender");
+    let mut reader = d.join("reader");
+    sender.expect_prefix("*** JOIN reader");
+    let before = json(&d.chatctl(&["status", "--json"]));
+    let m = &before["response"]["memory"];
+    assert!(m["rss_bytes"].as_u64().is_some_and(|b| b > 0), "{m}");
+    assert_eq!(m["trims"], 0, "{m}");
+
+    let pad = "x".repeat(4000);
+    let count = 8000;
+    for k in 0..count {
+        sender.send(&format!("{k} {pad}"));
+    }
+    for k in 0..count {
+        assert_eq!(reader.line(), format!("sender: {k} {pad}"));
+    }
+    let mut last = serde_json::Value::Null;
+    wait_until(WAIT, "a trim after the burst drained", || {
+        last = json(&d.chatctl(&["status", "--json"]));
+        last["response"]["memory"]["trims"].as_u64() >= Some(1)
+    });
+    let m = &last["response"]["memory"];
+    assert!(m["trimmed_bytes"].as_u64().is_some_and(|b| b > 0), "{m}");
+    let text = stdout(&d.chatctl(&["status"]));
+    assert!(text.contains("memory:           "), "{text}");
+    assert!(text.contains(" trims gave back "), "{text}");
 }
 
 #[test]

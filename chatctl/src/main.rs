@@ -405,6 +405,11 @@ fn short_duration(secs: u64) -> String {
     }
 }
 
+/// Bytes as MiB with one decimal, the unit RSS is usually read in.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
+}
+
 fn print_status(s: &StatusInfo) {
     outln!("chatd {} up {}", s.version, short_duration(s.uptime_secs));
     outln!("users:            {}", s.users);
@@ -431,6 +436,14 @@ fn print_status(s: &StatusInfo) {
         l.refused_banned,
         l.accept_backoffs
     );
+    let m = &s.memory;
+    outln!(
+        "memory:           {} resident, {} free in the allocator; {} trims gave back {}",
+        mib(m.rss_bytes),
+        mib(m.heap_free_bytes),
+        m.trims,
+        mib(m.trimmed_bytes)
+    );
     outln!(
         "config:           {}",
         s.config_path.as_deref().unwrap_or("(built-in defaults)")
@@ -442,6 +455,12 @@ fn print_status(s: &StatusInfo) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_are_in_mib() {
+        assert_eq!(mib(0), "0.0 MiB");
+        assert_eq!(mib(3 << 19), "1.5 MiB");
+    }
 
     #[test]
     fn durations_are_short() {

@@ -12,6 +12,7 @@ pub mod command;
 pub mod config;
 pub mod limits;
 pub mod logging;
+pub mod memory;
 pub mod names;
 pub mod outbox;
 pub mod protocol;
@@ -79,6 +80,11 @@ pub async fn run(
         let shared = shared.clone();
         async move { shared.room.flush_when_due().await }
     });
+    // Gives the memory a drained burst leaves behind back to the system (memory.rs).
+    let trimmer = tokio::spawn({
+        let shared = shared.clone();
+        async move { memory::trim_task(&shared.trims).await }
+    });
 
     while let Some(event) = events.recv().await {
         match event {
@@ -113,6 +119,7 @@ pub async fn run(
     status.abort();
     watchdog.abort();
     presence.abort();
+    trimmer.abort();
     drop(admin);
     info!("stopped");
 }

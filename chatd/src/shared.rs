@@ -122,6 +122,8 @@ pub struct Shared {
     pub bans: Bans,
     /// Open connections per address (IPv4 address or IPv6 /64).
     pub per_ip: crate::server::PerIp,
+    /// What giving freed memory back to the system has done (memory.rs).
+    pub trims: crate::memory::TrimStats,
     /// Serialises reloads so two never interleave their swaps and hooks.
     reload_lock: Mutex<()>,
     /// Side effects of a reload beyond the room (log filter, admin socket permissions).
@@ -163,6 +165,7 @@ impl Shared {
             limits: LimitCounters::default(),
             bans,
             per_ip: crate::server::PerIp::default(),
+            trims: crate::memory::TrimStats::default(),
             reload_lock: Mutex::new(()),
             apply_hooks,
         }

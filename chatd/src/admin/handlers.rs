@@ -8,7 +8,8 @@ use std::time::UNIX_EPOCH;
 use tracing::{info, warn};
 
 use super::proto::{
-    AdminError, BanInfo, ErrorCode, LimitStats, Request, Response, StatusInfo, UserInfo,
+    AdminError, BanInfo, ErrorCode, LimitStats, MemoryStats, Request, Response, StatusInfo,
+    UserInfo,
 };
 use crate::bans::{self, Ban, Target};
 use crate::protocol;
@@ -140,6 +141,12 @@ fn status(shared: &Shared) -> Response {
             name_timeouts: load(&l.name_timeouts),
             refused_banned: load(&l.refused_banned),
             accept_backoffs: load(&l.accept_backoffs),
+        },
+        memory: MemoryStats {
+            rss_bytes: crate::memory::rss_bytes().unwrap_or(0),
+            heap_free_bytes: crate::memory::heap_free().map_or(0, |b| b as u64),
+            trims: load(&shared.trims.trims),
+            trimmed_bytes: load(&shared.trims.trimmed_bytes),
         },
         config_path: shared.config_path().map(|p| p.display().to_string()),
         listen: shared.listen.iter().map(ToString::to_string).collect(),

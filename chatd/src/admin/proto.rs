@@ -186,12 +186,28 @@ pub struct StatusInfo {
     pub reloads: u64,
     /// How often each limit fired since start.
     pub limits: LimitStats,
+    /// The daemon's memory (absent from daemons older than this field).
+    #[serde(default)]
+    pub memory: MemoryStats,
     /// The config file, or `null` when running on built-in defaults.
     pub config_path: Option<String>,
     /// Addresses actually bound.
     pub listen: Vec<String>,
     /// The admin socket's path.
     pub admin_socket: String,
+}
+
+/// The daemon's memory, in [`StatusInfo`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryStats {
+    /// Resident memory now, in bytes.
+    pub rss_bytes: u64,
+    /// Memory the allocator holds free (resident or not), in bytes; 0 where it cannot tell.
+    pub heap_free_bytes: u64,
+    /// Times freed memory was given back to the system after a burst.
+    pub trims: u64,
+    /// Resident memory those trims gave back, in bytes.
+    pub trimmed_bytes: u64,
 }
 
 /// How often each limit fired, in [`StatusInfo`].
