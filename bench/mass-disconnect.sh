@@ -15,13 +15,10 @@ label=${3:-}
 cd "$(dirname "$0")/.."
 storm=$(mktemp)
 trap 'rm -f "$storm"' EXIT
-"$chatd" --config config/bench.toml 2>/dev/null &
-pid=$!
-for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/42069) 2>/dev/null && break
-    sleep 0.1
-done
-sleep 0.5
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+start_bench_chatd "$chatd" /dev/null
+pid=$chatd_pid
 target/release/chat-bench idle -c "$n" --join-rate 1000 --timeout 600 --hold 1 --pid "$pid" \
     --label "$label" >"$storm"
 cpu() { awk '{print ($14 + $15) / 100}' "/proc/$pid/stat"; }

@@ -16,6 +16,8 @@ shift $(($# < 3 ? $# : 3))
 cases=("$@")
 [ ${#cases[@]} -eq 0 ] && cases=(fanout100 fanout1000 latency idle5000 idle10000 idle19000)
 bin=target/release
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 chatd=${CHATD:-$bin/chatd}
 
 args_for() {
@@ -33,14 +35,8 @@ args_for() {
 for case in "${cases[@]}"; do
     args=$(args_for "$case")
     for run in $(seq "$runs"); do
-        "$chatd" --config config/bench.toml 2>/tmp/chatd-bench.log &
-        pid=$!
-        for _ in $(seq 100); do
-            (exec 3<>/dev/tcp/127.0.0.1/42069) 2>/dev/null && break
-            sleep 0.1
-        done
-        # The probe connection above is one short-lived client; let it leave before measuring.
-        sleep 0.5
+        start_bench_chatd "$chatd" /tmp/chatd-bench.log
+        pid=$chatd_pid
         # shellcheck disable=SC2086
         "$bin/chat-bench" $args --pid "$pid" --label "$label $case run $run load $(cut -d' ' -f1 /proc/loadavg)" >>"$out" || echo "run $case/$run exited $?" >&2
         kill "$pid"
