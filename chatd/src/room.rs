@@ -104,7 +104,8 @@ struct State {
 pub struct Counters {
     /// Room messages and actions accepted from users.
     pub messages: AtomicU64,
-    /// Frames queued to recipients (one message to N others counts N).
+    /// Lines queued to recipients (one message to N others counts N; a batched storm frame
+    /// counts each of its lines).
     pub deliveries: AtomicU64,
     /// Members kicked by an admin.
     pub kicks: AtomicU64,
@@ -169,9 +170,9 @@ impl Room {
         }
     }
 
-    /// Adds a member under `name`. On success the newcomer's outbox gets the history and everyone
-    /// else gets `*** JOIN`; the caller sends the welcome first (it is not a room line).
-    /// `welcome` is queued to the newcomer before the history, atomically with the join.
+    /// Adds a member under `name`. On success the newcomer's outbox gets `welcome` (not a room
+    /// line) and then the history, atomically with the join, and everyone else gets `*** JOIN`
+    /// (at once, or in a storm's batch: see [`PRESENCE_COALESCE`]).
     pub fn join(
         &self,
         id: ClientId,
@@ -283,8 +284,7 @@ impl Room {
     /// nothing else happens in the room. Runs for the daemon's life; cancel it by dropping it.
     pub async fn flush_when_due(&self) {
         loop {
-            let due = self.lock().presence.as_ref().map(|b| b.due);
-            match due {
+            match self.presence_due() {
                 // A permit left by a batch that opened before this wait is not lost
                 // (`notify_one` stores one), and a spurious wake just loops.
                 None => self.batch_opened.notified().await,

@@ -80,15 +80,13 @@ pub struct PerIp {
 
 impl PerIp {
     fn key(ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V4(_) => ip,
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => {
-                    let s = v6.segments();
-                    IpAddr::from([s[0], s[1], s[2], s[3], 0, 0, 0, 0])
-                }
-            },
+        // IPv4-mapped IPv6 counts as the IPv4 address, the same rule bans use.
+        match crate::bans::canonical(ip) {
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                IpAddr::from([s[0], s[1], s[2], s[3], 0, 0, 0, 0])
+            }
+            v4 => v4,
         }
     }
 
@@ -164,7 +162,6 @@ pub async fn accept_loop(
             }
         };
         let live = shared.live.load_full();
-        tune(&stream, live.config.limits.keepalive);
         let max = live.config.limits.max_clients.get();
         let open = shared.connections.fetch_add(1, Ordering::Relaxed);
         let mut slot = ConnectionSlot {
@@ -197,6 +194,8 @@ pub async fn accept_loop(
             continue;
         }
         slot.ip = Some(peer.ip());
+        // Only connections that stay get tuned; a refusal is one line and a close.
+        tune(&stream, live.config.limits.keepalive);
         drop(live);
         debug!(%peer, "connection accepted");
         let session = Session::new(stream, peer, shared.clone());

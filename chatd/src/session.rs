@@ -189,11 +189,8 @@ impl Session {
                     _ = sleep_opt(Some(name_deadline)), if naming && !closing => {
                         LimitCounters::bump(&self.shared.limits.name_timeouts);
                         info!(peer = %self.peer, "closing: no name in time (limits.name-timeout)");
-                        self.outbox.close_with(
-                            Some(protocol::error_line(code::NAME_TIMEOUT,
-                                "no name was chosen in time (limits.name-timeout), goodbye")),
-                            Close::Quit,
-                        );
+                        self.leave_now("no name in time", protocol::error_line(code::NAME_TIMEOUT,
+                            "no name was chosen in time (limits.name-timeout), goodbye"));
                     }
                     _ = sleep_opt(close_deadline), if closing => {
                         return Ok(());
@@ -438,12 +435,7 @@ impl Session {
         if let Some(ban) = ban {
             LimitCounters::bump(&self.shared.limits.refused_banned);
             info!(peer = %self.peer, name = %name.display, ban = %ban.target.to_text(), "refused a banned user");
-            self.leave_reason = "banned";
-            self.outbox.close_with(
-                Some(protocol::error_line(code::BANNED, &ban.refusal())),
-                Close::Quit,
-            );
-            return;
+            return self.leave_now("banned", protocol::error_line(code::BANNED, &ban.refusal()));
         }
         let mut welcome = vec![protocol::server_line(
             kind::WELCOME,

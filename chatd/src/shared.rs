@@ -91,6 +91,23 @@ impl LimitCounters {
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// The counters as `chatctl status` reports them.
+    pub fn snapshot(&self) -> crate::admin::proto::LimitStats {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        crate::admin::proto::LimitStats {
+            line_too_long: load(&self.line_too_long),
+            bad_utf8: load(&self.bad_utf8),
+            rate_limited: load(&self.rate_limited),
+            flood_disconnects: load(&self.flood_disconnects),
+            slow_disconnects: load(&self.slow_disconnects),
+            refused_full: load(&self.refused_full),
+            refused_per_ip: load(&self.refused_per_ip),
+            name_timeouts: load(&self.name_timeouts),
+            refused_banned: load(&self.refused_banned),
+            accept_backoffs: load(&self.accept_backoffs),
+        }
+    }
 }
 
 /// Everything the daemon's tasks share.

@@ -354,8 +354,8 @@ pub fn passed_count(
 
 /// Takes ownership of descriptor `fd`, which systemd passed to this process.
 ///
-/// This is one of the crate's two `unsafe` blocks (the other reads `SO_PEERGROUPS` in
-/// `admin`), and the reason the workspace lint is `deny` rather than `forbid`: neither std,
+/// This is one of the crate's few `unsafe` blocks (the others read `SO_PEERGROUPS` in `admin`
+/// and call the allocator in `memory`), and the reason the workspace lint is `deny` rather than `forbid`: neither std,
 /// nix nor socket2 offers a safe way to turn a descriptor number
 /// inherited across exec into an `OwnedFd` (reopening `/proc/self/fd/N` does not work for
 /// sockets). It is sound because the caller has checked that `fd` is an open socket, `fd` lies

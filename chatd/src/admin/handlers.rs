@@ -8,8 +8,7 @@ use std::time::UNIX_EPOCH;
 use tracing::{info, warn};
 
 use super::proto::{
-    AdminError, BanInfo, ErrorCode, LimitStats, MemoryStats, Request, Response, StatusInfo,
-    UserInfo,
+    AdminError, BanInfo, ErrorCode, MemoryStats, Request, Response, StatusInfo, UserInfo,
 };
 use crate::bans::{self, Ban, Target};
 use crate::protocol;
@@ -130,18 +129,7 @@ fn status(shared: &Shared) -> Response {
         slow_disconnects: load(&l.slow_disconnects),
         refused_full: load(&l.refused_full),
         reloads: shared.reloads.load(Ordering::Relaxed),
-        limits: LimitStats {
-            line_too_long: load(&l.line_too_long),
-            bad_utf8: load(&l.bad_utf8),
-            rate_limited: load(&l.rate_limited),
-            flood_disconnects: load(&l.flood_disconnects),
-            slow_disconnects: load(&l.slow_disconnects),
-            refused_full: load(&l.refused_full),
-            refused_per_ip: load(&l.refused_per_ip),
-            name_timeouts: load(&l.name_timeouts),
-            refused_banned: load(&l.refused_banned),
-            accept_backoffs: load(&l.accept_backoffs),
-        },
+        limits: l.snapshot(),
         memory: MemoryStats {
             rss_bytes: crate::memory::rss_bytes().unwrap_or(0),
             heap_free_bytes: crate::memory::heap_free().map_or(0, |b| b as u64),

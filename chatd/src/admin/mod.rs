@@ -239,8 +239,8 @@ fn authorised(peer: &Peer, group: &str) -> bool {
 /// exiting and its PID being reused, and it still works when systemd's `ProtectProc=invisible`
 /// hides other users' processes from chatd.
 ///
-/// This and the socket adoption in `systemd.rs` are the crate's only `unsafe` code: std, nix
-/// and socket2 have no wrapper for this option.
+/// One of the crate's few `unsafe` calls (the others: socket adoption in `systemd.rs`, the
+/// allocator calls in `memory.rs`): std, nix and socket2 have no wrapper for this option.
 #[allow(unsafe_code)]
 fn peer_groups(stream: &UnixStream) -> io::Result<Vec<u32>> {
     use nix::libc;

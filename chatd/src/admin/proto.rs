@@ -174,7 +174,7 @@ pub struct StatusInfo {
     pub connections: usize,
     /// Room messages accepted since start.
     pub messages: u64,
-    /// Frames queued to recipients since start.
+    /// Lines queued to recipients since start.
     pub deliveries: u64,
     /// Users kicked since start.
     pub kicks: u64,
@@ -184,7 +184,8 @@ pub struct StatusInfo {
     pub refused_full: u64,
     /// Successful reloads since start.
     pub reloads: u64,
-    /// How often each limit fired since start.
+    /// How often each limit fired since start (absent from daemons older than this field).
+    #[serde(default)]
     pub limits: LimitStats,
     /// The daemon's memory (absent from daemons older than this field).
     #[serde(default)]
