@@ -13,7 +13,8 @@ Signals:
   SIGHUP   re-read the config file (same as `chatctl reload` and `systemctl reload chatd`)
   SIGTERM  tell every user, drain for server.shutdown-grace, exit 0
 
-Exit status: 0 after a clean shutdown, 1 on a runtime failure, 78 if the config is invalid.";
+Exit status: 0 after a clean shutdown, 1 if it cannot start (a port or socket cannot be bound,
+the ban list cannot be read), 78 if the config is invalid.";
 
 /// chatd: a chatroom daemon, served on TCP and administered over a Unix socket with chatctl.
 #[derive(Debug, clap::Parser)]

@@ -54,8 +54,9 @@ pub fn batch_window(members: usize) -> Duration {
         .clamp(PRESENCE_COALESCE, Duration::from_millis(250))
 }
 
-/// How many presence changes in a row, each within [`PRESENCE_COALESCE`] of the last, make a
-/// storm; a few friends arriving or leaving together are still announced at once.
+/// How many presence changes in a row, each within [`PRESENCE_COALESCE`] of the one before, are
+/// still announced at once; the next one opens a batch (which then takes every join and leave
+/// until it is sent). A few friends arriving or leaving together are never delayed.
 const STORM_STREAK: u32 = 8;
 
 /// The `*** JOIN` and `*** LEAVE` lines of a storm not yet sent.

@@ -279,9 +279,9 @@ pub enum ErrorCode {
 }
 
 /// Where the admin socket may be, in order of preference: `$RUNTIME_DIRECTORY` (set by systemd's
-/// `RuntimeDirectory=`), `/run/chatd` (the packaged location), then `$XDG_RUNTIME_DIR` (a user's
-/// own daemon). The daemon binds the first that applies to it; `chatctl` uses the first that
-/// exists.
+/// `RuntimeDirectory=`), `/run/chatd` (the packaged location), `$XDG_RUNTIME_DIR` (a user's
+/// own daemon), then the temporary directory (a user's daemon without a runtime directory).
+/// The daemon binds the first that applies to it; `chatctl` uses the first that exists.
 pub fn socket_candidates() -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
@@ -298,6 +298,7 @@ pub fn socket_candidates() -> Vec<PathBuf> {
     {
         out.push(PathBuf::from(dir).join(SOCKET_FILE));
     }
+    out.push(std::env::temp_dir().join(SOCKET_FILE));
     out
 }
 
@@ -308,7 +309,8 @@ pub fn default_socket_path(euid_is_root: bool) -> PathBuf {
     if from_systemd || euid_is_root {
         return candidates[0].clone();
     }
-    // Not root and not under systemd: /run/chatd is not ours to create.
+    // Not root and not under systemd: /run/chatd is not ours to create. The list always ends
+    // with the temporary directory, so the fallback below is never reached.
     candidates
         .into_iter()
         .find(|p| !p.starts_with("/run/chatd"))
