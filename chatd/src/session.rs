@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -55,10 +55,9 @@ pub struct Session {
     /// Frames for this client; the room and the session itself push, the writer drains.
     outbox: Arc<Outbox>,
     decoder: LineDecoder,
-    /// Frames taken from the outbox but not yet fully written; `written` bytes of the first one
-    /// are already on the wire.
+    /// Frames taken from the outbox but not yet fully written; the first one is advanced past
+    /// what is already on the wire (its own handle only: the bytes stay shared).
     pending: VecDeque<Bytes>,
-    written: usize,
     phase: Phase,
     /// The name while chatting, for logs.
     name: String,
@@ -92,7 +91,6 @@ impl Session {
             outbox,
             decoder,
             pending: VecDeque::new(),
-            written: 0,
             phase: Phase::Naming,
             name: String::new(),
             leave_reason: "connection lost",
@@ -283,13 +281,8 @@ impl Session {
         while !self.pending.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
-            for (i, frame) in self.pending.iter().take(MAX_IOVECS).enumerate() {
-                let bytes = if i == 0 {
-                    &frame[self.written..]
-                } else {
-                    &frame[..]
-                };
-                slices[i] = IoSlice::new(bytes);
+            for (slot, frame) in slices.iter_mut().zip(&self.pending) {
+                *slot = IoSlice::new(frame);
                 n += 1;
             }
             match self.stream.try_write_vectored(&slices[..n]) {
@@ -299,13 +292,11 @@ impl Session {
                         let Some(front) = self.pending.front_mut() else {
                             break;
                         };
-                        let left = front.len() - self.written;
-                        if wrote >= left {
-                            wrote -= left;
-                            self.written = 0;
+                        if wrote >= front.len() {
+                            wrote -= front.len();
                             self.pending.pop_front();
                         } else {
-                            self.written += wrote;
+                            front.advance(wrote);
                             wrote = 0;
                         }
                     }
