@@ -38,6 +38,10 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 const LINGER: Duration = Duration::from_millis(500);
 /// Frames written per vectored write call.
 const MAX_IOVECS: usize = 64;
+
+/// The largest emptied write queue a session keeps (in frames, 32 bytes each): enough for the
+/// usual few frames between writes, small next to a connection's ~4 KB.
+const KEEP_QUEUE: usize = 8;
 /// Read buffer reserved when the socket is readable.
 const READ_CHUNK: usize = 4096;
 
@@ -305,9 +309,10 @@ impl Session {
                 Err(e) => return Err(e),
             }
         }
-        // Everything is written: give the queue's memory back, so an idle connection holds no
-        // buffer at all (the outbox hands over its own queue on the next drain).
-        if self.pending.capacity() > 0 {
+        // Everything is written. This queue goes back to the outbox on the next drain (a swap),
+        // so keeping a small one spares the room a queue allocation, under its lock, on the
+        // next push to this member; a queue grown by a burst is given back.
+        if self.pending.capacity() > KEEP_QUEUE {
             self.pending = VecDeque::new();
         }
         Ok(())
