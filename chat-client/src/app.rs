@@ -311,7 +311,7 @@ async fn try_name(ui: &mut Ui, conn: &mut Connection, name: &str) -> Naming {
                 } => {
                     let (accepted, text) = split_subject(rest);
                     let accepted = accepted.to_owned();
-                    conn.limits = crate::pace::announced_limits(text);
+                    conn.limits = chatd::protocol::parse_flood_limits(text);
                     ui.renderer.me = accepted.clone();
                     ui.show_incoming(&line);
                     return Naming::Welcome(accepted);

@@ -82,18 +82,12 @@ impl Pacer {
     /// The server refused a line for its rate (`text` is the `*** ERR rate-limited` text):
     /// adopt the limits it names, a little stricter, and wait as long as it says.
     pub fn refused(&mut self, text: &str) {
-        let number_after = |marker: &str| -> Option<u64> {
-            let rest = &text[text.find(marker)? + marker.len()..];
-            let digits: String = rest
-                .trim_start()
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            digits.parse().ok()
-        };
-        let rate = number_after("more than ").unwrap_or(RATE);
-        let burst = number_after("message-burst = ").unwrap_or(BURST);
-        let retry = number_after("retry in ").unwrap_or(1000);
+        let (rate, burst, retry) = chatd::protocol::parse_rate_limited(text);
+        let (rate, burst, retry) = (
+            rate.unwrap_or(RATE),
+            burst.unwrap_or(BURST),
+            retry.unwrap_or(1000),
+        );
         let now = Instant::now();
         let (rate, burst) = stricter(rate, burst);
         self.bucket = TokenBucket::new(rate, burst, now);
@@ -106,14 +100,6 @@ impl Pacer {
 /// does (its refill and ours drift apart by scheduling).
 fn stricter(rate: u64, burst: u64) -> (u64, u64) {
     ((rate * 4 / 5).max(1), burst.saturating_sub(2).max(1))
-}
-
-/// The limits at the end of a `*** WELCOME` text: "... at most R lines/s, bursts of B".
-pub fn announced_limits(welcome: &str) -> Option<(u64, u64)> {
-    let rest = &welcome[welcome.rfind("at most ")? + "at most ".len()..];
-    let (rate, rest) = rest.split_once(" lines/s, bursts of ")?;
-    let burst: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    Some((rate.trim().parse().ok()?, burst.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -153,10 +139,13 @@ mod tests {
     fn reads_the_limits_the_welcome_announces() {
         let text =
             "you are chatting as ann; type /help for commands; at most 2 lines/s, bursts of 3";
-        assert_eq!(announced_limits(text), Some((2, 3)));
-        assert_eq!(announced_limits("you are chatting as ann"), None);
+        assert_eq!(chatd::protocol::parse_flood_limits(text), Some((2, 3)));
+        assert_eq!(
+            chatd::protocol::parse_flood_limits("you are chatting as ann"),
+            None
+        );
         // Paced stricter than announced: a burst of 1 after the name line went out.
-        let mut p = Pacer::new(announced_limits(text), 0);
+        let mut p = Pacer::new(chatd::protocol::parse_flood_limits(text), 0);
         p.push("a".into());
         p.push("b".into());
         assert!(p.pop_ready().is_some());

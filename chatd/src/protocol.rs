@@ -286,6 +286,46 @@ impl<'a> Incoming<'a> {
     }
 }
 
+/// The end of a `WELCOME` text: the flood limits, so a client can pace itself from its first
+/// line. [`parse_flood_limits`] reads it back.
+pub fn flood_limits_text(rate: u64, burst: u64) -> String {
+    format!("at most {rate} lines/s, bursts of {burst}")
+}
+
+/// The (rate, burst) a `WELCOME` text announces (see [`flood_limits_text`]), if it does.
+pub fn parse_flood_limits(welcome: &str) -> Option<(u64, u64)> {
+    let rest = &welcome[welcome.rfind("at most ")? + "at most ".len()..];
+    let (rate, rest) = rest.split_once(" lines/s, bursts of ")?;
+    Some((rate.trim().parse().ok()?, leading_number(rest)?))
+}
+
+/// The text of `ERR rate-limited`: the limits in force and how long to wait.
+/// [`parse_rate_limited`] reads it back.
+pub fn rate_limited_text(rate: u64, burst: u64, retry_ms: u64) -> String {
+    format!(
+        "line not sent: more than {rate} lines per second (limits.message-rate, bursts of \
+         limits.message-burst = {burst}); retry in {retry_ms}ms"
+    )
+}
+
+/// The (rate, burst, retry in ms) an `ERR rate-limited` text names (see
+/// [`rate_limited_text`]); each is `None` if the text lacks it.
+pub fn parse_rate_limited(text: &str) -> (Option<u64>, Option<u64>, Option<u64>) {
+    let after = |marker: &str| leading_number(&text[text.find(marker)? + marker.len()..]);
+    (
+        after("more than "),
+        after("message-burst = "),
+        after("retry in "),
+    )
+}
+
+/// The decimal number at the start of `s` (after spaces).
+fn leading_number(s: &str) -> Option<u64> {
+    let s = s.trim_start();
+    let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    s[..end].parse().ok()
+}
+
 /// The first field of a server line's rest and the remainder: `("alice", "joined")`.
 pub fn split_subject(rest: &str) -> (&str, &str) {
     rest.split_once(' ').unwrap_or((rest, ""))
@@ -294,6 +334,18 @@ pub fn split_subject(rest: &str) -> (&str, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limit_texts_parse_back() {
+        let welcome = format!("ann you are chatting as ann; {}", flood_limits_text(5, 10));
+        assert_eq!(parse_flood_limits(&welcome), Some((5, 10)));
+        assert_eq!(parse_flood_limits("ann you are chatting as ann"), None);
+        assert_eq!(
+            parse_rate_limited(&rate_limited_text(2, 3, 500)),
+            (Some(2), Some(3), Some(500))
+        );
+        assert_eq!(parse_rate_limited("slow down"), (None, None, None));
+    }
 
     fn s(b: &Bytes) -> &str {
         std::str::from_utf8(b).unwrap_or("<bad utf8>")

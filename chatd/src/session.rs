@@ -358,11 +358,10 @@ impl Session {
         }
         self.reply(protocol::error_line(
             code::RATE_LIMITED,
-            &format!(
-                "line not sent: more than {} lines per second (limits.message-rate, bursts of limits.message-burst = {}); retry in {}ms",
+            &protocol::rate_limited_text(
                 limits.message_rate.0,
                 limits.message_burst.0,
-                retry.as_millis().max(1)
+                u64::try_from(retry.as_millis()).unwrap_or(u64::MAX).max(1),
             ),
         ));
         false
@@ -436,11 +435,13 @@ impl Session {
         let mut welcome = vec![protocol::server_line(
             kind::WELCOME,
             &format!(
-                "{} you are chatting as {}; type /help for commands; at most {} lines/s, bursts of {}",
+                "{} you are chatting as {}; type /help for commands; {}",
                 name.display,
                 name.display,
-                live.config.limits.message_rate.0,
-                live.config.limits.message_burst.0
+                protocol::flood_limits_text(
+                    live.config.limits.message_rate.0,
+                    live.config.limits.message_burst.0
+                )
             ),
         )];
         welcome.extend(
