@@ -1032,6 +1032,12 @@ fn help_and_version_as_users_expect() {
     ] {
         assert!(text.contains(want), "--help lacks {want}:\n{text}");
     }
+    // The short help describes the client, not the package the three programs share.
+    let short = String::from_utf8_lossy(&run("-h").stdout).into_owned();
+    assert!(
+        short.starts_with("A terminal client for the chatd chatroom"),
+        "{short}"
+    );
     let version = run("--version");
     assert!(version.status.success());
     assert_eq!(

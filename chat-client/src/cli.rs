@@ -9,7 +9,7 @@ use std::path::PathBuf;
 /// input from a pipe nothing is asked: the first input line is the name unless --name is given,
 /// every other line is sent as a message, and end of input leaves the room.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "chat-client", version, about, long_about)]
+#[command(name = "chat-client", version)]
 pub struct Cli {
     /// Server host name or address (default: from the config file, else asked for).
     pub host: Option<String>,

@@ -9,15 +9,18 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
+use chatd::protocol;
+
 /// Longest a connection attempt may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle time before the first keepalive probe, and the time between probes (3 unanswered
 /// probes end the connection: a dead path is noticed within about a minute).
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// Longest line accepted from the server; the daemon's own maximum is 64 KiB plus framing, so
-/// anything longer is a broken or hostile server and is cut.
-const MAX_LINE: usize = 80 * 1024;
+/// Longest line accepted from the server. The longest chatd sends is the `*** WHO` answer,
+/// naming everyone online: just under 1 MB with its default limits (10,000 clients, names of 24
+/// characters of up to 4 bytes). Anything longer is shown as too long rather than held.
+const MAX_LINE: usize = 1 << 20;
 
 /// What the reader task reports.
 #[derive(Debug)]
@@ -134,7 +137,12 @@ async fn read_lines(read: OwnedReadHalf, tx: mpsc::Sender<FromServer>) {
                 line.pop();
             }
             let text = if overlong {
-                "*** ERR line-too-long a line from the server was too long to show".to_owned()
+                format!(
+                    "{}{} {} a line from the server was too long to show",
+                    protocol::SERVER_PREFIX,
+                    protocol::kind::ERR,
+                    protocol::code::LINE_TOO_LONG
+                )
             } else {
                 String::from_utf8_lossy(&line).into_owned()
             };
