@@ -155,8 +155,7 @@ async fn run_inner(cli: Cli, config: ClientConfig, ui: &mut Ui) -> i32 {
         Ok(n) => n,
         Err(code) => return code,
     };
-    ui.renderer.me = name.clone();
-    ui.set_prompt(&format!("{name}> "));
+    ui.set_name(&name);
     roster.insert(&name);
     let reconnect = ui.is_editor() && !cli.no_reconnect;
     // The reclaim token of the current connection (docs/protocol.md), asked for only when it
@@ -192,8 +191,7 @@ async fn run_inner(cli: Cli, config: ClientConfig, ui: &mut Ui) -> i32 {
                 name = n;
                 roster.clear();
                 roster.insert(&name);
-                ui.renderer.me = name.clone();
-                ui.set_prompt(&format!("{name}> "));
+                ui.set_name(&name);
             }
             None => return exit::OK,
         }
@@ -219,7 +217,7 @@ async fn greeting(ui: &mut Ui, conn: &mut Connection, host: &str, port: u16) -> 
                     rest,
                 } => Err(format!(
                     "refused the connection ({})",
-                    chatd::protocol::sanitize(split_subject(rest).0)
+                    split_subject(rest).0
                 )),
                 _ => Ok(()),
             }
@@ -331,10 +329,7 @@ async fn try_name(ui: &mut Ui, conn: &mut Connection, name: &str) -> Naming {
                         if !ui.is_editor() {
                             ui.show_incoming(&line);
                         }
-                        return Naming::Refused(
-                            chatd::protocol::sanitize(code).into_owned(),
-                            chatd::protocol::sanitize(text).into_owned(),
-                        );
+                        return Naming::Refused(code.to_owned(), text.to_owned());
                     }
                     ui.show_incoming(&line);
                 }
@@ -377,6 +372,8 @@ async fn chat(
     }
     // The name line, `/token` and a `/who` after reconnecting went out unpaced.
     let mut pacer = Pacer::new(conn.limits, 3);
+    // The roster generation the editor's completion list was last built from.
+    let mut names_shown: Option<u64> = None;
     loop {
         let send_at = pacer.next_at().map(Instant::from_std);
         tokio::select! {
@@ -387,15 +384,17 @@ async fn chat(
                         && old.eq_ignore_ascii_case(name)
                     {
                         *name = new;
-                        ui.renderer.me = name.clone();
-                        ui.set_prompt(&format!("{name}> "));
+                        ui.set_name(name);
                     }
-                    if let Some(t) = ui.terminal() {
+                    if names_shown != Some(roster.generation())
+                        && let Some(t) = ui.terminal()
+                    {
                         t.set_names(roster.names());
+                        names_shown = Some(roster.generation());
                     }
                     if let Incoming::Server { kind, rest } = inc {
                         match kind {
-                            kind::KICKED => kicked = Some(chatd::protocol::sanitize(rest).into_owned()),
+                            kind::KICKED => kicked = Some(rest.to_owned()),
                             kind::BYE => bye = true,
                             kind::SHUTDOWN => shutdown = true,
                             // Our own request: kept, never shown (it is a secret).
@@ -492,8 +491,6 @@ async fn user_line(ui: &mut Ui, conn: &mut Connection, line: &str) -> std::io::R
     Ok(matches!(parsed, Cmd::Quit))
 }
 
-/// After a lost connection: reconnects with backoff, then reclaims `name` (retrying while the
-/// server still holds it for our dead connection). `None` when the user leaves meanwhile.
 /// The old name could not be had back: the user picks another on this same connection.
 async fn choose_other_name(
     ui: &mut Ui,
@@ -506,6 +503,8 @@ async fn choose_other_name(
         .map(|n| (conn, n))
 }
 
+/// After a lost connection: reconnects with backoff, then reclaims `name` (retrying while the
+/// server still holds it for our dead connection). `None` when the user leaves meanwhile.
 async fn reconnect_and_reclaim(
     ui: &mut Ui,
     host: &str,

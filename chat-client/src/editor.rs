@@ -127,13 +127,7 @@ impl Terminal {
         if st.finished {
             return;
         }
-        let _ = queue!(
-            st.out,
-            cursor::MoveToColumn(0),
-            terminal::Clear(terminal::ClearType::CurrentLine),
-            style::Print(text),
-            style::Print("\r\n")
-        );
+        st.print_line(text);
         if bell {
             let _ = st.out.write_all(b"\x07");
         }
@@ -375,7 +369,12 @@ impl State {
 
     /// Prints a line of the editor's own above the input line.
     fn note(&mut self, text: &str) {
-        let text = chatd::protocol::sanitize(text).into_owned();
+        self.print_line(&chatd::protocol::sanitize(text));
+    }
+
+    /// Replaces the input line on screen with `text` and moves below it; the caller redraws
+    /// the input line.
+    fn print_line(&mut self, text: &str) {
         let _ = queue!(
             self.out,
             cursor::MoveToColumn(0),

@@ -1,8 +1,11 @@
 //! Turns what the server sent (and what the client itself has to say) into lines to show.
 //!
-//! Every field that came from the network goes through [`sanitize`] here, and only here, so no
-//! byte from the wire can reach the terminal as a control sequence. Colour codes are added
-//! afterwards by [`Renderer::paint`] around already-sanitised text.
+//! Every field that came from the network goes through [`sanitize`] here before it is shown, so
+//! no byte from the wire can reach the terminal as a control sequence: server lines in
+//! [`Renderer::incoming`], and the client's own status lines (which may quote the server) in
+//! [`Renderer::status`], or in `Ui::status` on standard error in pipe mode. The editor's own
+//! notes sanitise too. Colour codes are added afterwards by [`Renderer::paint`] around
+//! already-sanitised text.
 
 use chatd::protocol::{Incoming, kind, sanitize, split_subject};
 

@@ -8,24 +8,35 @@ use chatd::protocol::{Incoming, kind, split_subject};
 #[derive(Debug, Default, Clone)]
 pub struct Roster {
     names: BTreeMap<String, String>,
+    /// Bumped on every change, so the editor's completion list is rebuilt only then.
+    generation: u64,
 }
 
 impl Roster {
     /// Forgets everyone (on a new connection).
     pub fn clear(&mut self) {
         self.names.clear();
+        self.generation += 1;
     }
 
     /// Adds a name.
     pub fn insert(&mut self, name: &str) {
         if !name.is_empty() {
             self.names.insert(name.to_lowercase(), name.to_owned());
+            self.generation += 1;
         }
     }
 
     /// Removes a name.
     pub fn remove(&mut self, name: &str) {
-        self.names.remove(&name.to_lowercase());
+        if self.names.remove(&name.to_lowercase()).is_some() {
+            self.generation += 1;
+        }
+    }
+
+    /// Changes whenever the set of names does.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Every known name, sorted case-insensitively.

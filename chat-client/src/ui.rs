@@ -135,6 +135,12 @@ impl Ui {
         })
     }
 
+    /// Who we are chatting as: our own lines are shown as ours, and the prompt names us.
+    pub fn set_name(&mut self, name: &str) {
+        self.renderer.me = name.to_owned();
+        self.set_prompt(&format!("{name}> "));
+    }
+
     /// Sets the input line's prompt (editor only).
     pub fn set_prompt(&self, prompt: &str) {
         if let Some(t) = &self.term {
