@@ -140,7 +140,8 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    procfs::raise_fd_limit();
+    // As many clients as the hard limit allows; if it cannot be raised, connects fail and say so.
+    let _ = chatd::server::raise_fd_limit();
     let result = match &cli.mode {
         Mode::Fanout(a) => fanout(a),
         Mode::Idle(a) => idle(a),
@@ -419,7 +420,7 @@ impl Engine {
                 }
                 Err(e) => {
                     self.connect_failed += 1;
-                    self.note_error(format!("connect: {e}"));
+                    self.note_error(|| format!("connect: {e}"));
                     self.conns[i].state = ConnState::Closed;
                     if let Some(f) = &mut self.fan {
                         f.leave(i);
@@ -429,9 +430,10 @@ impl Engine {
         }
     }
 
-    fn note_error(&mut self, e: String) {
+    /// Counts an error; only the first is described, so `e` runs only then.
+    fn note_error(&mut self, e: impl FnOnce() -> String) {
         self.errors += 1;
-        self.first_error.get_or_insert(e);
+        self.first_error.get_or_insert_with(e);
     }
 
     /// Waits up to `timeout` for socket events and handles them.
@@ -439,7 +441,7 @@ impl Engine {
         if let Err(e) = self.poll.poll(&mut self.events, Some(timeout))
             && e.kind() != io::ErrorKind::Interrupted
         {
-            self.note_error(format!("poll: {e}"));
+            self.note_error(|| format!("poll: {e}"));
             return;
         }
         self.ready.clear();
@@ -471,7 +473,7 @@ impl Engine {
                 Err(e) => {
                     self.connecting -= 1;
                     self.connect_failed += 1;
-                    self.note_error(format!("connect: {e}"));
+                    self.note_error(|| format!("connect: {e}"));
                     self.close(i);
                     return;
                 }
@@ -533,7 +535,7 @@ impl Engine {
         };
         conn.out.drain(..done);
         if let Some(e) = failed {
-            self.note_error(e);
+            self.note_error(|| e);
             self.close(i);
         }
     }
@@ -567,7 +569,7 @@ impl Engine {
                     }
                     let rest = &buf[start..end];
                     if rest.len() > MAX_PARTIAL {
-                        self.note_error(format!("client {i}: line without newline"));
+                        self.note_error(|| format!("client {i}: line without newline"));
                         self.close(i);
                         break;
                     }
@@ -586,7 +588,7 @@ impl Engine {
                     self.conns[i].partial.extend_from_slice(&buf[..keep]);
                 }
                 Err(e) => {
-                    self.note_error(format!("read: {e}"));
+                    self.note_error(|| format!("read: {e}"));
                     self.close(i);
                     break;
                 }
@@ -608,7 +610,7 @@ impl Engine {
                     self.last_seated_ns = now;
                 }
             } else if rest.starts_with(b"ERR ") {
-                self.note_error(String::from_utf8_lossy(line).into_owned());
+                self.note_error(|| String::from_utf8_lossy(line).into_owned());
             }
             return;
         }
@@ -687,11 +689,16 @@ fn server_json(s: Option<procfs::Sample>) -> Value {
     }
 }
 
+/// Join announcements a storm of `clients` joins delivers: each is told of everyone after it.
+fn joins_in_storm(clients: usize) -> u64 {
+    (clients as u64) * (clients as u64).saturating_sub(1) / 2
+}
+
 /// Joins everyone: connects (throttled, or at `rate` per second), waits until every client is
 /// seated and has seen the join of everyone after it. Returns whether that completed.
 fn join_all(e: &mut Engine, rate: f64, deadline: u64) -> bool {
     let clients = e.conns.len();
-    let expected_joins = (clients as u64) * (clients as u64).saturating_sub(1) / 2;
+    let expected_joins = joins_in_storm(clients);
     let start = e.now();
     loop {
         let now = e.now();
@@ -930,7 +937,7 @@ fn idle(a: &IdleArgs) -> Result<(Value, bool), String> {
         e.step(Duration::from_millis(20));
     }
     let still_open = e.open();
-    let expected_joins = (a.clients as u64) * (a.clients as u64).saturating_sub(1) / 2;
+    let expected_joins = joins_in_storm(a.clients);
     let server = match (before, idle_sample) {
         (Some(b), Some(x)) => {
             let grown = x.rss_kib.saturating_sub(b.rss_kib) * 1024;

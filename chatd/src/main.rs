@@ -158,18 +158,11 @@ fn listeners(configured: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, St
     }
 }
 
-/// Raises the soft open-files limit to the hard one: every client is a file descriptor.
+/// Raises the soft open-files limit to the hard one, and says so.
 fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                warn!(error = %e, soft, hard, "cannot raise the open-files limit");
-            } else {
-                info!(limit = hard, "raised the open-files limit");
-            }
-        }
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "cannot read the open-files limit"),
+    match server::raise_fd_limit() {
+        Ok(Some(limit)) => info!(limit, "raised the open-files limit"),
+        Ok(None) => {}
+        Err(e) => warn!(error = %e, "cannot raise the open-files limit"),
     }
 }

@@ -243,6 +243,18 @@ async fn refuse(mut stream: TcpStream, _slot: ConnectionSlot, code: &str, text: 
     .await;
 }
 
+/// Raises this process's soft open-files limit to the hard one, since every client is a file
+/// descriptor. Returns the new limit if it was raised, `None` if it already was the hard one.
+pub fn raise_fd_limit() -> nix::Result<Option<u64>> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= hard {
+        return Ok(None);
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(Some(hard))
+}
+
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     use nix::libc;
     matches!(
