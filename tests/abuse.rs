@@ -38,13 +38,6 @@ fn counter(d: &TestDaemon, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {name} in {s}"))
 }
 
-/// Joins `name` on an already connected client.
-fn join_on(c: &mut Client, name: &str) {
-    c.expect_prefix("*** HELLO ");
-    c.send(name);
-    c.expect_prefix(&format!("*** WELCOME {name}"));
-}
-
 #[test]
 fn a_flooder_is_refused_then_disconnected_while_others_chat() {
     let d =
@@ -123,7 +116,7 @@ fn per_address_limit_refuses_the_extra_connection_only() {
     assert_eq!(three.try_line(), None);
     // Another address is not affected.
     let mut other = connect_from([127, 0, 0, 2], d.addr);
-    join_on(&mut other, "other");
+    other.join_as("other");
     // A closed connection frees its slot.
     drop(one);
     wait_until(WAIT, "the slot to be freed", || {
@@ -147,7 +140,7 @@ fn a_stalled_reader_is_dropped_and_never_delays_the_others() {
     sock.set_recv_buffer_size(4096).expect("rcvbuf");
     sock.connect_timeout(&d.addr.into(), WAIT).expect("connect");
     let mut s = Client::from_stream(sock.into());
-    join_on(&mut s, "stalled");
+    s.join_as("stalled");
     s.send("/who");
     s.expect_prefix("*** WHO");
     a.expect_prefix("*** JOIN stalled");
@@ -278,7 +271,7 @@ fn bans_disconnect_refuse_survive_a_restart_and_expire() {
     let mut c = connect_from([127, 0, 0, 13], d.addr);
     assert!(c.line().ends_with(": bad block"));
     let mut fine = connect_from([127, 0, 0, 16], d.addr);
-    join_on(&mut fine, "fine");
+    fine.join_as("fine");
     // A short ban, to expire by itself.
     assert!(
         d.chatctl(&["ban", "shortlived", "--duration", "1s"])
@@ -483,7 +476,7 @@ fn a_reset_connection_is_cleaned_up() {
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
     sock.connect_timeout(&d.addr.into(), WAIT).expect("connect");
     let mut r = Client::from_stream(sock.try_clone().expect("clone").into());
-    join_on(&mut r, "resetter");
+    r.join_as("resetter");
     a.expect_prefix("*** JOIN resetter");
     // SO_LINGER 0: close sends RST instead of FIN.
     sock.set_linger(Some(Duration::ZERO)).expect("linger");
@@ -616,7 +609,7 @@ fn a_half_open_peer_is_found_by_keepalive_and_its_slot_freed() {
         .expect("port of the namespace-facing listener");
     let mut a = d.join("alice");
     let mut ghost = Client::from_stream(ns.connect(SocketAddr::new(ns.host_ip, port)));
-    join_on(&mut ghost, "ghost");
+    ghost.join_as("ghost");
     let joined = a.expect_prefix("*** JOIN ghost");
     assert!(joined.contains("ghost"));
     let listed = String::from_utf8_lossy(&d.chatctl(&["list"]).stdout).into_owned();

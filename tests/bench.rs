@@ -8,41 +8,33 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::helper::TestDaemon;
+use crate::helper::{NO_RATE_LIMIT, TestDaemon, bin, wait_child};
 
 /// Longest any one benchmark run may take before the test kills it and fails.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
 /// Lifts what a load from one address needs lifted, as config/bench.toml does.
-const BENCH_LIMITS: &str =
-    "[limits]\nmessage-rate = 1000000\nmessage-burst = 1000000\nmax-connections-per-ip = 1000\n";
+fn bench_limits() -> String {
+    format!("{NO_RATE_LIMIT}max-connections-per-ip = 1000\n")
+}
 
 /// Runs chat-bench with `args`; returns its exit code and its one JSON line.
 fn run_bench(args: &[&str]) -> (Option<i32>, Value) {
     let out_path = tempfile::NamedTempFile::new().expect("temp file");
     let stdout = out_path.reopen().expect("reopen");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chat-bench"))
+    let mut child = Command::new(bin("chat-bench"))
         .args(args)
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn chat-bench");
-    let deadline = Instant::now() + RUN_LIMIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chat-bench {args:?} ran longer than {RUN_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = wait_child(&mut child, RUN_LIMIT) else {
+        panic!("chat-bench {args:?} ran longer than {RUN_LIMIT:?}");
     };
     let text = std::fs::read_to_string(out_path.path()).expect("read output");
     let lines: Vec<&str> = text.lines().collect();
@@ -62,7 +54,7 @@ fn num(v: &Value, path: &str) -> f64 {
 
 #[test]
 fn fanout_against_chatd_reports_a_clean_run() {
-    let d = TestDaemon::start(BENCH_LIMITS);
+    let d = TestDaemon::start(&bench_limits());
     let addr = d.addr.to_string();
     let pid = d.pid().to_string();
     let (code, r) = run_bench(&[
@@ -119,7 +111,7 @@ fn fanout_against_chatd_reports_a_clean_run() {
 
 #[test]
 fn fixed_rate_fanout_sends_at_that_rate() {
-    let d = TestDaemon::start(BENCH_LIMITS);
+    let d = TestDaemon::start(&bench_limits());
     let addr = d.addr.to_string();
     let (code, r) = run_bench(&[
         "fanout",
@@ -146,7 +138,7 @@ fn fixed_rate_fanout_sends_at_that_rate() {
 
 #[test]
 fn idle_mode_seats_everyone_and_reads_rss() {
-    let d = TestDaemon::start(BENCH_LIMITS);
+    let d = TestDaemon::start(&bench_limits());
     let addr = d.addr.to_string();
     let pid = d.pid().to_string();
     let (code, r) = run_bench(&[
@@ -180,7 +172,7 @@ fn idle_mode_seats_everyone_and_reads_rss() {
 
 #[test]
 fn refuses_non_loopback_addresses() {
-    let out = Command::new(env!("CARGO_BIN_EXE_chat-bench"))
+    let out = Command::new(bin("chat-bench"))
         .args(["idle", "--addr", "192.0.2.1:42069", "--timeout", "1"])
         .stdin(Stdio::null())
         .output()

@@ -8,7 +8,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::helper::{TestDaemon, WAIT, bin};
+use crate::helper::{TestDaemon, WAIT, bin, wait_child};
 
 /// A `chat-client` with piped standard streams, its output collected in the background.
 struct PipeClient {
@@ -80,20 +80,16 @@ impl PipeClient {
 
     /// Waits for the client to exit; its exit code.
     fn wait_exit(&mut self) -> i32 {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // Let the collector threads drain the pipes.
-                std::thread::sleep(Duration::from_millis(50));
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
+        let status = wait_child(&mut self.child, WAIT);
+        // Let the collector threads drain the pipes.
+        std::thread::sleep(Duration::from_millis(50));
+        match status {
+            Some(status) => status.code().unwrap_or(-1),
+            None => panic!(
                 "chat-client did not exit\nstdout:\n{}\nstderr:\n{}",
                 self.stdout(),
                 self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            ),
         }
     }
 }

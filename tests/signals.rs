@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::helper::{TestDaemon, WAIT, wait_until};
+use crate::helper::{NO_RATE_LIMIT, TestDaemon, WAIT, wait_until};
 
 /// Rewrites the config with `extra`, sends SIGHUP, and waits for the reload to be logged.
 fn reload(d: &TestDaemon, extra: &str, expect_key: &str) {
@@ -194,9 +194,7 @@ fn sighup_applies_admin_mode_group_and_log_level() {
 
 #[test]
 fn sighup_applies_shutdown_grace() {
-    let d = TestDaemon::start(
-        "[limits]\nmax-queue-bytes = 1073741824\nmessage-rate = 1000000\nmessage-burst = 1000000\n",
-    );
+    let d = TestDaemon::start(&format!("{NO_RATE_LIMIT}max-queue-bytes = 1073741824\n"));
     let text = std::fs::read_to_string(&d.config_path).unwrap_or_default();
     std::fs::write(
         &d.config_path,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::helper::{Client, TestDaemon, WAIT, bin, wait_until};
+use crate::helper::{Client, TestDaemon, WAIT, bin, wait_child, wait_until};
 
 /// A fake service manager on an abstract socket, as systemd ≥ 254 uses by default.
 struct FakeManager {
@@ -124,23 +124,14 @@ fn logged_port(log: &str) -> Option<u16> {
 
 fn join(addr: SocketAddr, name: &str) -> Client {
     let mut c = Client::connect(addr);
-    c.expect_prefix("*** HELLO ");
-    c.send(name);
-    c.expect_prefix(&format!("*** WELCOME {name}"));
+    c.join_as(name);
     c
 }
 
 fn wait_exit(child: &mut Child) -> Option<i32> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("chatd did not exit in time");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    match wait_child(child, WAIT) {
+        Some(status) => status.code(),
+        None => panic!("chatd did not exit in time"),
     }
 }
 

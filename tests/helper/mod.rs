@@ -22,11 +22,29 @@ pub fn bin(name: &str) -> PathBuf {
         "chatd" => env!("CARGO_BIN_EXE_chatd"),
         "chatctl" => env!("CARGO_BIN_EXE_chatctl"),
         "chat-client" => env!("CARGO_BIN_EXE_chat-client"),
+        "chat-bench" => env!("CARGO_BIN_EXE_chat-bench"),
         other => panic!("unknown binary {other}"),
     };
     let path = PathBuf::from(path);
     assert!(path.exists(), "binary {} is missing", path.display());
     path
+}
+
+/// Waits up to `limit` for `child` to exit; kills it and returns `None` if it does not (the
+/// caller panics with what it knows).
+pub fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
@@ -145,16 +163,9 @@ impl TestDaemon {
     /// Waits for the daemon to exit and returns its exit code.
     pub fn wait_exit(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("chatd did not exit in time:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        match wait_child(&mut child, WAIT) {
+            Some(status) => status.code(),
+            None => panic!("chatd did not exit in time:\n{}", self.log()),
         }
     }
 
@@ -167,9 +178,7 @@ impl TestDaemon {
     /// (a `/who` round trip marks their end).
     pub fn join(&self, name: &str) -> Client {
         let mut c = self.connect();
-        c.expect_prefix("*** HELLO ");
-        c.send(name);
-        c.expect_prefix(&format!("*** WELCOME {name}"));
+        c.join_as(name);
         c.send("/who");
         c.expect_prefix("*** WHO ");
         c
@@ -217,6 +226,13 @@ impl Client {
             reader: BufReader::new(stream),
             writer,
         }
+    }
+
+    /// Takes `name` on a connection that has just been greeted; returns once it is accepted.
+    pub fn join_as(&mut self, name: &str) {
+        self.expect_prefix("*** HELLO ");
+        self.send(name);
+        self.expect_prefix(&format!("*** WELCOME {name}"));
     }
 
     /// Sends `line` followed by `\n`.
