@@ -9,6 +9,7 @@
 //! accept those false positives, as refusing a name is cheap and impersonation is not.
 //! Names that could pass for the server or its staff are reserved. Nothing here touches a socket.
 
+use crate::protocol::code;
 use unicode_normalization::UnicodeNormalization;
 use unicode_security::{GeneralSecurityProfile, MixedScript};
 
@@ -66,6 +67,10 @@ pub enum NameError {
     /// Someone online already has it, or a name that looks the same.
     #[error("that name (or one that looks like it) is already in use")]
     Taken,
+    /// `/reclaim` of a name held by a connection the token was not issued to, or with a
+    /// malformed token.
+    #[error("that name is held by a connection this token was not issued to")]
+    ReclaimRefused,
 }
 
 impl NameError {
@@ -75,9 +80,10 @@ impl NameError {
             NameError::Empty
             | NameError::TooLong { .. }
             | NameError::BadCharacter
-            | NameError::MixedScripts => "name-invalid",
-            NameError::Reserved => "name-reserved",
-            NameError::Taken => "name-taken",
+            | NameError::MixedScripts => code::NAME_INVALID,
+            NameError::Reserved => code::NAME_RESERVED,
+            NameError::Taken => code::NAME_TAKEN,
+            NameError::ReclaimRefused => code::RECLAIM_REFUSED,
         }
     }
 }

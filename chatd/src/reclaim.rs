@@ -19,13 +19,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
-use crate::names::Name;
-use crate::outbox::Outbox;
+use crate::names::NameError;
 use crate::protocol::{self, code, kind};
-use crate::room::{ClientId, Room};
+use crate::room::{ClientId, Newcomer, Room};
 
 /// Random bytes per token.
 const TOKEN_BYTES: usize = 16;
@@ -161,41 +157,17 @@ impl Reclaims {
     }
 }
 
-/// Joins connection `id` under `name`, replacing the member holding it if `token` (as sent) was
-/// issued to that member's connection. A free name is simply joined. `Err` carries the line to
-/// send back: `name-taken` is never the answer to a reclaim, so a client can tell "this token
-/// is not (or no longer) the holder's" (`reclaim-refused`) from other refusals.
-pub fn join(
-    room: &Room,
-    token: &str,
-    id: ClientId,
-    name: Name,
-    addr: SocketAddr,
-    outbox: Arc<Outbox>,
-    welcome: &[Bytes],
-) -> Result<usize, Bytes> {
-    let refused = || {
-        protocol::error_line(
-            code::RECLAIM_REFUSED,
-            "that name is held by a connection this token was not issued to; send another name",
-        )
-    };
-    let Some(token) = Token::from_hex(token) else {
-        return Err(refused());
-    };
+/// Joins `who`, replacing the member holding its name if `token` (as sent) was issued to that
+/// member's connection. A free name is simply joined. A reclaim is never answered `name-taken`:
+/// [`NameError::ReclaimRefused`] tells a client "this token is not (or no longer) the holder's"
+/// from other refusals.
+pub fn join(room: &Room, token: &str, who: Newcomer<'_>) -> Result<usize, NameError> {
+    let token = Token::from_hex(token).ok_or(NameError::ReclaimRefused)?;
     room.join_replacing(
-        id,
-        name,
-        addr,
-        outbox,
-        welcome,
+        who,
         |holder| room.reclaims.matches(holder, &token),
         "your name was reclaimed by a new connection",
     )
-    .map_err(|e| match e {
-        crate::names::NameError::Taken => refused(),
-        e => protocol::error_line(e.code(), &format!("{e}; send another name")),
-    })
 }
 
 #[cfg(test)]

@@ -74,6 +74,21 @@ struct PresenceBatch {
     due: Instant,
 }
 
+/// A connection taking a name: who it is and what it is sent on joining.
+#[derive(Debug)]
+pub struct Newcomer<'a> {
+    /// The connection.
+    pub id: ClientId,
+    /// The name it asked for, already validated.
+    pub name: Name,
+    /// Its peer address, for `chatctl list` and bans.
+    pub addr: SocketAddr,
+    /// Where its lines go.
+    pub outbox: Arc<Outbox>,
+    /// Lines it gets before the history (not room lines: `WELCOME`, `MOTD`).
+    pub welcome: &'a [Bytes],
+}
+
 /// A stored message, for newcomers.
 #[derive(Debug)]
 struct HistoryEntry {
@@ -174,59 +189,51 @@ impl Room {
     /// Adds a member under `name`. On success the newcomer's outbox gets `welcome` (not a room
     /// line) and then the history, atomically with the join, and everyone else gets `*** JOIN`
     /// (at once, or in a storm's batch: see [`PRESENCE_COALESCE`]).
-    pub fn join(
-        &self,
-        id: ClientId,
-        name: Name,
-        addr: SocketAddr,
-        outbox: Arc<Outbox>,
-        welcome: &[Bytes],
-    ) -> Result<usize, NameError> {
+    pub fn join(&self, who: Newcomer<'_>) -> Result<usize, NameError> {
         let st = self.lock();
-        if st.by_key.contains_key(&name.key) {
+        if st.by_key.contains_key(&who.name.key) {
             return Err(NameError::Taken);
         }
-        self.join_locked(st, id, name, addr, outbox, welcome)
+        self.join_locked(st, who)
     }
 
-    /// Like [`join`](Self::join), but when `name` is held by a member for whom `may_replace`
+    /// Like [`join`](Self::join), but when the name is held by a member for whom `may_replace`
     /// says yes, that member is removed in the same step (told `*** KICKED <why>` and closed;
     /// everyone else told `*** LEAVE <name> left (reconnected)`), so nobody can take the name
-    /// in between. Used to reclaim a name after a lost connection (reclaim.rs).
-    #[allow(clippy::too_many_arguments)]
+    /// in between; when it says no, [`NameError::ReclaimRefused`]. Used to reclaim a name after
+    /// a lost connection (reclaim.rs).
     pub fn join_replacing(
         &self,
-        id: ClientId,
-        name: Name,
-        addr: SocketAddr,
-        outbox: Arc<Outbox>,
-        welcome: &[Bytes],
+        who: Newcomer<'_>,
         may_replace: impl FnOnce(ClientId) -> bool,
         why: &str,
     ) -> Result<usize, NameError> {
         let mut st = self.lock();
         self.send_presence(&mut st);
-        if let Some(&holder) = st.by_key.get(&name.key) {
-            if holder == id || !may_replace(holder) {
-                return Err(NameError::Taken);
+        if let Some(&holder) = st.by_key.get(&who.name.key) {
+            if holder == who.id || !may_replace(holder) {
+                return Err(NameError::ReclaimRefused);
             }
             self.evict(&mut st, holder, why, |name| {
                 protocol::server_line(kind::LEAVE, &format!("{name} left (reconnected)"))
             });
         }
-        self.join_locked(st, id, name, addr, outbox, welcome)
+        self.join_locked(st, who)
     }
 
     /// The rest of a join once the name is known to be free, under the room lock.
     fn join_locked(
         &self,
         mut st: MutexGuard<'_, State>,
-        id: ClientId,
-        name: Name,
-        addr: SocketAddr,
-        outbox: Arc<Outbox>,
-        welcome: &[Bytes],
+        who: Newcomer<'_>,
     ) -> Result<usize, NameError> {
+        let Newcomer {
+            id,
+            name,
+            addr,
+            outbox,
+            welcome,
+        } = who;
         for frame in welcome {
             outbox.push(frame.clone());
         }
@@ -591,6 +598,17 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], 1))
     }
 
+    /// Connection `id` asking for `name`, from one address, with no welcome lines.
+    fn newcomer(id: ClientId, name: Name, outbox: Arc<Outbox>) -> Newcomer<'static> {
+        Newcomer {
+            id,
+            name,
+            addr: addr(),
+            outbox,
+            welcome: &[],
+        }
+    }
+
     fn drained(o: &Outbox) -> Vec<String> {
         let mut q = VecDeque::new();
         o.drain_into(&mut q);
@@ -607,8 +625,8 @@ mod tests {
             Arc::new(Outbox::new(1 << 16)),
             Arc::new(Outbox::new(1 << 16)),
         );
-        assert_eq!(room.join(1, name(first), addr(), a.clone(), &[]), Ok(1));
-        assert_eq!(room.join(2, name(second), addr(), b.clone(), &[]), Ok(2));
+        assert_eq!(room.join(newcomer(1, name(first), a.clone())), Ok(1));
+        assert_eq!(room.join(newcomer(2, name(second), b.clone())), Ok(2));
         (room, a, b)
     }
 
@@ -641,9 +659,9 @@ mod tests {
     fn names_are_unique_case_insensitively() {
         let room = Room::new(0);
         let o = Arc::new(Outbox::new(1024));
-        assert!(room.join(1, name("alice"), addr(), o.clone(), &[]).is_ok());
+        assert!(room.join(newcomer(1, name("alice"), o.clone())).is_ok());
         assert_eq!(
-            room.join(2, name("ALICE"), addr(), o.clone(), &[]),
+            room.join(newcomer(2, name("ALICE"), o.clone())),
             Err(NameError::Taken)
         );
         assert_eq!(room.rename(1, name("Alice")).ok(), Some("alice".to_owned()));
@@ -653,12 +671,12 @@ mod tests {
     fn newcomer_sees_bounded_history() {
         let room = Room::new(2);
         let a = Arc::new(Outbox::new(1 << 16));
-        assert!(room.join(1, name("a"), addr(), a, &[]).is_ok());
+        assert!(room.join(newcomer(1, name("a"), a)).is_ok());
         for t in ["one", "two", "three"] {
             room.say(1, t);
         }
         let b = Arc::new(Outbox::new(1 << 16));
-        assert!(room.join(2, name("b"), addr(), b.clone(), &[]).is_ok());
+        assert!(room.join(newcomer(2, name("b"), b.clone())).is_ok());
         let got = drained(&b);
         assert_eq!(got.len(), 2);
         assert!(got[0].starts_with("*** HISTORY ") && got[0].ends_with(" a: two"));
@@ -672,8 +690,8 @@ mod tests {
             Arc::new(Outbox::new(1 << 16)),
             Arc::new(Outbox::new(1 << 16)),
         );
-        assert!(room.join(1, name("alice"), addr(), a.clone(), &[]).is_ok());
-        assert!(room.join(2, name("bob"), addr(), b.clone(), &[]).is_ok());
+        assert!(room.join(newcomer(1, name("alice"), a.clone())).is_ok());
+        assert!(room.join(newcomer(2, name("bob"), b.clone())).is_ok());
         drained(&a);
         assert!(room.kick("BOB", "spam").is_ok());
         assert_eq!(drained(&b), vec!["*** KICKED spam"]);
@@ -693,12 +711,9 @@ mod tests {
             Arc::new(Outbox::new(64)),
             Arc::new(Outbox::new(1 << 16)),
         );
-        assert!(room.join(1, name("a"), addr(), a, &[]).is_ok());
-        assert!(
-            room.join(2, name("slow"), addr(), slow.clone(), &[])
-                .is_ok()
-        );
-        assert!(room.join(3, name("c"), addr(), c.clone(), &[]).is_ok());
+        assert!(room.join(newcomer(1, name("a"), a)).is_ok());
+        assert!(room.join(newcomer(2, name("slow"), slow.clone())).is_ok());
+        assert!(room.join(newcomer(3, name("c"), c.clone())).is_ok());
         drained(&c);
         for i in 0..20 {
             room.say(1, &format!("message {i}"));
@@ -733,15 +748,12 @@ mod tests {
     fn join_storm_is_coalesced_without_changing_what_anyone_sees() {
         let room = Room::new(0);
         let first = Arc::new(Outbox::new(1 << 16));
-        assert!(
-            room.join(1, name("first"), addr(), first.clone(), &[])
-                .is_ok()
-        );
+        assert!(room.join(newcomer(1, name("first"), first.clone())).is_ok());
         let outs: Vec<Arc<Outbox>> = (0..12).map(|_| Arc::new(Outbox::new(1 << 16))).collect();
         for (i, o) in outs.iter().enumerate() {
             let id = 2 + i as ClientId;
             assert!(
-                room.join(id, name(&format!("n{i}")), addr(), o.clone(), &[])
+                room.join(newcomer(id, name(&format!("n{i}")), o.clone()))
                     .is_ok()
             );
         }
@@ -777,14 +789,8 @@ mod tests {
         let outs: Vec<Arc<Outbox>> = (0..30).map(|_| Arc::new(Outbox::new(1 << 16))).collect();
         for (i, o) in outs.iter().enumerate() {
             assert!(
-                room.join(
-                    i as ClientId,
-                    name(&format!("n{i}")),
-                    addr(),
-                    o.clone(),
-                    &[]
-                )
-                .is_ok()
+                room.join(newcomer(i as ClientId, name(&format!("n{i}")), o.clone()))
+                    .is_ok()
             );
         }
         room.flush_presence();
@@ -815,10 +821,7 @@ mod tests {
         );
         // A join flushes nothing by itself (it joins the batch); a message does.
         let late = Arc::new(Outbox::new(1 << 16));
-        assert!(
-            room.join(99, name("late"), addr(), late.clone(), &[])
-                .is_ok()
-        );
+        assert!(room.join(newcomer(99, name("late"), late.clone())).is_ok());
         room.say(0, "still here");
         assert_eq!(room.presence_due(), None);
         // The sender (n0) gets the batch first, but not its own message.

@@ -28,7 +28,7 @@ use crate::names::NameError;
 use crate::outbox::{Close, Outbox};
 use crate::protocol::{self, code, kind};
 use crate::reclaim;
-use crate::room::{ClientId, RoomError};
+use crate::room::{ClientId, Newcomer, RoomError};
 use crate::shared::LimitCounters;
 use crate::shared::Shared;
 
@@ -454,22 +454,16 @@ impl Session {
         );
         let shown = name.display.clone();
         let room = &self.shared.room;
+        let who = Newcomer {
+            id: self.id,
+            name,
+            addr: self.peer,
+            outbox: self.outbox.clone(),
+            welcome: &welcome,
+        };
         let joined = match token {
-            None => room.join(self.id, name, self.peer, self.outbox.clone(), &welcome),
-            Some(token) => {
-                match reclaim::join(
-                    room,
-                    token,
-                    self.id,
-                    name,
-                    self.peer,
-                    self.outbox.clone(),
-                    &welcome,
-                ) {
-                    Ok(users) => Ok(users),
-                    Err(refusal) => return self.reply(refusal),
-                }
-            }
+            None => room.join(who),
+            Some(token) => reclaim::join(room, token, who),
         };
         match joined {
             Ok(users) => {
