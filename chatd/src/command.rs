@@ -25,6 +25,8 @@ pub enum Input<'a> {
     Nick(&'a str),
     /// `/help`.
     Help,
+    /// `/token`: this connection's reclaim token (reclaim.rs).
+    Token,
     /// A known command used wrongly; the text is its usage.
     Usage(&'static str),
     /// `/something` we do not know.
@@ -58,6 +60,7 @@ pub fn parse(line: &str) -> Input<'_> {
         "quit" | "exit" => Input::Quit,
         "who" | "names" => Input::Who,
         "help" => Input::Help,
+        "token" => Input::Token,
         "me" if !args.is_empty() => Input::Me(args),
         "me" => Input::Usage("usage: /me ACTION"),
         "msg" | "m" => match args.split_once(char::is_whitespace) {
@@ -105,5 +108,9 @@ mod tests {
         assert_eq!(parse("/nick a b"), Input::Usage("usage: /nick NEWNAME"));
         assert_eq!(parse("/dance"), Input::Unknown("dance"));
         assert_eq!(parse("/help"), Input::Help);
+        assert_eq!(parse("/token"), Input::Token);
+        assert_eq!(parse(" /TOKEN "), Input::Token);
+        assert_eq!(parse("/tokens"), Input::Unknown("tokens"));
+        assert_eq!(parse("token"), Input::Say("token"));
     }
 }

@@ -26,12 +26,10 @@ use crate::room::{ClientId, Newcomer, Room};
 /// Random bytes per token.
 const TOKEN_BYTES: usize = 16;
 
-/// What a line asks of this module.
+/// A `/reclaim` line, as sent before a name is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request<'a> {
-    /// `/token` (while chatting): issue this connection's token.
-    Token,
-    /// `/reclaim NAME TOKEN` (as the name line): take NAME back.
+    /// `/reclaim NAME TOKEN`: take NAME back.
     Reclaim {
         /// The name as sent.
         name: &'a str,
@@ -42,15 +40,12 @@ pub enum Request<'a> {
     Usage,
 }
 
-/// Recognises `/token` and `/reclaim NAME TOKEN` (command word in any case).
+/// Recognises `/reclaim NAME TOKEN` (command word in any case). `/token`, sent while chatting,
+/// is a command like the others (`command::Input::Token`).
 pub fn parse(line: &str) -> Option<Request<'_>> {
     let body = line.trim().strip_prefix('/')?;
     let mut words = body.split_whitespace();
-    let cmd = words.next()?;
-    if cmd.eq_ignore_ascii_case("token") {
-        return Some(Request::Token);
-    }
-    if !cmd.eq_ignore_ascii_case("reclaim") {
+    if !words.next()?.eq_ignore_ascii_case("reclaim") {
         return None;
     }
     Some(match (words.next(), words.next(), words.next()) {
@@ -176,8 +171,7 @@ mod tests {
 
     #[test]
     fn parses_requests() {
-        assert_eq!(parse("/token"), Some(Request::Token));
-        assert_eq!(parse(" /TOKEN "), Some(Request::Token));
+        assert_eq!(parse("/token"), None);
         assert_eq!(
             parse("/reclaim alice 00ff"),
             Some(Request::Reclaim {

@@ -497,11 +497,9 @@ impl Session {
     }
 
     fn chat(&mut self, line: &str) {
-        if reclaim::parse(line) == Some(reclaim::Request::Token) {
-            return self.reply(self.shared.room.reclaims.token_line(self.id));
-        }
         let room = &self.shared.room;
         match command::parse(line) {
+            Input::Token => self.reply(room.reclaims.token_line(self.id)),
             Input::Blank => {}
             Input::Say(text) => room.say(self.id, &protocol::sanitize(text)),
             Input::Me(text) => room.act(self.id, &protocol::sanitize(text)),
