@@ -77,14 +77,20 @@ impl Renderer {
             s.push(Tone::Plain, sanitize(line));
             return s;
         }
+        let mut s = self.stamped();
+        self.body(&mut s, &Incoming::parse(line));
+        s
+    }
+
+    /// An empty shown line, starting with the time when timestamps are shown.
+    fn stamped(&self) -> Shown {
         let mut s = Shown::default();
-        if self.ui.timestamps {
+        if self.pretty && self.ui.timestamps {
             s.push(
                 Tone::Time,
                 format!("{} ", chrono::Local::now().format("%H:%M")),
             );
         }
-        self.body(&mut s, &Incoming::parse(line));
         s
     }
 
@@ -100,13 +106,7 @@ impl Renderer {
 
     /// A line from the client itself about the connection or a mistake.
     pub fn status(&self, text: &str) -> Shown {
-        let mut s = Shown::default();
-        if self.pretty && self.ui.timestamps {
-            s.push(
-                Tone::Time,
-                format!("{} ", chrono::Local::now().format("%H:%M")),
-            );
-        }
+        let mut s = self.stamped();
         s.push(Tone::Status, format!("-!- {}", sanitize(text)));
         s
     }
@@ -233,30 +233,27 @@ impl Renderer {
         if !self.color {
             return shown.plain();
         }
+        use std::fmt::Write;
         let mut out = String::new();
         for (tone, text) in &shown.spans {
-            let sgr = match *tone {
-                Tone::Plain => None,
-                Tone::Time => Some("2".to_owned()),
-                Tone::Own => Some(format!("1;{}", self.ui.own_color.sgr())),
-                Tone::Name(c) => Some(c.to_string()),
-                Tone::Notice => Some(self.ui.notice_color.sgr().to_string()),
-                Tone::Announce => Some("1;33".to_owned()),
-                Tone::Error => Some("1;31".to_owned()),
-                Tone::Mention => Some(format!("1;{}", self.ui.mention_color.sgr())),
-                Tone::Private => Some("35".to_owned()),
-                Tone::Status => Some("36".to_owned()),
-            };
-            match sgr {
-                Some(code) => {
-                    out.push_str("\x1b[");
-                    out.push_str(&code);
-                    out.push('m');
+            // Writing into a String cannot fail.
+            let _ = match *tone {
+                Tone::Plain => {
                     out.push_str(text);
-                    out.push_str("\x1b[0m");
+                    continue;
                 }
-                None => out.push_str(text),
-            }
+                Tone::Time => write!(out, "\x1b[2m"),
+                Tone::Own => write!(out, "\x1b[1;{}m", self.ui.own_color.sgr()),
+                Tone::Name(c) => write!(out, "\x1b[{c}m"),
+                Tone::Notice => write!(out, "\x1b[{}m", self.ui.notice_color.sgr()),
+                Tone::Announce => write!(out, "\x1b[1;33m"),
+                Tone::Error => write!(out, "\x1b[1;31m"),
+                Tone::Mention => write!(out, "\x1b[1;{}m", self.ui.mention_color.sgr()),
+                Tone::Private => write!(out, "\x1b[35m"),
+                Tone::Status => write!(out, "\x1b[36m"),
+            };
+            out.push_str(text);
+            out.push_str("\x1b[0m");
         }
         out
     }
