@@ -575,13 +575,21 @@ socket_activation() {
 main_pid() { unit MainPID; }
 restarted_since() { local p; p=$(main_pid); [ "$p" != 0 ] && [ "$p" != "$1" ] && [ "$(unit ActiveState)" = active ]; }
 
+# Sends SIG to chatd's main process and waits up to LIMIT s for systemd to replace it; prints
+# the seconds that took, or why it failed.
+signal_and_wait_restart() {
+    local sig=$1 limit=$2 pid t0=$SECONDS
+    pid=$(main_pid)
+    ct kill "-$sig" "$pid" || return 1
+    wait_for "$limit" restarted_since "$pid" || { echo "not restarted: $(unit ActiveState), MainPID $(main_pid)"; return 1; }
+    echo $((SECONDS - t0))
+}
+
 t_restart_on_kill() {
     ct systemctl start chatd || return 1
-    local pid t0=$SECONDS
-    pid=$(main_pid)
-    ct kill -KILL "$pid" || return 1
-    wait_for 30 restarted_since "$pid" || { echo "not restarted: $(unit ActiveState), MainPID $(main_pid)"; return 1; }
-    echo "restarted in $((SECONDS - t0)) s (NRestarts=$(unit NRestarts))"
+    local took
+    took=$(signal_and_wait_restart KILL 30) || { echo "$took"; return 1; }
+    echo "restarted in $took s (NRestarts=$(unit NRestarts))"
     client_join gina || return 1
     close_all_clients
 }
@@ -603,11 +611,9 @@ watchdog() {
     ct sh -c 'printf "[Service]\nWatchdogSec=2s\nTimeoutAbortSec=5s\n" > /run/systemd/system/chatd.service.d/test-watchdog.conf' || return 1
     ct systemctl daemon-reload || return 1
     ct systemctl restart chatd || return 1
-    local pid t0=$SECONDS
-    pid=$(main_pid)
-    ct kill -STOP "$pid" || return 1
-    wait_for 60 restarted_since "$pid" || { echo "not restarted: $(unit ActiveState), MainPID $(main_pid)"; return 1; }
-    echo "frozen chatd replaced in $((SECONDS - t0)) s"
+    local took
+    took=$(signal_and_wait_restart STOP 60) || { echo "$took"; return 1; }
+    echo "frozen chatd replaced in $took s"
     ct journalctl -u chatd --no-pager -o cat | grep -i 'watchdog timeout' | tail -n 1 | grep . ||
         { echo "no watchdog timeout in the journal"; return 1; }
     client_join hank
