@@ -1,8 +1,8 @@
 //! The written contracts in docs/ and config/ cannot drift from the code.
 
-use chatd::admin::proto::ErrorCode;
+use chat_proto::admin::ErrorCode;
+use chat_proto::protocol::{ALL_CODES, ALL_KINDS};
 use chatd::config::{Config, RESTART_KEYS};
-use chatd::protocol::{ALL_CODES, ALL_KINDS};
 
 fn read(rel: &str) -> String {
     let path = format!("{}/../{rel}", env!("CARGO_MANIFEST_DIR"));

@@ -141,7 +141,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     // As many clients as the hard limit allows; if it cannot be raised, connects fail and say so.
-    let _ = chatd::server::raise_fd_limit();
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let result = match &cli.mode {
         Mode::Fanout(a) => fanout(a),
         Mode::Idle(a) => idle(a),

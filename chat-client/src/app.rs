@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use chatd::command::{self, Input as Cmd};
-use chatd::protocol::{Incoming, code, kind, split_subject};
+use chat_proto::command::{self, Input as Cmd};
+use chat_proto::protocol::{Incoming, code, kind, split_subject};
 use tokio::time::{Instant, sleep_until};
 
 use crate::cli::Cli;
@@ -309,7 +309,7 @@ async fn try_name(ui: &mut Ui, conn: &mut Connection, name: &str) -> Naming {
                 } => {
                     let (accepted, text) = split_subject(rest);
                     let accepted = accepted.to_owned();
-                    conn.limits = chatd::protocol::parse_flood_limits(text);
+                    conn.limits = chat_proto::protocol::parse_flood_limits(text);
                     ui.renderer.me = accepted.clone();
                     ui.show_incoming(&line);
                     return Naming::Welcome(accepted);

@@ -369,7 +369,7 @@ impl State {
 
     /// Prints a line of the editor's own above the input line.
     fn note(&mut self, text: &str) {
-        self.print_line(&chatd::protocol::sanitize(text));
+        self.print_line(&chat_proto::protocol::sanitize(text));
     }
 
     /// Replaces the input line on screen with `text` and moves below it; the caller redraws

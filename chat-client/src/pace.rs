@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use chatd::limits::TokenBucket;
+use chat_proto::flood::TokenBucket;
 
 /// Sustained lines per second; below the server's default of 5 so the server's bucket, which
 /// refills faster, always has a token when ours does.
@@ -82,7 +82,7 @@ impl Pacer {
     /// The server refused a line for its rate (`text` is the `*** ERR rate-limited` text):
     /// adopt the limits it names, a little stricter, and wait as long as it says.
     pub fn refused(&mut self, text: &str) {
-        let (rate, burst, retry) = chatd::protocol::parse_rate_limited(text);
+        let (rate, burst, retry) = chat_proto::protocol::parse_rate_limited(text);
         let (rate, burst, retry) = (
             rate.unwrap_or(RATE),
             burst.unwrap_or(BURST),
@@ -139,13 +139,13 @@ mod tests {
     fn reads_the_limits_the_welcome_announces() {
         let text =
             "you are chatting as ann; type /help for commands; at most 2 lines/s, bursts of 3";
-        assert_eq!(chatd::protocol::parse_flood_limits(text), Some((2, 3)));
+        assert_eq!(chat_proto::protocol::parse_flood_limits(text), Some((2, 3)));
         assert_eq!(
-            chatd::protocol::parse_flood_limits("you are chatting as ann"),
+            chat_proto::protocol::parse_flood_limits("you are chatting as ann"),
             None
         );
         // Paced stricter than announced: a burst of 1 after the name line went out.
-        let mut p = Pacer::new(chatd::protocol::parse_flood_limits(text), 0);
+        let mut p = Pacer::new(chat_proto::protocol::parse_flood_limits(text), 0);
         p.push("a".into());
         p.push("b".into());
         assert!(p.pop_ready().is_some());

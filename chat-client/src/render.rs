@@ -7,7 +7,7 @@
 //! notes sanitise too. Colour codes are added afterwards by [`Renderer::paint`] around
 //! already-sanitised text.
 
-use chatd::protocol::{Incoming, kind, sanitize, split_subject};
+use chat_proto::protocol::{Incoming, kind, sanitize, split_subject};
 
 use crate::config::UiSection;
 
@@ -345,7 +345,7 @@ mod tests {
                 })
                 .collect::<String>();
             assert!(
-                !stripped.chars().any(chatd::protocol::is_unsafe_char),
+                !stripped.chars().any(chat_proto::protocol::is_unsafe_char),
                 "{line:?} -> {painted:?}"
             );
         }

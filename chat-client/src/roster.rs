@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use chatd::protocol::{Incoming, kind, split_subject};
+use chat_proto::protocol::{Incoming, kind, split_subject};
 
 /// Online names, keyed case-insensitively (as the server compares them).
 #[derive(Debug, Default, Clone)]

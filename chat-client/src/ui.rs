@@ -101,7 +101,7 @@ impl Ui {
             let _ = writeln!(
                 std::io::stderr(),
                 "chat-client: {}",
-                chatd::protocol::sanitize(text)
+                chat_proto::protocol::sanitize(text)
             );
         }
     }

@@ -1,6 +1,6 @@
 //! chatctl: administer a running chatd over its Unix admin socket.
 //!
-//! Speaks the typed protocol in `chatd::admin::proto` (the same types the daemon uses) and maps
+//! Speaks the typed protocol in `chat_proto::admin` (the same types the daemon uses) and maps
 //! every failure to a message a person understands and a distinct exit code.
 
 use std::io::{BufRead, BufReader, Write};
@@ -14,9 +14,9 @@ use clap::Parser;
 mod cli;
 use cli::{Cli, Command};
 
-use chatd::admin::proto::{
-    self, AdminError, BanInfo, ErrorCode, PROTOCOL_VERSION, Request, RequestEnvelope, Response,
-    ResponseEnvelope, StatusInfo, UserInfo,
+use chat_proto::admin::{
+    self as admin, AdminError, BanInfo, ErrorCode, PROTOCOL_VERSION, Request, RequestEnvelope,
+    Response, ResponseEnvelope, StatusInfo, UserInfo,
 };
 
 /// How long chatctl waits for the daemon to answer.
@@ -147,7 +147,7 @@ fn find_socket(explicit: Option<&Path>) -> Result<PathBuf, Failure> {
     if let Some(p) = explicit {
         return Ok(p.to_owned());
     }
-    let candidates = proto::socket_candidates();
+    let candidates = admin::socket_candidates();
     if let Some(p) = candidates.iter().find(|p| p.exists()) {
         return Ok(p.clone());
     }

@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::names;
+use chat_proto::names;
 
 /// File name of the ban list inside the state directory.
 pub const BANS_FILE: &str = "bans.json";

@@ -7,15 +7,11 @@
 
 pub mod admin;
 pub mod bans;
-pub mod codec;
-pub mod command;
 pub mod config;
 pub mod limits;
 pub mod logging;
 pub mod memory;
-pub mod names;
 pub mod outbox;
-pub mod protocol;
 pub mod reclaim;
 pub mod room;
 pub mod server;

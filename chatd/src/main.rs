@@ -8,7 +8,8 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing::{error, info, warn};
 
-use chatd::admin::{self, proto};
+use chat_proto::admin as proto;
+use chatd::admin;
 use chatd::config::DEFAULT_CONFIG_PATH;
 use chatd::shared::{ApplyHook, ConfigSource, Shared};
 use chatd::{logging, server, signals, systemd};

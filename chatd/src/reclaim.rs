@@ -19,9 +19,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-use crate::names::NameError;
-use crate::protocol::{self, code, kind};
 use crate::room::{ClientId, Newcomer, Room};
+use chat_proto::names::NameError;
+use chat_proto::protocol::{self, code, kind};
 
 /// Random bytes per token.
 const TOKEN_BYTES: usize = 16;

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::names::{Name, NameError};
 use crate::outbox::{Close, Outbox};
-use crate::protocol::{self, kind};
+use chat_proto::names::{Name, NameError};
+use chat_proto::protocol::{self, kind};
 
 /// Identity of one connection for its whole life (names can change, addresses can repeat).
 pub type ClientId = u64;
@@ -405,7 +405,7 @@ impl Room {
     }
 
     fn find<'s>(&self, st: &'s State, name: &str) -> Result<&'s Member, RoomError> {
-        let key = crate::names::lookup_key(name);
+        let key = chat_proto::names::lookup_key(name);
         st.by_key
             .get(&key)
             .and_then(|id| st.members.get(id))
@@ -464,7 +464,7 @@ impl Room {
     pub fn kick(&self, name: &str, reason: &str) -> Result<(String, SocketAddr), RoomError> {
         let mut st = self.lock();
         self.send_presence(&mut st);
-        let key = crate::names::lookup_key(name);
+        let key = chat_proto::names::lookup_key(name);
         let Some(id) = st.by_key.get(&key).copied() else {
             return Err(RoomError::NoSuchUser(name.to_owned()));
         };
@@ -586,7 +586,7 @@ impl Room {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::names::NameRules;
+    use chat_proto::names::NameRules;
 
     fn name(s: &str) -> Name {
         NameRules::new(24, &[])

@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::protocol::{self, code};
 use crate::session::Session;
 use crate::shared::Shared;
+use chat_proto::protocol::{self, code};
 
 /// Binds one listening socket. An IPv6 address is bound IPv6-only, so `[::]:P` and `0.0.0.0:P`
 /// can both be configured without clashing.

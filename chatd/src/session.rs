@@ -21,16 +21,17 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::codec::{Frame, LineDecoder};
-use crate::command::{self, Input};
-use crate::limits::{FloodWindow, TokenBucket};
-use crate::names::NameError;
+use crate::limits::FloodWindow;
 use crate::outbox::{Close, Outbox};
-use crate::protocol::{self, code, kind};
 use crate::reclaim;
 use crate::room::{ClientId, Newcomer, RoomError};
 use crate::shared::LimitCounters;
 use crate::shared::Shared;
+use chat_proto::codec::{Frame, LineDecoder};
+use chat_proto::command::{self, Input};
+use chat_proto::flood::TokenBucket;
+use chat_proto::names::NameError;
+use chat_proto::protocol::{self, code, kind};
 
 /// Longest a closing session waits for its peer to read what is queued (quit, kick).
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);

@@ -11,8 +11,8 @@ use arc_swap::ArcSwap;
 
 use crate::bans::Bans;
 use crate::config::{Config, ConfigDiff, ConfigError};
-use crate::names::NameRules;
 use crate::room::Room;
+use chat_proto::names::NameRules;
 
 /// Where the config came from, so a reload reads the same place.
 #[derive(Debug, Clone)]
@@ -93,9 +93,9 @@ impl LimitCounters {
     }
 
     /// The counters as `chatctl status` reports them.
-    pub fn snapshot(&self) -> crate::admin::proto::LimitStats {
+    pub fn snapshot(&self) -> chat_proto::admin::LimitStats {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        crate::admin::proto::LimitStats {
+        chat_proto::admin::LimitStats {
             line_too_long: load(&self.line_too_long),
             bad_utf8: load(&self.bad_utf8),
             rate_limited: load(&self.rate_limited),

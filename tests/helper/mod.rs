@@ -14,20 +14,49 @@ pub const NO_RATE_LIMIT: &str = "[limits]\nmessage-rate = 1000000\nmessage-burst
 /// Default bound for any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// Path of a binary built by this same `cargo test` run. `CARGO_BIN_EXE_*` is set by cargo at
-/// compile time for every binary of this package, so a missing binary fails the build rather
-/// than skipping a test.
+/// Path of one of the workspace's programs, built for this test run. The daemon is this
+/// package's own binary (`CARGO_BIN_EXE_chatd`); chatctl, chat-client and chat-bench are other
+/// packages' binaries, which `cargo test` does not build for this package's tests, so the first
+/// call builds them once with the same cargo and profile, into the same target directory.
 pub fn bin(name: &str) -> PathBuf {
+    let chatd = PathBuf::from(env!("CARGO_BIN_EXE_chatd"));
     let path = match name {
-        "chatd" => env!("CARGO_BIN_EXE_chatd"),
-        "chatctl" => env!("CARGO_BIN_EXE_chatctl"),
-        "chat-client" => env!("CARGO_BIN_EXE_chat-client"),
-        "chat-bench" => env!("CARGO_BIN_EXE_chat-bench"),
+        "chatd" => chatd,
+        "chatctl" | "chat-client" | "chat-bench" => {
+            let dir = sibling_binaries(&chatd);
+            dir.join(name)
+        }
         other => panic!("unknown binary {other}"),
     };
-    let path = PathBuf::from(path);
     assert!(path.exists(), "binary {} is missing", path.display());
     path
+}
+
+/// Builds the workspace's other programs once per test run; returns the directory they are in
+/// (the one the daemon's binary is in).
+fn sibling_binaries(chatd: &Path) -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = chatd.parent().expect("binary directory").to_path_buf();
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .arg("build")
+            .arg("--quiet")
+            .arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"))
+            .args(["-p", "chatctl", "-p", "chat-client", "-p", "chat-bench"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cargo.arg("--release");
+        }
+        let status = cargo
+            .status()
+            .expect("run cargo to build chatctl, chat-client and chat-bench");
+        assert!(
+            status.success(),
+            "building chatctl, chat-client and chat-bench failed"
+        );
+        dir
+    })
 }
 
 /// Waits up to `limit` for `child` to exit; kills it and returns `None` if it does not (the

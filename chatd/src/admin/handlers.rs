@@ -7,13 +7,13 @@ use std::time::UNIX_EPOCH;
 
 use tracing::{info, warn};
 
-use super::proto::{
-    AdminError, BanInfo, ErrorCode, MemoryStats, Request, Response, StatusInfo, UserInfo,
-};
 use crate::bans::{self, Ban, Target};
-use crate::protocol;
 use crate::room::RoomError;
 use crate::shared::Shared;
+use chat_proto::admin::{
+    AdminError, BanInfo, ErrorCode, MemoryStats, Request, Response, StatusInfo, UserInfo,
+};
+use chat_proto::protocol;
 
 /// Longest kick reason or announcement, in bytes.
 const MAX_TEXT: usize = 1024;
@@ -210,7 +210,7 @@ fn ban(
     let kick_reason = format!("banned {}: {}", ban.until_text(), ban.reason);
     let disconnected: Vec<String> = match &ban.target {
         Target::Name(n) => {
-            let key = crate::names::lookup_key(n);
+            let key = chat_proto::names::lookup_key(n);
             shared.room.kick_where(|k, _| k == key, &kick_reason)
         }
         Target::Net(net) => shared.room.kick_where(

@@ -7,7 +7,7 @@
 //! [`MAX_ADMIN_CONNECTIONS`] are served at once, so a stuck admin client cannot pin the daemon.
 //! Unauthenticated bytes are never logged, only their size.
 
-pub mod proto;
+use chat_proto::admin as proto;
 
 mod handlers;
 
@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::codec::{Frame, LineDecoder};
 use crate::shared::Shared;
+use chat_proto::codec::{Frame, LineDecoder};
 use proto::{AdminError, ErrorCode, PROTOCOL_VERSION, RequestEnvelope, Response, ResponseEnvelope};
 
 /// Admin connections served at once; more wait in the kernel's backlog.

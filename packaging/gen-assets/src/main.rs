@@ -15,15 +15,15 @@ use clap::CommandFactory;
 use clap_complete::Shell;
 
 #[allow(dead_code)]
-#[path = "../../chatd/src/cli.rs"]
+#[path = "../../../chatd/src/cli.rs"]
 mod chatd_cli;
 
 #[allow(dead_code)]
-#[path = "../../chatctl/src/cli.rs"]
+#[path = "../../../chatctl/src/cli.rs"]
 mod chatctl_cli;
 
 #[allow(dead_code)]
-#[path = "../../chat-client/src/cli.rs"]
+#[path = "../../../chat-client/src/cli.rs"]
 mod client_cli;
 
 /// One program: its clap command and its manual section (8: system administration, 1: user).
