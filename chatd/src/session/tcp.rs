@@ -1,0 +1,277 @@
+//! The TCP transport of a conversation: one task driving one socket without splitting it. It
+//! waits for "readable", "writable while output is pending", "outbox has frames", "partial line
+//! went quiet", "naming deadline" and "shutdown", and does non-blocking reads and writes, so
+//! nothing is cancelled half-way (every I/O call is a synchronous `try_*`). What the lines mean
+//! is the conversation's business (`core.rs`); this file only moves bytes and keeps time.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::core::Conversation;
+use crate::outbox::Close;
+use crate::shared::Shared;
+use chat_proto::codec::LineDecoder;
+
+/// Longest a closing session waits for its peer to read what is queued (quit, kick).
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the farewell line and FIN, how long a session waits for the peer to close its side.
+const LINGER: Duration = Duration::from_millis(500);
+/// Frames written per vectored write call.
+const MAX_IOVECS: usize = 64;
+
+/// The largest emptied write queue a session keeps (in frames, 32 bytes each): enough for the
+/// usual few frames between writes, small next to a connection's ~4 KB.
+const KEEP_QUEUE: usize = 8;
+/// Read buffer reserved when the socket is readable.
+const READ_CHUNK: usize = 4096;
+
+/// One connected TCP client.
+pub struct Session {
+    stream: TcpStream,
+    /// What the client's lines mean, and its outbox.
+    talk: Conversation,
+    decoder: LineDecoder,
+    /// Frames taken from the outbox but not yet fully written; the first one is advanced past
+    /// what is already on the wire (its own handle only: the bytes stay shared).
+    pending: VecDeque<Bytes>,
+    last_read: Instant,
+}
+
+impl Session {
+    /// A session for an accepted connection.
+    pub fn new(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) -> Self {
+        let max_line = shared.live.load().config.limits.max_line_length.get();
+        Session {
+            stream,
+            talk: Conversation::new(peer, shared),
+            decoder: LineDecoder::new(max_line),
+            pending: VecDeque::new(),
+            last_read: Instant::now(),
+        }
+    }
+
+    /// Runs the session to its end. Never panics on peer input; I/O errors end the session.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        self.talk.greet();
+        let name_deadline =
+            Instant::now() + self.talk.shared().live.load().config.limits.name_timeout;
+        let mut close_deadline: Option<Instant> = None;
+        // This session's own token, waited on by one future for the whole session. Every
+        // wake-up polls it, and polling the server-wide token takes that token's locks, shared
+        // by every session on both workers: a worker that stalls holding one (preempted, or its
+        // virtual CPU descheduled) stalls the other one's writers too. A child token's locks
+        // are this session's alone; shutdown still reaches it through the parent.
+        let shutdown = shutdown.child_token();
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+
+        let result: io::Result<()> = async {
+            loop {
+                // Take more from the outbox only once the socket has taken everything drained
+                // before: the outbox's byte bound then also bounds `pending`, so a client that
+                // stops reading holds at most two queues' worth before its outbox overflows.
+                let closed = if self.pending.is_empty() {
+                    self.talk.outbox().drain_into(&mut self.pending)
+                } else {
+                    self.talk.outbox().closed()
+                };
+                match closed {
+                    Some(Close::Overflow) => {
+                        self.talk.overflowed();
+                        return Ok(());
+                    }
+                    Some(_) if close_deadline.is_none() => {
+                        close_deadline = Some(Instant::now() + CLOSE_FLUSH_TIMEOUT);
+                    }
+                    _ => {}
+                }
+                self.write_pending()?;
+                if close_deadline.is_some() && self.pending.is_empty() {
+                    // Closing: end once the last frames still in the outbox are written too.
+                    self.talk.outbox().drain_into(&mut self.pending);
+                    if self.pending.is_empty() {
+                        self.linger().await;
+                        return Ok(());
+                    }
+                    continue;
+                }
+                let closing = close_deadline.is_some();
+                let flush_at = self.partial_flush_at();
+                let naming = self.talk.is_naming();
+                tokio::select! {
+                    _ = &mut cancelled, if !closing => self.talk.shut_down(),
+                    ready = self.stream.readable(), if !closing => {
+                        ready?;
+                        if !self.read_available()? {
+                            return Ok(());
+                        }
+                    }
+                    ready = self.stream.writable(), if !self.pending.is_empty() => ready?,
+                    _ = self.talk.outbox().ready() => {}
+                    _ = sleep_opt(flush_at), if flush_at.is_some() && !closing => {
+                        if let Some(frame) = self.decoder.take_partial() {
+                            self.talk.handle_frame(frame);
+                        }
+                    }
+                    _ = sleep_opt(Some(name_deadline)), if naming && !closing => {
+                        self.talk.name_timed_out();
+                    }
+                    _ = sleep_opt(close_deadline), if closing => {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        .await;
+
+        if let Err(e) = result {
+            debug!(peer = %self.talk.peer(), user = %self.talk.name(), error = %e, "connection error");
+        }
+        self.talk.finish();
+    }
+
+    /// When the pending partial line of a message client is taken as complete.
+    fn partial_flush_at(&self) -> Option<Instant> {
+        (!self.decoder.is_line_client() && self.decoder.has_partial()).then(|| {
+            self.last_read
+                + self
+                    .talk
+                    .shared()
+                    .live
+                    .load()
+                    .config
+                    .server
+                    .partial_line_flush
+        })
+    }
+
+    /// Reads what the socket has and handles every complete line. Returns `false` at EOF.
+    fn read_available(&mut self) -> io::Result<bool> {
+        self.decoder.set_max_len(
+            self.talk
+                .shared()
+                .live
+                .load()
+                .config
+                .limits
+                .max_line_length
+                .get(),
+        );
+        // Bounded per wake-up so one fast sender cannot monopolise this worker thread.
+        for _ in 0..16 {
+            let buf = self.decoder.buffer_mut();
+            buf.reserve(READ_CHUNK);
+            match self.stream.try_read_buf(buf) {
+                Ok(0) => {
+                    // A message client's last words before closing still count.
+                    if let Some(frame) = self.decoder.take_partial() {
+                        self.talk.handle_frame(frame);
+                    }
+                    return Ok(false);
+                }
+                Ok(_) => {
+                    self.last_read = Instant::now();
+                    while let Some(frame) = self.decoder.next_frame() {
+                        self.talk.handle_frame(frame);
+                        if self.talk.outbox().closed().is_some() {
+                            return Ok(true);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        self.decoder.shrink_if_idle();
+        Ok(true)
+    }
+
+    /// Ends a connection we chose to close (quit, kick, shutdown) politely. Closing a socket
+    /// with unread input makes the kernel send a reset, and a reset can make the peer lose the
+    /// farewell line still in its receive buffer. So: FIN after the last frame, then discard
+    /// what the peer still sends until it closes too, for at most [`LINGER`].
+    async fn linger(&mut self) {
+        if socket2::SockRef::from(&self.stream)
+            .shutdown(std::net::Shutdown::Write)
+            .is_err()
+        {
+            return;
+        }
+        let deadline = Instant::now() + LINGER;
+        let mut scratch = [0u8; 1024];
+        loop {
+            tokio::select! {
+                ready = self.stream.readable() => {
+                    if ready.is_err() {
+                        return;
+                    }
+                    match self.stream.try_read(&mut scratch) {
+                        Ok(0) => return,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
+                }
+                _ = sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    /// Writes as much pending output as the socket takes without blocking.
+    fn write_pending(&mut self) -> io::Result<()> {
+        while !self.pending.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (slot, frame) in slices.iter_mut().zip(&self.pending) {
+                *slot = IoSlice::new(frame);
+                n += 1;
+            }
+            match self.stream.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut wrote) => {
+                    while wrote > 0 {
+                        let Some(front) = self.pending.front_mut() else {
+                            break;
+                        };
+                        if wrote >= front.len() {
+                            wrote -= front.len();
+                            self.pending.pop_front();
+                        } else {
+                            front.advance(wrote);
+                            wrote = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        // Everything is written. This queue goes back to the outbox on the next drain (a swap),
+        // so keeping a small one spares the room a queue allocation, under its lock, on the
+        // next push to this member; a queue grown by a burst is given back.
+        if self.pending.capacity() > KEEP_QUEUE {
+            self.pending = VecDeque::new();
+        }
+        Ok(())
+    }
+}
+
+/// Sleeps until `at`, or forever without a deadline. `select!` builds the future of every
+/// branch on each turn, disabled ones included, and a `Sleep` built there costs a clock read
+/// and a clone of the runtime handle even when it is never polled; this costs nothing until
+/// polled.
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
