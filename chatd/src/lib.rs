@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod bans;
 pub mod config;
+pub mod engine;
 pub mod limits;
 pub mod logging;
 pub mod memory;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 
+use crate::engine::{Engine, Local};
 use crate::outbox::{Close, Outbox};
 use chat_proto::names::{Name, NameError};
 use chat_proto::protocol::{self, kind};
@@ -151,8 +152,110 @@ pub enum RoomError {
     Name(#[from] NameError),
 }
 
+/// A room event: everything that changes the room or reaches its members goes through the
+/// engine as one of these, so every node delivers the same events in the same order. Members
+/// are named by connection; names travel validated.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A connection joins under a name its engine has claimed for it.
+    Join(Newcomer<'a>),
+    /// The member `id` lost its name to a reconnecting client (a reclaim): told `why`, closed,
+    /// and everyone else told it left (reconnected).
+    Replaced {
+        /// The connection replaced.
+        id: ClientId,
+        /// Its last line's text.
+        why: &'a str,
+    },
+    /// A message from member `id` to everyone else (sanitised).
+    Say {
+        /// The sender.
+        id: ClientId,
+        /// The text.
+        text: &'a str,
+    },
+    /// An action (`/me`) from member `id`.
+    Act {
+        /// The sender.
+        id: ClientId,
+        /// The text.
+        text: &'a str,
+    },
+    /// A private message from member `from` to the member named `to`.
+    Private {
+        /// The sender.
+        from: ClientId,
+        /// The recipient's name, as typed.
+        to: &'a str,
+        /// The text (sanitised).
+        text: &'a str,
+    },
+    /// Member `id` takes a new name (claimed for it already).
+    Rename {
+        /// The member.
+        id: ClientId,
+        /// The new name.
+        name: Name,
+    },
+    /// Member `id` leaves; everyone else is told `reason`.
+    Leave {
+        /// The member.
+        id: ClientId,
+        /// Why, as announced.
+        reason: &'a str,
+    },
+    /// Member `id` is disconnected by an administrator.
+    Kick {
+        /// The member.
+        id: ClientId,
+        /// Why, as announced.
+        reason: &'a str,
+    },
+    /// A notice from the operators to every member.
+    Announce {
+        /// The text.
+        text: &'a str,
+    },
+}
+
+/// What delivering one event did on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// A member joined; the room now has `users` members.
+    Joined {
+        /// Members after the join.
+        users: usize,
+    },
+    /// A member was renamed from `old`.
+    Renamed {
+        /// The previous display name.
+        old: String,
+    },
+    /// A member left, or was kicked or replaced.
+    Removed {
+        /// Its name (key and display).
+        name: Name,
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// A private message reached the member with this display name.
+    Sent {
+        /// The recipient's display name.
+        to: String,
+    },
+    /// An announcement reached this many members.
+    Announced {
+        /// How many members got it.
+        recipients: usize,
+    },
+    /// The event named a member who is not (or no longer) here; nothing changed.
+    NoSuchMember,
+    /// A message or action was sent.
+    Posted,
+}
+
 /// The shared chatroom.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Room {
     state: Mutex<State>,
     /// Activity counters, readable without the lock.
@@ -161,14 +264,33 @@ pub struct Room {
     pub reclaims: crate::reclaim::Reclaims,
     /// Wakes [`Room::flush_when_due`] when a presence batch opens.
     batch_opened: tokio::sync::Notify,
+    /// What decides the order of events and who holds a name (engine.rs).
+    engine: Arc<dyn Engine>,
 }
 
 impl Room {
-    /// An empty room keeping `history` recent messages.
+    /// An empty room of a single node keeping `history` recent messages.
     pub fn new(history: usize) -> Self {
-        let room = Room::default();
-        room.lock().history_cap = history;
-        room
+        Self::with_engine(history, Arc::new(Local::default()))
+    }
+
+    /// An empty room keeping `history` recent messages, ordered by `engine`.
+    pub fn with_engine(history: usize, engine: Arc<dyn Engine>) -> Self {
+        Room {
+            state: Mutex::new(State {
+                history_cap: history,
+                ..State::default()
+            }),
+            counters: Counters::default(),
+            reclaims: Default::default(),
+            batch_opened: tokio::sync::Notify::new(),
+            engine,
+        }
+    }
+
+    /// The engine this room is ordered by.
+    pub fn engine(&self) -> &dyn Engine {
+        &*self.engine
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -190,43 +312,262 @@ impl Room {
     /// line) and then the history, atomically with the join, and everyone else gets `*** JOIN`
     /// (at once, or in a storm's batch: see [`PRESENCE_COALESCE`]).
     pub fn join(&self, who: Newcomer<'_>) -> Result<usize, NameError> {
-        let st = self.lock();
-        if st.by_key.contains_key(&who.name.key) {
-            return Err(NameError::Taken);
-        }
-        self.join_locked(st, who)
+        self.engine
+            .claim(&who.name.key, who.id, &|_| false, NameError::Taken)?;
+        let (key, id) = (who.name.key.clone(), who.id);
+        self.seat(who, &key, id)
     }
 
     /// Like [`join`](Self::join), but when the name is held by a member for whom `may_replace`
-    /// says yes, that member is removed in the same step (told `*** KICKED <why>` and closed;
-    /// everyone else told `*** LEAVE <name> left (reconnected)`), so nobody can take the name
-    /// in between; when it says no, [`NameError::ReclaimRefused`]. Used to reclaim a name after
-    /// a lost connection (reclaim.rs).
+    /// says yes, that member is removed first (told `*** KICKED <why>` and closed; everyone
+    /// else told `*** LEAVE <name> left (reconnected)`); the engine hands the name over in one
+    /// step, so nobody can take it in between. When it says no, [`NameError::ReclaimRefused`].
+    /// Used to reclaim a name after a lost connection (reclaim.rs).
     pub fn join_replacing(
         &self,
         who: Newcomer<'_>,
-        may_replace: impl FnOnce(ClientId) -> bool,
+        may_replace: impl Fn(ClientId) -> bool,
         why: &str,
     ) -> Result<usize, NameError> {
-        let mut st = self.lock();
-        self.send_presence(&mut st);
-        if let Some(&holder) = st.by_key.get(&who.name.key) {
-            if holder == who.id || !may_replace(holder) {
-                return Err(NameError::ReclaimRefused);
-            }
-            self.evict(&mut st, holder, why, |name| {
-                protocol::server_line(kind::LEAVE, &format!("{name} left (reconnected)"))
-            });
+        let (key, id) = (who.name.key.clone(), who.id);
+        let replaced = self.engine.claim(
+            &key,
+            id,
+            &|holder| holder != id && may_replace(holder),
+            NameError::ReclaimRefused,
+        )?;
+        if let Some(holder) = replaced {
+            self.engine
+                .append(self, Event::Replaced { id: holder, why });
         }
-        self.join_locked(st, who)
+        self.seat(who, &key, id)
     }
 
-    /// The rest of a join once the name is known to be free, under the room lock.
-    fn join_locked(
+    /// Appends the join of `who`, whose name `key` is claimed; gives the name back if the join
+    /// could not be delivered.
+    fn seat(&self, who: Newcomer<'_>, key: &str, id: ClientId) -> Result<usize, NameError> {
+        match self.engine.append(self, Event::Join(who)) {
+            Some(Delivered::Joined { users }) => Ok(users),
+            None => Ok(self.len()),
+            Some(_) => {
+                self.engine.release(key, id);
+                Err(NameError::Taken)
+            }
+        }
+    }
+
+    /// A message from member `id` to everyone else; `text` must already be sanitised.
+    pub fn say(&self, id: ClientId, text: &str) {
+        self.engine.append(self, Event::Say { id, text });
+    }
+
+    /// An action (`/me`) from member `id`.
+    pub fn act(&self, id: ClientId, text: &str) {
+        self.engine.append(self, Event::Act { id, text });
+    }
+
+    /// A private message from member `from` to the member named `to`.
+    pub fn private(&self, from: ClientId, to: &str, text: &str) -> Result<String, RoomError> {
+        match self.engine.append(self, Event::Private { from, to, text }) {
+            Some(Delivered::Sent { to }) => Ok(to),
+            None => Ok(to.to_owned()),
+            Some(_) => Err(RoomError::NoSuchUser(to.to_owned())),
+        }
+    }
+
+    /// Renames member `id`; everyone (including the member) is told. Returns the old name.
+    pub fn rename(&self, id: ClientId, new: Name) -> Result<String, NameError> {
+        let key = new.key.clone();
+        self.engine.claim(&key, id, &|_| false, NameError::Taken)?;
+        match self.engine.append(self, Event::Rename { id, name: new }) {
+            Some(Delivered::Renamed { old }) => {
+                let old_key = chat_proto::names::lookup_key(&old);
+                if old_key != key {
+                    self.engine.release(&old_key, id);
+                }
+                Ok(old)
+            }
+            None => Ok(String::new()),
+            Some(_) => {
+                self.engine.release(&key, id);
+                Err(NameError::Empty)
+            }
+        }
+    }
+
+    /// Removes member `id` (if still present) and tells everyone else why. Idempotent.
+    pub fn leave(&self, id: ClientId, reason: &str) -> Option<String> {
+        match self.engine.append(self, Event::Leave { id, reason })? {
+            Delivered::Removed { name, .. } => {
+                self.engine.release(&name.key, id);
+                Some(name.display)
+            }
+            _ => None,
+        }
+    }
+
+    /// Marks the room as shutting down: from now on leaves are not announced (every session
+    /// tells its own client `*** SHUTDOWN`). A node's own shutdown, not a room event.
+    pub fn close(&self) {
+        let mut st = self.lock();
+        self.send_presence(&mut st);
+        st.closing = true;
+    }
+
+    /// Disconnects the member named `name`: they get `*** KICKED <reason>`, everyone else
+    /// `*** KICK`. Returns the member's display name and address.
+    pub fn kick(&self, name: &str, reason: &str) -> Result<(String, SocketAddr), RoomError> {
+        let key = chat_proto::names::lookup_key(name);
+        let id = self.lock().by_key.get(&key).copied();
+        id.and_then(|id| self.kick_id(id, reason))
+            .ok_or_else(|| RoomError::NoSuchUser(name.to_owned()))
+    }
+
+    /// Kicks every member for whom `matches(key, addr)` holds (a ban); returns the display
+    /// names of those kicked.
+    pub fn kick_where(
         &self,
-        mut st: MutexGuard<'_, State>,
-        who: Newcomer<'_>,
-    ) -> Result<usize, NameError> {
+        matches: impl Fn(&str, SocketAddr) -> bool,
+        reason: &str,
+    ) -> Vec<String> {
+        let ids: Vec<ClientId> = self
+            .lock()
+            .members
+            .iter()
+            .filter(|(_, m)| matches(&m.name.key, m.addr))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.kick_id(id, reason).map(|(name, _)| name))
+            .collect()
+    }
+
+    fn kick_id(&self, id: ClientId, reason: &str) -> Option<(String, SocketAddr)> {
+        match self.engine.append(self, Event::Kick { id, reason })? {
+            Delivered::Removed { name, addr } => {
+                self.engine.release(&name.key, id);
+                Some((name.display, addr))
+            }
+            _ => None,
+        }
+    }
+
+    /// A notice from the operators to every member; returns how many received it.
+    pub fn announce(&self, text: &str) -> usize {
+        match self.engine.append(self, Event::Announce { text }) {
+            Some(Delivered::Announced { recipients }) => recipients,
+            _ => 0,
+        }
+    }
+
+    /// Delivers one event, in the engine's order, to this node's members: the fan-out half of
+    /// every room operation. Under the room lock: no I/O, no `.await`.
+    pub fn deliver(&self, event: Event<'_>) -> Delivered {
+        let mut st = self.lock();
+        match event {
+            Event::Join(who) => self.join_locked(&mut st, who),
+            Event::Replaced { id, why } => {
+                self.send_presence(&mut st);
+                match self.evict(&mut st, id, why, |name| {
+                    protocol::server_line(kind::LEAVE, &format!("{name} left (reconnected)"))
+                }) {
+                    Some(m) => Delivered::Removed {
+                        name: m.name,
+                        addr: m.addr,
+                    },
+                    None => Delivered::NoSuchMember,
+                }
+            }
+            Event::Say { id, text } => {
+                self.post(&mut st, id, |name| protocol::chat_line(name, text))
+            }
+            Event::Act { id, text } => {
+                self.post(&mut st, id, |name| protocol::action_line(name, text))
+            }
+            Event::Private { from, to, text } => {
+                self.send_presence(&mut st);
+                let Some(sender) = st.members.get(&from) else {
+                    return Delivered::NoSuchMember;
+                };
+                let Ok(target) = self.find(&st, to) else {
+                    return Delivered::NoSuchMember;
+                };
+                target
+                    .outbox
+                    .push(protocol::private_line(&sender.name.display, text));
+                self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
+                Delivered::Sent {
+                    to: target.name.display.clone(),
+                }
+            }
+            Event::Rename { id, name } => {
+                self.send_presence(&mut st);
+                let Some(old) = st.members.get(&id).map(|m| m.name.clone()) else {
+                    return Delivered::NoSuchMember;
+                };
+                let line = protocol::server_line(
+                    kind::NICK,
+                    &format!("{} is now known as {}", old.display, name.display),
+                );
+                self.broadcast(&st, None, &line);
+                Self::unindex(&mut st, &old.key, id);
+                st.by_key.insert(name.key.clone(), id);
+                if let Some(m) = st.members.get_mut(&id) {
+                    m.name = name;
+                }
+                Delivered::Renamed { old: old.display }
+            }
+            Event::Leave { id, reason } => {
+                let Some(member) = st.members.remove(&id) else {
+                    return Delivered::NoSuchMember;
+                };
+                Self::unindex(&mut st, &member.name.key, id);
+                if !st.closing {
+                    let line = protocol::server_line(
+                        kind::LEAVE,
+                        &format!("{} left ({reason})", member.name.display),
+                    );
+                    self.presence_line(&mut st, &line, None);
+                }
+                Delivered::Removed {
+                    name: member.name,
+                    addr: member.addr,
+                }
+            }
+            Event::Kick { id, reason } => {
+                self.send_presence(&mut st);
+                let Some(member) = self.evict(&mut st, id, reason, |name| {
+                    protocol::server_line(kind::KICK, &format!("{name} was kicked ({reason})"))
+                }) else {
+                    return Delivered::NoSuchMember;
+                };
+                self.counters.kicks.fetch_add(1, Ordering::Relaxed);
+                Delivered::Removed {
+                    name: member.name,
+                    addr: member.addr,
+                }
+            }
+            Event::Announce { text } => {
+                self.send_presence(&mut st);
+                let line = protocol::server_line(kind::NOTICE, text);
+                self.broadcast(&st, None, &line);
+                Delivered::Announced {
+                    recipients: st.members.len(),
+                }
+            }
+        }
+    }
+
+    /// Drops `key` from the name index if it still points at `id` (a name handed over to a
+    /// newer member keeps its entry).
+    fn unindex(st: &mut State, key: &str, id: ClientId) {
+        if st.by_key.get(key) == Some(&id) {
+            st.by_key.remove(key);
+        }
+    }
+
+    /// The rest of a join, under the room lock.
+    fn join_locked(&self, st: &mut State, who: Newcomer<'_>) -> Delivered {
         let Newcomer {
             id,
             name,
@@ -242,7 +583,7 @@ impl Room {
             outbox.push(protocol::history_line(&when, &entry.line));
         }
         let joined = protocol::server_line(kind::JOIN, &format!("{} joined", name.display));
-        self.presence_line(&mut st, &joined, Some(id));
+        self.presence_line(st, &joined, Some(id));
         st.by_key.insert(name.key.clone(), id);
         st.members.insert(
             id,
@@ -254,7 +595,32 @@ impl Room {
                 last_active: Instant::now(),
             },
         );
-        Ok(st.members.len())
+        Delivered::Joined {
+            users: st.members.len(),
+        }
+    }
+
+    /// A message or action from member `id`, encoded by `encode` from its name.
+    fn post(&self, st: &mut State, id: ClientId, encode: impl FnOnce(&str) -> Bytes) -> Delivered {
+        self.send_presence(st);
+        let Some(member) = st.members.get_mut(&id) else {
+            return Delivered::NoSuchMember;
+        };
+        member.last_active = Instant::now();
+        // Encoded once; every recipient and the history share these bytes.
+        let frame = encode(&member.name.display);
+        self.broadcast(st, Some(id), &frame);
+        self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        if st.history_cap > 0 {
+            if st.history.len() == st.history_cap {
+                st.history.pop_front();
+            }
+            st.history.push_back(HistoryEntry {
+                at: SystemTime::now(),
+                line: frame,
+            });
+        }
+        Delivered::Posted
     }
 
     /// Announces a join or a leave: at once, or as part of a storm's batch (see
@@ -357,152 +723,12 @@ impl Room {
             .fetch_add(delivered, Ordering::Relaxed);
     }
 
-    /// A message from member `id` to everyone else; `text` must already be sanitised.
-    pub fn say(&self, id: ClientId, text: &str) {
-        self.post(id, |name| protocol::chat_line(name, text));
-    }
-
-    /// An action (`/me`) from member `id`.
-    pub fn act(&self, id: ClientId, text: &str) {
-        self.post(id, |name| protocol::action_line(name, text));
-    }
-
-    fn post(&self, id: ClientId, encode: impl FnOnce(&str) -> Bytes) {
-        let mut st = self.lock();
-        self.send_presence(&mut st);
-        let Some(member) = st.members.get_mut(&id) else {
-            return;
-        };
-        member.last_active = Instant::now();
-        // Encoded once; every recipient and the history share these bytes.
-        let frame = encode(&member.name.display);
-        self.broadcast(&st, Some(id), &frame);
-        self.counters.messages.fetch_add(1, Ordering::Relaxed);
-        if st.history_cap > 0 {
-            if st.history.len() == st.history_cap {
-                st.history.pop_front();
-            }
-            st.history.push_back(HistoryEntry {
-                at: SystemTime::now(),
-                line: frame,
-            });
-        }
-    }
-
-    /// A private message from member `from` to the member named `to`.
-    pub fn private(&self, from: ClientId, to: &str, text: &str) -> Result<String, RoomError> {
-        let mut st = self.lock();
-        self.send_presence(&mut st);
-        let Some(sender) = st.members.get(&from) else {
-            return Err(RoomError::NoSuchUser(to.to_owned()));
-        };
-        let target = self.find(&st, to)?;
-        target
-            .outbox
-            .push(protocol::private_line(&sender.name.display, text));
-        self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
-        Ok(target.name.display.clone())
-    }
-
     fn find<'s>(&self, st: &'s State, name: &str) -> Result<&'s Member, RoomError> {
         let key = chat_proto::names::lookup_key(name);
         st.by_key
             .get(&key)
             .and_then(|id| st.members.get(id))
             .ok_or_else(|| RoomError::NoSuchUser(name.to_owned()))
-    }
-
-    /// Renames member `id`; everyone (including the member) is told. Returns the old name.
-    pub fn rename(&self, id: ClientId, new: Name) -> Result<String, NameError> {
-        let mut st = self.lock();
-        self.send_presence(&mut st);
-        let Some(old) = st.members.get(&id).map(|m| m.name.clone()) else {
-            return Err(NameError::Empty);
-        };
-        if old.key != new.key && st.by_key.contains_key(&new.key) {
-            return Err(NameError::Taken);
-        }
-        let line = protocol::server_line(
-            kind::NICK,
-            &format!("{} is now known as {}", old.display, new.display),
-        );
-        self.broadcast(&st, None, &line);
-        st.by_key.remove(&old.key);
-        st.by_key.insert(new.key.clone(), id);
-        if let Some(m) = st.members.get_mut(&id) {
-            m.name = new;
-        }
-        Ok(old.display)
-    }
-
-    /// Removes member `id` (if still present) and tells everyone else why. Idempotent.
-    pub fn leave(&self, id: ClientId, reason: &str) -> Option<String> {
-        let mut st = self.lock();
-        let member = st.members.remove(&id)?;
-        st.by_key.remove(&member.name.key);
-        if st.closing {
-            return Some(member.name.display);
-        }
-        let line = protocol::server_line(
-            kind::LEAVE,
-            &format!("{} left ({reason})", member.name.display),
-        );
-        self.presence_line(&mut st, &line, None);
-        Some(member.name.display)
-    }
-
-    /// Marks the room as shutting down: from now on leaves are not announced (every session
-    /// tells its own client `*** SHUTDOWN`).
-    pub fn close(&self) {
-        let mut st = self.lock();
-        self.send_presence(&mut st);
-        st.closing = true;
-    }
-
-    /// Disconnects the member named `name`: they get `*** KICKED <reason>`, everyone else
-    /// `*** KICK`. Returns the member's display name and address.
-    pub fn kick(&self, name: &str, reason: &str) -> Result<(String, SocketAddr), RoomError> {
-        let mut st = self.lock();
-        self.send_presence(&mut st);
-        let key = chat_proto::names::lookup_key(name);
-        let Some(id) = st.by_key.get(&key).copied() else {
-            return Err(RoomError::NoSuchUser(name.to_owned()));
-        };
-        self.remove_kicked(&mut st, id, reason)
-            .ok_or_else(|| RoomError::NoSuchUser(name.to_owned()))
-    }
-
-    /// Kicks every member for whom `matches(key, addr)` holds (a ban); returns who was kicked.
-    pub fn kick_where(
-        &self,
-        matches: impl Fn(&str, SocketAddr) -> bool,
-        reason: &str,
-    ) -> Vec<(String, SocketAddr)> {
-        let mut st = self.lock();
-        self.send_presence(&mut st);
-        let ids: Vec<ClientId> = st
-            .members
-            .iter()
-            .filter(|(_, m)| matches(&m.name.key, m.addr))
-            .map(|(id, _)| *id)
-            .collect();
-        ids.into_iter()
-            .filter_map(|id| self.remove_kicked(&mut st, id, reason))
-            .collect()
-    }
-
-    /// Removes member `id`, sends them `*** KICKED` and closes their outbox, tells the others.
-    fn remove_kicked(
-        &self,
-        st: &mut State,
-        id: ClientId,
-        reason: &str,
-    ) -> Option<(String, SocketAddr)> {
-        let member = self.evict(st, id, reason, |name| {
-            protocol::server_line(kind::KICK, &format!("{name} was kicked ({reason})"))
-        })?;
-        self.counters.kicks.fetch_add(1, Ordering::Relaxed);
-        Some((member.name.display, member.addr))
     }
 
     /// Removes member `id` against their will: they get `*** KICKED <why>` as their last line,
@@ -515,22 +741,13 @@ impl Room {
         announce: impl FnOnce(&str) -> Bytes,
     ) -> Option<Member> {
         let member = st.members.remove(&id)?;
-        st.by_key.remove(&member.name.key);
+        Self::unindex(st, &member.name.key, id);
         member.outbox.close_with(
             Some(protocol::server_line(kind::KICKED, why)),
             Close::Kicked,
         );
         self.broadcast(st, None, &announce(&member.name.display));
         Some(member)
-    }
-
-    /// A notice from the operators to every member; returns how many received it.
-    pub fn announce(&self, text: &str) -> usize {
-        let mut st = self.lock();
-        self.send_presence(&mut st);
-        let line = protocol::server_line(kind::NOTICE, text);
-        self.broadcast(&st, None, &line);
-        st.members.len()
     }
 
     /// Display names of everyone online, sorted case-insensitively.

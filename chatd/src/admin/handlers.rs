@@ -217,10 +217,7 @@ fn ban(
             |_, addr| net.contains(&bans::canonical(addr.ip())),
             &kick_reason,
         ),
-    }
-    .into_iter()
-    .map(|(name, _)| name)
-    .collect();
+    };
     info!(target = %ban.target.to_text(), reason = %ban.reason, until = %ban.until_text(),
         disconnected = disconnected.len(), admin_uid = uid, "ban added");
     Response::Banned {
