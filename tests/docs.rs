@@ -1,6 +1,7 @@
 //! The written contracts in docs/ and config/ cannot drift from the code.
 
 use chat_proto::admin::ErrorCode;
+use chat_proto::command::COMMANDS;
 use chat_proto::protocol::{ALL_CODES, ALL_KINDS};
 use chatd::config::{Config, RESTART_KEYS};
 
@@ -23,6 +24,20 @@ fn protocol_doc_lists_every_server_line_kind_and_error_code() {
             doc.contains(&format!("| `{code}` |")),
             "docs/protocol.md lacks code {code}"
         );
+    }
+}
+
+#[test]
+fn protocol_and_client_docs_name_every_command() {
+    for doc in ["docs/protocol.md", "docs/client.md"] {
+        let text = read(doc);
+        for command in COMMANDS {
+            assert!(
+                text.contains(&format!("`{}", command.name)),
+                "{doc} lacks {}",
+                command.name
+            );
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chat_proto::command::{self, Input as Cmd};
-use chat_proto::protocol::{Incoming, code, kind, split_subject};
+use chat_proto::protocol::{Event, code};
 use tokio::time::{Instant, sleep_until};
 
 use crate::cli::Cli;
@@ -210,15 +210,10 @@ async fn greeting(ui: &mut Ui, conn: &mut Connection, host: &str, port: u16) -> 
         // A server that does not greet may still take a name.
         Err(_) => Ok(()),
         Ok(FromServer::Line(line)) => {
-            ui.show_incoming(&line);
-            match Incoming::parse(&line) {
-                Incoming::Server {
-                    kind: kind::ERR,
-                    rest,
-                } => Err(format!(
-                    "refused the connection ({})",
-                    split_subject(rest).0
-                )),
+            let event = Event::parse(&line);
+            ui.show_incoming(&line, &event);
+            match event {
+                Event::Err { code, .. } => Err(format!("refused the connection ({code})")),
                 _ => Ok(()),
             }
         }
@@ -293,7 +288,7 @@ async fn choose_name(
 
 /// Sends one name and waits for the verdict, showing whatever else arrives.
 async fn try_name(ui: &mut Ui, conn: &mut Connection, name: &str) -> Naming {
-    if matches!(command::parse(name), Cmd::Quit) {
+    if command::parse_naming(name) == command::Naming::Quit {
         let _ = conn.send("quit").await;
         return Naming::Quit;
     }
@@ -301,41 +296,33 @@ async fn try_name(ui: &mut Ui, conn: &mut Connection, name: &str) -> Naming {
         return Naming::Lost(e.to_string());
     }
     loop {
-        match conn.recv().await {
-            FromServer::Line(line) => match Incoming::parse(&line) {
-                Incoming::Server {
-                    kind: kind::WELCOME,
-                    rest,
-                } => {
-                    let (accepted, text) = split_subject(rest);
-                    let accepted = accepted.to_owned();
-                    conn.limits = chat_proto::protocol::parse_flood_limits(text);
-                    ui.renderer.me = accepted.clone();
-                    ui.show_incoming(&line);
-                    return Naming::Welcome(accepted);
-                }
-                Incoming::Server {
-                    kind: kind::ERR,
-                    rest,
-                } => {
-                    let (code, text) = split_subject(rest);
-                    if matches!(
-                        code,
-                        code::NAME_TAKEN
-                            | code::NAME_INVALID
-                            | code::NAME_RESERVED
-                            | code::RECLAIM_REFUSED
-                    ) {
-                        if !ui.is_editor() {
-                            ui.show_incoming(&line);
-                        }
-                        return Naming::Refused(code.to_owned(), text.to_owned());
-                    }
-                    ui.show_incoming(&line);
-                }
-                _ => ui.show_incoming(&line),
-            },
+        let line = match conn.recv().await {
+            FromServer::Line(line) => line,
             FromServer::Closed(e) => return Naming::Lost(describe_close(e)),
+        };
+        let event = Event::parse(&line);
+        match event {
+            Event::Welcome { name: accepted, .. } => {
+                conn.limits = event.flood_limits();
+                ui.renderer.me = accepted.to_owned();
+                ui.show_incoming(&line, &event);
+                return Naming::Welcome(accepted.to_owned());
+            }
+            Event::Err { code, text }
+                if matches!(
+                    code,
+                    code::NAME_TAKEN
+                        | code::NAME_INVALID
+                        | code::NAME_RESERVED
+                        | code::RECLAIM_REFUSED
+                ) =>
+            {
+                if !ui.is_editor() {
+                    ui.show_incoming(&line, &event);
+                }
+                return Naming::Refused(code.to_owned(), text.to_owned());
+            }
+            _ => ui.show_incoming(&line, &event),
         }
     }
 }
@@ -379,8 +366,8 @@ async fn chat(
         tokio::select! {
             ev = conn.recv() => match ev {
                 FromServer::Line(line) => {
-                    let inc = Incoming::parse(&line);
-                    if let Some((old, new)) = roster.observe(&inc)
+                    let event = Event::parse(&line);
+                    if let Some((old, new)) = roster.observe(&event)
                         && old.eq_ignore_ascii_case(name)
                     {
                         *name = new;
@@ -392,33 +379,30 @@ async fn chat(
                         t.set_names(roster.names());
                         names_shown = Some(roster.generation());
                     }
-                    if let Incoming::Server { kind, rest } = inc {
-                        match kind {
-                            kind::KICKED => kicked = Some(rest.to_owned()),
-                            kind::BYE => bye = true,
-                            kind::SHUTDOWN => shutdown = true,
-                            // Our own request: kept, never shown (it is a secret).
-                            kind::TOKEN if awaiting_token => {
+                    match event {
+                        Event::Kicked { reason } => kicked = Some(reason.to_owned()),
+                        Event::Bye { .. } => bye = true,
+                        Event::Shutdown { .. } => shutdown = true,
+                        // Our own request: kept, never shown (it is a secret).
+                        Event::Token { token: t, .. } if awaiting_token => {
+                            awaiting_token = false;
+                            if let Some(slot) = token.as_deref_mut() {
+                                *slot = Some(t.to_owned());
+                            }
+                            continue;
+                        }
+                        Event::Err { code, text } => {
+                            if code == code::RATE_LIMITED {
+                                pacer.refused(text);
+                            } else if awaiting_token && code == code::UNKNOWN_COMMAND {
+                                // A server without reclaim tokens: reclaim by retrying.
                                 awaiting_token = false;
-                                if let Some(slot) = token.as_deref_mut() {
-                                    *slot = Some(split_subject(rest).0.to_owned());
-                                }
                                 continue;
                             }
-                            kind::ERR => {
-                                let (code, text) = split_subject(rest);
-                                if code == code::RATE_LIMITED {
-                                    pacer.refused(text);
-                                } else if awaiting_token && code == code::UNKNOWN_COMMAND {
-                                    // A server without reclaim tokens: reclaim by retrying.
-                                    awaiting_token = false;
-                                    continue;
-                                }
-                            }
-                            _ => {}
                         }
+                        _ => {}
                     }
-                    ui.show_incoming(&line);
+                    ui.show_incoming(&line, &event);
                 }
                 FromServer::Closed(e) => {
                     if let Some(reason) = kicked {

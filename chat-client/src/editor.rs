@@ -20,9 +20,6 @@ use unicode_width::UnicodeWidthStr;
 
 use crate::ui::Input;
 
-/// Commands offered by Tab at the start of a line.
-pub const COMMANDS: &[&str] = &["/help", "/me", "/msg", "/nick", "/quit", "/who"];
-
 /// The client's own part of `/help`: the keys (the server then lists its commands).
 pub const HELP: &[&str] = &[
     "keys: Enter send, Tab complete names and /commands, Up/Down history,",
@@ -453,10 +450,12 @@ pub fn complete(buf: &str, cursor: usize, names: &[String]) -> Completion {
     let lower = word.to_lowercase();
     let is_command = start == 0 && word.starts_with('/');
     let candidates: Vec<String> = if is_command {
-        COMMANDS
+        // Offered from the protocol's own list, so every command the server knows is here.
+        chat_proto::command::COMMANDS
             .iter()
+            .map(|c| c.name)
             .filter(|c| c.starts_with(&lower))
-            .map(|c| (*c).to_owned())
+            .map(str::to_owned)
             .collect()
     } else if word.is_empty() {
         Vec::new()
@@ -547,6 +546,8 @@ mod tests {
         assert_eq!(c.replace, Some((0, "/nick ".into())));
         let c = complete("/m", 2, &names());
         assert_eq!(c.candidates, vec!["/me", "/msg"]);
+        let c = complete("/t", 2, &names());
+        assert_eq!(c.replace, Some((0, "/token ".into())));
         let c = complete("/msg a", 6, &names());
         assert_eq!(c.candidates.len(), 2);
     }

@@ -4,11 +4,12 @@
 use std::io;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
+use chat_proto::codec::{Frame, LineDecoder};
 use chat_proto::protocol;
 
 /// Longest a connection attempt may take before it counts as failed.
@@ -21,6 +22,8 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// naming everyone online: just under 1 MB with its default limits (10,000 clients, names of 24
 /// characters of up to 4 bytes). Anything longer is shown as too long rather than held.
 const MAX_LINE: usize = 1 << 20;
+/// Room made in the read buffer before each read: most reads bring a few short lines.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// What the reader task reports.
 #[derive(Debug)]
@@ -105,52 +108,87 @@ fn bracket_v6(host: &str) -> String {
     }
 }
 
-/// Splits the stream into lines until it ends, bounding each line's size.
-async fn read_lines(read: OwnedReadHalf, tx: mpsc::Sender<FromServer>) {
-    let mut reader = BufReader::with_capacity(16 * 1024, read);
-    let mut line: Vec<u8> = Vec::new();
-    let mut overlong = false;
+/// The line shown in place of one longer than [`MAX_LINE`].
+fn too_long_line() -> String {
+    let line = protocol::error_line(
+        protocol::code::LINE_TOO_LONG,
+        "a line from the server was too long to show",
+    );
+    String::from_utf8_lossy(line.strip_suffix(b"\n").unwrap_or(&line)).into_owned()
+}
+
+/// Splits the stream into lines until it ends, with the protocol's own decoder: at most
+/// [`MAX_LINE`] bytes of one line are ever held, a longer one is reported once and skipped up
+/// to its newline. An unterminated last line (the server died mid-line) is dropped.
+async fn read_lines(mut read: OwnedReadHalf, tx: mpsc::Sender<FromServer>) {
+    let mut decoder = LineDecoder::new(MAX_LINE);
     loop {
-        let buf = match reader.fill_buf().await {
-            Ok([]) => {
-                let _ = tx.send(FromServer::Closed(None)).await;
-                return;
-            }
-            Ok(b) => b,
-            Err(e) => {
-                let _ = tx.send(FromServer::Closed(Some(e))).await;
-                return;
-            }
-        };
-        let (chunk, used, complete) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (&buf[..i], i + 1, true),
-            None => (buf, buf.len(), false),
-        };
-        if line.len() + chunk.len() > MAX_LINE {
-            overlong = true;
-        } else {
-            line.extend_from_slice(chunk);
-        }
-        reader.consume(used);
-        if complete {
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            let text = if overlong {
-                format!(
-                    "{}{} {} a line from the server was too long to show",
-                    protocol::SERVER_PREFIX,
-                    protocol::kind::ERR,
-                    protocol::code::LINE_TOO_LONG
-                )
-            } else {
-                String::from_utf8_lossy(&line).into_owned()
+        while let Some(frame) = decoder.next_frame() {
+            let text = match frame {
+                Frame::Line(line) => String::from_utf8_lossy(&line).into_owned(),
+                Frame::TooLong => too_long_line(),
             };
-            line.clear();
-            overlong = false;
             if tx.send(FromServer::Line(text)).await.is_err() {
                 return;
             }
         }
+        let buf = decoder.buffer_mut();
+        buf.reserve(READ_CHUNK);
+        match read.read_buf(buf).await {
+            Ok(0) => {
+                let _ = tx.send(FromServer::Closed(None)).await;
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = tx.send(FromServer::Closed(Some(e))).await;
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serves `bytes` to one client, then closes.
+    async fn serve(bytes: Vec<u8>) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            if let Ok((mut s, _)) = listener.accept().await {
+                let _ = s.write_all(&bytes).await;
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn lines_up_to_the_cap_arrive_longer_ones_are_reported_once() {
+        let longest = "x".repeat(MAX_LINE);
+        let mut wire = format!("a\r\nb\n{longest}\n").into_bytes();
+        wire.extend(std::iter::repeat_n(b'y', MAX_LINE + 10));
+        wire.extend_from_slice(b"\nc\nunterminated");
+        let mut conn = Connection::open("127.0.0.1", serve(wire).await)
+            .await
+            .expect("connect");
+        let mut got = Vec::new();
+        loop {
+            match conn.recv().await {
+                FromServer::Line(l) => got.push(l),
+                FromServer::Closed(e) => {
+                    assert!(e.is_none(), "{e:?}");
+                    break;
+                }
+            }
+        }
+        assert_eq!(got, ["a", "b", &longest, &too_long_line(), "c"]);
+        assert_eq!(
+            too_long_line(),
+            "*** ERR line-too-long a line from the server was too long to show"
+        );
     }
 }

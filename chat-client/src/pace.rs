@@ -14,11 +14,28 @@ use std::time::{Duration, Instant};
 
 use chat_proto::flood::TokenBucket;
 
-/// Sustained lines per second; below the server's default of 5 so the server's bucket, which
-/// refills faster, always has a token when ours does.
-const RATE: u64 = 4;
-/// Burst; below the server's default of 10 for the same reason.
-const BURST: u64 = 8;
+/// The server's default flood limit (`limits.message-rate`, `limits.message-burst`), assumed
+/// when a server does not announce its own.
+const SERVER_DEFAULT: (u64, u64) = (5, 10);
+
+/// How much stricter than the server's limit the client paces itself: it sends at
+/// `MARGIN_RATE` (numerator, denominator) of the server's rate, and bursts `MARGIN_BURST` lines
+/// fewer. This trades the speed of a paste against the risk of a refusal: the server's bucket
+/// and ours refill on different clocks, and the network can bunch lines that left us evenly
+/// spaced, so pacing at exactly the server's limit gets lines refused now and then, and a
+/// refused line is lost (the server reports it; the client does not send it again). With the
+/// defaults (5/s, bursts of 10) it sends 4/s in bursts of 8.
+///
+/// Not a config key: the limit itself comes from the server, a smaller margin can only lose
+/// lines, a larger one only slows pastes, and after a refusal the client adopts what the server
+/// says anyway.
+const MARGIN_RATE: (u64, u64) = (4, 5);
+/// See [`MARGIN_RATE`].
+const MARGIN_BURST: u64 = 2;
+/// How long to wait after a refusal that does not say (an older or other server).
+const DEFAULT_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait a refusal can impose, so a garbled retry time cannot stall sending.
+const MAX_RETRY: Duration = Duration::from_secs(60);
 
 /// Lines waiting to be sent, and when the next may go.
 pub struct Pacer {
@@ -33,10 +50,8 @@ impl Pacer {
     /// out without it.
     pub fn new(announced: Option<(u64, u64)>, already_sent: usize) -> Pacer {
         let now = Instant::now();
-        let (rate, burst) = match announced {
-            Some((rate, burst)) => stricter(rate, burst),
-            None => (RATE, BURST),
-        };
+        let (rate, burst) = announced.unwrap_or(SERVER_DEFAULT);
+        let (rate, burst) = stricter(rate, burst);
         let mut bucket = TokenBucket::new(rate, burst, now);
         for _ in 0..already_sent {
             let _ = bucket.take(now);
@@ -83,23 +98,26 @@ impl Pacer {
     /// adopt the limits it names, a little stricter, and wait as long as it says.
     pub fn refused(&mut self, text: &str) {
         let (rate, burst, retry) = chat_proto::protocol::parse_rate_limited(text);
-        let (rate, burst, retry) = (
-            rate.unwrap_or(RATE),
-            burst.unwrap_or(BURST),
-            retry.unwrap_or(1000),
-        );
+        // A refusal that names no limits came although we paced below the defaults: go
+        // below our own default pace.
+        let ours = stricter(SERVER_DEFAULT.0, SERVER_DEFAULT.1);
+        let (rate, burst) = stricter(rate.unwrap_or(ours.0), burst.unwrap_or(ours.1));
+        let retry = retry.map_or(DEFAULT_RETRY, Duration::from_millis);
         let now = Instant::now();
-        let (rate, burst) = stricter(rate, burst);
         self.bucket = TokenBucket::new(rate, burst, now);
         while self.bucket.take(now).is_ok() {}
-        self.hold_until = now + Duration::from_millis(retry.min(60_000));
+        self.hold_until = now + retry.min(MAX_RETRY);
     }
 }
 
-/// A bucket a little stricter than the server's, so the server always has a token when ours
-/// does (its refill and ours drift apart by scheduling).
+/// A bucket a little stricter than the server's ([`MARGIN_RATE`], [`MARGIN_BURST`]), so the
+/// server always has a token when ours does; never below one line.
 fn stricter(rate: u64, burst: u64) -> (u64, u64) {
-    ((rate * 4 / 5).max(1), burst.saturating_sub(2).max(1))
+    let (num, den) = MARGIN_RATE;
+    (
+        (rate.saturating_mul(num) / den).max(1),
+        burst.saturating_sub(MARGIN_BURST).max(1),
+    )
 }
 
 #[cfg(test)]
@@ -116,10 +134,20 @@ mod tests {
         while p.pop_ready().is_some() {
             sent += 1;
         }
-        assert_eq!(sent, BURST as usize - 2);
+        // The default burst of 10, less the margin of 2, less the 2 lines already sent.
+        assert_eq!(sent, 6);
         let at = p.next_at().expect("queued");
         assert!(at > Instant::now());
         assert_eq!(p.len(), 10 - sent);
+    }
+
+    #[test]
+    fn margin_is_what_docs_client_md_says() {
+        // docs/client.md, "Sending pace": 4/5 of the rate, the burst less 2.
+        assert_eq!(stricter(5, 10), (4, 8));
+        assert_eq!(stricter(2, 3), (1, 1));
+        assert_eq!(stricter(1, 1), (1, 1));
+        assert_eq!(stricter(u64::MAX, 0), (u64::MAX / 5, 1));
     }
 
     #[test]

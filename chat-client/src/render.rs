@@ -7,7 +7,7 @@
 //! notes sanitise too. Colour codes are added afterwards by [`Renderer::paint`] around
 //! already-sanitised text.
 
-use chat_proto::protocol::{Incoming, kind, sanitize, split_subject};
+use chat_proto::protocol::{ALL_KINDS, Event, sanitize};
 
 use crate::config::UiSection;
 
@@ -50,6 +50,11 @@ impl Shown {
         self.spans.push((tone, text.into()));
     }
 
+    /// Server chatter: `--- ` and the text, dimmed.
+    fn notice(&mut self, text: std::fmt::Arguments<'_>) {
+        self.push(Tone::Notice, format!("--- {text}"));
+    }
+
     /// The text without any styling.
     pub fn plain(&self) -> String {
         self.spans.iter().map(|(_, t)| t.as_str()).collect()
@@ -70,16 +75,14 @@ pub struct Renderer {
 }
 
 impl Renderer {
-    /// Formats a line from the server received now.
-    pub fn incoming(&self, line: &str) -> Shown {
+    /// Formats a line from the server received now; `event` is `line` parsed.
+    pub fn incoming(&self, line: &str, event: &Event<'_>) -> Shown {
         if !self.pretty {
             let mut s = Shown::default();
             s.push(Tone::Plain, sanitize(line));
             return s;
         }
-        let mut s = self.stamped();
-        self.body(&mut s, &Incoming::parse(line));
-        s
+        self.shown(event)
     }
 
     /// An empty shown line, starting with the time when timestamps are shown.
@@ -96,12 +99,25 @@ impl Renderer {
 
     /// Formats the client's own copy of a message it sent (the server does not echo them).
     pub fn own_message(&self, text: &str) -> Shown {
-        self.incoming(&format!("{}: {text}", self.me))
+        self.shown(&Event::Chat {
+            name: &self.me,
+            text,
+        })
     }
 
     /// Formats the client's own copy of an action it sent.
     pub fn own_action(&self, text: &str) -> Shown {
-        self.incoming(&format!("* {} {text}", self.me))
+        self.shown(&Event::Action {
+            name: &self.me,
+            text,
+        })
+    }
+
+    /// Formats an event for people: timestamp, then the line in its pretty form.
+    fn shown(&self, event: &Event<'_>) -> Shown {
+        let mut s = self.stamped();
+        self.body(&mut s, event);
+        s
     }
 
     /// A line from the client itself about the connection or a mistake.
@@ -124,9 +140,9 @@ impl Renderer {
         !self.me.is_empty() && !from.eq_ignore_ascii_case(&self.me) && mentions(text, &self.me)
     }
 
-    fn body(&self, s: &mut Shown, line: &Incoming<'_>) {
-        match *line {
-            Incoming::Chat { name, text } => {
+    fn body(&self, s: &mut Shown, event: &Event<'_>) {
+        match *event {
+            Event::Chat { name, text } => {
                 let mention = self.mentions_me(name, text);
                 s.push(self.name_tone(name), sanitize(name));
                 s.push(Tone::Plain, ": ");
@@ -136,7 +152,7 @@ impl Renderer {
                 );
                 s.bell |= mention;
             }
-            Incoming::Action { name, text } => {
+            Event::Action { name, text } => {
                 let mention = self.mentions_me(name, text);
                 s.push(Tone::Plain, "* ");
                 s.push(self.name_tone(name), sanitize(name));
@@ -146,27 +162,19 @@ impl Renderer {
                 );
                 s.bell |= mention;
             }
-            Incoming::Private { from, text } => {
+            Event::Private { from, text } => {
                 s.push(Tone::Private, "[private] ");
                 s.push(self.name_tone(from), sanitize(from));
                 s.push(Tone::Private, format!(": {}", sanitize(text)));
                 s.bell |= !self.me.is_empty();
             }
-            Incoming::PrivateEcho { to, text } => {
+            Event::PrivateEcho { to, text } => {
                 s.push(Tone::Private, "[private] -> ");
                 s.push(self.name_tone(to), sanitize(to));
                 s.push(Tone::Private, format!(": {}", sanitize(text)));
             }
-            Incoming::Server { kind, rest } => self.server(s, kind, rest),
-            Incoming::Other(text) => s.push(Tone::Plain, sanitize(text)),
-        }
-    }
-
-    fn server(&self, s: &mut Shown, k: &str, rest: &str) {
-        match k {
-            kind::HISTORY => {
-                // `*** HISTORY <rfc3339> <line>`: show the stored line at its own time.
-                let (when, line) = split_subject(rest);
+            Event::History { when, .. } => {
+                // Show the stored line at its own time.
                 if self.ui.timestamps
                     && let Some((Tone::Time, t)) = s.spans.last_mut()
                     && let Ok(at) = chrono::DateTime::parse_from_rfc3339(when)
@@ -174,7 +182,9 @@ impl Renderer {
                     *t = format!("{} ", at.with_timezone(&chrono::Local).format("%H:%M"));
                 }
                 let mut inner = Shown::default();
-                self.body(&mut inner, &Incoming::parse(line));
+                if let Some(line) = event.inner() {
+                    self.body(&mut inner, &line);
+                }
                 // History is context, not news: no bell, dimmed.
                 for (tone, text) in inner.spans {
                     s.push(
@@ -187,44 +197,57 @@ impl Renderer {
                     );
                 }
             }
-            kind::ERR => {
-                let (_, text) = split_subject(rest);
-                s.push(Tone::Error, format!("!!! {}", sanitize(text)));
+            Event::Err { text, .. } => s.push(Tone::Error, format!("!!! {}", sanitize(text))),
+            Event::Notice { text } => {
+                s.push(Tone::Announce, format!("*** NOTICE: {}", sanitize(text)));
             }
-            kind::NOTICE => s.push(Tone::Announce, format!("*** NOTICE: {}", sanitize(rest))),
-            kind::KICKED => s.push(
+            Event::Kicked { reason } => s.push(
                 Tone::Error,
-                format!("!!! you were kicked: {}", sanitize(rest)),
+                format!("!!! you were kicked: {}", sanitize(reason)),
             ),
-            kind::WHO => {
-                let (count, names) = split_subject(rest);
-                let names: Vec<_> = names.split(' ').filter(|n| !n.is_empty()).collect();
+            Event::Who { count, names } => {
+                let names: Vec<_> = names.iter().collect();
                 s.push(
                     Tone::Notice,
-                    format!(
-                        "--- online ({}): {}",
-                        sanitize(count),
-                        sanitize(&names.join(", "))
-                    ),
+                    format!("--- online ({count}): {}", sanitize(&names.join(", "))),
                 );
             }
-            kind::WELCOME => {
-                let (_, text) = split_subject(rest);
-                s.push(Tone::Notice, format!("--- {}", sanitize(text)));
+            Event::Welcome { text, .. }
+            | Event::Hello { text }
+            | Event::Motd { text }
+            | Event::Info { text }
+            | Event::Bye { text }
+            | Event::Shutdown { text } => s.notice(format_args!("{}", sanitize(text))),
+            Event::Join { name } => s.notice(format_args!("{} joined", sanitize(name))),
+            Event::Leave { name, reason } => s.notice(format_args!(
+                "{} left ({})",
+                sanitize(name),
+                sanitize(reason)
+            )),
+            Event::Nick { old, new } => s.notice(format_args!(
+                "{} is now known as {}",
+                sanitize(old),
+                sanitize(new)
+            )),
+            Event::Kick { name, reason } => s.notice(format_args!(
+                "{} was kicked ({})",
+                sanitize(name),
+                sanitize(reason)
+            )),
+            // Never shown when the client asked for it (it is a secret); shown as sent when
+            // the user typed `/token` themselves.
+            Event::Token { token, text } => {
+                s.notice(format_args!("TOKEN {} {}", sanitize(token), sanitize(text)))
             }
-            kind::HELLO
-            | kind::MOTD
-            | kind::JOIN
-            | kind::LEAVE
-            | kind::NICK
-            | kind::KICK
-            | kind::INFO
-            | kind::BYE
-            | kind::SHUTDOWN => s.push(Tone::Notice, format!("--- {}", sanitize(rest))),
-            other => s.push(
-                Tone::Notice,
-                format!("--- {} {}", sanitize(other), sanitize(rest)),
-            ),
+            // A known kind out of its form reads as the server wrote it; an unknown kind keeps
+            // its name in front.
+            Event::Server { kind, rest } if ALL_KINDS.contains(&kind) => {
+                s.notice(format_args!("{}", sanitize(rest)));
+            }
+            Event::Server { kind, rest } => {
+                s.notice(format_args!("{} {}", sanitize(kind), sanitize(rest)));
+            }
+            Event::Other(text) => s.push(Tone::Plain, sanitize(text)),
         }
     }
 
@@ -299,6 +322,11 @@ fn fnv1a(s: &str) -> u64 {
 mod tests {
     use super::*;
 
+    /// Formats `line` as received from the server.
+    fn incoming(r: &Renderer, line: &str) -> Shown {
+        r.incoming(line, &Event::parse(line))
+    }
+
     fn pretty(me: &str) -> Renderer {
         Renderer {
             pretty: true,
@@ -317,7 +345,7 @@ mod tests {
             pretty: false,
             ..pretty("")
         };
-        let s = r.incoming("bob: hi \x1b[2J there");
+        let s = incoming(&r, "bob: hi \x1b[2J there");
         assert_eq!(s.plain(), "bob: hi \\u{001b}[2J there");
     }
 
@@ -331,7 +359,7 @@ mod tests {
             "*** HISTORY 2026-01-01T00:00:00Z bob: \x1bx",
             "\u{9b}31m",
         ] {
-            let painted = r.paint(&r.incoming(line));
+            let painted = r.paint(&incoming(&r, line));
             let stripped = painted
                 .replace("\x1b[0m", "")
                 .split("\x1b[")
@@ -356,10 +384,10 @@ mod tests {
         let r = pretty("ann");
         assert_eq!(r.name_tone("bob"), r.name_tone("BOB"));
         assert_eq!(r.name_tone("Ann"), Tone::Own);
-        let s = r.incoming("bob: hey ann, look");
+        let s = incoming(&r, "bob: hey ann, look");
         assert!(s.bell);
         assert!(s.spans.iter().any(|(t, _)| *t == Tone::Mention));
-        assert!(!r.incoming("bob: banner").bell);
+        assert!(!incoming(&r, "bob: banner").bell);
     }
 
     #[test]
@@ -376,12 +404,34 @@ mod tests {
             color: false,
             ..pretty("ann")
         };
-        let show = |l: &str| r.paint(&r.incoming(l));
+        let show = |l: &str| r.paint(&incoming(&r, l));
         assert_eq!(show("* bob waves"), "* bob waves");
         assert_eq!(show("*** JOIN bob joined"), "--- bob joined");
         assert_eq!(show("*** WHO 2 ann bob"), "--- online (2): ann, bob");
         assert_eq!(show("*** KICKED spam"), "!!! you were kicked: spam");
         assert_eq!(show("*** ERR name-taken in use"), "!!! in use");
         assert_eq!(show("bob (private): psst"), "[private] bob: psst");
+        assert_eq!(show("-> bob (private): psst"), "[private] -> bob: psst");
+        assert_eq!(show("*** HELLO chatd 1 - hi"), "--- chatd 1 - hi");
+        assert_eq!(show("*** WELCOME ann you are ann"), "--- you are ann");
+        assert_eq!(show("*** LEAVE bob left (quit)"), "--- bob left (quit)");
+        assert_eq!(
+            show("*** NICK bob is now known as rob"),
+            "--- bob is now known as rob"
+        );
+        assert_eq!(
+            show("*** KICK cy was kicked (spam)"),
+            "--- cy was kicked (spam)"
+        );
+        assert_eq!(show("*** NOTICE at noon"), "*** NOTICE: at noon");
+        assert_eq!(show("*** TOKEN 00ff keep it"), "--- TOKEN 00ff keep it");
+        assert_eq!(show("*** HISTORY 2026-01-01T00:00:00Z bob: hi"), "bob: hi");
+        // Out of form or of an unknown kind: shown as sent.
+        assert_eq!(show("*** JOIN bob"), "--- bob");
+        assert_eq!(show("*** PING 1"), "--- PING 1");
+        assert_eq!(show("no shape"), "no shape");
+        // Our own lines look like everyone else's.
+        assert_eq!(r.paint(&r.own_message("hi")), "ann: hi");
+        assert_eq!(r.paint(&r.own_action("waves")), "* ann waves");
     }
 }

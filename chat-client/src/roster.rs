@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use chat_proto::protocol::{Incoming, kind, split_subject};
+use chat_proto::protocol::Event;
 
 /// Online names, keyed case-insensitively (as the server compares them).
 #[derive(Debug, Default, Clone)]
@@ -45,34 +45,25 @@ impl Roster {
     }
 
     /// Follows one server line. Returns `Some((old, new))` for a rename.
-    pub fn observe(&mut self, line: &Incoming<'_>) -> Option<(String, String)> {
-        match *line {
-            Incoming::Server { kind, rest } => match kind {
-                kind::WHO => {
-                    self.clear();
-                    // `*** WHO <count> <name> <name> ...`
-                    for name in rest.split(' ').skip(1) {
-                        self.insert(name);
-                    }
+    pub fn observe(&mut self, event: &Event<'_>) -> Option<(String, String)> {
+        match *event {
+            Event::Who { names, .. } => {
+                self.clear();
+                for name in names.iter() {
+                    self.insert(name);
                 }
-                kind::JOIN | kind::WELCOME => self.insert(split_subject(rest).0),
-                kind::LEAVE | kind::KICK => self.remove(split_subject(rest).0),
-                kind::NICK => {
-                    // `*** NICK <old> is now known as <new>`
-                    let (old, tail) = split_subject(rest);
-                    let new = tail.strip_prefix("is now known as ")?.trim();
-                    if new.is_empty() || new.contains(' ') {
-                        return None;
-                    }
-                    self.remove(old);
-                    self.insert(new);
-                    return Some((old.to_owned(), new.to_owned()));
-                }
-                _ => {}
-            },
-            Incoming::Chat { name, .. }
-            | Incoming::Action { name, .. }
-            | Incoming::Private { from: name, .. } => self.insert(name),
+            }
+            Event::Join { name }
+            | Event::Welcome { name, .. }
+            | Event::Chat { name, .. }
+            | Event::Action { name, .. }
+            | Event::Private { from: name, .. } => self.insert(name),
+            Event::Leave { name, .. } | Event::Kick { name, .. } => self.remove(name),
+            Event::Nick { old, new } => {
+                self.remove(old);
+                self.insert(new);
+                return Some((old.to_owned(), new.to_owned()));
+            }
             _ => {}
         }
         None
@@ -84,7 +75,7 @@ mod tests {
     use super::*;
 
     fn feed(r: &mut Roster, line: &str) -> Option<(String, String)> {
-        r.observe(&Incoming::parse(line))
+        r.observe(&Event::parse(line))
     }
 
     #[test]

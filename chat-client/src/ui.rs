@@ -4,6 +4,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::Arc;
 
+use chat_proto::protocol::Event;
 use tokio::sync::mpsc;
 
 use crate::editor::Terminal;
@@ -86,9 +87,9 @@ impl Ui {
         }
     }
 
-    /// Shows a line received from the server.
-    pub fn show_incoming(&self, line: &str) {
-        self.show(&self.renderer.incoming(line));
+    /// Shows a line received from the server; `event` is `line` parsed.
+    pub fn show_incoming(&self, line: &str, event: &Event<'_>) {
+        self.show(&self.renderer.incoming(line, event));
     }
 
     /// Tells the user about the connection or a mistake: on a terminal among the chat, in pipe
