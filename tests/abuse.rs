@@ -178,7 +178,7 @@ fn a_stalled_reader_is_dropped_and_never_delays_the_others() {
         "bob received messages while the stalled queue filled"
     );
     // The stalled client is gone for good: what it finally reads ends, it was not kept alive.
-    s.writer.shutdown(std::net::Shutdown::Write).ok();
+    s.stream().shutdown(std::net::Shutdown::Write).ok();
     let mut buf = Vec::new();
     let _ = std::io::Read::read_to_end(&mut s.reader, &mut buf);
     assert!(

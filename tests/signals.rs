@@ -395,7 +395,7 @@ fn keepalive_timer(server_port: u16, client_port: u16) -> Option<f64> {
 fn sighup_applies_keepalive_to_new_connections() {
     let d = TestDaemon::start("");
     let a = d.join("alice");
-    let port = |c: &crate::helper::Client| c.writer.local_addr().map(|a| a.port()).unwrap_or(0);
+    let port = |c: &crate::helper::Client| c.stream().local_addr().map(|a| a.port()).unwrap_or(0);
     let mut before = None;
     wait_until(WAIT, "a keepalive timer on the first connection", || {
         before = keepalive_timer(d.addr.port(), port(&a));
