@@ -12,14 +12,18 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::helper::{NO_RATE_LIMIT, TestDaemon, bin, wait_child};
+use crate::helper::{Config, TestDaemon, bin, wait_child};
 
 /// Longest any one benchmark run may take before the test kills it and fails.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
-/// Lifts what a load from one address needs lifted, as config/bench.toml does.
-fn bench_limits() -> String {
-    format!("{NO_RATE_LIMIT}max-connections-per-ip = 1000\n")
+/// A daemon with what a load from one address needs lifted, as config/bench.toml does.
+fn bench_daemon() -> TestDaemon {
+    TestDaemon::start_config(Config::test().no_rate_limit().set(
+        "limits",
+        "max-connections-per-ip",
+        "1000",
+    ))
 }
 
 /// Runs chat-bench with `args`; returns its exit code and its one JSON line.
@@ -54,7 +58,7 @@ fn num(v: &Value, path: &str) -> f64 {
 
 #[test]
 fn fanout_against_chatd_reports_a_clean_run() {
-    let d = TestDaemon::start(&bench_limits());
+    let d = bench_daemon();
     let addr = d.addr.to_string();
     let pid = d.pid().to_string();
     let (code, r) = run_bench(&[
@@ -111,7 +115,7 @@ fn fanout_against_chatd_reports_a_clean_run() {
 
 #[test]
 fn fixed_rate_fanout_sends_at_that_rate() {
-    let d = TestDaemon::start(&bench_limits());
+    let d = bench_daemon();
     let addr = d.addr.to_string();
     let (code, r) = run_bench(&[
         "fanout",
@@ -138,7 +142,7 @@ fn fixed_rate_fanout_sends_at_that_rate() {
 
 #[test]
 fn idle_mode_seats_everyone_and_reads_rss() {
-    let d = TestDaemon::start(&bench_limits());
+    let d = bench_daemon();
     let addr = d.addr.to_string();
     let pid = d.pid().to_string();
     let (code, r) = run_bench(&[

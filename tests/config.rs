@@ -2,7 +2,7 @@
 
 use std::process::{Command, Output};
 
-use crate::helper::{TestDaemon, bin};
+use crate::helper::{Config, TestDaemon, bin};
 
 fn chatd(args: &[&str]) -> Output {
     Command::new(bin("chatd"))
@@ -130,20 +130,8 @@ fn bound_addresses_are_logged() {
 
 #[test]
 fn ipv4_and_ipv6_listeners_work_side_by_side() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("admin.sock");
-    let text = TestDaemon::config_text(&socket, "").replace(
-        "listen = [\"127.0.0.1:0\"]",
-        "listen = [\"127.0.0.1:0\", \"[::1]:0\"]",
-    );
-    let d = TestDaemon::start_with_text(dir, &text);
-    let v6: std::net::SocketAddr = d
-        .log()
-        .lines()
-        .find(|l| l.contains("listening for chat clients addr=[::1]"))
-        .and_then(|l| l.rsplit("addr=").next())
-        .and_then(|a| a.trim().parse().ok())
-        .expect("an IPv6 listener was logged");
+    let d = TestDaemon::start_config(Config::test().listen(&["127.0.0.1:0", "[::1]:0"]));
+    let v6 = d.addr_on(std::net::Ipv6Addr::LOCALHOST.into());
     let mut a = d.join("four");
     let mut b = crate::helper::Client::connect(v6);
     b.expect_prefix("*** HELLO");

@@ -230,6 +230,24 @@ impl TestDaemon {
         TestDaemon::config_text(&self.socket, extra)
     }
 
+    /// `config` as this daemon's file: with its admin socket and state dir unless it sets
+    /// them.
+    pub fn render(&self, config: Config) -> String {
+        let mut config = config;
+        if config.get("admin", "socket").is_none() {
+            config = config.admin_socket(&self.socket);
+        }
+        if config.get("server", "state-dir").is_none() {
+            config = config.state_dir(&self.socket.with_file_name("state"));
+        }
+        config.to_string()
+    }
+
+    /// Rewrites the config file as `config` (see [`TestDaemon::render`]).
+    pub fn write(&self, config: Config) {
+        std::fs::write(&self.config_path, self.render(config)).expect("write config");
+    }
+
     /// The config file as it is now.
     pub fn config(&self) -> Config {
         Config::parse(&std::fs::read_to_string(&self.config_path).expect("read config"))
@@ -237,7 +255,7 @@ impl TestDaemon {
 
     /// Rewrites the config file through `edit` (for reload tests).
     pub fn edit_config(&self, edit: impl FnOnce(Config) -> Config) {
-        std::fs::write(&self.config_path, edit(self.config()).to_string()).expect("write");
+        self.write(edit(self.config()));
     }
 
     /// Sends SIGHUP and waits until one more "config reloaded" line is logged; returns it.
