@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use socket2::{Domain, Socket, Type};
 
-use crate::helper::{Client, Config, TestDaemon, WAIT, agreed_order, require, require_root, wait_until};
+use crate::helper::{
+    Client, Config, TestDaemon, WAIT, agreed_order, require, require_root, wait_until,
+};
 
 /// A client whose connection comes from `src` (any 127.0.0.0/8 address is local on Linux), so
 /// per-address limits and address bans can be tested on one machine.
@@ -40,9 +42,7 @@ fn counter(d: &TestDaemon, name: &str) -> u64 {
 fn a_flooder_is_refused_then_disconnected_while_others_chat() {
     let d =
         TestDaemon::start("[limits]\nmessage-rate = 1\nmessage-burst = 5\nflood-disconnect = 4\n");
-    let mut a = d.join("alice");
-    let mut f = d.join("flood");
-    a.expect_prefix("*** JOIN flood");
+    let (mut a, mut f) = d.pair("alice", "flood");
     let burst: String = (0..30).map(|k| format!("spam {k}\n")).collect();
     f.send_raw(burst.as_bytes());
     let replies = f.until_eof();
@@ -88,9 +88,7 @@ fn a_flooder_is_refused_then_disconnected_while_others_chat() {
 #[test]
 fn rate_limit_refills_over_time() {
     let d = TestDaemon::start("[limits]\nmessage-rate = 20\nmessage-burst = 3\n");
-    let mut a = d.join("alice");
-    let mut b = d.join("bob");
-    a.expect_prefix("*** JOIN bob");
+    let (mut a, mut b) = d.pair("alice", "bob");
     // Lines spaced wider than the refill interval are never refused, however many there are.
     for k in 0..15 {
         std::thread::sleep(Duration::from_millis(120));
@@ -220,9 +218,7 @@ fn bans_json(d: &TestDaemon) -> serde_json::Value {
 #[test]
 fn bans_disconnect_refuse_survive_a_restart_and_expire() {
     let mut d = TestDaemon::start("");
-    let mut bob = d.join("bob");
-    let mut mallory = d.join("mallory");
-    bob.expect_prefix("*** JOIN mallory");
+    let (mut bob, mut mallory) = d.pair("bob", "mallory");
 
     // A name ban disconnects at once, with the reason.
     let out = d.chatctl(&["ban", "mallory", "--duration", "1h", "--reason", "spamming"]);
@@ -327,8 +323,11 @@ fn a_corrupt_ban_file_stops_startup_with_its_path() {
     std::fs::create_dir_all(&state).expect("state dir");
     std::fs::write(state.join("bans.json"), "{ not json").expect("write");
     let config = dir.path().join("chatd.toml");
-    std::fs::write(&config, Config::test().with_paths_in(dir.path()).to_string())
-        .expect("config");
+    std::fs::write(
+        &config,
+        Config::test().with_paths_in(dir.path()).to_string(),
+    )
+    .expect("config");
     let out = Command::new(crate::helper::bin("chatd"))
         .arg("--config")
         .arg(&config)
@@ -399,10 +398,7 @@ fn reload_storm_under_load_drops_no_one_and_loses_nothing() {
     wait_until(WAIT, "reloads to be handled", || {
         d.log().contains("config reload failed") && d.log().contains("config reloaded")
     });
-    let mut c = d.connect();
-    c.expect_prefix("*** HELLO");
-    c.send("later");
-    c.expect_prefix("*** WELCOME");
+    let mut c = d.enter("later");
     let motd = c.line();
     assert!(motd.starts_with("*** MOTD v"), "{motd}");
 }
@@ -498,10 +494,7 @@ struct Netns {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("run ip");
+    let out = Command::new("ip").args(args).output().expect("run ip");
     assert!(
         out.status.success(),
         "ip {args:?}: {}",

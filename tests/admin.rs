@@ -64,9 +64,7 @@ fn list_shows_users_as_table_and_json() {
 #[test]
 fn kick_tells_the_user_and_the_room() {
     let d = TestDaemon::start("");
-    let mut alice = d.join("alice");
-    let mut bob = d.join("bob");
-    alice.expect_prefix("*** JOIN bob");
+    let (mut alice, mut bob) = d.pair("alice", "bob");
 
     let out = d.chatctl(&["kick", "BOB", "--reason", "flooding the room"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -95,9 +93,7 @@ fn kick_tells_the_user_and_the_room() {
 #[test]
 fn announce_reaches_everyone_as_a_notice() {
     let d = TestDaemon::start("");
-    let mut a = d.join("alice");
-    let mut b = d.join("bob");
-    a.expect_prefix("*** JOIN bob");
+    let (mut a, mut b) = d.pair("alice", "bob");
     let out = d.chatctl(&["announce", "maintenance", "at", "noon"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "announced to 2 users\n");
@@ -157,9 +153,7 @@ fn memory_a_drained_burst_left_behind_is_given_back_and_reported() {
         "limits",
         [("max-queue-bytes", "67108864"), ("max-line-length", "8192")],
     ));
-    let mut sender = d.join("sender");
-    let mut reader = d.join("reader");
-    sender.expect_prefix("*** JOIN reader");
+    let (mut sender, mut reader) = d.pair("sender", "reader");
     let before = json(&d.chatctl(&["status", "--json"]));
     let m = &before["response"]["memory"];
     assert!(m["rss_bytes"].as_u64().is_some_and(|b| b > 0), "{m}");
@@ -211,10 +205,7 @@ fn reload_reports_applied_and_restart_keys_or_the_error() {
         "{err}"
     );
     // The old config still runs.
-    let mut c = d.connect();
-    c.expect_prefix("*** HELLO");
-    c.send("carol");
-    c.expect_prefix("*** WELCOME");
+    let mut c = d.enter("carol");
     assert_eq!(c.line(), "*** MOTD new motd");
 }
 
@@ -395,7 +386,10 @@ fn members_of_the_admin_group_by_supplementary_group_are_served() {
     // `users` (gid 100) exists on every Debian system; nobody's primary group is not it.
     let d = TestDaemon::start("");
     std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    d.edit_config(|c| c.set("admin", "mode", "0o666").set_str("admin", "group", "users"));
+    d.edit_config(|c| {
+        c.set("admin", "mode", "0o666")
+            .set_str("admin", "group", "users")
+    });
     assert_eq!(d.chatctl(&["reload"]).status.code(), Some(0));
     let member = chatctl_as_nobody_in(&d, "100", &["status"]);
     assert_eq!(member.status.code(), Some(0), "{}", stderr(&member));

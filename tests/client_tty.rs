@@ -109,6 +109,13 @@ impl Tty {
         self.tmux(&["send-keys", "-l", text]);
     }
 
+    /// Pastes `text` (-p: as a bracketed paste, as a terminal does when the application
+    /// asked for it).
+    fn paste(&self, text: &str) {
+        self.tmux(&["set-buffer", "--", text]);
+        self.tmux(&["paste-buffer", "-p"]);
+    }
+
     /// Presses keys by tmux name (`Enter`, `Up`, `C-c`, ...).
     fn keys(&self, keys: &[&str]) {
         self.tmux(&[&["send-keys"], keys].concat());
@@ -183,7 +190,13 @@ impl Tty {
             WAIT,
             &format!("the input line to read {line:?}"),
             || (self.input_line() == line).then_some(()),
-            || format!("input line {:?}; screen:\n{}", self.input_line(), self.screen()),
+            || {
+                format!(
+                    "input line {:?}; screen:\n{}",
+                    self.input_line(),
+                    self.screen()
+                )
+            },
         )
     }
 
@@ -245,6 +258,18 @@ fn joined(d: &TestDaemon, name: &str, extra: &[&str], env: &[(&str, &str)]) -> T
     t
 }
 
+/// A daemon on the test config plus `extra`, `watcher` joined with a line client, then `ann`
+/// in the terminal client; once `watcher` has seen ann join. `None` without tmux.
+fn ann_joins(extra: &str, watcher: &str) -> Option<(TestDaemon, Client, Tty)> {
+    if !tmux() {
+        return None;
+    }
+    let d = TestDaemon::start(extra);
+    let (mut w, ann) = (d.join(watcher), joined(&d, "ann", &[], &[]));
+    w.expect_prefix("*** JOIN ann");
+    Some((d, w, ann))
+}
+
 /// Reads lines until one starts with `prefix`; fails if a rate-limit error shows up first.
 fn next_from(c: &mut Client, prefix: &str) -> String {
     c.expect_prefix(prefix)
@@ -252,13 +277,9 @@ fn next_from(c: &mut Client, prefix: &str) -> String {
 
 #[test]
 fn typing_is_not_disturbed_by_arriving_lines_and_enter_sends_exactly_it() {
-    if !tmux() {
+    let Some((_d, mut bob, ann)) = ann_joins("", "bob") else {
         return;
-    }
-    let d = TestDaemon::start("");
-    let mut bob = d.join("bob");
-    let ann = joined(&d, "ann", &[], &[]);
-    bob.expect_prefix("*** JOIN ann");
+    };
 
     ann.type_text("hel");
     ann.wait_input("ann> hel");
@@ -679,9 +700,7 @@ fn multi_line_paste_is_sent_line_by_line_within_the_rate_limit() {
     let ann = joined(&d, "ann", &[], &[]);
     let lines: Vec<String> = (1..=16).map(|i| format!("pasted line {i}")).collect();
     let text = format!("{}\nunfinished", lines.join("\n"));
-    ann.tmux(&["set-buffer", "--", &text]);
-    // -p: as a bracketed paste, as a terminal does when the application asked for it.
-    ann.tmux(&["paste-buffer", "-p"]);
+    ann.paste(&text);
     bob.expect_prefix("*** JOIN ann");
     for l in &lines {
         assert_eq!(bob.line(), format!("ann: {l}"));
@@ -695,17 +714,14 @@ fn multi_line_paste_is_sent_line_by_line_within_the_rate_limit() {
 
 #[test]
 fn a_stricter_server_is_paced_from_the_limits_it_announces() {
-    if !tmux() {
-        return;
-    }
     // The WELCOME line says "at most 2 lines/s, bursts of 3": nothing is refused.
-    let d = TestDaemon::start("[limits]\nmessage-rate = 2\nmessage-burst = 3\n");
-    let mut bob = d.join("bob");
-    let ann = joined(&d, "ann", &[], &[]);
-    bob.expect_prefix("*** JOIN ann");
+    let Some((_d, mut bob, ann)) =
+        ann_joins("[limits]\nmessage-rate = 2\nmessage-burst = 3\n", "bob")
+    else {
+        return;
+    };
     let text: Vec<String> = (1..=6).map(|i| format!("strict {i}")).collect();
-    ann.tmux(&["set-buffer", "--", &format!("{}\n", text.join("\n"))]);
-    ann.tmux(&["paste-buffer", "-p"]);
+    ann.paste(&format!("{}\n", text.join("\n")));
     for l in &text {
         assert_eq!(bob.line(), format!("ann: {l}"));
     }
@@ -715,19 +731,14 @@ fn a_stricter_server_is_paced_from_the_limits_it_announces() {
 
 #[test]
 fn limits_lowered_by_a_reload_slow_the_paste_down_and_no_line_is_lost_silently() {
-    if !tmux() {
+    let Some((d, mut bob, ann)) = ann_joins("", "bob") else {
         return;
-    }
-    let d = TestDaemon::start("");
-    let mut bob = d.join("bob");
-    let ann = joined(&d, "ann", &[], &[]);
-    bob.expect_prefix("*** JOIN ann");
+    };
     // Lowered after ann joined, so the client paces to the old, announced limits at first.
     d.write_config("[limits]\nmessage-rate = 4\nmessage-burst = 3\n");
     d.sighup_reload();
     let text: Vec<String> = (1..=10).map(|i| format!("strict {i}")).collect();
-    ann.tmux(&["set-buffer", "--", &format!("{}\n", text.join("\n"))]);
-    ann.tmux(&["paste-buffer", "-p"]);
+    ann.paste(&format!("{}\n", text.join("\n")));
     let mut got = Vec::new();
     while got.last().map(String::as_str) != Some("ann: strict 10") {
         got.push(bob.line());
@@ -1098,13 +1109,9 @@ fn a_bad_config_file_is_an_error() {
 /// terminal, and then spin at full CPU in the terminal reader for ever.
 #[test]
 fn a_closed_terminal_ends_the_client() {
-    if !tmux() {
+    let Some((_d, mut watcher, ann)) = ann_joins("", "watcher") else {
         return;
-    }
-    let d = TestDaemon::start("");
-    let mut watcher = d.join("watcher");
-    let ann = joined(&d, "ann", &[], &[]);
-    watcher.expect_prefix("*** JOIN ann");
+    };
     let pid = ann.client_pid();
     ann.tmux(&["kill-server"]);
     let left = watcher.expect_prefix("*** LEAVE ann");

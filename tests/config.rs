@@ -12,6 +12,11 @@ fn chatd(args: &[&str]) -> Output {
         .expect("run chatd")
 }
 
+/// What `chatd --check-config --config PATH` says on stderr.
+fn check_err(path: &str) -> String {
+    String::from_utf8_lossy(&chatd(&["--check-config", "--config", path]).stderr).into_owned()
+}
+
 fn write(dir: &tempfile::TempDir, text: &str) -> String {
     let path = dir.path().join("chatd.toml");
     std::fs::write(&path, text).expect("write");
@@ -57,16 +62,14 @@ fn check_config_reports_file_line_col() {
     );
 
     let path = write(&dir, "[room]\nhistory = \"many\"\n");
-    let err =
-        String::from_utf8_lossy(&chatd(&["--check-config", "--config", &path]).stderr).into_owned();
+    let err = check_err(&path);
     assert!(
         err.starts_with(&format!("chatd: {path}:2:11: invalid type")),
         "{err}"
     );
 
     let path = write(&dir, "[server\n");
-    let err =
-        String::from_utf8_lossy(&chatd(&["--check-config", "--config", &path]).stderr).into_owned();
+    let err = check_err(&path);
     assert!(err.starts_with(&format!("chatd: {path}:1:")), "{err}");
 
     let path = write(&dir, "[server]\nlisten = []\n");

@@ -24,10 +24,7 @@ fn sighup_applies_motd_without_dropping_anyone() {
         "[room]\nmotd = \"new and shiny\"\n",
         "applied: room.motd",
     );
-    let mut c = d.connect();
-    c.expect_prefix("*** HELLO");
-    c.send("carol");
-    c.expect_prefix("*** WELCOME");
+    let mut c = d.enter("carol");
     assert_eq!(c.line(), "*** MOTD new and shiny");
     a.expect_prefix("*** JOIN carol");
     a.send("still connected");
@@ -51,10 +48,7 @@ fn sighup_with_bad_config_keeps_the_old_one() {
         line.contains(&format!("{}:", d.config_path.display())) && line.contains("bogus"),
         "{line}"
     );
-    let mut c = d.connect();
-    c.expect_prefix("*** HELLO");
-    c.send("carol");
-    c.expect_prefix("*** WELCOME");
+    let mut c = d.enter("carol");
     assert_eq!(c.line(), "*** MOTD kept");
     a.send("/who");
     assert_eq!(a.expect_prefix("*** WHO"), "*** WHO 2 alice carol");
@@ -92,9 +86,7 @@ fn sighup_applies_history_and_name_rules() {
 #[test]
 fn sighup_applies_limits() {
     let d = TestDaemon::start("");
-    let mut a = d.join("alice");
-    let mut b = d.join("bob");
-    a.expect_prefix("*** JOIN bob");
+    let (mut a, mut b) = d.pair("alice", "bob");
     reload(
         &d,
         "[limits]\nmax-line-length = 20\nmax-clients = 2\nname-timeout = \"300ms\"\n",
@@ -287,9 +279,7 @@ fn stale_socket_is_replaced_and_live_one_is_not_stolen() {
 #[test]
 fn sighup_applies_flood_limits_to_connected_sessions() {
     let d = TestDaemon::start(crate::helper::NO_RATE_LIMIT);
-    let mut a = d.join("alice");
-    let mut b = d.join("bob");
-    a.expect_prefix("*** JOIN bob");
+    let (mut a, mut b) = d.pair("alice", "bob");
     let burst: String = (0..15).map(|k| format!("before {k}\n")).collect();
     b.send_raw(burst.as_bytes());
     for k in 0..15 {

@@ -2,7 +2,6 @@
 //! listens on an abstract `NOTIFY_SOCKET` and checks every datagram of a daemon's life, and
 //! socket activation is driven the way systemd does it (`LISTEN_PID`/`LISTEN_FDS`, fd 3).
 
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
@@ -96,12 +95,6 @@ fn logged_port(log: &str) -> Option<u16> {
         .and_then(|p| p.trim().parse().ok())
 }
 
-fn join(addr: SocketAddr, name: &str) -> Client {
-    let mut c = Client::connect(addr);
-    c.join_as(name);
-    c
-}
-
 fn wait_exit(child: &mut Child) -> Option<i32> {
     match wait_child(child, WAIT) {
         Some(status) => status.code(),
@@ -137,7 +130,7 @@ fn notifies_ready_reload_status_watchdog_and_stopping() {
     let addr = d.addr;
 
     // The status line follows the user count.
-    let mut alice = join(addr, "alice");
+    let mut alice = Client::connect_as(addr, "alice");
     let status = manager.expect("STATUS=1 user online");
     assert_eq!(status, "STATUS=1 user online, 1 connection");
 
@@ -229,8 +222,8 @@ fn socket_activation_serves_the_passed_listener() {
     let text = read(&log_path);
     assert!(text.contains("socket activation"), "{text}");
     assert_eq!(logged_port(&text), Some(addr.port()), "{text}");
-    let mut a = join(addr, "alice");
-    let mut b = join(addr, "bob");
+    let mut a = Client::connect_as(addr, "alice");
+    let mut b = Client::connect_as(addr, "bob");
     a.expect_prefix("*** JOIN bob");
     b.send("hi alice");
     assert_eq!(a.expect_prefix("bob:"), "bob: hi alice");
@@ -246,7 +239,7 @@ fn sockets_passed_to_another_process_are_ignored() {
         .env("LISTEN_FDS", "1")
         .start();
     assert_ne!(d.addr.port(), 0);
-    let _a = join(d.addr, "alice");
+    let _a = Client::connect_as(d.addr, "alice");
     assert!(!d.log().contains("socket activation"));
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(), Some(0));

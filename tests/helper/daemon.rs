@@ -308,6 +308,20 @@ impl TestDaemon {
         c
     }
 
+    /// Joins `first`, then `second`; returns both once `first` has seen `second` join.
+    pub fn pair(&self, first: &str, second: &str) -> (Client, Client) {
+        let mut a = self.join(first);
+        let b = self.join(second);
+        a.expect_prefix(&format!("*** JOIN {second}"));
+        (a, b)
+    }
+
+    /// Connects and takes `name`; returns right after the welcome, so the MOTD and history are
+    /// the next lines read.
+    pub fn enter(&self, name: &str) -> Client {
+        Client::connect_as(self.addr, name)
+    }
+
     /// Runs the real chatctl against this daemon's socket.
     pub fn chatctl(&self, args: &[&str]) -> Output {
         Command::new(bin("chatctl"))

@@ -38,6 +38,13 @@ impl Client<TcpStream> {
         Client::from_stream(TcpStream::connect_timeout(&addr, WAIT).expect("connect"))
     }
 
+    /// Connects to `addr` and takes `name`; returns right after the welcome.
+    pub fn connect_as(addr: SocketAddr, name: &str) -> Client {
+        let mut c = Client::connect(addr);
+        c.join_as(name);
+        c
+    }
+
     /// Wraps a connected TCP stream (one made with special socket options, say); turns
     /// Nagle's algorithm off so each line goes out at once.
     pub fn from_stream(stream: TcpStream) -> Client {

@@ -35,7 +35,10 @@ pub fn wait_for<T>(
             return v;
         }
         if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}\n{}", explain());
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                explain()
+            );
         }
         std::thread::sleep(POLL);
     }
