@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # System packages the test suite drives for real: tmux (chat-client in a pseudo-terminal),
-# prlimit from util-linux (lowering chatd's hard fd limit), iproute2 and nftables (a half-open
-# peer in its own network namespace). Installed only when missing, so a prepared machine pays
-# nothing.
+# prlimit and setpriv from util-linux (lowering chatd's hard fd limit; chatctl as another user),
+# iproute2 (ss reads keepalive timers; ip and nftables make a half-open peer in its own network
+# namespace). Installed only when missing, so a prepared machine pays nothing. Without them the
+# tests that need them skip, except under CI=true (.ci/run), where they fail.
 set -euo pipefail
 need=()
 command -v tmux >/dev/null || need+=(tmux)
 command -v prlimit >/dev/null || need+=(util-linux)
+command -v setpriv >/dev/null || need+=(util-linux)
 command -v ip >/dev/null || need+=(iproute2)
+command -v ss >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"

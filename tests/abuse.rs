@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use socket2::{Domain, Socket, Type};
 
-use crate::helper::{Client, NO_RATE_LIMIT, TestDaemon, WAIT, agreed_order, json, wait_until};
+use crate::helper::{
+    Client, Config, TestDaemon, WAIT, agreed_order, require, require_root, wait_until,
+};
 
 /// A client whose connection comes from `src` (any 127.0.0.0/8 address is local on Linux), so
 /// per-address limits and address bans can be tested on one machine.
@@ -25,9 +27,7 @@ fn connect_from(src: [u8; 4], to: SocketAddr) -> Client {
 
 /// `chatctl status --json`, parsed.
 fn status(d: &TestDaemon) -> serde_json::Value {
-    let out = d.chatctl(&["--json", "status"]);
-    assert!(out.status.success(), "{out:?}");
-    json(&out)
+    d.chatctl_json(&["status"])
 }
 
 /// One limit counter from `chatctl status --json`.
@@ -42,9 +42,7 @@ fn counter(d: &TestDaemon, name: &str) -> u64 {
 fn a_flooder_is_refused_then_disconnected_while_others_chat() {
     let d =
         TestDaemon::start("[limits]\nmessage-rate = 1\nmessage-burst = 5\nflood-disconnect = 4\n");
-    let mut a = d.join("alice");
-    let mut f = d.join("flood");
-    a.expect_prefix("*** JOIN flood");
+    let (mut a, mut f) = d.pair("alice", "flood");
     let burst: String = (0..30).map(|k| format!("spam {k}\n")).collect();
     f.send_raw(burst.as_bytes());
     let replies = f.until_eof();
@@ -90,9 +88,7 @@ fn a_flooder_is_refused_then_disconnected_while_others_chat() {
 #[test]
 fn rate_limit_refills_over_time() {
     let d = TestDaemon::start("[limits]\nmessage-rate = 20\nmessage-burst = 3\n");
-    let mut a = d.join("alice");
-    let mut b = d.join("bob");
-    a.expect_prefix("*** JOIN bob");
+    let (mut a, mut b) = d.pair("alice", "bob");
     // Lines spaced wider than the refill interval are never refused, however many there are.
     for k in 0..15 {
         std::thread::sleep(Duration::from_millis(120));
@@ -130,8 +126,9 @@ fn per_address_limit_refuses_the_extra_connection_only() {
 
 #[test]
 fn a_stalled_reader_is_dropped_and_never_delays_the_others() {
-    let d = TestDaemon::start(&format!(
-        "{NO_RATE_LIMIT}max-queue-bytes = 65536\nmax-line-length = 8192\n"
+    let d = TestDaemon::start_config(Config::test().no_rate_limit().section(
+        "limits",
+        [("max-queue-bytes", "65536"), ("max-line-length", "8192")],
     ));
     let mut a = d.join("alice");
     let mut b = d.join("bob");
@@ -178,7 +175,7 @@ fn a_stalled_reader_is_dropped_and_never_delays_the_others() {
         "bob received messages while the stalled queue filled"
     );
     // The stalled client is gone for good: what it finally reads ends, it was not kept alive.
-    s.writer.shutdown(std::net::Shutdown::Write).ok();
+    s.stream().shutdown(std::net::Shutdown::Write).ok();
     let mut buf = Vec::new();
     let _ = std::io::Read::read_to_end(&mut s.reader, &mut buf);
     assert!(
@@ -215,17 +212,13 @@ fn look_alike_names_cannot_impersonate_an_online_user() {
 }
 
 fn bans_json(d: &TestDaemon) -> serde_json::Value {
-    let out = d.chatctl(&["--json", "bans"]);
-    assert!(out.status.success(), "{out:?}");
-    json(&out)
+    d.chatctl_json(&["bans"])
 }
 
 #[test]
 fn bans_disconnect_refuse_survive_a_restart_and_expire() {
     let mut d = TestDaemon::start("");
-    let mut bob = d.join("bob");
-    let mut mallory = d.join("mallory");
-    bob.expect_prefix("*** JOIN mallory");
+    let (mut bob, mut mallory) = d.pair("bob", "mallory");
 
     // A name ban disconnects at once, with the reason.
     let out = d.chatctl(&["ban", "mallory", "--duration", "1h", "--reason", "spamming"]);
@@ -332,7 +325,7 @@ fn a_corrupt_ban_file_stops_startup_with_its_path() {
     let config = dir.path().join("chatd.toml");
     std::fs::write(
         &config,
-        TestDaemon::config_text(&dir.path().join("admin.sock"), ""),
+        Config::test().with_paths_in(dir.path()).to_string(),
     )
     .expect("config");
     let out = Command::new(crate::helper::bin("chatd"))
@@ -348,7 +341,7 @@ fn a_corrupt_ban_file_stops_startup_with_its_path() {
 
 #[test]
 fn reload_storm_under_load_drops_no_one_and_loses_nothing() {
-    let d = TestDaemon::start(&format!("{NO_RATE_LIMIT}\n[room]\nmotd = \"v0\"\n"));
+    let d = TestDaemon::start_config(Config::test().no_rate_limit().motd("v0"));
     let mut senders: Vec<_> = (0..3).map(|i| d.join(&format!("s{i}"))).collect();
     let mut receivers: Vec<_> = (0..3).map(|i| d.join(&format!("r{i}"))).collect();
     for r in &mut receivers {
@@ -378,13 +371,14 @@ fn reload_storm_under_load_drops_no_one_and_loses_nothing() {
         // and must be rejected.
         while !handles.iter().all(|h| h.is_finished()) || reloads < 100 {
             let good = reloads % 4 != 3;
-            let extra = if good {
-                format!("{NO_RATE_LIMIT}\n[room]\nmotd = \"v{reloads}\"\n")
+            let config = Config::test().no_rate_limit();
+            let config = if good {
+                config.motd(&format!("v{reloads}"))
             } else {
-                format!("{NO_RATE_LIMIT}\n[room]\nmotd = 7\n")
+                config.set("room", "motd", "7")
             };
             let tmp = d.config_path.with_extension("tmp");
-            std::fs::write(&tmp, TestDaemon::config_text(&d.socket, &extra)).expect("write");
+            std::fs::write(&tmp, d.render(config)).expect("write");
             std::fs::rename(&tmp, &d.config_path).expect("rename");
             d.signal(Signal::SIGHUP);
             reloads += 1;
@@ -404,10 +398,7 @@ fn reload_storm_under_load_drops_no_one_and_loses_nothing() {
     wait_until(WAIT, "reloads to be handled", || {
         d.log().contains("config reload failed") && d.log().contains("config reloaded")
     });
-    let mut c = d.connect();
-    c.expect_prefix("*** HELLO");
-    c.send("later");
-    c.expect_prefix("*** WELCOME");
+    let mut c = d.enter("later");
     let motd = c.line();
     assert!(motd.starts_with("*** MOTD v"), "{motd}");
 }
@@ -431,12 +422,15 @@ fn prlimit_nofile(pid: i32, n: usize) {
         .arg(format!("--pid={pid}"))
         .arg(format!("--nofile={n}:{n}"))
         .output()
-        .expect("prlimit (util-linux) must be installed: see .ci/install-deps.sh");
+        .expect("run prlimit");
     assert!(out.status.success(), "prlimit: {out:?}");
 }
 
 #[test]
 fn fd_exhaustion_backs_off_without_spinning_and_recovers() {
+    if !require("prlimit", "apt-get install util-linux") {
+        return;
+    }
     let d = TestDaemon::start("");
     let mut alice = d.join("alice");
     let pid = d.pid();
@@ -500,10 +494,7 @@ struct Netns {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("ip (iproute2) must be installed: see .ci/install-deps.sh");
+    let out = Command::new("ip").args(args).output().expect("run ip");
     assert!(
         out.status.success(),
         "ip {args:?}: {}",
@@ -512,14 +503,12 @@ fn ip(args: &[&str]) {
 }
 
 impl Netns {
-    /// `None` (with a note) when not root outside CI: only root may make namespaces.
+    /// `None` (with a note; under CI a failure) when not root, or without `ip` and `nft`.
     fn new() -> Option<Netns> {
-        if !nix::unistd::geteuid().is_root() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must run the tests as root: the half-open test needs a network namespace"
-            );
-            eprintln!("not root: cannot make a network namespace here; half-open test not run");
+        if !require_root("make a network namespace")
+            || !require("ip", "apt-get install iproute2")
+            || !require("nft", "apt-get install nftables")
+        {
             return None;
         }
         let id = std::process::id() % 250 + 1;
@@ -572,7 +561,7 @@ impl Netns {
             .args(["netns", "exec", &self.name, "nft", "-f", "-"])
             .stdin(std::process::Stdio::piped())
             .spawn()
-            .expect("nft (nftables) must be installed: see .ci/install-deps.sh");
+            .expect("run nft in the namespace");
         if let Some(mut stdin) = child.stdin.take() {
             std::io::Write::write_all(&mut stdin, rules.as_bytes()).expect("nft rules");
         }
@@ -592,23 +581,13 @@ impl Drop for Netns {
 #[test]
 fn a_half_open_peer_is_found_by_keepalive_and_its_slot_freed() {
     let Some(ns) = Netns::new() else { return };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("admin.sock");
-    let text = TestDaemon::config_text(&socket, "[limits]\nkeepalive = \"1s\"\n").replace(
-        "listen = [\"127.0.0.1:0\"]",
-        &format!("listen = [\"127.0.0.1:0\", \"{}:0\"]", ns.host_ip),
+    let d = TestDaemon::start_config(
+        Config::test()
+            .listen(&["127.0.0.1:0", &format!("{}:0", ns.host_ip)])
+            .set_str("limits", "keepalive", "1s"),
     );
-    let d = TestDaemon::start_with_text(dir, &text);
-    let port = d
-        .log()
-        .lines()
-        .filter(|l| l.contains("listening for chat clients"))
-        .find(|l| l.contains(&ns.host_ip.to_string()))
-        .and_then(|l| l.rsplit(':').next())
-        .and_then(|p| p.trim().parse::<u16>().ok())
-        .expect("port of the namespace-facing listener");
     let mut a = d.join("alice");
-    let mut ghost = Client::from_stream(ns.connect(SocketAddr::new(ns.host_ip, port)));
+    let mut ghost = Client::from_stream(ns.connect(d.addr_on(ns.host_ip)));
     ghost.join_as("ghost");
     let joined = a.expect_prefix("*** JOIN ghost");
     assert!(joined.contains("ghost"));

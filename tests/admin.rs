@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
 
-use crate::helper::{NO_RATE_LIMIT, TestDaemon, WAIT, bin, json, wait_until};
+use crate::helper::{Config, TestDaemon, WAIT, bin, json, require, require_root, wait_until};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -64,9 +64,7 @@ fn list_shows_users_as_table_and_json() {
 #[test]
 fn kick_tells_the_user_and_the_room() {
     let d = TestDaemon::start("");
-    let mut alice = d.join("alice");
-    let mut bob = d.join("bob");
-    alice.expect_prefix("*** JOIN bob");
+    let (mut alice, mut bob) = d.pair("alice", "bob");
 
     let out = d.chatctl(&["kick", "BOB", "--reason", "flooding the room"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -95,9 +93,7 @@ fn kick_tells_the_user_and_the_room() {
 #[test]
 fn announce_reaches_everyone_as_a_notice() {
     let d = TestDaemon::start("");
-    let mut a = d.join("alice");
-    let mut b = d.join("bob");
-    a.expect_prefix("*** JOIN bob");
+    let (mut a, mut b) = d.pair("alice", "bob");
     let out = d.chatctl(&["announce", "maintenance", "at", "noon"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "announced to 2 users\n");
@@ -153,12 +149,11 @@ fn memory_a_drained_burst_left_behind_is_given_back_and_reported() {
     // One reader stops reading while 32 MB of messages queue up for it, then reads them all.
     // Once they are written and freed, the allocator holds far more than the trim threshold
     // free, and within a few checks the daemon gives it back and says so in `status`.
-    let d = TestDaemon::start(&format!(
-        "{NO_RATE_LIMIT}max-queue-bytes = 67108864\nmax-line-length = 8192\n"
+    let d = TestDaemon::start_config(Config::test().no_rate_limit().section(
+        "limits",
+        [("max-queue-bytes", "67108864"), ("max-line-length", "8192")],
     ));
-    let mut sender = d.join("sender");
-    let mut reader = d.join("reader");
-    sender.expect_prefix("*** JOIN reader");
+    let (mut sender, mut reader) = d.pair("sender", "reader");
     let before = json(&d.chatctl(&["status", "--json"]));
     let m = &before["response"]["memory"];
     assert!(m["rss_bytes"].as_u64().is_some_and(|b| b > 0), "{m}");
@@ -196,8 +191,7 @@ fn reload_reports_applied_and_restart_keys_or_the_error() {
     );
 
     // A listen change cannot apply live and is reported as such.
-    let text = std::fs::read_to_string(&d.config_path).unwrap_or_default();
-    std::fs::write(&d.config_path, text.replace("127.0.0.1:0", "127.0.0.1:1")).ok();
+    d.edit_config(|c| c.listen(&["127.0.0.1:1"]));
     let v = json(&d.chatctl(&["reload", "--json"]));
     assert_eq!(v["response"]["type"], "reloaded");
     assert_eq!(v["response"]["needs_restart"][0], "server.listen");
@@ -211,10 +205,7 @@ fn reload_reports_applied_and_restart_keys_or_the_error() {
         "{err}"
     );
     // The old config still runs.
-    let mut c = d.connect();
-    c.expect_prefix("*** HELLO");
-    c.send("carol");
-    c.expect_prefix("*** WELCOME");
+    let mut c = d.enter("carol");
     assert_eq!(c.line(), "*** MOTD new motd");
 }
 
@@ -311,18 +302,9 @@ fn chatctl_as_nobody(d: &TestDaemon, args: &[&str]) -> Output {
         .expect("run chatctl as nobody")
 }
 
-/// Whether this test can run programs as another user. Outside CI a non-root run says so and
-/// the caller returns; CI must run as root, so there it fails instead.
+/// Whether this test can run programs as another user: only root can (see `require_root`).
 fn running_as_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must run the tests as root to check admin authorisation"
-    );
-    eprintln!("not root: cannot run chatctl as another user here");
-    false
+    require_root("run chatctl as another user")
 }
 
 #[test]
@@ -345,8 +327,7 @@ fn unauthorised_users_are_refused_by_the_kernel_and_by_chatd() {
     // Case 2: a world-writable socket: chatd's peer-credential check refuses.
     let d = TestDaemon::start("");
     std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let text = std::fs::read_to_string(&d.config_path).unwrap_or_default();
-    std::fs::write(&d.config_path, text.replace("mode = 0o660", "mode = 0o666")).expect("write");
+    d.edit_config(|c| c.set("admin", "mode", "0o666"));
     assert_eq!(d.chatctl(&["reload"]).status.code(), Some(0));
     let out = chatctl_as_nobody(&d, &["kick", "anyone"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
@@ -394,22 +375,21 @@ fn chatctl_as_nobody_in(d: &TestDaemon, groups: &str, args: &[&str]) -> Output {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .expect("setpriv (util-linux) must be installed: see .ci/install-deps.sh")
+        .expect("run setpriv")
 }
 
 #[test]
 fn members_of_the_admin_group_by_supplementary_group_are_served() {
-    if !running_as_root() {
+    if !running_as_root() || !require("setpriv", "apt-get install util-linux") {
         return;
     }
     // `users` (gid 100) exists on every Debian system; nobody's primary group is not it.
     let d = TestDaemon::start("");
     std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let text = std::fs::read_to_string(&d.config_path).unwrap_or_default();
-    let text = text
-        .replace("mode = 0o660", "mode = 0o666")
-        .replace("group = \"\"", "group = \"users\"");
-    std::fs::write(&d.config_path, text).expect("write");
+    d.edit_config(|c| {
+        c.set("admin", "mode", "0o666")
+            .set_str("admin", "group", "users")
+    });
     assert_eq!(d.chatctl(&["reload"]).status.code(), Some(0));
     let member = chatctl_as_nobody_in(&d, "100", &["status"]);
     assert_eq!(member.status.code(), Some(0), "{}", stderr(&member));

@@ -12,14 +12,18 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::helper::{NO_RATE_LIMIT, TestDaemon, bin, wait_child};
+use crate::helper::{Config, TestDaemon, bin, wait_child};
 
 /// Longest any one benchmark run may take before the test kills it and fails.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
-/// Lifts what a load from one address needs lifted, as config/bench.toml does.
-fn bench_limits() -> String {
-    format!("{NO_RATE_LIMIT}max-connections-per-ip = 1000\n")
+/// A daemon with what a load from one address needs lifted, as config/bench.toml does.
+fn bench_daemon() -> TestDaemon {
+    TestDaemon::start_config(Config::test().no_rate_limit().set(
+        "limits",
+        "max-connections-per-ip",
+        "1000",
+    ))
 }
 
 /// Runs chat-bench with `args`; returns its exit code and its one JSON line.
@@ -43,6 +47,19 @@ fn run_bench(args: &[&str]) -> (Option<i32>, Value) {
     (status.code(), report)
 }
 
+/// Runs `chat-bench MODE --addr ADDR [--pid PID] REST` against `d`, `command` being
+/// `MODE REST` (words split at white space); `--pid` when `with_pid`.
+fn run_bench_on(d: &TestDaemon, with_pid: bool, command: &str) -> (Option<i32>, Value) {
+    let (addr, pid) = (d.addr.to_string(), d.pid().to_string());
+    let mut words = command.split_whitespace();
+    let mut args = vec![words.next().expect("a mode"), "--addr", &addr];
+    if with_pid {
+        args.extend(["--pid", &pid]);
+    }
+    args.extend(words);
+    run_bench(&args)
+}
+
 fn num(v: &Value, path: &str) -> f64 {
     let mut cur = v;
     for key in path.split('.') {
@@ -54,26 +71,8 @@ fn num(v: &Value, path: &str) -> f64 {
 
 #[test]
 fn fanout_against_chatd_reports_a_clean_run() {
-    let d = TestDaemon::start(&bench_limits());
-    let addr = d.addr.to_string();
-    let pid = d.pid().to_string();
-    let (code, r) = run_bench(&[
-        "fanout",
-        "--addr",
-        &addr,
-        "--pid",
-        &pid,
-        "-c",
-        "6",
-        "-s",
-        "2",
-        "-d",
-        "1",
-        "--timeout",
-        "30",
-        "--label",
-        "test",
-    ]);
+    let d = bench_daemon();
+    let (code, r) = run_bench_on(&d, true, "fanout -c 6 -s 2 -d 1 --timeout 30 --label test");
     assert_eq!(code, Some(0), "{r}");
     assert_eq!(r["mode"], "fanout");
     assert_eq!(r["label"], "test");
@@ -111,23 +110,8 @@ fn fanout_against_chatd_reports_a_clean_run() {
 
 #[test]
 fn fixed_rate_fanout_sends_at_that_rate() {
-    let d = TestDaemon::start(&bench_limits());
-    let addr = d.addr.to_string();
-    let (code, r) = run_bench(&[
-        "fanout",
-        "--addr",
-        &addr,
-        "-c",
-        "4",
-        "-s",
-        "2",
-        "--rate",
-        "50",
-        "-d",
-        "1",
-        "--timeout",
-        "30",
-    ]);
+    let d = bench_daemon();
+    let (code, r) = run_bench_on(&d, false, "fanout -c 4 -s 2 --rate 50 -d 1 --timeout 30");
     assert_eq!(code, Some(0), "{r}");
     // Two senders at 50 messages/s for one second; generous bounds for a loaded machine.
     let sent = num(&r, "sent");
@@ -138,26 +122,12 @@ fn fixed_rate_fanout_sends_at_that_rate() {
 
 #[test]
 fn idle_mode_seats_everyone_and_reads_rss() {
-    let d = TestDaemon::start(&bench_limits());
-    let addr = d.addr.to_string();
-    let pid = d.pid().to_string();
-    let (code, r) = run_bench(&[
-        "idle",
-        "--addr",
-        &addr,
-        "--pid",
-        &pid,
-        "-c",
-        "30",
-        "--join-rate",
-        "300",
-        "--settle",
-        "0.2",
-        "--hold",
-        "0.2",
-        "--timeout",
-        "30",
-    ]);
+    let d = bench_daemon();
+    let (code, r) = run_bench_on(
+        &d,
+        true,
+        "idle -c 30 --join-rate 300 --settle 0.2 --hold 0.2 --timeout 30",
+    );
     assert_eq!(code, Some(0), "{r}");
     assert_eq!(num(&r, "seated"), 30.0);
     assert_eq!(num(&r, "still_open"), 30.0);

@@ -30,9 +30,7 @@ fn greeting_join_message_and_quit() {
 #[test]
 fn slash_quit_and_dropped_connection_are_announced() {
     let d = TestDaemon::start("");
-    let mut watcher = d.join("watcher");
-    let mut a = d.join("a");
-    watcher.expect_prefix("*** JOIN a");
+    let (mut watcher, mut a) = d.pair("watcher", "a");
     a.send("/quit");
     assert_eq!(a.line(), "*** BYE goodbye");
     assert_eq!(watcher.line(), "*** LEAVE a left (quit)");
@@ -152,9 +150,7 @@ fn a_mass_disconnect_is_announced_once_each_in_one_order() {
 fn slash_commands() {
     // Eleven lines in a burst: more than the default limits.message-burst.
     let d = TestDaemon::start(NO_RATE_LIMIT);
-    let mut a = d.join("alice");
-    let mut b = d.join("bob");
-    a.expect_prefix("*** JOIN bob");
+    let (mut a, mut b) = d.pair("alice", "bob");
 
     a.send("/who");
     assert_eq!(a.line(), "*** WHO 2 alice bob");
@@ -256,9 +252,7 @@ fn seed_style_unterminated_writes_are_messages() {
 #[test]
 fn a_line_client_is_never_cut_by_the_pause() {
     let d = TestDaemon::start("");
-    let mut watcher = d.join("watcher");
-    let mut slow = d.join("slow");
-    watcher.expect_prefix("*** JOIN slow");
+    let (mut watcher, mut slow) = d.pair("watcher", "slow");
     slow.send_raw(b"first half ");
     // Well past partial-line-flush (150ms in the test config).
     std::thread::sleep(Duration::from_millis(600));
@@ -269,9 +263,7 @@ fn a_line_client_is_never_cut_by_the_pause() {
 #[test]
 fn invalid_utf8_is_refused_and_the_connection_survives() {
     let d = TestDaemon::start("");
-    let mut a = d.join("alice");
-    let mut b = d.join("bob");
-    a.expect_prefix("*** JOIN bob");
+    let (mut a, mut b) = d.pair("alice", "bob");
     b.send_raw(b"bad \xff\xfe bytes\n");
     assert!(b.line().starts_with("*** ERR bad-utf8 "));
     b.send("still here");
@@ -281,9 +273,7 @@ fn invalid_utf8_is_refused_and_the_connection_survives() {
 #[test]
 fn control_characters_never_reach_other_users_raw() {
     let d = TestDaemon::start("");
-    let mut a = d.join("alice");
-    let mut b = d.join("bob");
-    a.expect_prefix("*** JOIN bob");
+    let (mut a, mut b) = d.pair("alice", "bob");
     b.send_raw(b"red \x1b[31mtext\x07 \xe2\x80\xae reversed\n");
     let got = a.line();
     assert_eq!(
@@ -295,9 +285,7 @@ fn control_characters_never_reach_other_users_raw() {
 #[test]
 fn too_long_lines_are_refused_and_the_stream_resyncs() {
     let d = TestDaemon::start("[limits]\nmax-line-length = 32\n");
-    let mut a = d.join("alice");
-    let mut b = d.join("bob");
-    a.expect_prefix("*** JOIN bob");
+    let (mut a, mut b) = d.pair("alice", "bob");
     let long = "x".repeat(100);
     b.send(&format!("{long}\nafter"));
     let err = b.line();

@@ -6,9 +6,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::helper::{TestDaemon, WAIT, bin, wait_child};
+use crate::helper::{TestDaemon, WAIT, bin, free_port, wait_child, wait_for};
 
 /// A `chat-client` with piped standard streams, its output collected in the background.
 struct PipeClient {
@@ -66,16 +66,12 @@ impl PipeClient {
     }
 
     fn wait_stdout(&self, needle: &str) {
-        let deadline = Instant::now() + WAIT;
-        while !self.stdout().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "stdout never showed {needle:?}\nstdout:\n{}\nstderr:\n{}",
-                self.stdout(),
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(
+            WAIT,
+            &format!("{needle:?} on stdout"),
+            || self.stdout().contains(needle).then_some(()),
+            || format!("stdout:\n{}\nstderr:\n{}", self.stdout(), self.stderr()),
+        );
     }
 
     /// Waits for the client to exit; its exit code.
@@ -114,12 +110,6 @@ fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
         }
     });
     buf
-}
-
-/// A port nothing listens on (bound, noted, closed).
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
 }
 
 fn port_arg(d: &TestDaemon) -> String {
@@ -308,10 +298,7 @@ fn lost_server_is_reported_not_a_panic() {
     let mut d = TestDaemon::start("");
     let mut c = PipeClient::start(&["127.0.0.1", &port_arg(&d), "--name", "dora"]);
     c.wait_stdout("*** WELCOME dora ");
-    if let Some(mut child) = d.child.take() {
-        child.kill().expect("kill chatd");
-        child.wait().expect("reap chatd");
-    }
+    d.kill();
     assert_eq!(c.wait_exit(), 1);
     let err = c.stderr();
     assert!(err.contains("connection to server lost"), "{err}");

@@ -8,13 +8,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use crate::helper::{Client, TestDaemon, WAIT, bin};
+use crate::helper::{Client, Config, TestDaemon, WAIT, bin, free_port, require, wait_for};
 
 /// Terminal size every test starts with.
 const COLS: u16 = 100;
 const ROWS: u16 = 30;
+
+/// Whether tmux, which runs the client in a pseudo-terminal, is here (see `require`).
+fn tmux() -> bool {
+    require("tmux", "apt-get install tmux")
+}
 
 /// One chat-client running in its own tmux server.
 struct Tty {
@@ -91,7 +95,7 @@ impl Tty {
             .args(tail)
             .stdin(Stdio::null())
             .output()
-            .expect("run tmux (is it installed? .ci/install-deps.sh installs it)")
+            .expect("run tmux")
     }
 
     fn tmux(&self, args: &[&str]) -> String {
@@ -103,6 +107,13 @@ impl Tty {
     /// Types `text` literally.
     fn type_text(&self, text: &str) {
         self.tmux(&["send-keys", "-l", text]);
+    }
+
+    /// Pastes `text` (-p: as a bracketed paste, as a terminal does when the application
+    /// asked for it).
+    fn paste(&self, text: &str) {
+        self.tmux(&["set-buffer", "--", text]);
+        self.tmux(&["paste-buffer", "-p"]);
     }
 
     /// Presses keys by tmux name (`Enter`, `Up`, `C-c`, ...).
@@ -150,36 +161,22 @@ impl Tty {
 
     /// Waits until the raw output contains `needle`; returns the output.
     fn wait_raw(&self, needle: &[u8]) -> Vec<u8> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let raw = self.raw();
-            if raw.windows(needle.len()).any(|w| w == needle) {
-                return raw;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "raw output never had {:?}: {:?}",
-                String::from_utf8_lossy(needle),
-                String::from_utf8_lossy(&raw)
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        wait_for(
+            WAIT,
+            &format!("{:?} in the raw output", String::from_utf8_lossy(needle)),
+            || Some(self.raw()).filter(|raw| raw.windows(needle.len()).any(|w| w == needle)),
+            || String::from_utf8_lossy(&self.raw()).into_owned(),
+        )
     }
 
     /// Waits until `cond(screen)` holds; returns that screen. Panics with the screen on timeout.
     fn wait(&self, what: &str, cond: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let s = self.screen();
-            if cond(&s) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; screen:\n{s}"
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        wait_for(
+            WAIT,
+            what,
+            || Some(self.screen()).filter(|s| cond(s)),
+            || format!("screen:\n{}", self.screen()),
+        )
     }
 
     /// Waits until the screen shows `needle`.
@@ -189,19 +186,18 @@ impl Tty {
 
     /// Waits until the input line reads exactly `line`.
     fn wait_input(&self, line: &str) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let got = self.input_line();
-            if got == line {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "input line is {got:?}, expected {line:?}; screen:\n{}",
-                self.screen()
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        wait_for(
+            WAIT,
+            &format!("the input line to read {line:?}"),
+            || (self.input_line() == line).then_some(()),
+            || {
+                format!(
+                    "input line {:?}; screen:\n{}",
+                    self.input_line(),
+                    self.screen()
+                )
+            },
+        )
     }
 
     fn status_path(&self) -> PathBuf {
@@ -210,19 +206,15 @@ impl Tty {
 
     /// Waits for the client to exit; its exit status.
     fn wait_exit(&self) -> i32 {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let status = std::fs::read_to_string(self.status_path()).unwrap_or_default();
-            if let Ok(code) = status.trim().parse() {
-                return code;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "chat-client did not exit; screen:\n{}",
-                self.screen()
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        wait_for(
+            WAIT,
+            "chat-client to exit",
+            || {
+                let status = std::fs::read_to_string(self.status_path()).unwrap_or_default();
+                status.trim().parse().ok()
+            },
+            || format!("screen:\n{}", self.screen()),
+        )
     }
 
     /// `stty -a` as the client left the terminal (once it has exited).
@@ -266,6 +258,18 @@ fn joined(d: &TestDaemon, name: &str, extra: &[&str], env: &[(&str, &str)]) -> T
     t
 }
 
+/// A daemon on the test config plus `extra`, `watcher` joined with a line client, then `ann`
+/// in the terminal client; once `watcher` has seen ann join. `None` without tmux.
+fn ann_joins(extra: &str, watcher: &str) -> Option<(TestDaemon, Client, Tty)> {
+    if !tmux() {
+        return None;
+    }
+    let d = TestDaemon::start(extra);
+    let (mut w, ann) = (d.join(watcher), joined(&d, "ann", &[], &[]));
+    w.expect_prefix("*** JOIN ann");
+    Some((d, w, ann))
+}
+
 /// Reads lines until one starts with `prefix`; fails if a rate-limit error shows up first.
 fn next_from(c: &mut Client, prefix: &str) -> String {
     c.expect_prefix(prefix)
@@ -273,10 +277,9 @@ fn next_from(c: &mut Client, prefix: &str) -> String {
 
 #[test]
 fn typing_is_not_disturbed_by_arriving_lines_and_enter_sends_exactly_it() {
-    let d = TestDaemon::start("");
-    let mut bob = d.join("bob");
-    let ann = joined(&d, "ann", &[], &[]);
-    bob.expect_prefix("*** JOIN ann");
+    let Some((_d, mut bob, ann)) = ann_joins("", "bob") else {
+        return;
+    };
 
     ann.type_text("hel");
     ann.wait_input("ann> hel");
@@ -324,6 +327,9 @@ fn assert_cooked(t: &Tty) {
 
 #[test]
 fn the_terminal_is_given_back_after_quitting_and_after_sigterm() {
+    if !tmux() {
+        return;
+    }
     let d = TestDaemon::start("");
     let ann = joined(&d, "ann", &[], &[]);
     ann.type_text("/quit");
@@ -343,6 +349,9 @@ fn the_terminal_is_given_back_after_quitting_and_after_sigterm() {
 
 #[test]
 fn history_ctrl_c_and_ctrl_d_behave_as_in_a_shell() {
+    if !tmux() {
+        return;
+    }
     let d = TestDaemon::start("");
     let mut bob = d.join("bob");
     let ann = joined(&d, "ann", &[], &[]);
@@ -392,6 +401,9 @@ fn history_ctrl_c_and_ctrl_d_behave_as_in_a_shell() {
 
 #[test]
 fn tab_completes_commands_and_online_names() {
+    if !tmux() {
+        return;
+    }
     let d = TestDaemon::start("");
     let _bob = d.join("bob");
     let _carol = d.join("Carol");
@@ -432,6 +444,9 @@ fn tab_completes_commands_and_online_names() {
 
 #[test]
 fn commands_work_from_the_client_and_lines_are_readable() {
+    if !tmux() {
+        return;
+    }
     let d = TestDaemon::start("");
     let mut bob = d.join("bob");
     let ann = joined(&d, "ann", &[], &[]);
@@ -517,6 +532,9 @@ fn coloured(params: &[String]) -> bool {
 
 #[test]
 fn colours_mark_own_lines_and_mentions_and_the_bell_rings() {
+    if !tmux() {
+        return;
+    }
     let d = TestDaemon::start("");
     let mut bob = d.join("bob");
     let ann = joined(&d, "ann", &[], &[]);
@@ -551,6 +569,9 @@ fn colours_mark_own_lines_and_mentions_and_the_bell_rings() {
 
 #[test]
 fn no_color_and_no_bell_are_honoured() {
+    if !tmux() {
+        return;
+    }
     let d = TestDaemon::start("");
     let mut bob = d.join("bob");
     let ann = joined(&d, "ann", &["--no-bell"], &[("NO_COLOR", "1")]);
@@ -587,6 +608,9 @@ fn no_color_and_no_bell_are_honoured() {
 
 #[test]
 fn resize_redraws_and_long_wide_and_combining_input_keeps_the_cursor_right() {
+    if !tmux() {
+        return;
+    }
     let d = TestDaemon::start("");
     let mut bob = d.join("bob");
     let ann = joined(&d, "ann", &[], &[]);
@@ -667,15 +691,16 @@ fn resize_redraws_and_long_wide_and_combining_input_keeps_the_cursor_right() {
 
 #[test]
 fn multi_line_paste_is_sent_line_by_line_within_the_rate_limit() {
+    if !tmux() {
+        return;
+    }
     // The daemon's default limits: 5 lines/s, bursts of 10.
     let d = TestDaemon::start("");
     let mut bob = d.join("bob");
     let ann = joined(&d, "ann", &[], &[]);
     let lines: Vec<String> = (1..=16).map(|i| format!("pasted line {i}")).collect();
     let text = format!("{}\nunfinished", lines.join("\n"));
-    ann.tmux(&["set-buffer", "--", &text]);
-    // -p: as a bracketed paste, as a terminal does when the application asked for it.
-    ann.tmux(&["paste-buffer", "-p"]);
+    ann.paste(&text);
     bob.expect_prefix("*** JOIN ann");
     for l in &lines {
         assert_eq!(bob.line(), format!("ann: {l}"));
@@ -690,13 +715,13 @@ fn multi_line_paste_is_sent_line_by_line_within_the_rate_limit() {
 #[test]
 fn a_stricter_server_is_paced_from_the_limits_it_announces() {
     // The WELCOME line says "at most 2 lines/s, bursts of 3": nothing is refused.
-    let d = TestDaemon::start("[limits]\nmessage-rate = 2\nmessage-burst = 3\n");
-    let mut bob = d.join("bob");
-    let ann = joined(&d, "ann", &[], &[]);
-    bob.expect_prefix("*** JOIN ann");
+    let Some((_d, mut bob, ann)) =
+        ann_joins("[limits]\nmessage-rate = 2\nmessage-burst = 3\n", "bob")
+    else {
+        return;
+    };
     let text: Vec<String> = (1..=6).map(|i| format!("strict {i}")).collect();
-    ann.tmux(&["set-buffer", "--", &format!("{}\n", text.join("\n"))]);
-    ann.tmux(&["paste-buffer", "-p"]);
+    ann.paste(&format!("{}\n", text.join("\n")));
     for l in &text {
         assert_eq!(bob.line(), format!("ann: {l}"));
     }
@@ -706,20 +731,14 @@ fn a_stricter_server_is_paced_from_the_limits_it_announces() {
 
 #[test]
 fn limits_lowered_by_a_reload_slow_the_paste_down_and_no_line_is_lost_silently() {
-    let d = TestDaemon::start("");
-    let mut bob = d.join("bob");
-    let ann = joined(&d, "ann", &[], &[]);
-    bob.expect_prefix("*** JOIN ann");
+    let Some((d, mut bob, ann)) = ann_joins("", "bob") else {
+        return;
+    };
     // Lowered after ann joined, so the client paces to the old, announced limits at first.
-    let before = d.log().matches("config reloaded").count();
     d.write_config("[limits]\nmessage-rate = 4\nmessage-burst = 3\n");
-    d.signal(nix::sys::signal::Signal::SIGHUP);
-    crate::helper::wait_until(WAIT, "the reload", || {
-        d.log().matches("config reloaded").count() > before
-    });
+    d.sighup_reload();
     let text: Vec<String> = (1..=10).map(|i| format!("strict {i}")).collect();
-    ann.tmux(&["set-buffer", "--", &format!("{}\n", text.join("\n"))]);
-    ann.tmux(&["paste-buffer", "-p"]);
+    ann.paste(&format!("{}\n", text.join("\n")));
     let mut got = Vec::new();
     while got.last().map(String::as_str) != Some("ann: strict 10") {
         got.push(bob.line());
@@ -735,12 +754,12 @@ fn limits_lowered_by_a_reload_slow_the_paste_down_and_no_line_is_lost_silently()
 
 #[test]
 fn asks_for_address_port_and_name_and_asks_again() {
+    if !tmux() {
+        return;
+    }
     let d = TestDaemon::start("");
     let mut bob = d.join("bob");
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    let closed = free_port();
     let t = Tty::start(&[], &[], None);
     t.wait_input("server address [127.0.0.1]:");
     t.keys(&["Enter"]);
@@ -781,6 +800,9 @@ fn asks_for_address_port_and_name_and_asks_again() {
 
 #[test]
 fn a_server_that_refuses_at_once_counts_as_a_failed_connection() {
+    if !tmux() {
+        return;
+    }
     let d = TestDaemon::start("[limits]\nmax-clients = 1\n");
     let bob = d.join("bob");
     let port = d.addr.port().to_string();
@@ -798,6 +820,9 @@ fn a_server_that_refuses_at_once_counts_as_a_failed_connection() {
 
 #[test]
 fn config_file_supplies_server_and_name() {
+    if !tmux() {
+        return;
+    }
     let d = TestDaemon::start("");
     let mut bob = d.join("bob");
     let conf = format!(
@@ -825,6 +850,9 @@ fn config_file_supplies_server_and_name() {
 
 #[test]
 fn kicked_shows_the_reason_and_does_not_reconnect() {
+    if !tmux() {
+        return;
+    }
     let d = TestDaemon::start("");
     let t = joined(&d, "mal", &[], &[]);
     let out = d.chatctl(&["kick", "mal", "--reason", "too loud"]);
@@ -840,31 +868,18 @@ fn kicked_shows_the_reason_and_does_not_reconnect() {
 
 /// A daemon listening on `port` (so a restarted one is found where the old one was).
 fn daemon_on(port: u16) -> TestDaemon {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("admin.sock");
-    let text =
-        TestDaemon::config_text(&socket, "").replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    TestDaemon::start_with_text(dir, &text)
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-fn stop(d: &mut TestDaemon) {
-    if let Some(mut child) = d.child.take() {
-        child.kill().expect("kill chatd");
-        child.wait().expect("reap chatd");
-    }
+    TestDaemon::start_config(Config::test().listen(&[&format!("127.0.0.1:{port}")]))
 }
 
 #[test]
 fn reconnects_after_the_server_restarts_and_takes_the_same_name() {
+    if !tmux() {
+        return;
+    }
     let port = free_port();
     let mut d = daemon_on(port);
     let t = joined(&d, "ann", &[], &[]);
-    stop(&mut d);
+    d.kill();
     t.wait_for("connection to server lost");
     t.wait_for("reconnecting to 127.0.0.1:");
     t.wait_input("(offline)>");
@@ -889,9 +904,12 @@ fn reconnects_after_the_server_restarts_and_takes_the_same_name() {
 
 #[test]
 fn no_reconnect_exits_when_the_connection_is_lost() {
+    if !tmux() {
+        return;
+    }
     let mut d = TestDaemon::start("");
     let t = joined(&d, "ann", &["--no-reconnect"], &[]);
-    stop(&mut d);
+    d.kill();
     assert_eq!(t.wait_exit(), 1);
     let screen = t.screen();
     assert!(screen.contains("connection to server lost"), "{screen}");
@@ -981,6 +999,9 @@ impl Drop for Relay {
 
 #[test]
 fn reclaims_its_name_while_the_server_still_holds_the_dead_connection() {
+    if !tmux() {
+        return;
+    }
     let d = TestDaemon::start("");
     let mut bob = d.join("bob");
     let relay = Relay::start(d.addr);
@@ -1088,10 +1109,9 @@ fn a_bad_config_file_is_an_error() {
 /// terminal, and then spin at full CPU in the terminal reader for ever.
 #[test]
 fn a_closed_terminal_ends_the_client() {
-    let d = TestDaemon::start("");
-    let mut watcher = d.join("watcher");
-    let ann = joined(&d, "ann", &[], &[]);
-    watcher.expect_prefix("*** JOIN ann");
+    let Some((_d, mut watcher, ann)) = ann_joins("", "watcher") else {
+        return;
+    };
     let pid = ann.client_pid();
     ann.tmux(&["kill-server"]);
     let left = watcher.expect_prefix("*** LEAVE ann");

@@ -2,7 +2,7 @@
 
 use std::process::{Command, Output};
 
-use crate::helper::{TestDaemon, bin};
+use crate::helper::{Config, TestDaemon, bin};
 
 fn chatd(args: &[&str]) -> Output {
     Command::new(bin("chatd"))
@@ -10,6 +10,11 @@ fn chatd(args: &[&str]) -> Output {
         .env("NO_COLOR", "1")
         .output()
         .expect("run chatd")
+}
+
+/// What `chatd --check-config --config PATH` says on stderr.
+fn check_err(path: &str) -> String {
+    String::from_utf8_lossy(&chatd(&["--check-config", "--config", path]).stderr).into_owned()
 }
 
 fn write(dir: &tempfile::TempDir, text: &str) -> String {
@@ -57,16 +62,14 @@ fn check_config_reports_file_line_col() {
     );
 
     let path = write(&dir, "[room]\nhistory = \"many\"\n");
-    let err =
-        String::from_utf8_lossy(&chatd(&["--check-config", "--config", &path]).stderr).into_owned();
+    let err = check_err(&path);
     assert!(
         err.starts_with(&format!("chatd: {path}:2:11: invalid type")),
         "{err}"
     );
 
     let path = write(&dir, "[server\n");
-    let err =
-        String::from_utf8_lossy(&chatd(&["--check-config", "--config", &path]).stderr).into_owned();
+    let err = check_err(&path);
     assert!(err.starts_with(&format!("chatd: {path}:1:")), "{err}");
 
     let path = write(&dir, "[server]\nlisten = []\n");
@@ -130,20 +133,8 @@ fn bound_addresses_are_logged() {
 
 #[test]
 fn ipv4_and_ipv6_listeners_work_side_by_side() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("admin.sock");
-    let text = TestDaemon::config_text(&socket, "").replace(
-        "listen = [\"127.0.0.1:0\"]",
-        "listen = [\"127.0.0.1:0\", \"[::1]:0\"]",
-    );
-    let d = TestDaemon::start_with_text(dir, &text);
-    let v6: std::net::SocketAddr = d
-        .log()
-        .lines()
-        .find(|l| l.contains("listening for chat clients addr=[::1]"))
-        .and_then(|l| l.rsplit("addr=").next())
-        .and_then(|a| a.trim().parse().ok())
-        .expect("an IPv6 listener was logged");
+    let d = TestDaemon::start_config(Config::test().listen(&["127.0.0.1:0", "[::1]:0"]));
+    let v6 = d.addr_on(std::net::Ipv6Addr::LOCALHOST.into());
     let mut a = d.join("four");
     let mut b = crate::helper::Client::connect(v6);
     b.expect_prefix("*** HELLO");

@@ -35,9 +35,7 @@ fn who(c: &mut Client) -> String {
 #[test]
 fn token_takes_the_name_back_from_the_old_connection() {
     let d = TestDaemon::start("");
-    let mut bob = d.join("bob");
-    let mut old = d.join("alice");
-    bob.expect_prefix("*** JOIN alice");
+    let (mut bob, mut old) = d.pair("bob", "alice");
     let t = token(&mut old);
     // Asking again gives the same token: it belongs to the connection.
     assert_eq!(token(&mut old), t);

@@ -6,23 +6,12 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::helper::{NO_RATE_LIMIT, TestDaemon, WAIT, wait_until};
+use crate::helper::{Config, TestDaemon, WAIT, require, wait_until};
 
 /// Rewrites the config with `extra`, sends SIGHUP, and waits for the reload to be logged.
 fn reload(d: &TestDaemon, extra: &str, expect_key: &str) {
-    let before = d.log().matches("config reloaded").count();
     d.write_config(extra);
-    d.signal(Signal::SIGHUP);
-    wait_until(WAIT, "reload to be logged", || {
-        d.log().matches("config reloaded").count() > before
-    });
-    let last = d
-        .log()
-        .lines()
-        .rev()
-        .find(|l| l.contains("config reloaded"))
-        .unwrap_or_default()
-        .to_owned();
+    let last = d.sighup_reload();
     assert!(last.contains(expect_key), "{expect_key} not in {last}");
 }
 
@@ -35,10 +24,7 @@ fn sighup_applies_motd_without_dropping_anyone() {
         "[room]\nmotd = \"new and shiny\"\n",
         "applied: room.motd",
     );
-    let mut c = d.connect();
-    c.expect_prefix("*** HELLO");
-    c.send("carol");
-    c.expect_prefix("*** WELCOME");
+    let mut c = d.enter("carol");
     assert_eq!(c.line(), "*** MOTD new and shiny");
     a.expect_prefix("*** JOIN carol");
     a.send("still connected");
@@ -62,10 +48,7 @@ fn sighup_with_bad_config_keeps_the_old_one() {
         line.contains(&format!("{}:", d.config_path.display())) && line.contains("bogus"),
         "{line}"
     );
-    let mut c = d.connect();
-    c.expect_prefix("*** HELLO");
-    c.send("carol");
-    c.expect_prefix("*** WELCOME");
+    let mut c = d.enter("carol");
     assert_eq!(c.line(), "*** MOTD kept");
     a.send("/who");
     assert_eq!(a.expect_prefix("*** WHO"), "*** WHO 2 alice carol");
@@ -103,9 +86,7 @@ fn sighup_applies_history_and_name_rules() {
 #[test]
 fn sighup_applies_limits() {
     let d = TestDaemon::start("");
-    let mut a = d.join("alice");
-    let mut b = d.join("bob");
-    a.expect_prefix("*** JOIN bob");
+    let (mut a, mut b) = d.pair("alice", "bob");
     reload(
         &d,
         "[limits]\nmax-line-length = 20\nmax-clients = 2\nname-timeout = \"300ms\"\n",
@@ -135,28 +116,23 @@ fn sighup_applies_limits() {
     );
 }
 
-/// Edits the config file text with `edit`, sends SIGHUP and waits until the reload is logged.
-fn reload_edit(d: &TestDaemon, edit: impl FnOnce(String) -> String) {
-    let before = d.log().matches("config reloaded").count();
-    let text = std::fs::read_to_string(&d.config_path).unwrap_or_default();
-    std::fs::write(&d.config_path, edit(text)).expect("write config");
-    d.signal(Signal::SIGHUP);
-    wait_until(WAIT, "reload to be logged", || {
-        d.log().matches("config reloaded").count() > before
-    });
+/// Edits the config with `edit`, sends SIGHUP and waits until the reload is logged.
+fn reload_edit(d: &TestDaemon, edit: impl FnOnce(Config) -> Config) {
+    d.edit_config(edit);
+    d.sighup_reload();
 }
 
 #[test]
 fn sighup_applies_partial_line_flush() {
     let d = TestDaemon::start("");
     // Start with a flush pause far longer than this test waits.
-    reload_edit(&d, |t| t.replace("\"150ms\"", "\"1h\""));
+    reload_edit(&d, |c| c.set_str("server", "partial-line-flush", "1h"));
     let mut w = d.join("watcher");
     let mut seed = d.connect();
     seed.expect_prefix("*** HELLO");
     seed.send_raw(b"pyuser");
     w.assert_silent(Duration::from_millis(400));
-    reload_edit(&d, |t| t.replace("\"1h\"", "\"50ms\""));
+    reload_edit(&d, |c| c.set_str("server", "partial-line-flush", "50ms"));
     // The new pause is used from the next read on.
     seed.send_raw(b"X");
     assert_eq!(w.expect_prefix("*** JOIN"), "*** JOIN pyuserX joined");
@@ -172,17 +148,16 @@ fn sighup_applies_admin_mode_group_and_log_level() {
         Some(0o660)
     );
     assert!(!d.log().contains("DEBUG"));
-    let text = std::fs::read_to_string(&d.config_path).unwrap_or_default();
     let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(0))
         .ok()
         .flatten()
         .map(|g| g.name)
         .unwrap_or_else(|| "root".into());
-    let new = text
-        .replace("mode = 0o660", "mode = 0o600")
-        .replace("group = \"\"", &format!("group = \"{group}\""))
-        + "[log]\nlevel = \"debug\"\n";
-    std::fs::write(&d.config_path, new).ok();
+    d.edit_config(|c| {
+        c.set("admin", "mode", "0o600")
+            .set_str("admin", "group", &group)
+            .set_str("log", "level", "debug")
+    });
     d.signal(Signal::SIGHUP);
     d.wait_log("admin.mode");
     let meta = std::fs::metadata(&d.socket).expect("socket");
@@ -194,13 +169,12 @@ fn sighup_applies_admin_mode_group_and_log_level() {
 
 #[test]
 fn sighup_applies_shutdown_grace() {
-    let d = TestDaemon::start(&format!("{NO_RATE_LIMIT}max-queue-bytes = 1073741824\n"));
-    let text = std::fs::read_to_string(&d.config_path).unwrap_or_default();
-    std::fs::write(
-        &d.config_path,
-        text.replace("shutdown-grace = \"3s\"", "shutdown-grace = \"700ms\""),
-    )
-    .ok();
+    let d = TestDaemon::start_config(Config::test().no_rate_limit().set(
+        "limits",
+        "max-queue-bytes",
+        "1073741824",
+    ));
+    d.edit_config(|c| c.set_str("server", "shutdown-grace", "700ms"));
     d.signal(Signal::SIGHUP);
     d.wait_log("server.shutdown-grace");
     // A member that never reads keeps output pending, so shutdown must give up after the grace.
@@ -274,9 +248,8 @@ fn stale_socket_is_replaced_and_live_one_is_not_stolen() {
     let d = TestDaemon::start("");
     // A second daemon on the same admin socket must refuse to start.
     let dir = tempfile::tempdir().expect("tempdir");
-    let text = TestDaemon::config_text(&d.socket, "");
     let path = dir.path().join("second.toml");
-    std::fs::write(&path, text).expect("write");
+    std::fs::write(&path, d.render(Config::test())).expect("write");
     let out = std::process::Command::new(crate::helper::bin("chatd"))
         .arg("--config")
         .arg(&path)
@@ -297,7 +270,7 @@ fn stale_socket_is_replaced_and_live_one_is_not_stolen() {
     let _ = d.wait_exit();
     assert!(d.socket.exists(), "SIGKILL leaves the socket file behind");
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut d2 = TestDaemon::start_with_text(dir, &TestDaemon::config_text(&d.socket, ""));
+    let mut d2 = TestDaemon::start_with_text(dir, &d.render(Config::test()));
     d2.socket = d.socket.clone();
     d2.wait_log("replaced a stale admin socket");
     assert_eq!(d2.chatctl(&["status"]).status.code(), Some(0));
@@ -306,9 +279,7 @@ fn stale_socket_is_replaced_and_live_one_is_not_stolen() {
 #[test]
 fn sighup_applies_flood_limits_to_connected_sessions() {
     let d = TestDaemon::start(crate::helper::NO_RATE_LIMIT);
-    let mut a = d.join("alice");
-    let mut b = d.join("bob");
-    a.expect_prefix("*** JOIN bob");
+    let (mut a, mut b) = d.pair("alice", "bob");
     let burst: String = (0..15).map(|k| format!("before {k}\n")).collect();
     b.send_raw(burst.as_bytes());
     for k in 0..15 {
@@ -362,7 +333,7 @@ fn keepalive_timer(server_port: u16, client_port: u16) -> Option<f64> {
             "( sport = :{server_port} and dport = :{client_port} )"
         ))
         .output()
-        .expect("ss (iproute2) must be installed: see .ci/install-deps.sh");
+        .expect("run ss");
     let text = String::from_utf8_lossy(&out.stdout);
     let timer = text.split("timer:(keepalive,").nth(1)?;
     let value = timer.split(',').next()?;
@@ -393,9 +364,12 @@ fn keepalive_timer(server_port: u16, client_port: u16) -> Option<f64> {
 
 #[test]
 fn sighup_applies_keepalive_to_new_connections() {
+    if !require("ss", "apt-get install iproute2") {
+        return;
+    }
     let d = TestDaemon::start("");
     let a = d.join("alice");
-    let port = |c: &crate::helper::Client| c.writer.local_addr().map(|a| a.port()).unwrap_or(0);
+    let port = |c: &crate::helper::Client| c.stream().local_addr().map(|a| a.port()).unwrap_or(0);
     let mut before = None;
     wait_until(WAIT, "a keepalive timer on the first connection", || {
         before = keepalive_timer(d.addr.port(), port(&a));

@@ -2,7 +2,6 @@
 //! listens on an abstract `NOTIFY_SOCKET` and checks every datagram of a daemon's life, and
 //! socket activation is driven the way systemd does it (`LISTEN_PID`/`LISTEN_FDS`, fd 3).
 
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
@@ -13,7 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::helper::{Client, TestDaemon, WAIT, bin, wait_child, wait_until};
+use crate::helper::{Client, Config, TestDaemon, WAIT, bin, wait_child, wait_until};
 
 /// A fake service manager on an abstract socket, as systemd ≥ 254 uses by default.
 struct FakeManager {
@@ -83,49 +82,17 @@ impl FakeManager {
     }
 }
 
-/// Starts chatd on `config` with extra environment, stderr to `log`.
-fn spawn_chatd(dir: &Path, config: &str, env: &[(&str, &str)]) -> (Child, std::path::PathBuf) {
-    let config_path = dir.join("chatd.toml");
-    std::fs::write(&config_path, config).expect("write config");
-    let log_path = dir.join("chatd.log");
-    let log = std::fs::File::create(&log_path).expect("log file");
-    let mut cmd = Command::new(bin("chatd"));
-    cmd.arg("--config")
-        .arg(&config_path)
-        .env_remove("RUST_LOG")
-        .env_remove("JOURNAL_STREAM")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_FDNAMES")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    (cmd.spawn().expect("spawn chatd"), log_path)
-}
-
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// The chat port chatd logged ("listening for chat clients ... :PORT").
+/// The chat port chatd logged ("listening for chat clients ... :PORT"), for the checks that it
+/// says where it listens before it says it is ready.
 fn logged_port(log: &str) -> Option<u16> {
     log.lines()
         .find(|l| l.contains("listening for chat clients"))
         .and_then(|l| l.rsplit(':').next())
         .and_then(|p| p.trim().parse().ok())
-}
-
-fn join(addr: SocketAddr, name: &str) -> Client {
-    let mut c = Client::connect(addr);
-    c.join_as(name);
-    c
 }
 
 fn wait_exit(child: &mut Child) -> Option<i32> {
@@ -137,44 +104,33 @@ fn wait_exit(child: &mut Child) -> Option<i32> {
 
 #[test]
 fn notifies_ready_reload_status_watchdog_and_stopping() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("admin.sock");
-    let config = TestDaemon::config_text(&socket, "");
     let mut manager = FakeManager::new();
     // A 400 ms watchdog: pings every 200 ms.
-    let (mut child, log) = spawn_chatd(
-        dir.path(),
-        &config,
-        &[
-            ("NOTIFY_SOCKET", &manager.name),
-            ("WATCHDOG_USEC", "400000"),
-        ],
-    );
-    let pid = Pid::from_raw(child.id() as i32);
+    let mut d = TestDaemon::with(Config::test())
+        .env("NOTIFY_SOCKET", &manager.name)
+        .env("WATCHDOG_USEC", "400000")
+        .spawn();
+    let pid = Pid::from_raw(d.pid());
 
     // READY=1 comes once, after the listeners and the admin socket are up.
     let ready = manager.expect("READY=1");
     assert_eq!(ready, "READY=1\nSTATUS=0 users online, 0 connections");
-    let text = read(&log);
+    let text = d.log();
     assert!(
         text.contains("admin socket ready"),
         "READY before admin socket:\n{text}"
     );
-    let port = logged_port(&text).expect("port logged before READY");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let status = Command::new(bin("chatctl"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("status")
-        .output()
-        .expect("chatctl");
+    logged_port(&text).expect("port logged before READY");
+    let status = d.chatctl(&["status"]);
     assert!(
         status.status.success(),
         "chatctl status right after READY failed"
     );
+    d.wait_ready();
+    let addr = d.addr;
 
     // The status line follows the user count.
-    let mut alice = join(addr, "alice");
+    let mut alice = Client::connect_as(addr, "alice");
     let status = manager.expect("STATUS=1 user online");
     assert_eq!(status, "STATUS=1 user online, 1 connection");
 
@@ -214,7 +170,7 @@ fn notifies_ready_reload_status_watchdog_and_stopping() {
         "STOPPING=1\nSTATUS=Shutting down, telling 1 user"
     );
     alice.until_eof();
-    assert_eq!(wait_exit(&mut child), Some(0));
+    assert_eq!(d.wait_exit(), Some(0));
 }
 
 #[test]
@@ -230,10 +186,11 @@ fn socket_activation_serves_the_passed_listener() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("admin.sock");
     // If chatd bound server.listen it would fail: 192.0.2.1 (TEST-NET-1) is not a local address.
-    let config = format!(
-        "[server]\nlisten = [\"192.0.2.1:9\"]\n\n[admin]\nsocket = \"{}\"\ngroup = \"\"\n",
-        socket.display()
-    );
+    let config = Config::new()
+        .listen(&["192.0.2.1:9"])
+        .admin_socket(&socket)
+        .set_str("admin", "group", "")
+        .to_string();
     std::fs::write(dir.path().join("chatd.toml"), &config).expect("write config");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -265,8 +222,8 @@ fn socket_activation_serves_the_passed_listener() {
     let text = read(&log_path);
     assert!(text.contains("socket activation"), "{text}");
     assert_eq!(logged_port(&text), Some(addr.port()), "{text}");
-    let mut a = join(addr, "alice");
-    let mut b = join(addr, "bob");
+    let mut a = Client::connect_as(addr, "alice");
+    let mut b = Client::connect_as(addr, "bob");
     a.expect_prefix("*** JOIN bob");
     b.send("hi alice");
     assert_eq!(a.expect_prefix("bob:"), "bob: hi alice");
@@ -276,22 +233,14 @@ fn socket_activation_serves_the_passed_listener() {
 
 #[test]
 fn sockets_passed_to_another_process_are_ignored() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("admin.sock");
-    let config = TestDaemon::config_text(&socket, "");
     // LISTEN_PID names some other process: chatd must bind server.listen itself.
-    let (mut child, log) = spawn_chatd(
-        dir.path(),
-        &config,
-        &[("LISTEN_PID", "1"), ("LISTEN_FDS", "1")],
-    );
-    wait_until(WAIT, "chatd to listen", || {
-        logged_port(&read(&log)).is_some() && read(&log).contains("admin socket ready")
-    });
-    let port = logged_port(&read(&log)).expect("port");
-    assert_ne!(port, 0);
-    let _a = join(SocketAddr::from(([127, 0, 0, 1], port)), "alice");
-    assert!(!read(&log).contains("socket activation"));
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
-    assert_eq!(wait_exit(&mut child), Some(0));
+    let mut d = TestDaemon::with(Config::test())
+        .env("LISTEN_PID", "1")
+        .env("LISTEN_FDS", "1")
+        .start();
+    assert_ne!(d.addr.port(), 0);
+    let _a = Client::connect_as(d.addr, "alice");
+    assert!(!d.log().contains("socket activation"));
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(), Some(0));
 }

@@ -1,18 +1,31 @@
-//! The test harness: a temporary daemon, line-oriented clients, and bounded waits.
+//! The test harness: temporary daemons and their configs, line-oriented clients, bounded waits,
+//! and the system components some tests need.
+//!
+//! - [`config`]: [`Config`], a chatd config built by section and key.
+//! - [`daemon`]: [`TestDaemon`], a real chatd in a temp dir, ready when its admin socket answers.
+//! - [`net`]: [`Client`], a line client over any stream (TCP by default).
+//! - [`wait`]: [`WAIT`], [`wait_until`], [`wait_for`], [`wait_child`].
+//! - [`components`]: [`require`] and [`require_root`], which skip (or fail under CI).
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+pub mod components;
+pub mod config;
+pub mod daemon;
+pub mod net;
+pub mod wait;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+
+pub use components::{ci, require, require_root};
+pub use config::Config;
+pub use daemon::{Launch, TestDaemon, admin_request};
+pub use net::{Client, ReadTimeout, agreed_order, free_port};
+pub use wait::{WAIT, wait_child, wait_for, wait_until};
 
 /// A `[limits]` section that lifts flood control, for tests that send bursts.
 pub const NO_RATE_LIMIT: &str = "[limits]\nmessage-rate = 1000000\nmessage-burst = 1000000\n";
-
-/// Default bound for any single wait in a test.
-pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Path of one of the workspace's programs, built for this test run. The daemon is this
 /// package's own binary (`CARGO_BIN_EXE_chatd`); chatctl, chat-client and chat-bench are other
@@ -59,307 +72,14 @@ fn sibling_binaries(chatd: &Path) -> &'static Path {
     })
 }
 
-/// Waits up to `limit` for `child` to exit; kills it and returns `None` if it does not (the
-/// caller panics with what it knows).
-pub fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
-pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A running `chatd` with its own temp dir, config file and admin socket; killed on drop.
-pub struct TestDaemon {
-    pub dir: tempfile::TempDir,
-    pub child: Option<Child>,
-    pub addr: SocketAddr,
-    pub config_path: PathBuf,
-    pub socket: PathBuf,
-    pub log_path: PathBuf,
-}
-
-impl TestDaemon {
-    /// The config every test daemon starts from; `extra` is appended (whole sections).
-    pub fn config_text(socket: &Path, extra: &str) -> String {
-        format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\npartial-line-flush = \"150ms\"\nshutdown-grace = \"3s\"\n\
-             state-dir = \"{}\"\n\n\
-             [admin]\nsocket = \"{}\"\nmode = 0o660\ngroup = \"\"\n\n{extra}",
-            socket.with_file_name("state").display(),
-            socket.display()
-        )
-    }
-
-    /// Starts a daemon with the default test config plus `extra`.
-    pub fn start(extra: &str) -> TestDaemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("admin.sock");
-        let text = Self::config_text(&socket, extra);
-        Self::start_with_text(dir, &text)
-    }
-
-    /// Starts a daemon on exactly this config text (written to `dir/chatd.toml`).
-    pub fn start_with_text(dir: tempfile::TempDir, text: &str) -> TestDaemon {
-        let config_path = dir.path().join("chatd.toml");
-        std::fs::write(&config_path, text).expect("write config");
-        let socket = dir.path().join("admin.sock");
-        let log_path = dir.path().join("chatd.log");
-        let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(bin("chatd"))
-            .arg("--config")
-            .arg(&config_path)
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn chatd");
-        let mut d = TestDaemon {
-            dir,
-            child: Some(child),
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            config_path,
-            socket,
-            log_path,
-        };
-        let mut port = None;
-        wait_until(WAIT, "chatd to listen", || {
-            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("chatd exited early ({status}):\n{}", d.log());
-            }
-            let log = d.log();
-            port = log
-                .lines()
-                .find(|l| l.contains("listening for chat clients"))
-                .and_then(|l| l.rsplit(':').next())
-                .and_then(|p| p.trim().parse::<u16>().ok());
-            port.is_some() && log.contains("admin socket ready")
-        });
-        d.addr.set_port(port.unwrap_or(0));
-        d
-    }
-
-    /// Everything the daemon logged so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    /// Waits until the log contains `needle`.
-    pub fn wait_log(&self, needle: &str) {
-        wait_until(WAIT, &format!("log line {needle:?}"), || {
-            self.log().contains(needle)
-        });
-    }
-
-    /// The daemon's pid.
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).expect("running")
-    }
-
-    /// Sends a signal to the daemon.
-    pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill");
-    }
-
-    /// Rewrites the config file (for reload tests).
-    pub fn write_config(&self, extra: &str) {
-        std::fs::write(&self.config_path, Self::config_text(&self.socket, extra)).expect("write");
-    }
-
-    /// Waits for the daemon to exit and returns its exit code.
-    pub fn wait_exit(&mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        match wait_child(&mut child, WAIT) {
-            Some(status) => status.code(),
-            None => panic!("chatd did not exit in time:\n{}", self.log()),
-        }
-    }
-
-    /// Connects a raw client.
-    pub fn connect(&self) -> Client {
-        Client::connect(self.addr)
-    }
-
-    /// Connects and takes `name`; returns once the welcome, MOTD and history have been read
-    /// (a `/who` round trip marks their end).
-    pub fn join(&self, name: &str) -> Client {
-        let mut c = self.connect();
-        c.join_as(name);
-        c.send("/who");
-        c.expect_prefix("*** WHO ");
-        c
-    }
-
-    /// Runs the real chatctl against this daemon's socket.
-    pub fn chatctl(&self, args: &[&str]) -> Output {
-        Command::new(bin("chatctl"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run chatctl")
-    }
-}
-
-impl Drop for TestDaemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A line-oriented TCP client with bounded reads.
-pub struct Client {
-    pub reader: BufReader<TcpStream>,
-    pub writer: TcpStream,
-}
-
-impl Client {
-    /// Connects to `addr`.
-    pub fn connect(addr: SocketAddr) -> Client {
-        Client::from_stream(TcpStream::connect_timeout(&addr, WAIT).expect("connect"))
-    }
-
-    /// Wraps a connected stream (one made with special socket options, say).
-    pub fn from_stream(stream: TcpStream) -> Client {
-        stream.set_read_timeout(Some(WAIT)).expect("timeout");
-        stream.set_nodelay(true).expect("nodelay");
-        let writer = stream.try_clone().expect("clone");
-        Client {
-            reader: BufReader::new(stream),
-            writer,
-        }
-    }
-
-    /// Takes `name` on a connection that has just been greeted; returns once it is accepted.
-    pub fn join_as(&mut self, name: &str) {
-        self.expect_prefix("*** HELLO ");
-        self.send(name);
-        self.expect_prefix(&format!("*** WELCOME {name}"));
-    }
-
-    /// Sends `line` followed by `\n`.
-    pub fn send(&mut self, line: &str) {
-        self.send_raw(format!("{line}\n").as_bytes());
-    }
-
-    /// Sends bytes as they are.
-    pub fn send_raw(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).expect("send");
-    }
-
-    /// Next line without its terminator; panics on timeout or EOF.
-    pub fn line(&mut self) -> String {
-        self.try_line()
-            .unwrap_or_else(|| panic!("connection closed while waiting for a line"))
-    }
-
-    /// Next line, or `None` at EOF; panics on timeout.
-    pub fn try_line(&mut self) -> Option<String> {
-        let mut buf = Vec::new();
-        match self.reader.read_until(b'\n', &mut buf) {
-            Ok(0) => None,
-            Ok(_) => {
-                assert!(buf.ends_with(b"\n"), "partial line at EOF: {buf:?}");
-                buf.pop();
-                Some(String::from_utf8(buf).expect("server sent invalid UTF-8"))
-            }
-            Err(e) => panic!("reading a line failed (timeout {WAIT:?}?): {e}"),
-        }
-    }
-
-    /// Reads lines until one starts with `prefix`, returning it; earlier lines are skipped.
-    pub fn expect_prefix(&mut self, prefix: &str) -> String {
-        let mut seen = Vec::new();
-        loop {
-            match self.try_line() {
-                Some(l) if l.starts_with(prefix) => return l,
-                Some(l) => seen.push(l),
-                None => panic!("EOF before a line starting {prefix:?}; saw {seen:?}"),
-            }
-        }
-    }
-
-    /// Reads the next `n` chat lines (everything but server lines), in order; panics if
-    /// anyone leaves meanwhile, since the tests using it promise nobody is dropped.
-    pub fn chat_lines(&mut self, n: usize) -> Vec<String> {
-        let mut got = Vec::with_capacity(n);
-        while got.len() < n {
-            let l = self.line();
-            assert!(!l.starts_with("*** LEAVE"), "someone was dropped: {l}");
-            if !l.starts_with("*** ") {
-                got.push(l);
-            }
-        }
-        got
-    }
-
-    /// Reads until EOF and returns the remaining lines; panics on timeout.
-    pub fn until_eof(&mut self) -> Vec<String> {
-        let mut out = Vec::new();
-        while let Some(l) = self.try_line() {
-            out.push(l);
-        }
-        out
-    }
-
-    /// Asserts that no line arrives within `d`.
-    pub fn assert_silent(&mut self, d: Duration) {
-        let s = self.reader.get_ref();
-        s.set_read_timeout(Some(d)).expect("timeout");
-        let mut buf = [0u8; 1];
-        let got = if self.reader.buffer().is_empty() {
-            self.reader.get_mut().read(&mut buf)
-        } else {
-            Ok(1)
-        };
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(WAIT))
-            .expect("timeout");
-        match got {
-            Ok(0) => panic!("connection closed"),
-            Ok(_) => panic!("unexpected data: {:?}", self.reader.buffer()),
-            Err(_) => {}
-        }
-    }
-}
-
-/// Reads `n` chat lines from every receiver, asserts that they all saw the same lines in the
-/// same order, and returns that order.
-pub fn agreed_order(receivers: &mut [Client], n: usize) -> Vec<String> {
-    let orders: Vec<_> = receivers.iter_mut().map(|r| r.chat_lines(n)).collect();
-    assert!(
-        orders.windows(2).all(|w| w[0] == w[1]),
-        "receivers disagree on order"
-    );
-    orders.into_iter().next().unwrap_or_default()
+/// Runs one of the workspace's programs (see [`bin`]) with `args` and no input; its output.
+pub fn run(name: &str, args: &[&str]) -> Output {
+    Command::new(bin(name))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {name}: {e}"))
 }
 
 /// chatctl's `--json` answer, parsed.
