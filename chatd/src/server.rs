@@ -176,7 +176,7 @@ pub async fn accept_loop(
             tracker.spawn(refuse(stream, slot, code::SERVER_FULL, text));
             continue;
         }
-        if let Some(ban) = shared.bans.for_ip(peer.ip()) {
+        if let Some(ban) = shared.bans.find(peer.ip(), None) {
             crate::shared::LimitCounters::bump(&shared.limits.refused_banned);
             info!(%peer, ban = %ban.target.to_text(), "refusing connection: banned address");
             tracker.spawn(refuse(stream, slot, code::BANNED, ban.refusal()));

@@ -181,7 +181,7 @@ fn ban(
 ) -> Response {
     let target = match Target::parse(target) {
         Ok(t) => t,
-        Err(e) => return invalid(e),
+        Err(e) => return invalid(e.to_string()),
     };
     if duration_secs == Some(0) {
         return invalid("a ban's duration must be more than zero");
@@ -208,19 +208,15 @@ fn ban(
         ));
     }
     let kick_reason = format!("banned {}: {}", ban.until_text(), ban.reason);
-    let disconnected: Vec<String> = match &ban.target {
-        Target::Name(n) => {
-            let key = chat_proto::names::lookup_key(n);
-            shared.room.kick_where(|k, _| k == key, &kick_reason)
-        }
-        Target::Net(net) => shared.room.kick_where(
-            |_, addr| net.contains(&bans::canonical(addr.ip())),
+    let disconnected: Vec<String> = shared
+        .room
+        .kick_where(
+            |key, addr| ban.target.matches(addr.ip(), Some(key)),
             &kick_reason,
-        ),
-    }
-    .into_iter()
-    .map(|(name, _)| name)
-    .collect();
+        )
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
     info!(target = %ban.target.to_text(), reason = %ban.reason, until = %ban.until_text(),
         disconnected = disconnected.len(), admin_uid = uid, "ban added");
     Response::Banned {
@@ -232,7 +228,7 @@ fn ban(
 fn unban(shared: &Shared, uid: u32, target: &str) -> Response {
     let parsed = match Target::parse(target) {
         Ok(t) => t,
-        Err(e) => return invalid(e),
+        Err(e) => return invalid(e.to_string()),
     };
     match shared.bans.remove(&parsed) {
         Ok(true) => {
