@@ -274,6 +274,9 @@ pub enum ErrorCode {
     UnsupportedVersion,
     /// The new config was rejected; the old one stays in force.
     ReloadFailed,
+    /// The daemon could not save its state (the ban list in `server.state-dir`); nothing was
+    /// changed. The request was fine: fix the directory and retry.
+    StateWriteFailed,
     /// Client-side only (chatctl `--json`): no daemon could be reached.
     DaemonUnreachable,
 }
@@ -353,6 +356,12 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn error_codes_are_kebab_case_on_the_wire() {
+        let code = serde_json::to_string(&ErrorCode::StateWriteFailed).unwrap_or_default();
+        assert_eq!(code, r#""state-write-failed""#);
     }
 
     #[test]
