@@ -12,6 +12,7 @@ mod client;
 mod client_tty;
 mod config;
 mod docs;
+mod notify;
 mod reclaim;
 mod signals;
 mod systemd;

@@ -1,5 +1,5 @@
 //! State every task of the daemon shares: the room, the live config and the counters, plus the
-//! one place a reload is carried out (for SIGHUP and `chatctl reload` alike).
+//! reload step itself (SIGHUP and `chatctl reload` both reach it through `systemd::reload`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -200,8 +200,9 @@ impl Shared {
     }
 
     /// Re-reads the config and applies what can change live. On any error the running config
-    /// stays exactly as it was.
-    pub fn reload(&self) -> Result<ConfigDiff, ConfigError> {
+    /// stays exactly as it was. Callers go through `systemd::reload`, which tells the service
+    /// manager around this, so every reload path looks the same to `systemctl`.
+    pub(crate) fn reload(&self) -> Result<ConfigDiff, ConfigError> {
         let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let loaded = self.source.load()?;
         let from_file = loaded.is_some();

@@ -198,8 +198,9 @@ fn status(shared: &Shared) -> Response {
     })
 }
 
+/// `chatctl reload`: the same reload as SIGHUP, systemd told around it.
 fn reload(shared: &Shared, uid: u32) -> Result<Response, CommandError> {
-    match shared.reload() {
+    match crate::systemd::reload(shared) {
         Ok(diff) => {
             info!(admin_uid = uid, %diff, "config reloaded");
             Ok(Response::Reloaded {
