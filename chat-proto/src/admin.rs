@@ -148,6 +148,20 @@ pub struct BanInfo {
     pub expires: Option<u64>,
 }
 
+/// A ban's end as people read it: `until 2026-11-25T12:00:00Z` (UTC), or `permanently` when
+/// `expires` is `None`. Both the banned user's refusal and chatctl's listing say it this way.
+pub fn until_text(expires: Option<u64>) -> String {
+    match expires {
+        Some(e) => format!(
+            "until {}",
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(e)
+            )
+        ),
+        None => "permanently".to_owned(),
+    }
+}
+
 /// One user in [`Response::Users`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserInfo {
@@ -356,6 +370,12 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn ban_ends_read_the_same_everywhere() {
+        assert_eq!(until_text(None), "permanently");
+        assert_eq!(until_text(Some(0)), "until 1970-01-01T00:00:00Z");
     }
 
     #[test]

@@ -282,7 +282,7 @@ fn render(response: &Response) {
             outln!(
                 "banned {} {}: {}",
                 ban.target,
-                until(ban.expires),
+                admin::until_text(ban.expires),
                 ban.reason
             );
             if !disconnected.is_empty() {
@@ -292,17 +292,6 @@ fn render(response: &Response) {
         Response::Unbanned { target } => outln!("unbanned {target}"),
         Response::BanList { bans } => print_bans(bans),
         Response::Error(e) => eprintln!("chatctl: {}", e.message),
-    }
-}
-
-/// "until <time>" or "permanently".
-fn until(expires: Option<u64>) -> String {
-    match expires {
-        Some(e) => format!(
-            "until {}",
-            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(e))
-        ),
-        None => "permanently".to_owned(),
     }
 }
 
@@ -328,7 +317,7 @@ fn print_bans(bans: &[BanInfo]) {
             "{:<width$}  {:<4}  {:<27}  {}",
             b.target,
             b.kind,
-            until(b.expires),
+            admin::until_text(b.expires),
             b.reason
         );
     }

@@ -122,13 +122,7 @@ impl Ban {
 
     /// "until 2026-11-25T12:00:00Z" or "permanently", for messages.
     pub fn until_text(&self) -> String {
-        match self.expires {
-            Some(e) => format!(
-                "until {}",
-                humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(e))
-            ),
-            None => "permanently".to_owned(),
-        }
+        chat_proto::admin::until_text(self.expires)
     }
 
     /// The line a banned user is shown.
