@@ -148,6 +148,20 @@ pub struct BanInfo {
     pub expires: Option<u64>,
 }
 
+/// A ban's end as people read it: `until 2026-11-25T12:00:00Z` (UTC), or `permanently` when
+/// `expires` is `None`. Both the banned user's refusal and chatctl's listing say it this way.
+pub fn until_text(expires: Option<u64>) -> String {
+    match expires {
+        Some(e) => format!(
+            "until {}",
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(e)
+            )
+        ),
+        None => "permanently".to_owned(),
+    }
+}
+
 /// One user in [`Response::Users`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserInfo {
@@ -274,6 +288,9 @@ pub enum ErrorCode {
     UnsupportedVersion,
     /// The new config was rejected; the old one stays in force.
     ReloadFailed,
+    /// The daemon could not save its state (the ban list in `server.state-dir`); nothing was
+    /// changed. The request was fine: fix the directory and retry.
+    StateWriteFailed,
     /// Client-side only (chatctl `--json`): no daemon could be reached.
     DaemonUnreachable,
 }
@@ -353,6 +370,18 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn ban_ends_read_the_same_everywhere() {
+        assert_eq!(until_text(None), "permanently");
+        assert_eq!(until_text(Some(0)), "until 1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn error_codes_are_kebab_case_on_the_wire() {
+        let code = serde_json::to_string(&ErrorCode::StateWriteFailed).unwrap_or_default();
+        assert_eq!(code, r#""state-write-failed""#);
     }
 
     #[test]

@@ -14,9 +14,10 @@ Exit status:
   3  chatd is not running (no socket, or nobody listening)
   4  permission denied (not root, not chatd's user, not in the admin group)
   5  no such user (or, for unban, no such ban)
-  6  invalid argument (empty, too long, or multi-line text)
+  6  invalid argument (empty, too long or multi-line text, a malformed ban target)
   7  reload failed: the new config was rejected and the old one stays in force
   8  protocol error (incompatible chatd version or garbled answer)
+  9  chatd could not save its state (the ban list in server.state-dir); nothing changed
 
 The socket is found by --socket, else $CHATD_SOCKET, else the first that exists of
 $RUNTIME_DIRECTORY/chatd.sock, /run/chatd/chatd.sock, $XDG_RUNTIME_DIR/chatd.sock.";

@@ -32,6 +32,7 @@ mod exit {
     pub const INVALID_ARGUMENT: u8 = 6;
     pub const RELOAD_FAILED: u8 = 7;
     pub const PROTOCOL: u8 = 8;
+    pub const STATE_WRITE_FAILED: u8 = 9;
 }
 
 /// Writes one line to standard output. A reader that went away (`chatctl list | head -1`)
@@ -138,6 +139,7 @@ fn exit_code(code: ErrorCode) -> u8 {
         ErrorCode::NoSuchUser | ErrorCode::NoSuchBan => exit::NO_SUCH_USER,
         ErrorCode::InvalidArgument => exit::INVALID_ARGUMENT,
         ErrorCode::ReloadFailed => exit::RELOAD_FAILED,
+        ErrorCode::StateWriteFailed => exit::STATE_WRITE_FAILED,
         ErrorCode::UnsupportedVersion | ErrorCode::BadRequest => exit::PROTOCOL,
         ErrorCode::DaemonUnreachable => exit::NOT_RUNNING,
     }
@@ -280,7 +282,7 @@ fn render(response: &Response) {
             outln!(
                 "banned {} {}: {}",
                 ban.target,
-                until(ban.expires),
+                admin::until_text(ban.expires),
                 ban.reason
             );
             if !disconnected.is_empty() {
@@ -290,17 +292,6 @@ fn render(response: &Response) {
         Response::Unbanned { target } => outln!("unbanned {target}"),
         Response::BanList { bans } => print_bans(bans),
         Response::Error(e) => eprintln!("chatctl: {}", e.message),
-    }
-}
-
-/// "until <time>" or "permanently".
-fn until(expires: Option<u64>) -> String {
-    match expires {
-        Some(e) => format!(
-            "until {}",
-            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(e))
-        ),
-        None => "permanently".to_owned(),
     }
 }
 
@@ -326,7 +317,7 @@ fn print_bans(bans: &[BanInfo]) {
             "{:<width$}  {:<4}  {:<27}  {}",
             b.target,
             b.kind,
-            until(b.expires),
+            admin::until_text(b.expires),
             b.reason
         );
     }
@@ -468,6 +459,28 @@ mod tests {
         assert_eq!(short_duration(252), "4m12s");
         assert_eq!(short_duration(7500), "2h5m");
         assert_eq!(short_duration(360_000), "4d4h");
+    }
+
+    #[test]
+    fn every_error_code_has_its_documented_exit_status() {
+        let codes = [
+            (ErrorCode::DaemonUnreachable, 3),
+            (ErrorCode::PermissionDenied, 4),
+            (ErrorCode::NoSuchUser, 5),
+            (ErrorCode::NoSuchBan, 5),
+            (ErrorCode::InvalidArgument, 6),
+            (ErrorCode::ReloadFailed, 7),
+            (ErrorCode::BadRequest, 8),
+            (ErrorCode::UnsupportedVersion, 8),
+            (ErrorCode::StateWriteFailed, 9),
+        ];
+        for (code, exit) in codes {
+            assert_eq!(exit_code(code), exit, "{code:?}");
+            assert!(
+                cli::AFTER_HELP.contains(&format!("\n  {exit}  ")),
+                "--help does not explain exit {exit}"
+            );
+        }
     }
 
     #[test]

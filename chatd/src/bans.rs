@@ -29,12 +29,31 @@ pub enum Target {
     Net(IpNet),
 }
 
+/// Why an admin's ban target was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    /// Nothing but blanks.
+    #[error("a ban needs a name, an IP address or a CIDR block")]
+    Empty,
+    /// Has a `/` but is not `IP/PREFIX`.
+    #[error("{raw:?} is not a valid CIDR block: {source}")]
+    BadCidr {
+        /// The target as typed.
+        raw: String,
+        /// What the parser objected to.
+        source: ipnet::AddrParseError,
+    },
+    /// Looks like an address (digits and dots, or a colon) but is not one.
+    #[error("{raw:?} is not a valid IP address", raw = .0)]
+    BadIp(String),
+}
+
 impl Target {
     /// Reads `NAME`, `IP` or `IP/PREFIX` as typed by an admin.
-    pub fn parse(raw: &str) -> Result<Target, String> {
+    pub fn parse(raw: &str) -> Result<Target, TargetError> {
         let raw = raw.trim();
         if raw.is_empty() {
-            return Err("a ban needs a name, an IP address or a CIDR block".to_owned());
+            return Err(TargetError::Empty);
         }
         if let Ok(ip) = raw.parse::<IpAddr>() {
             return Ok(Target::Net(IpNet::from(ip)));
@@ -43,12 +62,26 @@ impl Target {
             return raw
                 .parse::<IpNet>()
                 .map(|n| Target::Net(n.trunc()))
-                .map_err(|e| format!("{raw:?} is not a valid CIDR block: {e}"));
+                .map_err(|source| TargetError::BadCidr {
+                    raw: raw.to_owned(),
+                    source,
+                });
         }
         if raw.contains(':') || raw.chars().all(|c| c.is_ascii_digit() || c == '.') {
-            return Err(format!("{raw:?} is not a valid IP address"));
+            return Err(TargetError::BadIp(raw.to_owned()));
         }
         Ok(Target::Name(raw.to_owned()))
+    }
+
+    /// Whether this target covers a client at `ip` whose name has uniqueness key `name_key`
+    /// (`None` before it has chosen one). The one ban-matching rule: a name ban matches by key,
+    /// so look-alike spellings are covered; an address ban matches IPv4-mapped IPv6 addresses as
+    /// the IPv4 address they carry.
+    pub fn matches(&self, ip: IpAddr, name_key: Option<&str>) -> bool {
+        match self {
+            Target::Name(n) => name_key.is_some_and(|key| names::lookup_key(n) == key),
+            Target::Net(net) => net.contains(&canonical(ip)),
+        }
     }
 
     /// The ban's target as shown to people: the name, or the address block.
@@ -89,13 +122,7 @@ impl Ban {
 
     /// "until 2026-11-25T12:00:00Z" or "permanently", for messages.
     pub fn until_text(&self) -> String {
-        match self.expires {
-            Some(e) => format!(
-                "until {}",
-                humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(e))
-            ),
-            None => "permanently".to_owned(),
-        }
+        chat_proto::admin::until_text(self.expires)
     }
 
     /// The line a banned user is shown.
@@ -231,24 +258,16 @@ impl Bans {
             .collect()
     }
 
-    /// The ban in force on `ip`, if any.
-    pub fn for_ip(&self, ip: IpAddr) -> Option<Ban> {
-        let now = now_secs();
-        let ip = canonical(ip);
-        self.lock()
-            .iter()
-            .find(|b| b.active(now) && matches!(&b.target, Target::Net(n) if n.contains(&ip)))
-            .cloned()
-    }
-
-    /// The ban in force on the name with uniqueness key `key`, if any.
-    pub fn for_name_key(&self, key: &str) -> Option<Ban> {
+    /// The ban in force on a client at `ip` with name key `name_key` (`None`: not named yet),
+    /// if any. When both an address ban and a name ban apply, the address ban is the one
+    /// reported: it is the one the client cannot step around by picking another name.
+    pub fn find(&self, ip: IpAddr, name_key: Option<&str>) -> Option<Ban> {
         let now = now_secs();
         self.lock()
             .iter()
-            .find(|b| {
-                b.active(now) && matches!(&b.target, Target::Name(n) if names::lookup_key(n) == key)
-            })
+            .filter(|b| b.active(now) && b.target.matches(ip, name_key))
+            // `min_by_key` keeps the first of equals, so among bans of one kind the oldest wins.
+            .min_by_key(|b| matches!(b.target, Target::Name(_)))
             .cloned()
     }
 
@@ -331,6 +350,11 @@ mod tests {
     #[test]
     fn parses_targets() {
         assert_eq!(Target::parse("bob"), Ok(Target::Name("bob".into())));
+        assert_eq!(Target::parse(" "), Err(TargetError::Empty));
+        assert_eq!(
+            Target::parse("10.1.2").map_err(|e| e.to_string()),
+            Err("\"10.1.2\" is not a valid IP address".to_owned())
+        );
         assert!(matches!(Target::parse("10.1.2.3"), Ok(Target::Net(n)) if n.prefix_len() == 32));
         assert!(
             matches!(Target::parse("10.1.2.3/8"), Ok(Target::Net(n)) if n.to_string() == "10.0.0.0/8")
@@ -348,20 +372,19 @@ mod tests {
         bans.add(ban("192.0.2.0/24", None)).ok();
         bans.add(ban("Mallory", None)).ok();
         bans.add(ban("198.51.100.7", Some(1))).ok(); // long expired
-        assert!(
-            bans.for_ip("192.0.2.99".parse().unwrap_or(IpAddr::from([0; 4])))
-                .is_some()
-        );
-        assert!(
-            bans.for_ip("::ffff:192.0.2.1".parse().unwrap_or(IpAddr::from([0; 4])))
-                .is_some()
-        );
-        assert!(
-            bans.for_ip("198.51.100.7".parse().unwrap_or(IpAddr::from([0; 4])))
-                .is_none()
-        );
-        assert!(bans.for_name_key(&names::lookup_key("MALLORY")).is_some());
-        assert_eq!(bans.active().len(), 2);
+        let ip = |s: &str| s.parse().unwrap_or(IpAddr::from([0; 4]));
+        assert!(bans.find(ip("192.0.2.99"), None).is_some());
+        assert!(bans.find(ip("::ffff:192.0.2.1"), None).is_some());
+        assert!(bans.find(ip("198.51.100.7"), None).is_none());
+        let mallory = names::lookup_key("MALLORY");
+        assert!(bans.find(ip("203.0.113.1"), Some(&mallory)).is_some());
+        assert!(bans.find(ip("203.0.113.1"), None).is_none());
+        // Banned by name and by address: the address ban is reported, even when younger.
+        bans.add(ban("eve", None)).ok();
+        bans.add(ban("203.0.113.9", None)).ok();
+        let both = bans.find(ip("203.0.113.9"), Some(&names::lookup_key("eve")));
+        assert!(matches!(both.map(|b| b.target), Some(Target::Net(_))));
+        assert_eq!(bans.active().len(), 4);
         assert_eq!(
             bans.remove(&Target::Name("mallory".into())).ok(),
             Some(true)

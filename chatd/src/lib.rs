@@ -1,11 +1,12 @@
 //! chatd: a chatroom daemon. The binary (`main.rs`) parses arguments, loads the config, sets up
 //! logging and binds sockets; [`run`] serves them until told to stop.
 //!
-//! Data flows one way: listener (`server`) → `session` → `room` → every other member's
+//! Data flows one way: listener (`server`, asking `admission`) → `session` → `room` → every other member's
 //! `outbox` → that member's session writer. The room never touches a socket and a session never
 //! reaches into another session.
 
 pub mod admin;
+pub mod admission;
 pub mod bans;
 pub mod config;
 pub mod engine;
@@ -44,10 +45,13 @@ pub async fn run(
 ) {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // One admission for every listener, so the caps count connections on all of them.
+    let admission = Arc::new(admission::Admission::new(shared.clone()));
     for listener in listeners {
         tracker.spawn(server::accept_loop(
             listener,
             shared.clone(),
+            admission.clone(),
             shutdown.clone(),
             tracker.clone(),
         ));

@@ -93,10 +93,10 @@ pub async fn trim_task(stats: &TrimStats) {
 
 /// Bytes the allocator holds free (its arenas' free lists), or `None` on other allocators.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
 pub fn heap_free() -> Option<usize> {
     // SAFETY: mallinfo2 takes no arguments, only reads the allocator's bookkeeping under its
     // own locks, and returns a plain struct by value (glibc 2.33 and later).
+    #[allow(unsafe_code)]
     let info = unsafe { nix::libc::mallinfo2() };
     Some(info.fordblks)
 }
@@ -109,13 +109,14 @@ pub fn heap_free() -> Option<usize> {
 
 /// Gives free pages back; returns RSS before and after, and how long it took.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
 fn trim() -> (u64, u64, Duration) {
     let before = rss_bytes().unwrap_or(0);
     let start = Instant::now();
     // SAFETY: malloc_trim only releases pages that no allocation uses; it takes each arena's
     // lock itself and has no preconditions.
-    unsafe { nix::libc::malloc_trim(0) };
+    // Its result only says whether anything was released; RSS below says how much.
+    #[allow(unsafe_code)]
+    let _released = unsafe { nix::libc::malloc_trim(0) };
     let took = start.elapsed();
     (before, rss_bytes().unwrap_or(0), took)
 }

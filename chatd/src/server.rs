@@ -1,13 +1,13 @@
-//! The chat listeners: binding, the accept loop, and the connection limit.
+//! The TCP chat listeners: binding, accepting (through [`crate::admission`]) and spawning a
+//! session per admitted connection.
 //!
 //! Accept errors never end the server: per-connection errors are skipped, and resource
 //! exhaustion (EMFILE, ENFILE, ENOBUFS, ENOMEM) backs off, logs, and retries, so a flood of
 //! connections degrades service instead of spinning or crashing.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
@@ -17,9 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::admission::{Admission, Refusal};
 use crate::session::Session;
-use crate::shared::Shared;
-use chat_proto::protocol::{self, code};
+use crate::shared::{LimitCounters, Shared};
+use chat_proto::protocol;
 
 /// Binds one listening socket. An IPv6 address is bound IPv6-only, so `[::]:P` and `0.0.0.0:P`
 /// can both be configured without clashing.
@@ -69,69 +70,12 @@ pub fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, Stri
     Ok(out)
 }
 
-/// Open connections per client address. IPv4 addresses count one by one; IPv6 addresses count
-/// per /64, the block one subscriber usually gets, so a single host cannot dodge the limit by
-/// rotating through its own addresses.
-#[derive(Debug, Default)]
-pub struct PerIp {
-    // A std mutex: one hash-map update per connect and disconnect, never across an await.
-    open: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
-}
-
-impl PerIp {
-    fn key(ip: IpAddr) -> IpAddr {
-        // IPv4-mapped IPv6 counts as the IPv4 address, the same rule bans use.
-        match crate::bans::canonical(ip) {
-            IpAddr::V6(v6) => {
-                let s = v6.segments();
-                IpAddr::from([s[0], s[1], s[2], s[3], 0, 0, 0, 0])
-            }
-            v4 => v4,
-        }
-    }
-
-    /// Counts a connection from `ip` unless `max` are already open; returns whether it may stay.
-    fn try_add(&self, ip: IpAddr, max: usize) -> bool {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(Self::key(ip)).or_insert(0);
-        if *n >= max {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    fn remove(&self, ip: IpAddr) {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let key = Self::key(ip);
-        if let Some(n) = open.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&key);
-            }
-        }
-    }
-}
-
-/// Counts an open connection (globally and for its address) for as long as it lives.
-struct ConnectionSlot {
-    shared: Arc<Shared>,
-    ip: Option<IpAddr>,
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
-        if let Some(ip) = self.ip {
-            self.shared.per_ip.remove(ip);
-        }
-    }
-}
-
-/// Accepts connections on `listener` until `shutdown`, spawning a session for each.
+/// Accepts connections on `listener` until `shutdown`, spawning a session for each one that
+/// `admission` lets stay.
 pub async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
+    admission: Arc<Admission>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -147,7 +91,7 @@ pub async fn accept_loop(
                 conn
             }
             Err(e) if is_resource_exhaustion(&e) => {
-                crate::shared::LimitCounters::bump(&shared.limits.accept_backoffs);
+                LimitCounters::bump(&shared.limits.accept_backoffs);
                 error!(error = %e, retry_in = ?backoff, "cannot accept connections: out of resources");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -161,48 +105,21 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let live = shared.live.load_full();
-        let max = live.config.limits.max_clients.get();
-        let open = shared.connections.fetch_add(1, Ordering::Relaxed);
-        let mut slot = ConnectionSlot {
-            shared: shared.clone(),
-            ip: None,
+        let ticket = match admission.admit(peer) {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                tracker.spawn(refuse(stream, refusal));
+                continue;
+            }
         };
-        if open >= max {
-            crate::shared::LimitCounters::bump(&shared.limits.refused_full);
-            warn!(%peer, max_clients = max, "refusing connection: server full (limits.max-clients)");
-            let text =
-                format!("server full ({max} connections, limits.max-clients), try again later");
-            tracker.spawn(refuse(stream, slot, code::SERVER_FULL, text));
-            continue;
-        }
-        if let Some(ban) = shared.bans.for_ip(peer.ip()) {
-            crate::shared::LimitCounters::bump(&shared.limits.refused_banned);
-            info!(%peer, ban = %ban.target.to_text(), "refusing connection: banned address");
-            tracker.spawn(refuse(stream, slot, code::BANNED, ban.refusal()));
-            continue;
-        }
-        let per_ip = live.config.limits.max_connections_per_ip.get();
-        if !shared.per_ip.try_add(peer.ip(), per_ip) {
-            crate::shared::LimitCounters::bump(&shared.limits.refused_per_ip);
-            warn!(%peer, max_connections_per_ip = per_ip,
-                "refusing connection: too many from this address (limits.max-connections-per-ip)");
-            let text = format!(
-                "too many connections from your address ({per_ip}, limits.max-connections-per-ip)"
-            );
-            tracker.spawn(refuse(stream, slot, code::TOO_MANY_CONNECTIONS, text));
-            continue;
-        }
-        slot.ip = Some(peer.ip());
         // Only connections that stay get tuned; a refusal is one line and a close.
-        tune(&stream, live.config.limits.keepalive);
-        drop(live);
+        tune(&stream, shared.live.load().config.limits.keepalive);
         debug!(%peer, "connection accepted");
         let session = Session::new(stream, peer, shared.clone());
         let token = shutdown.clone();
         tracker.spawn(async move {
             session.run(token).await;
-            drop(slot);
+            drop(ticket);
         });
     }
 }
@@ -233,9 +150,10 @@ fn tune(stream: &TcpStream, idle: Duration) {
 /// Unanswered keepalive probes after which a peer is considered gone.
 const KEEPALIVE_PROBES: u32 = 3;
 
-/// Tells a refused client why (one `*** ERR` line), then closes.
-async fn refuse(mut stream: TcpStream, _slot: ConnectionSlot, code: &str, text: String) {
-    let line = protocol::error_line(code, &text);
+/// Tells a refused client why (one `*** ERR` line), then closes; the refusal keeps its
+/// connection slot until then.
+async fn refuse(mut stream: TcpStream, refusal: Refusal) {
+    let line = protocol::error_line(refusal.code, &refusal.text);
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         stream.write_all(&line).await?;
         stream.shutdown().await

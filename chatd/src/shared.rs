@@ -1,5 +1,5 @@
 //! State every task of the daemon shares: the room, the live config and the counters, plus the
-//! one place a reload is carried out (for SIGHUP and `chatctl reload` alike).
+//! reload step itself (SIGHUP and `chatctl reload` both reach it through `systemd::reload`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -129,7 +129,8 @@ pub struct Shared {
     pub started_at: SystemTime,
     /// Next client id; ids are never reused.
     next_id: AtomicU64,
-    /// Open TCP connections (named or not).
+    /// Open chat connections (named or not, refused ones until they are told); kept by
+    /// `admission`, which is the only writer.
     pub connections: AtomicUsize,
     /// Successful reloads.
     pub reloads: AtomicU64,
@@ -137,8 +138,6 @@ pub struct Shared {
     pub limits: LimitCounters,
     /// Bans, persisted in the state directory.
     pub bans: Bans,
-    /// Open connections per address (IPv4 address or IPv6 /64).
-    pub per_ip: crate::server::PerIp,
     /// What giving freed memory back to the system has done (memory.rs).
     pub trims: crate::memory::TrimStats,
     /// Serialises reloads so two never interleave their swaps and hooks.
@@ -181,7 +180,6 @@ impl Shared {
             reloads: AtomicU64::new(0),
             limits: LimitCounters::default(),
             bans,
-            per_ip: crate::server::PerIp::default(),
             trims: crate::memory::TrimStats::default(),
             reload_lock: Mutex::new(()),
             apply_hooks,
@@ -202,8 +200,9 @@ impl Shared {
     }
 
     /// Re-reads the config and applies what can change live. On any error the running config
-    /// stays exactly as it was.
-    pub fn reload(&self) -> Result<ConfigDiff, ConfigError> {
+    /// stays exactly as it was. Callers go through `systemd::reload`, which tells the service
+    /// manager around this, so every reload path looks the same to `systemctl`.
+    pub(crate) fn reload(&self) -> Result<ConfigDiff, ConfigError> {
         let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let loaded = self.source.load()?;
         let from_file = loaded.is_some();
@@ -227,5 +226,25 @@ impl Shared {
         self.live.store(Arc::new(Live::new(new, from_file)));
         self.reloads.fetch_add(1, Ordering::Relaxed);
         Ok(diff)
+    }
+}
+
+#[cfg(test)]
+impl Shared {
+    /// Shared state for unit tests: `config`, bans kept in `dir`, no hooks, nothing bound.
+    pub(crate) fn for_test(dir: &Path, config: Config) -> Shared {
+        let bans = Bans::load(dir).unwrap_or_else(|e| panic!("{e}"));
+        let source = ConfigSource {
+            path: dir.join("chatd.toml"),
+            explicit: false,
+        };
+        Shared::new(
+            Some(config),
+            source,
+            Vec::new(),
+            dir.join("admin.sock"),
+            bans,
+            Vec::new(),
+        )
     }
 }

@@ -241,7 +241,6 @@ fn authorised(peer: &Peer, group: &str) -> bool {
 ///
 /// One of the crate's few `unsafe` calls (the others: socket adoption in `systemd.rs`, the
 /// allocator calls in `memory.rs`): std, nix and socket2 have no wrapper for this option.
-#[allow(unsafe_code)]
 fn peer_groups(stream: &UnixStream) -> io::Result<Vec<u32>> {
     use nix::libc;
     use std::os::fd::AsRawFd;
@@ -253,6 +252,7 @@ fn peer_groups(stream: &UnixStream) -> io::Result<Vec<u32>> {
         // SAFETY: `groups` owns `len` bytes of writable, suitably aligned gid_t storage; the
         // kernel writes at most `len` bytes there and stores the length it wrote (or, with
         // ERANGE, the length it needs) in `len`. The fd is borrowed from a live stream.
+        #[allow(unsafe_code)]
         let r = unsafe {
             libc::getsockopt(
                 stream.as_raw_fd(),

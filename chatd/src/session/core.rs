@@ -252,11 +252,7 @@ impl Conversation {
             Err(e) => return self.name_refused(&e),
         };
         // Bans made after this connection was accepted, and bans on the name itself.
-        let ban = self
-            .shared
-            .bans
-            .for_ip(self.peer.ip())
-            .or_else(|| self.shared.bans.for_name_key(&name.key));
+        let ban = self.shared.bans.find(self.peer.ip(), Some(&name.key));
         if let Some(ban) = ban {
             LimitCounters::bump(&self.shared.limits.refused_banned);
             info!(peer = %self.peer, name = %name.display, ban = %ban.target.to_text(), "refused a banned user");
