@@ -104,7 +104,7 @@ pub enum Response {
         recipients: usize,
     },
     /// Answer to [`Request::Status`].
-    Status(StatusInfo),
+    Status(Box<StatusInfo>),
     /// Answer to [`Request::Reload`] when the new config was accepted.
     Reloaded {
         /// Changed keys now in effect.
@@ -173,6 +173,10 @@ pub struct UserInfo {
     pub connected_since: u64,
     /// Seconds since the user's last message (or join).
     pub idle_secs: u64,
+    /// The cluster node the user is connected to (absent for a single node, and from daemons
+    /// older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Payload of [`Response::Status`].
@@ -210,6 +214,28 @@ pub struct StatusInfo {
     pub listen: Vec<String>,
     /// The admin socket's path.
     pub admin_socket: String,
+    /// This node's place in a cluster; absent for a single node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// A cluster node's view of the cluster, in [`StatusInfo`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This node's name.
+    pub node: String,
+    /// Whether it is connected to a NATS server now.
+    pub connected: bool,
+    /// Whether it follows the room (connected once, history and members loaded).
+    pub ready: bool,
+    /// The NATS server it is connected to (`host:port`).
+    pub server: Option<String>,
+    /// What it is waiting for, while it is not ready.
+    pub waiting: Option<String>,
+    /// The stream sequence of the last room event delivered here.
+    pub position: u64,
+    /// Nodes whose lease is live, this one included.
+    pub live_nodes: Vec<String>,
 }
 
 /// The daemon's memory, in [`StatusInfo`].

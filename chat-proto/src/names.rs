@@ -71,6 +71,9 @@ pub enum NameError {
     /// malformed token.
     #[error("that name is held by a connection this token was not issued to")]
     ReclaimRefused,
+    /// The room's shared name registry (a cluster's) cannot be reached right now.
+    #[error("names cannot be taken right now: this server cannot reach the rest of the room")]
+    Unavailable,
 }
 
 impl NameError {
@@ -84,6 +87,7 @@ impl NameError {
             NameError::Reserved => code::NAME_RESERVED,
             NameError::Taken => code::NAME_TAKEN,
             NameError::ReclaimRefused => code::RECLAIM_REFUSED,
+            NameError::Unavailable => code::UNAVAILABLE,
         }
     }
 }

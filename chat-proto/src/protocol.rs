@@ -114,6 +114,10 @@ string_set! {
     BANNED = "banned",
     /// `/reclaim NAME TOKEN` with a token not issued to the connection holding NAME.
     RECLAIM_REFUSED = "reclaim-refused",
+    /// A clustered room's shared state cannot be reached: no name can be taken right now.
+    UNAVAILABLE = "unavailable",
+    /// A clustered room could not take the client's last line; it was not delivered.
+    NOT_DELIVERED = "not-delivered",
 }
 
 /// Builds one encoded line; used for every frame so each is allocated exactly once.

@@ -343,11 +343,13 @@ fn print_users(users: &[UserInfo]) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let rows: Vec<[String; 4]> = users
+    // The NODE column only for a cluster, so a single node's list reads as it always did.
+    let clustered = users.iter().any(|u| u.node.is_some());
+    let rows: Vec<Vec<String>> = users
         .iter()
         .map(|u| {
             let since = UNIX_EPOCH + Duration::from_secs(u.connected_since);
-            [
+            let mut row = vec![
                 u.name.clone(),
                 u.addr.clone(),
                 format!(
@@ -356,31 +358,39 @@ fn print_users(users: &[UserInfo]) {
                     short_duration(now.saturating_sub(u.connected_since))
                 ),
                 short_duration(u.idle_secs),
-            ]
+            ];
+            if clustered {
+                row.insert(1, u.node.clone().unwrap_or_default());
+            }
+            row
         })
         .collect();
-    let header = ["NAME", "ADDRESS", "CONNECTED SINCE", "IDLE"];
-    let mut widths = header.map(str::len);
+    let mut header = vec!["NAME", "ADDRESS", "CONNECTED SINCE", "IDLE"];
+    if clustered {
+        header.insert(1, "NODE");
+    }
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let print_row = |cells: [&str; 4]| {
-        outln!(
-            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
-            cells[0],
-            cells[1],
-            cells[2],
-            cells[3],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2]
-        );
+    let print_row = |cells: &[&str]| {
+        let last = cells.len() - 1;
+        let mut line = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == last {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        outln!("{line}");
     };
-    print_row(header);
+    print_row(&header);
     for row in &rows {
-        print_row([&row[0], &row[1], &row[2], &row[3]]);
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        print_row(&cells);
     }
     outln!("{} user{} online", users.len(), plural(users.len()));
 }
@@ -441,6 +451,21 @@ fn print_status(s: &StatusInfo) {
     );
     outln!("listening on:     {}", s.listen.join(", "));
     outln!("admin socket:     {}", s.admin_socket);
+    if let Some(c) = &s.cluster {
+        let link = match (&c.server, c.connected) {
+            (Some(server), true) => format!("connected to NATS at {server}"),
+            _ => "not connected to NATS".to_owned(),
+        };
+        outln!("cluster node:     {} ({link})", c.node);
+        match &c.waiting {
+            Some(w) if !c.ready => outln!("cluster state:    waiting: {w}"),
+            _ => outln!(
+                "cluster state:    following the room at position {}",
+                c.position
+            ),
+        }
+        outln!("live nodes:       {}", c.live_nodes.join(", "));
+    }
 }
 
 #[cfg(test)]

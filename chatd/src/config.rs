@@ -18,7 +18,16 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/chatd/chatd.toml";
 
 /// Keys whose change only takes effect after a restart. Everything else applies on reload.
 /// Kept as data so `docs/configuration.md`, the shipped config and the reload report agree.
-pub const RESTART_KEYS: &[&str] = &["server.listen", "server.state-dir", "admin.socket"];
+pub const RESTART_KEYS: &[&str] = &[
+    "server.listen",
+    "server.state-dir",
+    "admin.socket",
+    "cluster.nats",
+    "cluster.node",
+    "cluster.name",
+    "cluster.credentials",
+    "cluster.replicas",
+];
 
 /// The whole configuration. `Default` is the built-in configuration the daemon runs on when no
 /// config file exists.
@@ -37,6 +46,92 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Several nodes serving one room through NATS JetStream; absent means a single node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this node's place in a room served by several chatd nodes (docs/cluster.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClusterConfig {
+    /// Servers of one NATS cluster (`nats://host:port`, `tls://host:port`). (restart)
+    pub nats: Vec<String>,
+    /// This node's name, unique in the cluster; empty means the host name. (restart)
+    pub node: String,
+    /// The room's name in NATS: the prefix of its stream, buckets and subjects. (restart)
+    pub name: ClusterName,
+    /// A NATS credentials file (`.creds`), or a file holding `user:password` or a token; empty
+    /// means none. (restart)
+    pub credentials: PathBuf,
+    /// A node silent this long is dead: its users leave and their names are freed.
+    #[serde(with = "humantime_serde")]
+    pub node_timeout: Duration,
+    /// Copies of the stream and buckets (3 on a 3-server NATS cluster). (restart)
+    pub replicas: Bounded<1, 5>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats: vec!["nats://127.0.0.1:4222".to_owned()],
+            node: String::new(),
+            name: ClusterName("main".to_owned()),
+            credentials: PathBuf::new(),
+            node_timeout: Duration::from_secs(10),
+            replicas: Bounded(1),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// This node's name: `node`, else the host name.
+    pub fn node_name(&self) -> String {
+        if !self.node.is_empty() {
+            return self.node.clone();
+        }
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .map(|h| {
+                h.chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                    .collect::<String>()
+            })
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "chatd".to_owned())
+    }
+}
+
+/// A room or node name usable in NATS subjects and bucket names: 1 to 32 of `A-Z a-z 0-9 - _`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ClusterName(pub String);
+
+impl TryFrom<String> for ClusterName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if is_cluster_token(&s) {
+            Ok(ClusterName(s))
+        } else {
+            Err(format!(
+                "{s:?} is not a valid name here: use 1 to 32 of A-Z, a-z, 0-9, '-' and '_'"
+            ))
+        }
+    }
+}
+
+impl From<ClusterName> for String {
+    fn from(n: ClusterName) -> String {
+        n.0
+    }
+}
+
+/// Whether `s` can name a room or node in NATS subjects, streams and buckets.
+pub fn is_cluster_token(s: &str) -> bool {
+    (1..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// `[server]`: where the chat listens.
@@ -349,6 +444,30 @@ impl Config {
         for name in &self.names.reserved {
             if name.trim().is_empty() {
                 return Err("names.reserved: empty names are not allowed".to_owned());
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            if cluster.nats.is_empty() {
+                return Err("cluster.nats: at least one NATS server is needed".to_owned());
+            }
+            for url in &cluster.nats {
+                let scheme_ok = ["nats://", "tls://", "ws://", "wss://"]
+                    .iter()
+                    .any(|p| url.starts_with(p));
+                if !scheme_ok || url.contains(char::is_whitespace) {
+                    return Err(format!(
+                        "cluster.nats: {url:?} is not a NATS server address (nats://host:port)"
+                    ));
+                }
+            }
+            if !cluster.node.is_empty() && !is_cluster_token(&cluster.node) {
+                return Err(format!(
+                    "cluster.node: {:?} must be 1 to 32 of A-Z, a-z, 0-9, '-' and '_'",
+                    cluster.node
+                ));
+            }
+            if cluster.node_timeout < Duration::from_secs(2) {
+                return Err("cluster.node-timeout: must be at least 2s".to_owned());
             }
         }
         Ok(())

@@ -20,23 +20,36 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use chat_proto::names::NameError;
+use std::net::SocketAddr;
+
+use chat_proto::names::{Name, NameError};
 
 use crate::room::{ClientId, Delivered, Event, Room};
 
 /// Position of an event in the room's one order (1 for the first).
 pub type Seq = u64;
 
+/// A connection asking for a name: what the name's entry says of its holder.
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    /// The name, validated.
+    pub name: &'a Name,
+    /// The connection asking.
+    pub holder: ClientId,
+    /// Its peer address.
+    pub addr: SocketAddr,
+}
+
 /// What the nodes of one room share: the order of events, and name ownership.
 pub trait Engine: Send + Sync + fmt::Debug {
-    /// Claims the name `key` for connection `holder`, atomically. A name already `holder`'s is
-    /// kept. When another connection holds it, `may_replace` is asked: yes hands the name over
-    /// (a reclaim after a lost connection) and returns the previous holder; no refuses with
-    /// `refusal`.
+    /// Claims a name for a connection, atomically. A name already the connection's is kept.
+    /// When another connection holds it, `may_replace` is asked: yes hands the name over (a
+    /// reclaim after a lost connection) and returns the previous holder; no refuses with
+    /// `refusal`. An engine that cannot reach its shared state says
+    /// [`NameError::Unavailable`].
     fn claim(
         &self,
-        key: &str,
-        holder: ClientId,
+        claim: Claim<'_>,
         may_replace: &dyn Fn(ClientId) -> bool,
         refusal: NameError,
     ) -> Result<Option<ClientId>, NameError>;
@@ -73,13 +86,13 @@ impl Local {
 impl Engine for Local {
     fn claim(
         &self,
-        key: &str,
-        holder: ClientId,
+        claim: Claim<'_>,
         may_replace: &dyn Fn(ClientId) -> bool,
         refusal: NameError,
     ) -> Result<Option<ClientId>, NameError> {
+        let holder = claim.holder;
         let mut names = self.names();
-        match names.entry(key.to_owned()) {
+        match names.entry(claim.name.key.clone()) {
             Entry::Vacant(e) => {
                 e.insert(holder);
                 Ok(None)
@@ -121,24 +134,32 @@ mod tests {
     #[test]
     fn a_name_has_one_holder_until_released_or_handed_over() {
         let e = Local::default();
+        let alice = chat_proto::names::NameRules::new(24, &[])
+            .validate("alice")
+            .unwrap_or_else(|err| panic!("{err}"));
+        let by = |holder| Claim {
+            name: &alice,
+            holder,
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+        };
         let never = |_: ClientId| false;
-        assert_eq!(e.claim("alice", 1, &never, NameError::Taken), Ok(None));
-        assert_eq!(e.claim("alice", 1, &never, NameError::Taken), Ok(None));
+        assert_eq!(e.claim(by(1), &never, NameError::Taken), Ok(None));
+        assert_eq!(e.claim(by(1), &never, NameError::Taken), Ok(None));
         assert_eq!(
-            e.claim("alice", 2, &never, NameError::Taken),
+            e.claim(by(2), &never, NameError::Taken),
             Err(NameError::Taken)
         );
         assert_eq!(
-            e.claim("alice", 2, &|old| old == 1, NameError::Taken),
+            e.claim(by(2), &|old| old == 1, NameError::Taken),
             Ok(Some(1))
         );
         // The old holder's late release does not free the new holder's name.
         e.release("alice", 1);
         assert_eq!(
-            e.claim("alice", 3, &never, NameError::ReclaimRefused),
+            e.claim(by(3), &never, NameError::ReclaimRefused),
             Err(NameError::ReclaimRefused)
         );
         e.release("alice", 2);
-        assert_eq!(e.claim("alice", 3, &never, NameError::Taken), Ok(None));
+        assert_eq!(e.claim(by(3), &never, NameError::Taken), Ok(None));
     }
 }

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod admission;
 pub mod bans;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod limits;
@@ -68,9 +69,29 @@ pub async fn run(
     }
     server::log_bound(&shared.listen);
     info!(socket = %admin.path().display(), "admin socket ready");
+    // A cluster node follows the room from its own task; it stops only after every session
+    // has ended, so their leaves reach the other nodes.
+    let cluster_stop = CancellationToken::new();
+    let cluster = shared
+        .cluster
+        .clone()
+        .map(|c| tokio::spawn(c.run(shared.clone(), cluster_stop.clone())));
     // Only now, with every listener accepting and the admin socket up (and the SIGHUP handler
-    // installed by the caller), may systemd consider the service started.
-    systemd::notify_ready(&shared);
+    // installed by the caller), may systemd consider the service started; a cluster node
+    // also waits until it follows the room (its status line says what it waits for).
+    let ready = tokio::spawn({
+        let shared = shared.clone();
+        async move {
+            if let Some(c) = &shared.cluster {
+                systemd::notify_status(&format!(
+                    "waiting for the cluster: {}",
+                    c.link().waiting.unwrap_or_default()
+                ));
+                c.wait_ready().await;
+            }
+            systemd::notify_ready(&shared);
+        }
+    });
     // Not in `tracker`: these run until aborted below, after the drain, so the watchdog keeps
     // being fed while clients are told goodbye.
     let status = tokio::spawn(systemd::status_task(shared.clone()));
@@ -116,6 +137,11 @@ pub async fn run(
             ?grace,
             "some connections did not drain in time (server.shutdown-grace); closing them"
         );
+    }
+    ready.abort();
+    cluster_stop.cancel();
+    if let Some(cluster) = cluster {
+        let _ = cluster.await;
     }
     status.abort();
     watchdog.abort();

@@ -26,34 +26,6 @@ use chat_proto::protocol::{self, code, kind};
 /// Random bytes per token.
 const TOKEN_BYTES: usize = 16;
 
-/// A `/reclaim` line, as sent before a name is taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Request<'a> {
-    /// `/reclaim NAME TOKEN`: take NAME back.
-    Reclaim {
-        /// The name as sent.
-        name: &'a str,
-        /// The token as sent (not yet checked).
-        token: &'a str,
-    },
-    /// `/reclaim` with the wrong number of words.
-    Usage,
-}
-
-/// Recognises `/reclaim NAME TOKEN` (command word in any case). `/token`, sent while chatting,
-/// is a command like the others (`command::Input::Token`).
-pub fn parse(line: &str) -> Option<Request<'_>> {
-    let body = line.trim().strip_prefix('/')?;
-    let mut words = body.split_whitespace();
-    if !words.next()?.eq_ignore_ascii_case("reclaim") {
-        return None;
-    }
-    Some(match (words.next(), words.next(), words.next()) {
-        (Some(name), Some(token), None) => Request::Reclaim { name, token },
-        _ => Request::Usage,
-    })
-}
-
 /// A reclaim token.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Token([u8; TOKEN_BYTES]);
@@ -168,23 +140,6 @@ pub fn join(room: &Room, token: &str, who: Newcomer<'_>) -> Result<usize, NameEr
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_requests() {
-        assert_eq!(parse("/token"), None);
-        assert_eq!(
-            parse("/reclaim alice 00ff"),
-            Some(Request::Reclaim {
-                name: "alice",
-                token: "00ff"
-            })
-        );
-        assert_eq!(parse("/reclaim alice"), Some(Request::Usage));
-        assert_eq!(parse("/reclaim a b c"), Some(Request::Usage));
-        assert_eq!(parse("/tokens"), None);
-        assert_eq!(parse("token"), None);
-        assert_eq!(parse("/who"), None);
-    }
 
     #[test]
     fn tokens_round_trip_and_compare() {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::engine::{Engine, Local};
+use crate::engine::{Claim, Engine, Local};
 use crate::outbox::{Close, Outbox};
 use chat_proto::names::{Name, NameError};
 use chat_proto::protocol::{self, kind};
@@ -29,7 +29,11 @@ pub type ClientId = u64;
 #[derive(Debug)]
 struct Member {
     name: Name,
-    outbox: Arc<Outbox>,
+    /// Where its lines go: `None` for a member connected to another node of a cluster, whose
+    /// own node delivers to it.
+    outbox: Option<Arc<Outbox>>,
+    /// The node it is connected to, in a cluster; `None` for this node.
+    node: Option<Arc<str>>,
     addr: SocketAddr,
     joined_at: SystemTime,
     last_active: Instant,
@@ -90,6 +94,32 @@ pub struct Newcomer<'a> {
     pub welcome: &'a [Bytes],
 }
 
+/// A member connected to another node of a cluster, as that node announced it.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    /// Its identity on this node (distinct from every local connection's).
+    pub id: ClientId,
+    /// Its name, validated here too.
+    pub name: Name,
+    /// Its peer address, for `chatctl list` and bans.
+    pub addr: SocketAddr,
+    /// The node it is connected to.
+    pub node: Arc<str>,
+    /// When it joined.
+    pub joined_at: SystemTime,
+}
+
+impl Newcomer<'_> {
+    /// What the engine records of the newcomer when it claims its name.
+    fn claim(&self) -> Claim<'_> {
+        Claim {
+            name: &self.name,
+            holder: self.id,
+            addr: self.addr,
+        }
+    }
+}
+
 /// A stored message, for newcomers.
 #[derive(Debug)]
 struct HistoryEntry {
@@ -100,7 +130,10 @@ struct HistoryEntry {
 
 #[derive(Debug, Default)]
 struct State {
+    /// Members connected to this node: every fan-out walks this map, and only this one.
     members: HashMap<ClientId, Member>,
+    /// Members connected to other nodes of a cluster (no outbox here).
+    remote: HashMap<ClientId, Member>,
     /// Name key → member, for uniqueness and lookups by name.
     by_key: HashMap<String, ClientId>,
     history: VecDeque<HistoryEntry>,
@@ -114,6 +147,34 @@ struct State {
     /// The server is shutting down: everyone is told once (`*** SHUTDOWN`), so members who
     /// leave now are not announced; with n members that would be n² lines at the worst moment.
     closing: bool,
+}
+
+impl State {
+    /// Members on this node and on others.
+    fn len(&self) -> usize {
+        self.members.len() + self.remote.len()
+    }
+
+    /// Every member, on this node and on others.
+    fn everyone(&self) -> impl Iterator<Item = (&ClientId, &Member)> {
+        self.members.iter().chain(self.remote.iter())
+    }
+
+    fn member(&self, id: ClientId) -> Option<&Member> {
+        self.members.get(&id).or_else(|| self.remote.get(&id))
+    }
+
+    fn member_mut(&mut self, id: ClientId) -> Option<&mut Member> {
+        match self.members.get_mut(&id) {
+            Some(m) => Some(m),
+            None => self.remote.get_mut(&id),
+        }
+    }
+
+    /// Removes member `id` wherever it is connected.
+    fn take(&mut self, id: ClientId) -> Option<Member> {
+        self.members.remove(&id).or_else(|| self.remote.remove(&id))
+    }
 }
 
 /// Counters shown by `chatctl status`.
@@ -139,6 +200,8 @@ pub struct MemberInfo {
     pub joined_at: SystemTime,
     /// Time since the member last sent a message (or joined).
     pub idle: std::time::Duration,
+    /// The cluster node it is connected to; `None` for this node.
+    pub node: Option<String>,
 }
 
 /// Why a room operation addressed to a name failed.
@@ -313,7 +376,7 @@ impl Room {
     /// (at once, or in a storm's batch: see [`PRESENCE_COALESCE`]).
     pub fn join(&self, who: Newcomer<'_>) -> Result<usize, NameError> {
         self.engine
-            .claim(&who.name.key, who.id, &|_| false, NameError::Taken)?;
+            .claim(who.claim(), &|_| false, NameError::Taken)?;
         let (key, id) = (who.name.key.clone(), who.id);
         self.seat(who, &key, id)
     }
@@ -331,8 +394,7 @@ impl Room {
     ) -> Result<usize, NameError> {
         let (key, id) = (who.name.key.clone(), who.id);
         let replaced = self.engine.claim(
-            &key,
-            id,
+            who.claim(),
             &|holder| holder != id && may_replace(holder),
             NameError::ReclaimRefused,
         )?;
@@ -370,7 +432,12 @@ impl Room {
     pub fn private(&self, from: ClientId, to: &str, text: &str) -> Result<String, RoomError> {
         match self.engine.append(self, Event::Private { from, to, text }) {
             Some(Delivered::Sent { to }) => Ok(to),
-            None => Ok(to.to_owned()),
+            // Delivered later (a cluster): answered from this node's view of the room, and
+            // the sender is told if the recipient is gone by then.
+            None => {
+                let st = self.lock();
+                self.find(&st, to).map(|m| m.name.display.clone())
+            }
             Some(_) => Err(RoomError::NoSuchUser(to.to_owned())),
         }
     }
@@ -378,7 +445,19 @@ impl Room {
     /// Renames member `id`; everyone (including the member) is told. Returns the old name.
     pub fn rename(&self, id: ClientId, new: Name) -> Result<String, NameError> {
         let key = new.key.clone();
-        self.engine.claim(&key, id, &|_| false, NameError::Taken)?;
+        let Some((old, addr)) = self
+            .lock()
+            .member(id)
+            .map(|m| (m.name.display.clone(), m.addr))
+        else {
+            return Err(NameError::Empty);
+        };
+        let claim = Claim {
+            name: &new,
+            holder: id,
+            addr,
+        };
+        self.engine.claim(claim, &|_| false, NameError::Taken)?;
         match self.engine.append(self, Event::Rename { id, name: new }) {
             Some(Delivered::Renamed { old }) => {
                 let old_key = chat_proto::names::lookup_key(&old);
@@ -387,7 +466,7 @@ impl Room {
                 }
                 Ok(old)
             }
-            None => Ok(String::new()),
+            None => Ok(old),
             Some(_) => {
                 self.engine.release(&key, id);
                 Err(NameError::Empty)
@@ -432,8 +511,7 @@ impl Room {
     ) -> Vec<String> {
         let ids: Vec<ClientId> = self
             .lock()
-            .members
-            .iter()
+            .everyone()
             .filter(|(_, m)| matches(&m.name.key, m.addr))
             .map(|(id, _)| *id)
             .collect();
@@ -443,12 +521,18 @@ impl Room {
     }
 
     fn kick_id(&self, id: ClientId, reason: &str) -> Option<(String, SocketAddr)> {
-        match self.engine.append(self, Event::Kick { id, reason })? {
-            Delivered::Removed { name, addr } => {
+        let known = self
+            .lock()
+            .member(id)
+            .map(|m| (m.name.display.clone(), m.addr));
+        match self.engine.append(self, Event::Kick { id, reason }) {
+            Some(Delivered::Removed { name, addr }) => {
                 self.engine.release(&name.key, id);
                 Some((name.display, addr))
             }
-            _ => None,
+            // Delivered later (a cluster), wherever the member is connected.
+            None => known,
+            Some(_) => None,
         }
     }
 
@@ -456,7 +540,7 @@ impl Room {
     pub fn announce(&self, text: &str) -> usize {
         match self.engine.append(self, Event::Announce { text }) {
             Some(Delivered::Announced { recipients }) => recipients,
-            _ => 0,
+            _ => self.len(),
         }
     }
 
@@ -486,23 +570,24 @@ impl Room {
             }
             Event::Private { from, to, text } => {
                 self.send_presence(&mut st);
-                let Some(sender) = st.members.get(&from) else {
+                let Some(sender) = st.member(from) else {
                     return Delivered::NoSuchMember;
                 };
                 let Ok(target) = self.find(&st, to) else {
                     return Delivered::NoSuchMember;
                 };
-                target
-                    .outbox
-                    .push(protocol::private_line(&sender.name.display, text));
-                self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
+                // A recipient on another node is reached by its own node's delivery.
+                if let Some(outbox) = &target.outbox {
+                    outbox.push(protocol::private_line(&sender.name.display, text));
+                    self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
+                }
                 Delivered::Sent {
                     to: target.name.display.clone(),
                 }
             }
             Event::Rename { id, name } => {
                 self.send_presence(&mut st);
-                let Some(old) = st.members.get(&id).map(|m| m.name.clone()) else {
+                let Some(old) = st.member(id).map(|m| m.name.clone()) else {
                     return Delivered::NoSuchMember;
                 };
                 let line = protocol::server_line(
@@ -512,13 +597,13 @@ impl Room {
                 self.broadcast(&st, None, &line);
                 Self::unindex(&mut st, &old.key, id);
                 st.by_key.insert(name.key.clone(), id);
-                if let Some(m) = st.members.get_mut(&id) {
+                if let Some(m) = st.member_mut(id) {
                     m.name = name;
                 }
                 Delivered::Renamed { old: old.display }
             }
             Event::Leave { id, reason } => {
-                let Some(member) = st.members.remove(&id) else {
+                let Some(member) = st.take(id) else {
                     return Delivered::NoSuchMember;
                 };
                 Self::unindex(&mut st, &member.name.key, id);
@@ -552,7 +637,7 @@ impl Room {
                 let line = protocol::server_line(kind::NOTICE, text);
                 self.broadcast(&st, None, &line);
                 Delivered::Announced {
-                    recipients: st.members.len(),
+                    recipients: st.len(),
                 }
             }
         }
@@ -589,21 +674,20 @@ impl Room {
             id,
             Member {
                 name,
-                outbox,
+                outbox: Some(outbox),
+                node: None,
                 addr,
                 joined_at: SystemTime::now(),
                 last_active: Instant::now(),
             },
         );
-        Delivered::Joined {
-            users: st.members.len(),
-        }
+        Delivered::Joined { users: st.len() }
     }
 
     /// A message or action from member `id`, encoded by `encode` from its name.
     fn post(&self, st: &mut State, id: ClientId, encode: impl FnOnce(&str) -> Bytes) -> Delivered {
         self.send_presence(st);
-        let Some(member) = st.members.get_mut(&id) else {
+        let Some(member) = st.member_mut(id) else {
             return Delivered::NoSuchMember;
         };
         member.last_active = Instant::now();
@@ -695,7 +779,7 @@ impl Room {
                 None => (frame.clone(), batch.count),
             };
             // An overflowing push closes the outbox; the session handles that (see broadcast).
-            if lines > 0 && m.outbox.push(part) {
+            if lines > 0 && m.outbox.as_ref().is_some_and(|o| o.push(part)) {
                 delivered += lines as u64;
             }
         }
@@ -714,7 +798,7 @@ impl Room {
             // A push that overflows closes the outbox; the member's session sees the close,
             // counts and logs it, ends, and calls `leave`, which announces it. It stays listed
             // until then so names are not freed twice.
-            if m.outbox.push(frame.clone()) {
+            if m.outbox.as_ref().is_some_and(|o| o.push(frame.clone())) {
                 delivered += 1;
             }
         }
@@ -727,7 +811,7 @@ impl Room {
         let key = chat_proto::names::lookup_key(name);
         st.by_key
             .get(&key)
-            .and_then(|id| st.members.get(id))
+            .and_then(|id| st.member(*id))
             .ok_or_else(|| RoomError::NoSuchUser(name.to_owned()))
     }
 
@@ -740,12 +824,14 @@ impl Room {
         why: &str,
         announce: impl FnOnce(&str) -> Bytes,
     ) -> Option<Member> {
-        let member = st.members.remove(&id)?;
+        let member = st.take(id)?;
         Self::unindex(st, &member.name.key, id);
-        member.outbox.close_with(
-            Some(protocol::server_line(kind::KICKED, why)),
-            Close::Kicked,
-        );
+        if let Some(outbox) = &member.outbox {
+            outbox.close_with(
+                Some(protocol::server_line(kind::KICKED, why)),
+                Close::Kicked,
+            );
+        }
         self.broadcast(st, None, &announce(&member.name.display));
         Some(member)
     }
@@ -756,9 +842,8 @@ impl Room {
         let mut st = self.lock();
         self.send_presence(&mut st);
         let mut names: Vec<(String, String)> = st
-            .members
-            .values()
-            .map(|m| (m.name.key.clone(), m.name.display.clone()))
+            .everyone()
+            .map(|(_, m)| (m.name.key.clone(), m.name.display.clone()))
             .collect();
         drop(st);
         names.sort();
@@ -770,9 +855,8 @@ impl Room {
         let st = self.lock();
         let now = Instant::now();
         let mut list: Vec<(String, MemberInfo)> = st
-            .members
-            .values()
-            .map(|m| {
+            .everyone()
+            .map(|(_, m)| {
                 (
                     m.name.key.clone(),
                     MemberInfo {
@@ -780,6 +864,7 @@ impl Room {
                         addr: m.addr,
                         joined_at: m.joined_at,
                         idle: now.saturating_duration_since(m.last_active),
+                        node: m.node.as_deref().map(str::to_owned),
                     },
                 )
             })
@@ -789,9 +874,63 @@ impl Room {
         list.into_iter().map(|(_, m)| m).collect()
     }
 
-    /// Number of members.
+    /// Number of members, on every node.
     pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Number of members connected to this node.
+    pub fn local_len(&self) -> usize {
         self.lock().members.len()
+    }
+
+    /// Seats a member of another node, as its node's join announced: `*** JOIN` to this node's
+    /// members (unless `quiet`: a member already there when this node started), and a place
+    /// in `/who`, lists and name lookups. Idempotent.
+    pub fn arrive(&self, who: Remote, quiet: bool) -> Delivered {
+        let mut st = self.lock();
+        if st.remote.contains_key(&who.id) {
+            return Delivered::NoSuchMember;
+        }
+        if !quiet {
+            let joined = protocol::server_line(kind::JOIN, &format!("{} joined", who.name.display));
+            self.presence_line(&mut st, &joined, None);
+        }
+        st.by_key.insert(who.name.key.clone(), who.id);
+        st.remote.insert(
+            who.id,
+            Member {
+                name: who.name,
+                outbox: None,
+                node: Some(who.node),
+                addr: who.addr,
+                joined_at: who.joined_at,
+                last_active: Instant::now(),
+            },
+        );
+        Delivered::Joined { users: st.len() }
+    }
+
+    /// A notice about this node only (its link to a cluster), to its own members at once: not
+    /// a room event, so not ordered with the room's lines nor kept in history.
+    pub fn notice_local(&self, text: &str) {
+        let mut st = self.lock();
+        self.send_presence(&mut st);
+        let line = protocol::server_line(kind::NOTICE, text);
+        self.broadcast(&st, None, &line);
+    }
+
+    /// Remembers a message delivered before this node started (a cluster's recent history),
+    /// for newcomers; no member is sent anything.
+    pub fn remember(&self, at: SystemTime, line: Bytes) {
+        let mut st = self.lock();
+        if st.history_cap == 0 {
+            return;
+        }
+        if st.history.len() == st.history_cap {
+            st.history.pop_front();
+        }
+        st.history.push_back(HistoryEntry { at, line });
     }
 
     /// Whether nobody is in the room.

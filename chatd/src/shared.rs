@@ -10,6 +10,7 @@ use std::time::{Instant, SystemTime};
 use arc_swap::ArcSwap;
 
 use crate::bans::Bans;
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigDiff, ConfigError};
 use crate::room::Room;
 use chat_proto::names::NameRules;
@@ -114,6 +115,9 @@ impl LimitCounters {
 pub struct Shared {
     /// The chatroom.
     pub room: Room,
+    /// This node's place in a room served by several nodes (`[cluster]`); `None` for a single
+    /// node, whose room is ordered in process.
+    pub cluster: Option<Arc<Cluster>>,
     /// The config in force. Readers `load()` it when they need a value and never hold the guard
     /// across an `.await`.
     pub live: ArcSwap<Live>,
@@ -167,8 +171,15 @@ impl Shared {
     ) -> Self {
         let from_file = config.is_some();
         let live = Live::new(config.unwrap_or_default(), from_file);
+        let history = live.config.room.history.get();
+        let cluster = live.config.cluster.as_ref().map(Cluster::new);
+        let room = match &cluster {
+            Some(c) => Room::with_engine(history, c.clone()),
+            None => Room::new(history),
+        };
         Shared {
-            room: Room::new(live.config.room.history.get()),
+            room,
+            cluster,
             live: ArcSwap::from_pointee(live),
             source,
             listen,

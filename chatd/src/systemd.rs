@@ -186,6 +186,11 @@ pub fn notify_ready(shared: &Shared) {
     logged("READY", notifier().ready(&status_line(shared)));
 }
 
+/// Sets systemd's status line (`STATUS=`), e.g. what start-up is waiting for.
+pub fn notify_status(status: &str) {
+    logged("STATUS", notifier().status(status));
+}
+
 /// Tells systemd that shutdown has begun (`STOPPING=1`).
 pub fn notify_stopping(users: usize) {
     logged(

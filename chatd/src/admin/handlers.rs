@@ -15,7 +15,8 @@ use crate::config::ConfigError;
 use crate::room::RoomError;
 use crate::shared::Shared;
 use chat_proto::admin::{
-    AdminError, BanInfo, ErrorCode, MemoryStats, Request, Response, StatusInfo, UserInfo,
+    AdminError, BanInfo, ClusterStatus, ErrorCode, MemoryStats, Request, Response, StatusInfo,
+    UserInfo,
 };
 use chat_proto::protocol;
 
@@ -58,6 +59,10 @@ pub enum CommandError {
     /// The new config was rejected; the old one stays.
     #[error(transparent)]
     Reload(#[from] ConfigError),
+    /// The cluster's ban list could not be written; this node's list has the change, the
+    /// other nodes do not.
+    #[error("ban list not shared with the cluster: {0}")]
+    ClusterWrite(String),
 }
 
 impl CommandError {
@@ -72,7 +77,9 @@ impl CommandError {
             | CommandError::Room(RoomError::Name(_)) => ErrorCode::InvalidArgument,
             CommandError::Room(RoomError::NoSuchUser(_)) => ErrorCode::NoSuchUser,
             CommandError::NoSuchBan(_) => ErrorCode::NoSuchBan,
-            CommandError::StateWrite { .. } => ErrorCode::StateWriteFailed,
+            CommandError::StateWrite { .. } | CommandError::ClusterWrite(_) => {
+                ErrorCode::StateWriteFailed
+            }
             CommandError::Reload(_) => ErrorCode::ReloadFailed,
         }
     }
@@ -141,6 +148,9 @@ fn list(shared: &Shared) -> Response {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             idle_secs: m.idle.as_secs(),
+            node: m
+                .node
+                .or_else(|| shared.cluster.as_ref().map(|c| c.node().to_owned())),
         })
         .collect();
     Response::Users { users }
@@ -172,7 +182,7 @@ fn status(shared: &Shared) -> Response {
     let c = &shared.room.counters;
     let l = &shared.limits;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    Response::Status(StatusInfo {
+    Response::Status(Box::new(StatusInfo {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_secs: shared.started.elapsed().as_secs(),
         users: shared.room.len(),
@@ -195,7 +205,19 @@ fn status(shared: &Shared) -> Response {
         config_path: shared.config_path().map(|p| p.display().to_string()),
         listen: shared.listen.iter().map(ToString::to_string).collect(),
         admin_socket: shared.admin_socket.display().to_string(),
-    })
+        cluster: shared.cluster.as_ref().map(|c| {
+            let link = c.link();
+            ClusterStatus {
+                node: c.node().to_owned(),
+                connected: link.connected,
+                ready: c.is_ready(),
+                server: link.server,
+                waiting: link.waiting,
+                position: shared.room.engine().position(),
+                live_nodes: link.live_nodes,
+            }
+        }),
+    }))
 }
 
 /// `chatctl reload`: the same reload as SIGHUP, systemd told around it.
@@ -255,13 +277,16 @@ fn ban(
             source,
         }
     })?;
+    if let Some(cluster) = &shared.cluster {
+        cluster
+            .share_ban(&ban)
+            .map_err(CommandError::ClusterWrite)?;
+    }
     let kick_reason = format!("banned {}: {}", ban.until_text(), ban.reason);
-    let disconnected: Vec<String> = shared
-        .room
-        .kick_where(
-            |key, addr| ban.target.matches(addr.ip(), Some(key)),
-            &kick_reason,
-        );
+    let disconnected: Vec<String> = shared.room.kick_where(
+        |key, addr| ban.target.matches(addr.ip(), Some(key)),
+        &kick_reason,
+    );
     info!(target = %ban.target.to_text(), reason = %ban.reason, until = %ban.until_text(),
         disconnected = disconnected.len(), admin_uid = uid, "ban added");
     Ok(Response::Banned {
@@ -279,6 +304,11 @@ fn unban(shared: &Shared, uid: u32, target: &str) -> Result<Response, CommandErr
             what: "ban list",
             source,
         })?;
+    if let Some(cluster) = &shared.cluster {
+        cluster
+            .share_unban(&parsed)
+            .map_err(CommandError::ClusterWrite)?;
+    }
     if !removed {
         return Err(CommandError::NoSuchBan(parsed.to_text()));
     }

@@ -16,7 +16,7 @@ use crate::reclaim;
 use crate::room::{ClientId, Newcomer, RoomError};
 use crate::shared::{LimitCounters, Shared};
 use chat_proto::codec::Frame;
-use chat_proto::command::{self, Input};
+use chat_proto::command::{self, Input, Naming};
 use chat_proto::flood::TokenBucket;
 use chat_proto::names::NameError;
 use chat_proto::protocol::{self, code, kind};
@@ -231,20 +231,14 @@ impl Conversation {
     }
 
     fn choose_name(&mut self, text: &str) {
-        if matches!(command::parse(text), Input::Quit) {
-            self.quit();
-            return;
-        }
         // `/reclaim NAME TOKEN` takes NAME back from a dead connection (reclaim.rs).
-        let (text, token) = match reclaim::parse(text) {
-            Some(reclaim::Request::Reclaim { name, token }) => (name, Some(token)),
-            Some(reclaim::Request::Usage) => {
-                return self.reply(protocol::error_line(
-                    code::BAD_ARGUMENTS,
-                    "usage: /reclaim NAME TOKEN",
-                ));
+        let (text, token) = match command::parse_naming(text) {
+            Naming::Quit => return self.quit(),
+            Naming::Reclaim { name, token } => (name, Some(token)),
+            Naming::Usage(usage) => {
+                return self.reply(protocol::error_line(code::BAD_ARGUMENTS, usage));
             }
-            _ => (text, None),
+            Naming::Name(text) => (text, None),
         };
         let live = self.shared.live.load_full();
         let name = match live.name_rules.validate(text) {

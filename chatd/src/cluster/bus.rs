@@ -1,0 +1,966 @@
+//! `bus`: joins several chatd nodes into one chat room through NATS JetStream.
+//!
+//! One room = one JetStream stream (`CHAT_<room>`, subject `chat.<room>.events`) that gives every
+//! message a single, total order (its stream sequence), plus three KV buckets:
+//!
+//! * `chat_<room>_names`: nickname registry. `create` is atomic, so claiming a name is a race with
+//!   exactly one winner; a release deletes only if the revision is still ours.
+//! * `chat_<room>_nodes`: node leases. Each node `put`s its own key periodically; the bucket's
+//!   `max_age` eventually removes dead nodes' keys, but NATS 2.9 sends **no watch event on
+//!   expiry**, so readers age entries themselves from their timestamps (`live_nodes`).
+//! * `chat_<room>_bans`: ban list, put/delete/list/watch.
+//!
+//! Written against async-nats 0.52 and Debian's nats-server 2.9.10. On 2.9,
+//! `Context::create_key_value` fails (account-info parse error), so buckets are created by
+//! creating their `KV_<bucket>` stream by hand and then opening them with `get_key_value`.
+//!
+//! Delivery: `subscribe_from` drives an ephemeral pull consumer (ack none) and checks the
+//! consumer sequence of every delivery, like an "ordered consumer" but under our control:
+//! any error, any consumer-sequence gap, or being idle while the stream's last sequence is
+//! ahead of what we applied makes it throw the consumer away and create a new one at
+//! `last applied + 1`. Anything at or below the last applied sequence is dropped, so the caller
+//! sees each stream message exactly once and in order.
+//!
+//! Publishing: every message carries a `Nats-Msg-Id`; retries reuse it, so the stream's
+//! duplicate window (default 2 min) stores it only once even if the first attempt had in fact
+//! been stored before its ack was lost.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{
+    self, consumer, context::PublishErrorKind, kv, message::PublishMessage as Publish, stream,
+};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+pub use async_nats::jetstream::kv::Operation;
+
+/// An in-flight publish's acknowledgement: the stream sequence, or why there is none.
+pub type AckFuture = Pin<Box<dyn std::future::Future<Output = Result<u64>> + Send>>;
+
+/// Errors of the bus. Every variant carries enough text to be logged as is.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Connecting (or reading the credentials file) failed.
+    #[error("nats connect: {0}")]
+    Connect(String),
+    /// Stream / bucket setup did not succeed within the setup timeout.
+    #[error("setting up {what} failed after {elapsed:?}: {last}")]
+    Setup {
+        /// The stream or bucket.
+        what: String,
+        /// How long it was tried.
+        elapsed: Duration,
+        /// The last attempt's error.
+        last: String,
+    },
+    /// A publish was retried (same Nats-Msg-Id) until its deadline and never acknowledged.
+    /// The message may or may not be in the stream (if it is, it is there exactly once).
+    #[error("publish {msg_id} not acknowledged after {attempts} attempts in {elapsed:?}: {last}")]
+    PublishFailed {
+        /// The message id.
+        msg_id: String,
+        /// Attempts made.
+        attempts: u32,
+        /// How long it was tried.
+        elapsed: Duration,
+        /// The last attempt's error.
+        last: String,
+    },
+    /// A publish that retrying cannot fix (payload too large, ...).
+    #[error("publish {msg_id} rejected: {reason}")]
+    PublishRejected {
+        /// The message id.
+        msg_id: String,
+        /// What the server said.
+        reason: String,
+    },
+    /// `claim_name`: somebody else holds the key.
+    #[error("name {0:?} is taken")]
+    Taken(String),
+    /// Any other JetStream / KV failure.
+    #[error("{op}: {err}")]
+    Nats {
+        /// What was being done.
+        op: &'static str,
+        /// What went wrong.
+        err: String,
+    },
+}
+
+fn nerr(op: &'static str, e: impl std::fmt::Display) -> BusError {
+    BusError::Nats {
+        op,
+        err: e.to_string(),
+    }
+}
+
+/// The bus's results.
+pub type Result<T, E = BusError> = std::result::Result<T, E>;
+
+/// Tunables. `BusConfig::new` gives the defaults used by `Bus::connect`.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    /// NATS servers of one cluster.
+    pub servers: Vec<String>,
+    /// A credentials file, if any.
+    pub credentials: Option<std::path::PathBuf>,
+    /// Room name: `[A-Za-z0-9-]+` (it becomes part of stream and subject names).
+    pub room: String,
+    /// This node's name (connection name, log lines).
+    pub node: String,
+    /// Stream / bucket replicas (1 for a single server, 3 for a 3-server cluster).
+    pub replicas: usize,
+    /// Limits of the chat stream (oldest messages are discarded beyond them).
+    pub max_msgs: i64,
+    /// Bytes the chat stream keeps at most.
+    pub max_bytes: i64,
+    /// De-duplication window of the chat stream (how long a retried Msg-Id is recognised).
+    pub duplicate_window: Duration,
+    /// `max_age` of the node lease bucket: unrefreshed leases vanish after this.
+    pub lease_max_age: Duration,
+    /// How long `connect` keeps trying to create/open the stream and buckets
+    /// (the server may still be starting, or a cluster still electing its meta leader).
+    pub setup_timeout: Duration,
+    /// Total time `publish` keeps retrying one message.
+    pub publish_timeout: Duration,
+    /// Time one publish attempt waits for its ack before retrying with the same Msg-Id.
+    pub publish_attempt_timeout: Duration,
+    /// Max publish acks in flight on this connection (publishers wait beyond it).
+    pub max_ack_inflight: usize,
+    /// Subscriber watchdog: idle time after which the stream's last sequence is checked.
+    pub watchdog_idle: Duration,
+}
+
+impl BusConfig {
+    /// The defaults for a room on `servers`.
+    pub fn new(servers: &[String], room: &str, node: &str, replicas: usize) -> Self {
+        BusConfig {
+            servers: servers.to_vec(),
+            credentials: None,
+            room: room.to_string(),
+            node: node.to_string(),
+            replicas: replicas.max(1),
+            max_msgs: 1_000_000,
+            max_bytes: 1 << 30,
+            duplicate_window: Duration::from_secs(120),
+            lease_max_age: Duration::from_secs(60),
+            setup_timeout: Duration::from_secs(60),
+            publish_timeout: Duration::from_secs(10),
+            publish_attempt_timeout: Duration::from_secs(2),
+            max_ack_inflight: 20_000,
+            watchdog_idle: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Connection state as seen by this client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnState {
+    /// Connected to a server now.
+    pub connected: bool,
+    /// `host:port` of the server this connection talks to (from its INFO), when connected.
+    pub server: Option<String>,
+    /// Server name (`-n`) of that server, when connected.
+    pub server_name: Option<String>,
+    /// Number of `Connected` events seen (1 after the first connect, +1 per reconnect).
+    pub connects: u64,
+}
+
+/// A message delivered by `subscribe_from` / `history`.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// Stream sequence: the room's global order.
+    pub seq: u64,
+    /// The message.
+    pub payload: Bytes,
+    /// The Nats-Msg-Id it was published with, if any.
+    pub msg_id: Option<String>,
+}
+
+/// The chat-room bus. Cheap to clone (all handles are shared).
+#[derive(Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    subject: String,
+    names: kv::Store,
+    nodes: kv::Store,
+    bans: kv::Store,
+    cfg: Arc<BusConfig>,
+    state: watch::Receiver<ConnState>,
+}
+
+impl Bus {
+    /// Connects and makes sure the room's stream and buckets exist (see module docs).
+    ///
+    /// The connection is made with `retry_on_initial_connect` and unlimited reconnects, so this
+    /// may be called before NATS is up: it then waits (up to `setup_timeout`, 60 s by default)
+    /// for the server and for JetStream (a cluster's meta leader) before giving up.
+    pub async fn connect(
+        servers: &[String],
+        credentials: Option<&Path>,
+        name: &str,
+        node: &str,
+        replicas: usize,
+    ) -> Result<Bus> {
+        let mut cfg = BusConfig::new(servers, name, node, replicas);
+        cfg.credentials = credentials.map(|p| p.to_path_buf());
+        Bus::connect_with(cfg).await
+    }
+
+    /// `connect` with every tunable exposed.
+    pub async fn connect_with(cfg: BusConfig) -> Result<Bus> {
+        let room = cfg.room.clone();
+        if room.is_empty() || !room.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(BusError::Connect(format!(
+                "room name {room:?} must be [A-Za-z0-9-]+"
+            )));
+        }
+        let (state_tx, state_rx) = watch::channel(ConnState {
+            connected: false,
+            server: None,
+            server_name: None,
+            connects: 0,
+        });
+        let state_tx = Arc::new(state_tx);
+        // The event callback fires on the client's own task; it only records the event. The
+        // server address is filled in below, from a task that holds the client.
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<async_nats::Event>();
+        let mut opts = match &cfg.credentials {
+            Some(p) => async_nats::ConnectOptions::with_credentials_file(p)
+                .await
+                .map_err(|e| BusError::Connect(format!("credentials {}: {e}", p.display())))?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        opts = opts
+            .name(format!("chatd-{}-{}", cfg.room, cfg.node))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(2))
+            // Bound the back-off between reconnect attempts (default grows to 4 s+).
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((100 * attempts as u64).min(1000))
+            })
+            .event_callback(move |ev| {
+                let ev_tx = ev_tx.clone();
+                async move {
+                    let _ = ev_tx.send(ev);
+                }
+            });
+        let client = opts
+            .connect(cfg.servers.clone())
+            .await
+            .map_err(|e| BusError::Connect(e.to_string()))?;
+        {
+            let client = client.clone();
+            let state_tx = state_tx.clone();
+            let node = cfg.node.clone();
+            tokio::spawn(async move {
+                // Also poll once in case the first Connected event raced the subscription.
+                loop {
+                    let ev = tokio::time::timeout(Duration::from_secs(1), ev_rx.recv()).await;
+                    let ev = match ev {
+                        Ok(None) => break,
+                        Ok(Some(ev)) => Some(ev),
+                        Err(_) => None,
+                    };
+                    let connected = matches!(
+                        client.connection_state(),
+                        async_nats::connection::State::Connected
+                    );
+                    let info = client.server_info();
+                    state_tx.send_modify(|s| {
+                        if matches!(ev, Some(async_nats::Event::Connected)) {
+                            s.connects += 1;
+                        }
+                        s.connected = connected;
+                        if connected && !info.host.is_empty() {
+                            s.server = Some(format!("{}:{}", info.host, info.port));
+                            s.server_name = Some(info.server_name.clone());
+                        } else if !connected {
+                            s.server = None;
+                            s.server_name = None;
+                        }
+                    });
+                    if let Some(ev) = ev {
+                        info!(node = %node, server = ?state_tx.borrow().server, "nats event: {ev}");
+                    }
+                }
+            });
+        }
+
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .max_ack_inflight(cfg.max_ack_inflight)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+
+        let deadline = Instant::now() + cfg.setup_timeout;
+        let subject = format!("chat.{}.events", cfg.room);
+        let stream_cfg = stream::Config {
+            name: format!("CHAT_{}", cfg.room),
+            subjects: vec![subject.clone()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            max_messages: cfg.max_msgs,
+            max_bytes: cfg.max_bytes,
+            duplicate_window: cfg.duplicate_window,
+            num_replicas: cfg.replicas,
+            allow_direct: true,
+            ..Default::default()
+        };
+        let stream = ensure_stream(&js, stream_cfg, deadline).await?;
+        let names = ensure_kv(
+            &js,
+            &format!("chat_{}_names", cfg.room),
+            1,
+            Duration::ZERO,
+            &cfg,
+            deadline,
+        )
+        .await?;
+        let nodes = ensure_kv(
+            &js,
+            &format!("chat_{}_nodes", cfg.room),
+            1,
+            cfg.lease_max_age,
+            &cfg,
+            deadline,
+        )
+        .await?;
+        let bans = ensure_kv(
+            &js,
+            &format!("chat_{}_bans", cfg.room),
+            1,
+            Duration::ZERO,
+            &cfg,
+            deadline,
+        )
+        .await?;
+        info!(room = %cfg.room, node = %cfg.node, "bus ready");
+        Ok(Bus {
+            client,
+            js,
+            stream,
+            subject,
+            names,
+            nodes,
+            bans,
+            cfg: Arc::new(cfg),
+            state: state_rx,
+        })
+    }
+
+    /// True while the client has a live connection to a server.
+    pub fn is_connected(&self) -> bool {
+        matches!(
+            self.client.connection_state(),
+            async_nats::connection::State::Connected
+        )
+    }
+
+    /// Current connection state (connected? to which server?).
+    pub fn state(&self) -> ConnState {
+        let mut s = self.state.borrow().clone();
+        // The callback-driven view can lag by a moment; the client's own flag is authoritative.
+        s.connected = matches!(
+            self.client.connection_state(),
+            async_nats::connection::State::Connected
+        );
+        s
+    }
+
+    /// Watch connection state changes (updated from async-nats' event callback).
+    pub fn state_watch(&self) -> watch::Receiver<ConnState> {
+        self.state.clone()
+    }
+
+    /// Current stream state (first/last sequence, message count, cluster leader).
+    pub async fn stream_info(&self) -> Result<stream::Info> {
+        self.stream
+            .get_info()
+            .await
+            .map_err(|e| nerr("stream info", e))
+    }
+
+    /// Last sequence of the room stream (0 when empty).
+    pub async fn last_seq(&self) -> Result<u64> {
+        Ok(self.stream_info().await?.state.last_sequence)
+    }
+
+    // ------------------------------------------------------------------ publish
+
+    /// Publishes one room event and returns its stream sequence.
+    ///
+    /// On `PublishFailed` the outcome is unknown: a copy the client buffered while disconnected
+    /// may still be delivered at reconnect (stored once thanks to the Msg-Id). Re-publishing the
+    /// same id within `duplicate_window` is always safe.
+    ///
+    /// Retries (no responders / stream not found during a leader election, ack time-outs,
+    /// broken pipe while reconnecting, JetStream 503s) with the **same** `msg_id`, so the stream
+    /// keeps it once. Gives up after `publish_timeout` (10 s) with `BusError::PublishFailed`.
+    /// If the msg id was already stored (a retry whose first attempt got in), returns the
+    /// sequence of the stored copy.
+    pub async fn publish(&self, payload: Bytes, msg_id: String) -> Result<u64> {
+        self.publish_until(payload, msg_id, Instant::now() + self.cfg.publish_timeout)
+            .await
+    }
+
+    async fn publish_until(
+        &self,
+        payload: Bytes,
+        msg_id: String,
+        deadline: Instant,
+    ) -> Result<u64> {
+        let start = Instant::now();
+        let mut attempts = 0u32;
+        let mut last = String::from("deadline reached before the first attempt");
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(BusError::PublishFailed {
+                    msg_id,
+                    attempts,
+                    elapsed: start.elapsed(),
+                    last,
+                });
+            }
+            // While disconnected, do not queue more copies into the client's reconnect buffer
+            // (they would all be flushed at reconnect): wait for the connection instead.
+            if !self.is_connected() {
+                let since = Instant::now();
+                while !self.is_connected() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                if !self.is_connected() {
+                    last = format!("not connected to NATS (waited {:?})", since.elapsed());
+                    continue;
+                }
+            }
+            attempts += 1;
+            let attempt_timeout = self.cfg.publish_attempt_timeout.min(deadline - now);
+            let msg = Publish::build()
+                .payload(payload.clone())
+                .message_id(&msg_id);
+            let res = tokio::time::timeout(attempt_timeout, async {
+                self.js.send_publish(self.subject.clone(), msg).await?.await
+            })
+            .await;
+            match res {
+                Ok(Ok(ack)) => {
+                    if attempts > 1 || ack.duplicate {
+                        debug!(%msg_id, attempts, dup = ack.duplicate, seq = ack.sequence, "publish acked after retry");
+                    }
+                    return Ok(ack.sequence);
+                }
+                Ok(Err(e)) => {
+                    match e.kind() {
+                        PublishErrorKind::MaxPayloadExceeded
+                        | PublishErrorKind::WrongLastMessageId
+                        | PublishErrorKind::WrongLastSequence => {
+                            return Err(BusError::PublishRejected {
+                                msg_id,
+                                reason: e.to_string(),
+                            });
+                        }
+                        _ => {}
+                    }
+                    last = format!("{e:?}: {e}");
+                }
+                Err(_) => last = format!("no ack within {attempt_timeout:?}"),
+            }
+            debug!(%msg_id, attempts, %last, "publish attempt failed; retrying");
+            let sleep = backoff.min(deadline.saturating_duration_since(Instant::now()));
+            tokio::time::sleep(sleep).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    // ------------------------------------------------------------------ subscribe
+
+    /// Every stream message with `seq >= start_seq`, in order, once each (see module docs for
+    /// how restarts and fail-overs are survived). Dropping the returned `Subscription` stops it.
+    pub fn subscribe_from(&self, start_seq: u64) -> Subscription {
+        let (tx, rx) = mpsc::channel(4096);
+        let stats = Arc::new(SubStats::default());
+        let task = tokio::spawn(sub_loop(
+            self.clone(),
+            start_seq.max(1) - 1,
+            tx,
+            stats.clone(),
+        ));
+        Subscription { rx, stats, task }
+    }
+
+    // ------------------------------------------------------------------ history
+
+    /// The last `n` stored messages (fewer if the stream holds fewer), oldest first, for a
+    /// newcomer; returns them with the last sequence so the caller can `subscribe_from(last+1)`.
+    pub async fn history(&self, n: u64) -> Result<(Vec<Delivered>, u64)> {
+        let st = self.stream_info().await?.state;
+        if st.messages == 0 || n == 0 {
+            return Ok((Vec::new(), st.last_sequence));
+        }
+        let from = st
+            .first_sequence
+            .max(st.last_sequence.saturating_sub(n - 1))
+            .max(1);
+        let stream = self.stream.clone();
+        let got: Vec<Option<Delivered>> = futures::stream::iter(from..=st.last_sequence)
+            .map(|seq| {
+                let stream = stream.clone();
+                async move {
+                    match stream.get_raw_message(seq).await {
+                        Ok(m) => Some(Delivered {
+                            seq: m.sequence,
+                            msg_id: m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()),
+                            payload: m.payload,
+                        }),
+                        Err(e) => {
+                            // Deleted / aged out between the info and the get.
+                            debug!(seq, "history get: {e}");
+                            None
+                        }
+                    }
+                }
+            })
+            .buffered(64)
+            .collect()
+            .await;
+        Ok((got.into_iter().flatten().collect(), st.last_sequence))
+    }
+
+    /// Sends one event without waiting for its acknowledgement (the publisher keeps many in
+    /// flight, in order, on this one connection); await the returned future for the ack.
+    pub async fn send(&self, payload: Bytes, msg_id: &str) -> AckFuture {
+        let msg = Publish::build().payload(payload).message_id(msg_id);
+        let sent = self.js.send_publish(self.subject.clone(), msg).await;
+        let attempt = self.cfg.publish_attempt_timeout;
+        Box::pin(async move {
+            let ack = sent.map_err(|e| nerr("publish", e))?;
+            match tokio::time::timeout(attempt, ack).await {
+                Ok(Ok(a)) => Ok(a.sequence),
+                Ok(Err(e)) => Err(nerr("publish ack", e)),
+                Err(_) => Err(nerr("publish ack", format!("none within {attempt:?}"))),
+            }
+        })
+    }
+
+    // ------------------------------------------------------------------ names
+
+    /// Claims `key` (use `encode_key` for arbitrary nicknames) atomically: exactly one of any
+    /// number of racing claimers gets `Ok(revision)`, the others `Err(BusError::Taken)`.
+    /// Keep the revision to `release_name` later.
+    pub async fn claim_name(&self, key: &str, value: Bytes) -> Result<u64> {
+        match self.names.create(key, value).await {
+            Ok(rev) => Ok(rev),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                Err(BusError::Taken(key.to_string()))
+            }
+            Err(e) => Err(nerr("claim name", e)),
+        }
+    }
+
+    /// Releases `key` only if it is still at `expected_rev` (still ours). Returns false when
+    /// someone else's claim (or a later update) is there, which is then left alone.
+    pub async fn release_name(&self, key: &str, expected_rev: u64) -> Result<bool> {
+        match self
+            .names
+            .delete_expect_revision(key, Some(expected_rev))
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(nerr("release name", e)),
+        }
+    }
+
+    /// The current holder of `key` and its revision, if any.
+    pub async fn name(&self, key: &str) -> Result<Option<(Bytes, u64)>> {
+        match self.names.entry(key).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => Ok(Some((e.value, e.revision))),
+            Ok(_) => Ok(None),
+            Err(e) => Err(nerr("read name", e)),
+        }
+    }
+
+    /// Hands `key` to a new holder if it is still at `expected_rev` (compare-and-set).
+    pub async fn update_name(&self, key: &str, value: Bytes, expected_rev: u64) -> Result<u64> {
+        self.names
+            .update(key, value, expected_rev)
+            .await
+            .map_err(|e| nerr("hand over name", e))
+    }
+
+    /// All claimed names: (key, value, revision).
+    pub async fn names(&self) -> Result<Vec<(String, Bytes, u64)>> {
+        list_bucket(&self.names).await
+    }
+
+    // ------------------------------------------------------------------ leases
+
+    /// Refreshes this node's lease (a plain `put`; call every few seconds, well within
+    /// `lease_max_age`). `value` is free-form (e.g. JSON with the node's address).
+    pub async fn heartbeat(&self, node: &str, value: Bytes) -> Result<u64> {
+        self.nodes
+            .put(node, value)
+            .await
+            .map_err(|e| nerr("heartbeat", e))
+    }
+
+    /// Every node's lease: (node, value, revision).
+    pub async fn leases(&self) -> Result<Vec<(String, Bytes, u64)>> {
+        list_bucket(&self.nodes).await
+    }
+
+    /// Removes this node's lease at clean shutdown.
+    pub async fn leave(&self, node: &str) -> Result<()> {
+        self.nodes.delete(node).await.map_err(|e| nerr("leave", e))
+    }
+
+    // ------------------------------------------------------------------ bans
+
+    /// Writes a ban to the ban list.
+    pub async fn ban(&self, key: &str, value: Bytes) -> Result<u64> {
+        self.bans.put(key, value).await.map_err(|e| nerr("ban", e))
+    }
+
+    /// Removes a ban from the ban list.
+    pub async fn unban(&self, key: &str) -> Result<()> {
+        self.bans.delete(key).await.map_err(|e| nerr("unban", e))
+    }
+
+    /// Every ban in the list, then every change to it.
+    pub async fn watch_bans(&self) -> Result<kv::Watch> {
+        self.bans
+            .watch_all()
+            .await
+            .map_err(|e| nerr("watch bans", e))
+    }
+}
+
+/// Live keys of a bucket with value and revision.
+async fn list_bucket(store: &kv::Store) -> Result<Vec<(String, Bytes, u64)>> {
+    let mut keys = store.keys().await.map_err(|e| nerr("kv keys", e))?;
+    let mut out = Vec::new();
+    while let Some(k) = keys.next().await {
+        let k = k.map_err(|e| nerr("kv keys", e))?;
+        let entry = store
+            .entry(k.clone())
+            .await
+            .map_err(|e| nerr("kv entry", e))?;
+        if let Some(entry) = entry
+            && entry.operation == kv::Operation::Put
+        {
+            out.push((k, entry.value, entry.revision));
+        }
+    }
+    Ok(out)
+}
+
+/// Get-or-create a stream, tolerating creation races and a JetStream that is not ready yet.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    cfg: stream::Config,
+    deadline: Instant,
+) -> Result<stream::Stream> {
+    let start = Instant::now();
+    let mut last;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match js.get_stream(&cfg.name).await {
+            Ok(s) => {
+                let c = &s.cached_info().config;
+                if c.subjects != cfg.subjects || c.num_replicas != cfg.num_replicas {
+                    warn!(stream = %cfg.name, "existing stream differs from the wanted config (subjects {:?}, replicas {}); using it as is", c.subjects, c.num_replicas);
+                }
+                return Ok(s);
+            }
+            Err(e) => {
+                last = format!("get: {e}");
+                // Not found (or not reachable yet): try to create; a racing creator with the
+                // same config makes ours succeed too, or fail with "already in use", after
+                // which the next get finds it.
+                match js.create_stream(cfg.clone()).await {
+                    Ok(s) => {
+                        info!(stream = %cfg.name, "created stream");
+                        return Ok(s);
+                    }
+                    Err(e) => last = format!("{last}; create: {e}"),
+                }
+            }
+        }
+        if Instant::now() + delay >= deadline {
+            return Err(BusError::Setup {
+                what: format!("stream {}", cfg.name),
+                elapsed: start.elapsed(),
+                last,
+            });
+        }
+        debug!(stream = %cfg.name, %last, "stream not ready; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Creates (if needed) and opens a KV bucket the way that works on nats-server 2.9: its
+/// `KV_<bucket>` stream by hand, then `get_key_value`.
+async fn ensure_kv(
+    js: &jetstream::Context,
+    bucket: &str,
+    history: i64,
+    max_age: Duration,
+    cfg: &BusConfig,
+    deadline: Instant,
+) -> Result<kv::Store> {
+    // The duplicate window may not exceed max_age.
+    let dup = if max_age.is_zero() {
+        Duration::from_secs(120)
+    } else {
+        max_age.min(Duration::from_secs(120))
+    };
+    let scfg = stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: history,
+        max_age,
+        duplicate_window: dup,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        storage: stream::StorageType::File,
+        num_replicas: cfg.replicas,
+        ..Default::default()
+    };
+    ensure_stream(js, scfg, deadline).await?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| nerr("get_key_value", e))
+}
+
+// ---------------------------------------------------------------------- subscription
+
+/// Counters of one subscription (for tests, metrics and logs).
+#[derive(Debug, Default)]
+pub struct SubStats {
+    /// Consumers created (1 + recreations).
+    pub consumers: AtomicU64,
+    /// Deliveries dropped because their seq was at or below the last applied one.
+    pub dropped_dups: AtomicU64,
+    /// Recreations triggered by the idle watchdog.
+    pub watchdog_fires: AtomicU64,
+    /// Recreations triggered by a consumer-sequence gap.
+    pub gaps: AtomicU64,
+    /// Recreations triggered by a consumer / pull error.
+    pub errors: AtomicU64,
+    /// Last applied stream sequence.
+    pub last_applied: AtomicU64,
+    /// Messages lost to the stream's own limits (stream seq jumped with no consumer gap).
+    pub skipped_by_limits: AtomicU64,
+}
+
+/// Stream of `Delivered` returned by `Bus::subscribe_from`. Stops its task when dropped.
+pub struct Subscription {
+    rx: mpsc::Receiver<Delivered>,
+    stats: Arc<SubStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscription {
+    /// The subscription's counters.
+    pub fn stats(&self) -> Arc<SubStats> {
+        self.stats.clone()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Delivered;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Delivered>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+enum Restart {
+    Error(String),
+    Gap,
+    Watchdog,
+}
+
+async fn sub_loop(bus: Bus, mut applied: u64, tx: mpsc::Sender<Delivered>, stats: Arc<SubStats>) {
+    let idle = bus.cfg.watchdog_idle;
+    let mut backoff = Duration::from_millis(100);
+    let mut old: Option<String> = None;
+    loop {
+        // Best effort: remove the consumer we are abandoning (it would time out anyway).
+        if let Some(name) = old.take() {
+            let s = bus.stream.clone();
+            tokio::spawn(async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), s.delete_consumer(&name)).await;
+            });
+        }
+        let ccfg = consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: applied + 1,
+            },
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            memory_storage: true,
+            num_replicas: 1,
+            max_batch: 0,
+            ..Default::default()
+        };
+        let created =
+            tokio::time::timeout(Duration::from_secs(5), bus.stream.create_consumer(ccfg)).await;
+        let consumer = match created {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                info!(node = %bus.cfg.node, "subscriber: create consumer: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+            Err(_) => {
+                info!(node = %bus.cfg.node, "subscriber: create consumer timed out");
+                continue;
+            }
+        };
+        let name = consumer.cached_info().name.clone();
+        stats.consumers.fetch_add(1, Ordering::Relaxed);
+        info!(node = %bus.cfg.node, consumer = %name, from = applied + 1, "subscriber: consumer created");
+        let msgs = consumer
+            .stream()
+            .max_messages_per_batch(1000)
+            .expires(Duration::from_secs(5))
+            .heartbeat(Duration::from_secs(2))
+            .messages()
+            .await;
+        let mut msgs = match msgs {
+            Ok(m) => m,
+            Err(e) => {
+                info!(node = %bus.cfg.node, "subscriber: consumer messages(): {e}");
+                old = Some(name);
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        let mut expect_cseq = 1u64;
+        let mut suspect_since: Option<u64> = None; // applied value when first seen lagging
+        let why = loop {
+            match tokio::time::timeout(idle, msgs.next()).await {
+                Ok(Some(Ok(m))) => {
+                    let (sseq, cseq) = match m.info() {
+                        Ok(i) => (i.stream_sequence, i.consumer_sequence),
+                        Err(e) => break Restart::Error(format!("bad reply subject: {e}")),
+                    };
+                    if cseq != expect_cseq {
+                        break Restart::Gap;
+                    }
+                    expect_cseq += 1;
+                    if sseq <= applied {
+                        stats.dropped_dups.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    if sseq > applied + 1 {
+                        // Consumer sequence is contiguous, so the stream itself has no
+                        // messages in between (removed by limits / deleted).
+                        stats
+                            .skipped_by_limits
+                            .fetch_add(sseq - applied - 1, Ordering::Relaxed);
+                        warn!(
+                            from = applied + 1,
+                            to = sseq - 1,
+                            "messages no longer in the stream"
+                        );
+                    }
+                    let msg_id = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Msg-Id"))
+                        .map(|v| v.as_str().to_string());
+                    let d = Delivered {
+                        seq: sseq,
+                        payload: m.payload.clone(),
+                        msg_id,
+                    };
+                    if tx.send(d).await.is_err() {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            bus.stream.delete_consumer(&name),
+                        )
+                        .await;
+                        return;
+                    }
+                    applied = sseq;
+                    stats.last_applied.store(applied, Ordering::Relaxed);
+                    backoff = Duration::from_millis(100);
+                    suspect_since = None;
+                }
+                Ok(Some(Err(e))) => break Restart::Error(e.to_string()),
+                Ok(None) => break Restart::Error("message stream ended".into()),
+                Err(_) => {
+                    // Idle: is the stream ahead of us?
+                    if tx.is_closed() {
+                        return;
+                    }
+                    let last =
+                        match tokio::time::timeout(Duration::from_secs(2), bus.stream.get_info())
+                            .await
+                        {
+                            Ok(Ok(i)) => i.state.last_sequence,
+                            _ => {
+                                // Cannot even read stream info: the server side is in trouble;
+                                // count it as lagging.
+                                u64::MAX
+                            }
+                        };
+                    if last > applied {
+                        match suspect_since {
+                            Some(a) if a == applied => break Restart::Watchdog,
+                            _ => suspect_since = Some(applied),
+                        }
+                    } else {
+                        suspect_since = None;
+                    }
+                }
+            }
+        };
+        match &why {
+            Restart::Error(e) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                info!(node = %bus.cfg.node, applied, "subscriber: consumer error ({e}); recreating");
+            }
+            Restart::Gap => {
+                stats.gaps.fetch_add(1, Ordering::Relaxed);
+                info!(node = %bus.cfg.node, applied, "subscriber: consumer sequence gap; recreating");
+            }
+            Restart::Watchdog => {
+                stats.watchdog_fires.fetch_add(1, Ordering::Relaxed);
+                info!(node = %bus.cfg.node, applied, "subscriber: idle while stream is ahead; recreating");
+            }
+        }
+        old = Some(name);
+        if matches!(why, Restart::Error(_)) {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}

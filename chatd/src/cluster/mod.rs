@@ -1,0 +1,1067 @@
+//! A room served by several chatd nodes, joined through NATS JetStream: the clustered
+//! [`Engine`]. No node-to-node protocol of our own: the engine's shared state lives in NATS.
+//!
+//! - **Order**: every room event is one message of the JetStream stream `CHAT_<room>`; its
+//!   stream sequence is the room's one order. A node publishes each event once (with a
+//!   `Nats-Msg-Id`, so a retried publish is stored once) and consumes the stream once, then
+//!   fans out to its own members as a single node does (`Room::deliver`). Its own events reach
+//!   its own members the same way, so every member on every node sees one order.
+//! - **Names**: the KV bucket `chat_<room>_names` maps each name key to its holder. A join or
+//!   rename claims with KV `create` (atomic: one winner), a reclaim hands over with
+//!   compare-and-set, a leave deletes with the revision it claimed.
+//! - **Liveness**: each node refreshes its lease in `chat_<room>_nodes`; a node whose lease has
+//!   not changed for `cluster.node-timeout` is dead, and the first survivor to delete one of its
+//!   names (compare-and-set again) publishes that member's leave, so it is announced once.
+//! - **History**: a starting node reads the stream's last messages for newcomers.
+//!
+//! Sessions never wait on NATS except while claiming a name (a join or `/nick`): appends go to
+//! one publisher task through a bounded queue, and a line that cannot be published within
+//! the bus's deadline is answered `*** ERR not-delivered`.
+
+pub mod bus;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::bans::{Ban, Target};
+use crate::config::ClusterConfig;
+use crate::engine::{Claim, Engine, Seq};
+use crate::outbox::Outbox;
+use crate::room::{ClientId, Delivered, Event, Newcomer, Remote, Room};
+use crate::shared::Shared;
+use chat_proto::names::NameError;
+use chat_proto::protocol::{self, code};
+use wire::{Envelope, Lease, MemberRef, NameHolder, WireEvent};
+
+use self::bus::{Bus, BusError};
+
+/// Events waiting for the publisher; a full queue refuses the line (the sender is told).
+const PUBLISH_QUEUE: usize = 65_536;
+
+/// Longest a join or `/nick` waits for the names bucket.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Identities given to members of other nodes start here, far above this node's connection
+/// ids (which count from 1), so the two never meet.
+const REMOTE_IDS: u64 = 1 << 62;
+
+/// How often leases are checked and dead nodes' names reaped.
+const REAP_EVERY: Duration = Duration::from_millis(500);
+
+/// One event on its way to the stream.
+struct Outgoing {
+    payload: Bytes,
+    msg_id: String,
+    /// Who is told if it cannot be published.
+    sender: Option<Arc<Outbox>>,
+}
+
+/// A member of this node whose join is published but not yet delivered back.
+struct PendingJoin {
+    outbox: Arc<Outbox>,
+}
+
+/// A member connected to this node, as the engine tracks it.
+struct LocalMember {
+    /// Its display name, as last published.
+    name: String,
+    outbox: Arc<Outbox>,
+}
+
+/// The engine's books: who is where, and which names this node holds for whom.
+#[derive(Default)]
+struct Book {
+    /// Members connected here whose leave has not been published.
+    local: HashMap<ClientId, LocalMember>,
+    /// Joins published, waiting for their delivery.
+    pending: HashMap<ClientId, PendingJoin>,
+    /// Name keys this node holds for its members: key → (holder, revision).
+    claims: HashMap<String, (ClientId, u64)>,
+    /// Members of other nodes → their identity here.
+    remote: HashMap<MemberRef, ClientId>,
+    /// And back.
+    remote_ref: HashMap<ClientId, MemberRef>,
+}
+
+/// The link to NATS as `chatctl status` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct LinkStatus {
+    /// Connected to a NATS server now.
+    pub connected: bool,
+    /// The server connected to (`host:port`).
+    pub server: Option<String>,
+    /// What the node is waiting for, while it is not ready.
+    pub waiting: Option<String>,
+    /// Nodes whose lease is live, this one included, sorted.
+    pub live_nodes: Vec<String>,
+}
+
+/// The clustered engine of one node.
+pub struct Cluster {
+    /// This node's name.
+    node: String,
+    /// This run of the node: members of an earlier run are told apart from ours.
+    boot: u64,
+    config: ClusterConfig,
+    /// Set once connected and set up; until then joins are refused as unavailable.
+    bus: OnceLock<Bus>,
+    publish: mpsc::Sender<Outgoing>,
+    /// Taken by the publisher task when it starts.
+    publish_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    book: Mutex<Book>,
+    /// Events published by this run (the numbering of its message ids).
+    published: AtomicU64,
+    /// The stream sequence of the last event delivered here.
+    applied: AtomicU64,
+    next_remote: AtomicU64,
+    link: watch::Sender<LinkStatus>,
+    /// Fires once the bus is connected, the room's history loaded and the stream followed.
+    ready: tokio::sync::Notify,
+    ready_flag: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.node)
+            .field("boot", &self.boot)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// The engine for `config`, not yet connected (see [`Cluster::run`]).
+    pub fn new(config: &ClusterConfig) -> Arc<Cluster> {
+        let (publish, rx) = mpsc::channel(PUBLISH_QUEUE);
+        let boot = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let (link, _) = watch::channel(LinkStatus {
+            waiting: Some(format!("connecting to NATS at {}", config.nats.join(", "))),
+            ..LinkStatus::default()
+        });
+        Arc::new(Cluster {
+            node: config.node_name(),
+            boot,
+            config: config.clone(),
+            bus: OnceLock::new(),
+            publish,
+            publish_rx: Mutex::new(Some(rx)),
+            book: Mutex::new(Book::default()),
+            published: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            next_remote: AtomicU64::new(REMOTE_IDS),
+            link,
+            ready: tokio::sync::Notify::new(),
+            ready_flag: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The link's state now.
+    pub fn link(&self) -> LinkStatus {
+        self.link.borrow().clone()
+    }
+
+    /// Whether the node is connected and follows the room.
+    pub fn is_ready(&self) -> bool {
+        self.ready_flag.load(Ordering::Acquire)
+    }
+
+    /// Waits until the node is connected and follows the room.
+    pub async fn wait_ready(&self) {
+        loop {
+            let notified = self.ready.notified();
+            if self.is_ready() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        // Each operation leaves the maps consistent before it could panic.
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn me(&self, id: ClientId) -> MemberRef {
+        MemberRef {
+            node: self.node.clone(),
+            boot: self.boot,
+            id,
+        }
+    }
+
+    fn is_me(&self, who: &MemberRef) -> bool {
+        who.node == self.node && who.boot == self.boot
+    }
+
+    /// Queues `event` for the stream; when the queue is full the sender is told at once.
+    fn send(&self, event: WireEvent, sender: Option<Arc<Outbox>>) {
+        let n = self.published.fetch_add(1, Ordering::Relaxed);
+        let msg_id = format!("{}.{}.{n}", self.node, self.boot);
+        self.send_with_id(event, msg_id, sender);
+    }
+
+    fn send_with_id(&self, event: WireEvent, msg_id: String, sender: Option<Arc<Outbox>>) {
+        let env = Envelope {
+            v: wire::VERSION,
+            from: self.node.clone(),
+            event,
+        };
+        let out = Outgoing {
+            payload: Bytes::from(env.encode()),
+            msg_id,
+            sender,
+        };
+        if let Err(e) = self.publish.try_send(out) {
+            let out = match e {
+                mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => o,
+            };
+            warn!("cluster publish queue full; refusing a line");
+            not_delivered(out.sender.as_deref(), "the room is overloaded");
+        }
+    }
+
+    /// Connects, loads the room, and then follows it until `stop`: the consumer, the publisher,
+    /// the lease and the link watcher. Retries the connection for as long as it takes.
+    pub async fn run(self: Arc<Self>, shared: Arc<Shared>, stop: CancellationToken) {
+        let bus = loop {
+            let credentials = (!self.config.credentials.as_os_str().is_empty())
+                .then_some(&*self.config.credentials);
+            let attempt = Bus::connect(
+                &self.config.nats,
+                credentials,
+                &self.config.name.0,
+                &self.node,
+                self.config.replicas.get(),
+            );
+            let result = tokio::select! {
+                r = attempt => r,
+                _ = stop.cancelled() => return,
+            };
+            match result {
+                Ok(bus) => break bus,
+                Err(e) => {
+                    warn!(error = %e, servers = ?self.config.nats, "cannot reach the cluster's NATS yet; retrying");
+                    self.link.send_modify(|l| {
+                        l.waiting = Some(format!("NATS at {}: {e}", self.config.nats.join(", ")));
+                    });
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        };
+        // The lease first: our names are never older than our lease.
+        if let Err(e) = bus.heartbeat(&self.node, lease(self.boot)).await {
+            warn!(error = %e, "cannot write this node's lease yet");
+        }
+        let history = shared.live.load().config.room.history.get();
+        let start = match bus.history(history as u64).await {
+            Ok((lines, last)) => {
+                for d in lines {
+                    self.remember(&shared.room, &d.payload);
+                }
+                last
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the room's history");
+                bus.last_seq().await.unwrap_or(0)
+            }
+        };
+        self.applied.store(start, Ordering::Release);
+        match bus.names().await {
+            Ok(names) => {
+                for (_, value, _) in names {
+                    if let Ok(holder) = NameHolder::decode(&value)
+                        && !self.is_me(&holder.who)
+                    {
+                        self.seat_remote(
+                            &shared,
+                            &holder.who,
+                            &holder.name,
+                            holder.addr,
+                            holder.at,
+                            true,
+                        );
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read the room's members"),
+        }
+        let _ = self.bus.set(bus.clone());
+        let consumer = tokio::spawn(self.clone().consume(shared.clone(), bus.clone(), start + 1));
+        let publisher = tokio::spawn(self.clone().publisher(bus.clone()));
+        let leases = tokio::spawn(self.clone().leases(bus.clone()));
+        let link = tokio::spawn(self.clone().watch_link(shared.clone(), bus.clone()));
+        let bans = tokio::spawn(self.clone().follow_bans(shared.clone(), bus.clone()));
+        self.link.send_modify(|l| l.waiting = None);
+        self.ready_flag.store(true, Ordering::Release);
+        self.ready.notify_waiters();
+        info!(node = %self.node, room = %self.config.name.0, position = start, "following the cluster's room");
+        stop.cancelled().await;
+        consumer.abort();
+        leases.abort();
+        link.abort();
+        bans.abort();
+        // Let the leaves of this node's members (queued as sessions closed) reach the stream.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while self.publish.capacity() < PUBLISH_QUEUE {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        publisher.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(2), bus.leave(&self.node)).await;
+    }
+
+    /// Publishes queued events in order, many acknowledgements in flight at once; an event not
+    /// acknowledged is retried under the same message id (stored once), and one that still
+    /// fails is reported to its sender.
+    async fn publisher(self: Arc<Self>, bus: Bus) {
+        let Some(mut rx) = self
+            .publish_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let (acks_tx, mut acks_rx) = mpsc::channel::<(bus::AckFuture, Outgoing)>(8192);
+        let acker = {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                while let Some((ack, out)) = acks_rx.recv().await {
+                    if ack.await.is_ok() {
+                        continue;
+                    }
+                    match bus.publish(out.payload.clone(), out.msg_id.clone()).await {
+                        Ok(_) => {}
+                        Err(e) => {
+                            warn!(error = %e, "a room event was not delivered to the cluster");
+                            not_delivered(
+                                out.sender.as_deref(),
+                                "the room's message bus did not take it",
+                            );
+                        }
+                    }
+                }
+            })
+        };
+        while let Some(out) = rx.recv().await {
+            let ack = bus.send(out.payload.clone(), &out.msg_id).await;
+            if acks_tx.send((ack, out)).await.is_err() {
+                break;
+            }
+        }
+        drop(acks_tx);
+        let _ = acker.await;
+    }
+
+    /// Follows the stream from `from` and delivers every event to the room.
+    async fn consume(self: Arc<Self>, shared: Arc<Shared>, bus: Bus, from: Seq) {
+        let mut sub = bus.subscribe_from(from);
+        while let Some(d) = sub.next().await {
+            match Envelope::decode(&d.payload) {
+                Ok(env) => self.apply(&shared, env),
+                Err(e) => warn!(seq = d.seq, error = %e, "skipping a stream message"),
+            }
+            self.applied.store(d.seq, Ordering::Release);
+        }
+    }
+
+    /// Keeps this node's lease fresh, and reaps the names of nodes whose lease stopped.
+    async fn leases(self: Arc<Self>, bus: Bus) {
+        let beat = (self.config.node_timeout / 4).max(Duration::from_millis(250));
+        let mut last_beat = Instant::now();
+        // (node, boot) → (the lease's revision, when this node saw it change). A lease that
+        // has not changed for node-timeout is dead, measured on this node's clock only.
+        let mut seen: HashMap<(String, u64), (u64, Instant)> = HashMap::new();
+        loop {
+            tokio::time::sleep(REAP_EVERY).await;
+            if last_beat.elapsed() >= beat {
+                match bus.heartbeat(&self.node, lease(self.boot)).await {
+                    Ok(_) => last_beat = Instant::now(),
+                    Err(e) => debug!(error = %e, "lease refresh failed"),
+                }
+            }
+            let Ok(leases) = bus.leases().await else {
+                continue;
+            };
+            let now = Instant::now();
+            for (node, value, rev) in leases {
+                let Ok(l) = serde_json::from_slice::<Lease>(&value) else {
+                    continue;
+                };
+                let entry = seen.entry((node, l.boot)).or_insert((rev, now));
+                if entry.0 != rev {
+                    *entry = (rev, now);
+                }
+            }
+            let timeout = self.config.node_timeout;
+            let live = |who: &MemberRef, seen: &mut HashMap<(String, u64), (u64, Instant)>| {
+                if who.node == self.node && who.boot == self.boot {
+                    return true;
+                }
+                let e = seen.entry((who.node.clone(), who.boot)).or_insert((0, now));
+                now.duration_since(e.1) < timeout
+            };
+            let mut nodes: Vec<String> = seen
+                .iter()
+                .filter(|(_, (_, at))| now.duration_since(*at) < timeout)
+                .map(|((n, _), _)| n.clone())
+                .chain(std::iter::once(self.node.clone()))
+                .collect();
+            nodes.sort();
+            nodes.dedup();
+            self.link.send_modify(|l| l.live_nodes = nodes);
+            let Ok(names) = bus.names().await else {
+                continue;
+            };
+            for (key, value, rev) in names {
+                let Ok(holder) = NameHolder::decode(&value) else {
+                    continue;
+                };
+                if live(&holder.who, &mut seen) {
+                    continue;
+                }
+                // Whoever deletes the name first announces the leave; the message id makes a
+                // second announcement impossible even if two survivors race past the delete.
+                if let Ok(true) = bus.release_name(&key, rev).await {
+                    info!(user = %holder.name, node = %holder.who.node, "a dead node's user leaves");
+                    let msg_id = format!(
+                        "reap.{}.{}.{}",
+                        holder.who.node, holder.who.boot, holder.who.id
+                    );
+                    let reason = format!("node {} lost", holder.who.node);
+                    self.send_with_id(
+                        WireEvent::Leave {
+                            who: holder.who,
+                            reason,
+                        },
+                        msg_id,
+                        None,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Tells this node's members once when the link to the bus is lost, and once when it is
+    /// back; keeps the status current.
+    async fn watch_link(self: Arc<Self>, shared: Arc<Shared>, bus: Bus) {
+        let mut state = bus.state_watch();
+        let mut degraded = false;
+        loop {
+            let s = bus.state();
+            self.link.send_modify(|l| {
+                l.connected = s.connected;
+                l.server = s.server.clone();
+            });
+            if !s.connected && !degraded {
+                degraded = true;
+                warn!("lost the connection to NATS; the room is degraded");
+                shared.room.notice_local(
+                    "the room is degraded: this server lost its link to the other servers; \
+                     messages are not delivered until it is back",
+                );
+            } else if s.connected && degraded {
+                degraded = false;
+                info!(server = ?s.server, "connection to NATS is back");
+                shared
+                    .room
+                    .notice_local("the room is back: messages are delivered again");
+            }
+            tokio::select! {
+                r = state.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// Writes `ban` to the cluster's ban list, so every node applies it and it outlives every
+    /// node's restart. Waits for NATS (bounded); says why when it could not.
+    pub fn share_ban(&self, ban: &Ban) -> Result<(), String> {
+        let bus = self.bus.get().ok_or("the cluster is not reachable")?;
+        let key = wire::kv_key(&ban.target.to_text());
+        let value = Bytes::from(serde_json::to_vec(ban).map_err(|e| e.to_string())?);
+        match self.wait(bus.ban(&key, value)) {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("NATS did not answer in time".to_owned()),
+        }
+    }
+
+    /// Removes the ban on `target` from the cluster's ban list.
+    pub fn share_unban(&self, target: &Target) -> Result<(), String> {
+        let bus = self.bus.get().ok_or("the cluster is not reachable")?;
+        let key = wire::kv_key(&target.to_text());
+        match self.wait(bus.unban(&key)) {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("NATS did not answer in time".to_owned()),
+        }
+    }
+
+    /// Applies the cluster's ban list to this node's: every ban made on any node (also
+    /// before this node started), and every ban lifted.
+    async fn follow_bans(self: Arc<Self>, shared: Arc<Shared>, bus: Bus) {
+        loop {
+            let mut watch = match bus.watch_bans().await {
+                Ok(w) => w,
+                Err(e) => {
+                    debug!(error = %e, "cannot watch the cluster's bans yet");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            while let Some(entry) = watch.next().await {
+                let Ok(entry) = entry else {
+                    break;
+                };
+                match entry.operation {
+                    bus::Operation::Put => match wire::decode_ban(&entry.value) {
+                        Ok(ban) => {
+                            let known = shared.bans.active().contains(&ban);
+                            if !known && let Err(e) = shared.bans.add(ban) {
+                                warn!(error = %e, "cannot save a ban from the cluster");
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "skipping a malformed ban from the cluster"),
+                    },
+                    _ => {
+                        let target =
+                            wire::from_kv_key(&entry.key).and_then(|t| Target::parse(&t).ok());
+                        if let Some(target) = target
+                            && let Err(e) = shared.bans.remove(&target)
+                        {
+                            warn!(error = %e, "cannot save a lifted ban from the cluster");
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Remembers one stream message for newcomers, if it is a message or an action.
+    fn remember(&self, room: &Room, payload: &[u8]) {
+        let Ok(env) = Envelope::decode(payload) else {
+            return;
+        };
+        let (line, at) = match &env.event {
+            WireEvent::Say { name, text, at, .. } => (
+                protocol::chat_line(&protocol::sanitize(name), &protocol::sanitize(text)),
+                *at,
+            ),
+            WireEvent::Act { name, text, at, .. } => (
+                protocol::action_line(&protocol::sanitize(name), &protocol::sanitize(text)),
+                *at,
+            ),
+            _ => return,
+        };
+        room.remember(wire::time_of(at), line);
+    }
+
+    /// This node's identity for a member of another node, seating it if it is new.
+    fn seat_remote(
+        &self,
+        shared: &Shared,
+        who: &MemberRef,
+        name: &str,
+        addr: SocketAddr,
+        at: u64,
+        quiet: bool,
+    ) -> Option<ClientId> {
+        if let Some(id) = self.book().remote.get(who) {
+            return Some(*id);
+        }
+        let name = match shared.live.load().name_rules.validate(name) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(node = %who.node, error = %e, "ignoring a member with an invalid name from the cluster");
+                return None;
+            }
+        };
+        let id = self.next_remote.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut book = self.book();
+            book.remote.insert(who.clone(), id);
+            book.remote_ref.insert(id, who.clone());
+        }
+        shared.room.arrive(
+            Remote {
+                id,
+                name,
+                addr,
+                node: Arc::from(who.node.as_str()),
+                joined_at: wire::time_of(at),
+            },
+            quiet,
+        );
+        Some(id)
+    }
+
+    /// This node's identity for `who`, if it is known here.
+    fn local_id(&self, who: &MemberRef) -> Option<ClientId> {
+        if self.is_me(who) {
+            return Some(who.id);
+        }
+        self.book().remote.get(who).copied()
+    }
+
+    /// Delivers one event from the stream to this node's room.
+    fn apply(&self, shared: &Shared, env: Envelope) {
+        let room = &shared.room;
+        match env.event {
+            WireEvent::Join {
+                who,
+                name,
+                addr,
+                at,
+            } => {
+                if self.is_me(&who) {
+                    let pending = self.book().pending.remove(&who.id);
+                    let Some(p) = pending else {
+                        return; // Left before its join came back: its leave follows.
+                    };
+                    let Ok(name) = shared.live.load().name_rules.validate(&name) else {
+                        return;
+                    };
+                    room.deliver(Event::Join(Newcomer {
+                        id: who.id,
+                        name,
+                        addr,
+                        outbox: p.outbox,
+                        welcome: &[],
+                    }));
+                } else {
+                    self.seat_remote(shared, &who, &name, addr, at, false);
+                }
+            }
+            WireEvent::Say {
+                who,
+                name,
+                text,
+                at,
+            } => {
+                if let Some(id) = self.sender(shared, &who, &name, at) {
+                    room.deliver(Event::Say {
+                        id,
+                        text: &protocol::sanitize(&text),
+                    });
+                }
+            }
+            WireEvent::Act {
+                who,
+                name,
+                text,
+                at,
+            } => {
+                if let Some(id) = self.sender(shared, &who, &name, at) {
+                    room.deliver(Event::Act {
+                        id,
+                        text: &protocol::sanitize(&text),
+                    });
+                }
+            }
+            WireEvent::Private { who, to, text } => {
+                let Some(from) = self.local_id(&who) else {
+                    return;
+                };
+                let text = protocol::sanitize(&text);
+                let done = room.deliver(Event::Private {
+                    from,
+                    to: &to,
+                    text: &text,
+                });
+                if done == Delivered::NoSuchMember && self.is_me(&who) {
+                    let outbox = self.book().local.get(&who.id).map(|m| m.outbox.clone());
+                    if let Some(o) = outbox {
+                        o.push(protocol::error_line(
+                            code::NO_SUCH_USER,
+                            &format!(
+                                "no user named {:?} is online; your message was not delivered",
+                                protocol::sanitize(&to)
+                            ),
+                        ));
+                    }
+                }
+            }
+            WireEvent::Rename { who, name } => {
+                let Some(id) = self.local_id(&who) else {
+                    return;
+                };
+                if let Ok(name) = shared.live.load().name_rules.validate(&name) {
+                    room.deliver(Event::Rename { id, name });
+                }
+            }
+            WireEvent::Leave { who, reason } => self.remove(shared, &who, |id| Event::Leave {
+                id,
+                reason: &reason,
+            }),
+            WireEvent::Kick { who, reason } => {
+                self.remove(shared, &who, |id| Event::Kick {
+                    id,
+                    reason: &reason,
+                });
+                if self.is_me(&who) {
+                    self.forget_local(who.id);
+                }
+            }
+            WireEvent::Replaced { who, why } => {
+                self.remove(shared, &who, |id| Event::Replaced { id, why: &why });
+            }
+            WireEvent::Announce { text } => {
+                room.deliver(Event::Announce {
+                    text: &protocol::sanitize(&text),
+                });
+            }
+        }
+    }
+
+    /// The sender of a message, seated quietly if this node missed its join.
+    fn sender(&self, shared: &Shared, who: &MemberRef, name: &str, at: u64) -> Option<ClientId> {
+        match self.local_id(who) {
+            Some(id) => Some(id),
+            None => self.seat_remote(
+                shared,
+                who,
+                name,
+                SocketAddr::from(([0, 0, 0, 0], 0)),
+                at,
+                true,
+            ),
+        }
+    }
+
+    /// Delivers the removal of `who` and forgets a remote member's identity.
+    fn remove<'e>(
+        &self,
+        shared: &Shared,
+        who: &MemberRef,
+        event: impl FnOnce(ClientId) -> Event<'e>,
+    ) {
+        let Some(id) = self.local_id(who) else {
+            return;
+        };
+        shared.room.deliver(event(id));
+        if !self.is_me(who) {
+            let mut book = self.book();
+            book.remote.remove(who);
+            book.remote_ref.remove(&id);
+        }
+    }
+
+    /// A member of this node is gone (left or kicked): its names are released.
+    fn forget_local(&self, id: ClientId) {
+        let released: Vec<(String, u64)> = {
+            let mut book = self.book();
+            book.local.remove(&id);
+            book.pending.remove(&id);
+            let keys: Vec<String> = book
+                .claims
+                .iter()
+                .filter(|(_, (holder, _))| *holder == id)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| book.claims.remove(&k).map(|(_, rev)| (k, rev)))
+                .collect()
+        };
+        self.release_keys(released);
+    }
+
+    fn release_keys(&self, keys: Vec<(String, u64)>) {
+        if keys.is_empty() {
+            return;
+        }
+        let Some(bus) = self.bus.get().cloned() else {
+            return;
+        };
+        tokio::spawn(async move {
+            for (key, rev) in keys {
+                if let Err(e) = bus.release_name(&key, rev).await {
+                    warn!(error = %e, "cannot release a name in the cluster; it is freed when this node's lease ends");
+                }
+            }
+        });
+    }
+
+    /// Runs `f` on the runtime and waits for it from synchronous code (a join or `/nick`):
+    /// the session's worker hands its other tasks to another thread meanwhile.
+    fn wait<F: std::future::Future>(&self, f: F) -> Option<F::Output> {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return None;
+        }
+        tokio::task::block_in_place(|| {
+            handle.block_on(async { tokio::time::timeout(CLAIM_TIMEOUT, f).await.ok() })
+        })
+    }
+}
+
+impl Engine for Cluster {
+    fn claim(
+        &self,
+        claim: Claim<'_>,
+        may_replace: &dyn Fn(ClientId) -> bool,
+        refusal: NameError,
+    ) -> Result<Option<ClientId>, NameError> {
+        let Some(bus) = self.bus.get() else {
+            return Err(NameError::Unavailable);
+        };
+        let key = wire::kv_key(&claim.name.key);
+        if self
+            .book()
+            .claims
+            .get(&key)
+            .is_some_and(|(h, _)| *h == claim.holder)
+        {
+            return Ok(None);
+        }
+        let value = Bytes::from(
+            serde_json::to_vec(&NameHolder {
+                who: self.me(claim.holder),
+                name: claim.name.display.clone(),
+                addr: claim.addr,
+                at: wire::millis(SystemTime::now()),
+            })
+            .unwrap_or_default(),
+        );
+        let outcome = self.wait(async {
+            match bus.claim_name(&key, value.clone()).await {
+                Ok(rev) => Ok((rev, None)),
+                Err(BusError::Taken(_)) => {
+                    // Held: hand it over only from a member of this very run whose
+                    // connection the reclaim token belongs to.
+                    let Ok(Some((current, rev))) = bus.name(&key).await else {
+                        return Err(None);
+                    };
+                    let Ok(holder) = NameHolder::decode(&current) else {
+                        return Err(None);
+                    };
+                    if !self.is_me(&holder.who) || !may_replace(holder.who.id) {
+                        return Err(None);
+                    }
+                    match bus.update_name(&key, value.clone(), rev).await {
+                        Ok(new_rev) => Ok((new_rev, Some(holder.who.id))),
+                        Err(_) => Err(None),
+                    }
+                }
+                Err(e) => Err(Some(e)),
+            }
+        });
+        match outcome {
+            Some(Ok((rev, replaced))) => {
+                self.book().claims.insert(key, (claim.holder, rev));
+                Ok(replaced)
+            }
+            Some(Err(None)) => Err(refusal),
+            Some(Err(Some(e))) => {
+                warn!(error = %e, "cannot claim a name in the cluster");
+                Err(NameError::Unavailable)
+            }
+            None => Err(NameError::Unavailable),
+        }
+    }
+
+    fn release(&self, key: &str, holder: ClientId) {
+        let key = wire::kv_key(key);
+        let released = {
+            let mut book = self.book();
+            match book.claims.get(&key) {
+                Some((h, rev)) if *h == holder => {
+                    let rev = *rev;
+                    book.claims.remove(&key);
+                    vec![(key, rev)]
+                }
+                _ => Vec::new(),
+            }
+        };
+        self.release_keys(released);
+    }
+
+    fn append(&self, room: &Room, event: Event<'_>) -> Option<Delivered> {
+        let at = wire::millis(SystemTime::now());
+        match event {
+            Event::Join(who) => {
+                let Newcomer {
+                    id,
+                    name,
+                    addr,
+                    outbox,
+                    welcome,
+                } = who;
+                // The welcome now, not when the join comes back: whatever the newcomer asks
+                // meanwhile (`/who`, `/help`) is answered after it, as on a single node.
+                for frame in welcome {
+                    outbox.push(frame.clone());
+                }
+                {
+                    let mut book = self.book();
+                    book.local.insert(
+                        id,
+                        LocalMember {
+                            name: name.display.clone(),
+                            outbox: outbox.clone(),
+                        },
+                    );
+                    book.pending.insert(
+                        id,
+                        PendingJoin {
+                            outbox: outbox.clone(),
+                        },
+                    );
+                }
+                self.send(
+                    WireEvent::Join {
+                        who: self.me(id),
+                        name: name.display,
+                        addr,
+                        at,
+                    },
+                    Some(outbox),
+                );
+            }
+            Event::Say { id, text } | Event::Act { id, text } => {
+                let action = matches!(event, Event::Act { .. });
+                let member = self
+                    .book()
+                    .local
+                    .get(&id)
+                    .map(|m| (m.name.clone(), m.outbox.clone()));
+                let (name, outbox) = member?;
+                room.counters.messages.fetch_add(1, Ordering::Relaxed);
+                let (who, text) = (self.me(id), text.to_owned());
+                let event = if action {
+                    WireEvent::Act {
+                        who,
+                        name,
+                        text,
+                        at,
+                    }
+                } else {
+                    WireEvent::Say {
+                        who,
+                        name,
+                        text,
+                        at,
+                    }
+                };
+                self.send(event, Some(outbox));
+            }
+            Event::Private { from, to, text } => {
+                let outbox = self.book().local.get(&from).map(|m| m.outbox.clone());
+                self.send(
+                    WireEvent::Private {
+                        who: self.me(from),
+                        to: to.to_owned(),
+                        text: text.to_owned(),
+                    },
+                    outbox,
+                );
+            }
+            Event::Rename { id, name } => {
+                let outbox = {
+                    let mut book = self.book();
+                    book.local.get_mut(&id).map(|m| {
+                        m.name = name.display.clone();
+                        m.outbox.clone()
+                    })
+                };
+                self.send(
+                    WireEvent::Rename {
+                        who: self.me(id),
+                        name: name.display,
+                    },
+                    outbox,
+                );
+            }
+            Event::Leave { id, reason } => {
+                if self.book().local.contains_key(&id) {
+                    self.send(
+                        WireEvent::Leave {
+                            who: self.me(id),
+                            reason: reason.to_owned(),
+                        },
+                        None,
+                    );
+                    self.forget_local(id);
+                }
+            }
+            Event::Kick { id, reason } => {
+                let who = if self.book().local.contains_key(&id) {
+                    Some(self.me(id))
+                } else {
+                    self.book().remote_ref.get(&id).cloned()
+                };
+                if let Some(who) = who {
+                    self.send(
+                        WireEvent::Kick {
+                            who,
+                            reason: reason.to_owned(),
+                        },
+                        None,
+                    );
+                }
+            }
+            Event::Replaced { id, why } => {
+                self.send(
+                    WireEvent::Replaced {
+                        who: self.me(id),
+                        why: why.to_owned(),
+                    },
+                    None,
+                );
+                let mut book = self.book();
+                book.local.remove(&id);
+                book.pending.remove(&id);
+            }
+            Event::Announce { text } => {
+                self.send(
+                    WireEvent::Announce {
+                        text: text.to_owned(),
+                    },
+                    None,
+                );
+            }
+        }
+        None
+    }
+
+    fn position(&self) -> Seq {
+        self.applied.load(Ordering::Acquire)
+    }
+}
+
+/// A lease's value.
+fn lease(boot: u64) -> Bytes {
+    Bytes::from(serde_json::to_vec(&Lease { boot }).unwrap_or_default())
+}
+
+/// Tells the sender of a line that it did not reach the room.
+fn not_delivered(sender: Option<&Outbox>, why: &str) {
+    if let Some(o) = sender {
+        o.push(protocol::error_line(
+            code::NOT_DELIVERED,
+            &format!("your last line was not delivered: {why}; send it again"),
+        ));
+    }
+}
