@@ -137,6 +137,13 @@ pub struct BusConfig {
     pub max_ack_inflight: usize,
     /// Subscriber watchdog: idle time after which the stream's last sequence is checked.
     pub watchdog_idle: Duration,
+    /// Consecutive idle checks seeing the (healthy) stream ahead before the consumer is
+    /// recreated.
+    pub watchdog_checks: u32,
+    /// Durable (replicated) subscriber consumers instead of R1 ephemeral ones: after a
+    /// fail-over a durable consumer comes back by itself, while creating a new ephemeral one
+    /// needs the meta leader and was seen to time out for 5-30 s.
+    pub sub_durable: bool,
 }
 
 impl BusConfig {
@@ -157,6 +164,8 @@ impl BusConfig {
             publish_attempt_timeout: Duration::from_secs(2),
             max_ack_inflight: 20_000,
             watchdog_idle: Duration::from_secs(1),
+            watchdog_checks: 2,
+            sub_durable: true,
         }
     }
 }
@@ -222,7 +231,7 @@ impl Bus {
         let room = cfg.room.clone();
         if room.is_empty() || !room.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
             return Err(BusError::Connect(format!(
-                "room name {room:?} must be [A-Za-z0-9-]+"
+                "room name {room:?} must be [A-Za-z0-9_-]+"
             )));
         }
         let (state_tx, state_rx) = watch::channel(ConnState {
@@ -817,19 +826,34 @@ async fn sub_loop(bus: Bus, mut applied: u64, tx: mpsc::Sender<Delivered>, stats
                     tokio::time::timeout(Duration::from_secs(2), s.delete_consumer(&name)).await;
             });
         }
+        let durable = bus.cfg.sub_durable;
+        // Unique per subscription: a node's run never resumes another run's consumer.
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        let cname = format!(
+            "sub_{}_{started:x}",
+            bus.cfg
+                .node
+                .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
+        );
         let ccfg = consumer::pull::Config {
+            // Durable (replicated like the stream) survives the loss of its server; an
+            // ephemeral one is R1 and must be recreated after a fail-over, which needs the meta
+            // leader and was seen to time out repeatedly for 5-30 s (see NOTES.md).
+            durable_name: durable.then(|| cname.clone()),
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: applied + 1,
             },
             ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
-            memory_storage: true,
-            num_replicas: 1,
-            max_batch: 0,
+            // Abandoned consumers (node died) are removed by the server after this.
+            inactive_threshold: Duration::from_secs(if durable { 120 } else { 30 }),
+            memory_storage: !durable,
+            num_replicas: if durable { bus.cfg.replicas } else { 1 },
             ..Default::default()
         };
         let created =
-            tokio::time::timeout(Duration::from_secs(5), bus.stream.create_consumer(ccfg)).await;
+            tokio::time::timeout(Duration::from_secs(3), bus.stream.create_consumer(ccfg)).await;
         let consumer = match created {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -864,6 +888,7 @@ async fn sub_loop(bus: Bus, mut applied: u64, tx: mpsc::Sender<Delivered>, stats
         };
         let mut expect_cseq = 1u64;
         let mut suspect_since: Option<u64> = None; // applied value when first seen lagging
+        let mut lag_checks = 0u32;
         let why = loop {
             match tokio::time::timeout(idle, msgs.next()).await {
                 Ok(Some(Ok(m))) => {
@@ -914,10 +939,24 @@ async fn sub_loop(bus: Bus, mut applied: u64, tx: mpsc::Sender<Delivered>, stats
                     backoff = Duration::from_millis(100);
                     suspect_since = None;
                 }
-                Ok(Some(Err(e))) => break Restart::Error(e.to_string()),
+                Ok(Some(Err(e))) => {
+                    use consumer::pull::MessagesErrorKind as K;
+                    match e.kind() {
+                        // The pull stream re-issues its pull itself; a durable consumer comes
+                        // back after a fail-over, so only note it. The watchdog decides.
+                        K::MissingHeartbeat | K::Pull | K::Other if durable => {
+                            debug!(node = %bus.cfg.node, "subscriber: {e} (waiting)");
+                            stats.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => break Restart::Error(e.to_string()),
+                    }
+                }
                 Ok(None) => break Restart::Error("message stream ended".into()),
                 Err(_) => {
-                    // Idle: is the stream ahead of us?
+                    // Idle: is the stream ahead of us? Only a *healthy* stream (info answered)
+                    // that stays ahead for `watchdog_checks` idle periods without any progress
+                    // triggers a recreation; while the stream itself is unavailable (election),
+                    // recreating could not work anyway.
                     if tx.is_closed() {
                         return;
                     }
@@ -925,20 +964,26 @@ async fn sub_loop(bus: Bus, mut applied: u64, tx: mpsc::Sender<Delivered>, stats
                         match tokio::time::timeout(Duration::from_secs(2), bus.stream.get_info())
                             .await
                         {
-                            Ok(Ok(i)) => i.state.last_sequence,
-                            _ => {
-                                // Cannot even read stream info: the server side is in trouble;
-                                // count it as lagging.
-                                u64::MAX
-                            }
+                            Ok(Ok(i)) => Some(i.state.last_sequence),
+                            _ => None,
                         };
-                    if last > applied {
-                        match suspect_since {
-                            Some(a) if a == applied => break Restart::Watchdog,
-                            _ => suspect_since = Some(applied),
+                    match last {
+                        Some(last) if last > applied => {
+                            lag_checks = if suspect_since == Some(applied) {
+                                lag_checks + 1
+                            } else {
+                                1
+                            };
+                            suspect_since = Some(applied);
+                            if lag_checks >= bus.cfg.watchdog_checks {
+                                break Restart::Watchdog;
+                            }
                         }
-                    } else {
-                        suspect_since = None;
+                        Some(_) => {
+                            suspect_since = None;
+                            lag_checks = 0;
+                        }
+                        None => {}
                     }
                 }
             }
