@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 
 use chat_proto::names::{Name, NameError};
 
+use crate::reclaim::Token;
 use crate::room::{ClientId, Delivered, Event, Room};
 
 /// Position of an event in the room's one order (1 for the first).
@@ -38,6 +39,8 @@ pub struct Claim<'a> {
     pub holder: ClientId,
     /// Its peer address.
     pub addr: SocketAddr,
+    /// For a reclaim: the token presented, which the name's holder must have been issued.
+    pub proof: Option<&'a Token>,
 }
 
 /// What the nodes of one room share: the order of events, and name ownership.
@@ -64,6 +67,10 @@ pub trait Engine: Send + Sync + fmt::Debug {
 
     /// The position of the last event delivered here.
     fn position(&self) -> Seq;
+
+    /// Connection `holder` was issued reclaim `token` (an engine shared by several nodes keeps
+    /// its digest beside the holder's name, so another node can check a reclaim).
+    fn token_issued(&self, _holder: ClientId, _token: &Token) {}
 }
 
 /// The in-process engine of a single node: names in a map, order by the room lock.
@@ -141,6 +148,7 @@ mod tests {
             name: &alice,
             holder,
             addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            proof: None,
         };
         let never = |_: ClientId| false;
         assert_eq!(e.claim(by(1), &never, NameError::Taken), Ok(None));

@@ -62,6 +62,16 @@ impl Token {
         Some(Token(bytes))
     }
 
+    /// A one-way digest of the token (SHA-256, hex), which a cluster stores beside the name so
+    /// another node can check a reclaim without ever holding the secret itself.
+    pub fn digest(&self) -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(self.0)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// Equality that takes the same time wherever the first difference is.
     fn ct_eq(&self, other: &Token) -> bool {
         self.0
@@ -104,21 +114,27 @@ impl Reclaims {
         self.lock().remove(&id);
     }
 
-    /// The reply to `/token` for connection `id`.
-    pub fn token_line(&self, id: ClientId) -> Bytes {
+    /// The reply to `/token` for connection `id`, and the token when one was issued.
+    pub fn token_line(&self, id: ClientId) -> (Bytes, Option<Token>) {
         match self.issue(id) {
-            Ok(t) => protocol::server_line(
-                kind::TOKEN,
-                &format!(
-                    "{} keep this secret; after a lost connection send \"/reclaim NAME {}\" as \
+            Ok(t) => (
+                protocol::server_line(
+                    kind::TOKEN,
+                    &format!(
+                        "{} keep this secret; after a lost connection send \"/reclaim NAME {}\" as \
                      your name to take your name back",
-                    t.to_hex(),
-                    t.to_hex()
+                        t.to_hex(),
+                        t.to_hex()
+                    ),
                 ),
+                Some(t),
             ),
-            Err(_) => protocol::error_line(
-                code::RECLAIM_REFUSED,
-                "no reclaim token can be issued right now",
+            Err(_) => (
+                protocol::error_line(
+                    code::RECLAIM_REFUSED,
+                    "no reclaim token can be issued right now",
+                ),
+                None,
             ),
         }
     }
@@ -130,11 +146,7 @@ impl Reclaims {
 /// from other refusals.
 pub fn join(room: &Room, token: &str, who: Newcomer<'_>) -> Result<usize, NameError> {
     let token = Token::from_hex(token).ok_or(NameError::ReclaimRefused)?;
-    room.join_replacing(
-        who,
-        |holder| room.reclaims.matches(holder, &token),
-        "your name was reclaimed by a new connection",
-    )
+    room.join_replacing(who, &token, "your name was reclaimed by a new connection")
 }
 
 #[cfg(test)]

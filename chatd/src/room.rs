@@ -19,6 +19,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::engine::{Claim, Engine, Local};
 use crate::outbox::{Close, Outbox};
+use crate::reclaim::Token;
 use chat_proto::names::{Name, NameError};
 use chat_proto::protocol::{self, kind};
 
@@ -116,6 +117,7 @@ impl Newcomer<'_> {
             name: &self.name,
             holder: self.id,
             addr: self.addr,
+            proof: None,
         }
     }
 }
@@ -362,6 +364,16 @@ impl Room {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The answer to `/token` from member `id`: its reclaim token, which the engine learns of
+    /// (a cluster keeps its digest, so the name can be reclaimed on any node).
+    pub fn token_line(&self, id: ClientId) -> Bytes {
+        let (line, token) = self.reclaims.token_line(id);
+        if let Some(token) = token {
+            self.engine.token_issued(id, &token);
+        }
+        line
+    }
+
     /// Changes how many messages are kept (config reload); trims at once.
     pub fn set_history_cap(&self, cap: usize) {
         let mut st = self.lock();
@@ -381,21 +393,25 @@ impl Room {
         self.seat(who, &key, id)
     }
 
-    /// Like [`join`](Self::join), but when the name is held by a member for whom `may_replace`
-    /// says yes, that member is removed first (told `*** KICKED <why>` and closed; everyone
+    /// Like [`join`](Self::join), but when the name is held by the member whose connection
+    /// `token` was issued to, that member is removed first (told `*** KICKED <why>` and closed; everyone
     /// else told `*** LEAVE <name> left (reconnected)`); the engine hands the name over in one
     /// step, so nobody can take it in between. When it says no, [`NameError::ReclaimRefused`].
     /// Used to reclaim a name after a lost connection (reclaim.rs).
     pub fn join_replacing(
         &self,
         who: Newcomer<'_>,
-        may_replace: impl Fn(ClientId) -> bool,
+        token: &Token,
         why: &str,
     ) -> Result<usize, NameError> {
         let (key, id) = (who.name.key.clone(), who.id);
+        let claim = Claim {
+            proof: Some(token),
+            ..who.claim()
+        };
         let replaced = self.engine.claim(
-            who.claim(),
-            &|holder| holder != id && may_replace(holder),
+            claim,
+            &|holder| holder != id && self.reclaims.matches(holder, token),
             NameError::ReclaimRefused,
         )?;
         if let Some(holder) = replaced {
@@ -456,6 +472,7 @@ impl Room {
             name: &new,
             holder: id,
             addr,
+            proof: None,
         };
         self.engine.claim(claim, &|_| false, NameError::Taken)?;
         match self.engine.append(self, Event::Rename { id, name: new }) {

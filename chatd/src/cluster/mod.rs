@@ -37,6 +37,7 @@ use crate::bans::{Ban, Target};
 use crate::config::ClusterConfig;
 use crate::engine::{Claim, Engine, Seq};
 use crate::outbox::Outbox;
+use crate::reclaim::Token;
 use crate::room::{ClientId, Delivered, Event, Newcomer, Remote, Room};
 use crate::shared::Shared;
 use chat_proto::names::NameError;
@@ -75,6 +76,8 @@ struct PendingJoin {
 struct LocalMember {
     /// Its display name, as last published.
     name: String,
+    /// Its peer address.
+    addr: SocketAddr,
     outbox: Arc<Outbox>,
 }
 
@@ -87,6 +90,8 @@ struct Book {
     pending: HashMap<ClientId, PendingJoin>,
     /// Name keys this node holds for its members: key → (holder, revision).
     claims: HashMap<String, (ClientId, u64)>,
+    /// Digests of the reclaim tokens issued to members connected here.
+    tokens: HashMap<ClientId, String>,
     /// Members of other nodes → their identity here.
     remote: HashMap<MemberRef, ClientId>,
     /// And back.
@@ -618,6 +623,21 @@ impl Cluster {
         Some(id)
     }
 
+    /// This node's identity for `who`, given one if it has none yet.
+    fn identity(&self, who: &MemberRef) -> ClientId {
+        if self.is_me(who) {
+            return who.id;
+        }
+        let mut book = self.book();
+        if let Some(id) = book.remote.get(who) {
+            return *id;
+        }
+        let id = self.next_remote.fetch_add(1, Ordering::Relaxed);
+        book.remote.insert(who.clone(), id);
+        book.remote_ref.insert(id, who.clone());
+        id
+    }
+
     /// This node's identity for `who`, if it is known here.
     fn local_id(&self, who: &MemberRef) -> Option<ClientId> {
         if self.is_me(who) {
@@ -727,6 +747,15 @@ impl Cluster {
             }
             WireEvent::Replaced { who, why } => {
                 self.remove(shared, &who, |id| Event::Replaced { id, why: &why });
+                if self.is_me(&who) {
+                    // Its name now belongs to the reclaiming connection: forget the claim
+                    // without releasing it, and do not announce a leave when it closes.
+                    let mut book = self.book();
+                    book.local.remove(&who.id);
+                    book.pending.remove(&who.id);
+                    book.tokens.remove(&who.id);
+                    book.claims.retain(|_, (holder, _)| *holder != who.id);
+                }
             }
             WireEvent::Announce { text } => {
                 room.deliver(Event::Announce {
@@ -836,32 +865,40 @@ impl Engine for Cluster {
         {
             return Ok(None);
         }
-        let value = Bytes::from(
-            serde_json::to_vec(&NameHolder {
-                who: self.me(claim.holder),
-                name: claim.name.display.clone(),
-                addr: claim.addr,
-                at: wire::millis(SystemTime::now()),
-            })
-            .unwrap_or_default(),
-        );
+        let token = self.book().tokens.get(&claim.holder).cloned();
+        let value = NameHolder {
+            who: self.me(claim.holder),
+            name: claim.name.display.clone(),
+            addr: claim.addr,
+            at: wire::millis(SystemTime::now()),
+            token,
+        }
+        .encode();
+        let proof = claim.proof.map(Token::digest);
         let outcome = self.wait(async {
             match bus.claim_name(&key, value.clone()).await {
                 Ok(rev) => Ok((rev, None)),
                 Err(BusError::Taken(_)) => {
-                    // Held: hand it over only from a member of this very run whose
-                    // connection the reclaim token belongs to.
+                    // Held: handed over only to a reclaim with the holder's token. A holder
+                    // of this very run is checked against the token itself; one on another
+                    // node (or of an earlier run of this one) against the digest its node
+                    // stored beside the name.
                     let Ok(Some((current, rev))) = bus.name(&key).await else {
                         return Err(None);
                     };
                     let Ok(holder) = NameHolder::decode(&current) else {
                         return Err(None);
                     };
-                    if !self.is_me(&holder.who) || !may_replace(holder.who.id) {
+                    let allowed = if self.is_me(&holder.who) {
+                        may_replace(holder.who.id)
+                    } else {
+                        proof.is_some() && holder.token == proof
+                    };
+                    if !allowed {
                         return Err(None);
                     }
                     match bus.update_name(&key, value.clone(), rev).await {
-                        Ok(new_rev) => Ok((new_rev, Some(holder.who.id))),
+                        Ok(new_rev) => Ok((new_rev, Some(holder.who))),
                         Err(_) => Err(None),
                     }
                 }
@@ -871,7 +908,9 @@ impl Engine for Cluster {
         match outcome {
             Some(Ok((rev, replaced))) => {
                 self.book().claims.insert(key, (claim.holder, rev));
-                Ok(replaced)
+                // The member replaced, as this node knows it (a remote one it has not seen
+                // gets an identity, so its replacement can still be published).
+                Ok(replaced.map(|who| self.identity(&who)))
             }
             Some(Err(None)) => Err(refusal),
             Some(Err(Some(e))) => {
@@ -920,6 +959,7 @@ impl Engine for Cluster {
                         id,
                         LocalMember {
                             name: name.display.clone(),
+                            addr,
                             outbox: outbox.clone(),
                         },
                     );
@@ -1023,16 +1063,20 @@ impl Engine for Cluster {
                 }
             }
             Event::Replaced { id, why } => {
-                self.send(
-                    WireEvent::Replaced {
-                        who: self.me(id),
-                        why: why.to_owned(),
-                    },
-                    None,
-                );
-                let mut book = self.book();
-                book.local.remove(&id);
-                book.pending.remove(&id);
+                let who = if id < REMOTE_IDS {
+                    Some(self.me(id))
+                } else {
+                    self.book().remote_ref.get(&id).cloned()
+                };
+                if let Some(who) = who {
+                    self.send(
+                        WireEvent::Replaced {
+                            who,
+                            why: why.to_owned(),
+                        },
+                        None,
+                    );
+                }
             }
             Event::Announce { text } => {
                 self.send(
@@ -1048,6 +1092,49 @@ impl Engine for Cluster {
 
     fn position(&self) -> Seq {
         self.applied.load(Ordering::Acquire)
+    }
+
+    fn token_issued(&self, holder: ClientId, token: &Token) {
+        let digest = token.digest();
+        // Every name entry this member holds gets the digest, compare-and-set on the
+        // revision this node claimed it at.
+        let updates: Vec<(String, u64, Bytes)> = {
+            let mut book = self.book();
+            book.tokens.insert(holder, digest.clone());
+            let Some(member) = book.local.get(&holder) else {
+                return;
+            };
+            let value = NameHolder {
+                who: self.me(holder),
+                name: member.name.clone(),
+                addr: member.addr,
+                at: wire::millis(SystemTime::now()),
+                token: Some(digest),
+            }
+            .encode();
+            book.claims
+                .iter()
+                .filter(|(_, (h, _))| *h == holder)
+                .map(|(k, (_, rev))| (k.clone(), *rev, value.clone()))
+                .collect()
+        };
+        let Some(bus) = self.bus.get() else {
+            return;
+        };
+        for (key, rev, value) in updates {
+            match self.wait(bus.update_name(&key, value, rev)) {
+                Some(Ok(new_rev)) => {
+                    if let Some(entry) = self.book().claims.get_mut(&key)
+                        && entry.1 == rev
+                    {
+                        entry.1 = new_rev;
+                    }
+                }
+                _ => warn!(
+                    "cannot store a reclaim token's digest in the cluster; this name can then be reclaimed only on this node"
+                ),
+            }
+        }
     }
 }
 

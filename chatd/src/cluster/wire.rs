@@ -258,9 +258,17 @@ pub struct NameHolder {
     pub addr: SocketAddr,
     /// When it took the name, in milliseconds since the Unix epoch.
     pub at: u64,
+    /// The digest of the reclaim token its connection was issued, if any (reclaim.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 impl NameHolder {
+    /// Encodes for the names bucket.
+    pub fn encode(&self) -> bytes::Bytes {
+        bytes::Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+
     /// Decodes an entry read from the bucket (untrusted, like the stream).
     pub fn decode(bytes: &[u8]) -> Result<NameHolder, WireError> {
         if bytes.len() > 4096 {

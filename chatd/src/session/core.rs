@@ -319,7 +319,7 @@ impl Conversation {
     fn chat(&mut self, line: &str) {
         let room = &self.shared.room;
         match command::parse(line) {
-            Input::Token => self.reply(room.reclaims.token_line(self.id)),
+            Input::Token => self.reply(room.token_line(self.id)),
             Input::Blank => {}
             Input::Say(text) => room.say(self.id, &protocol::sanitize(text)),
             Input::Me(text) => room.act(self.id, &protocol::sanitize(text)),
