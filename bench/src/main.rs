@@ -11,6 +11,11 @@
 //!
 //! Both modes read the server's CPU time and RSS from `/proc/<pid>` when `--pid` is given.
 //!
+//! Several `--addr`es spread the clients over the nodes of a cluster (client i on address
+//! i mod n; `--sender-addr` puts the senders on one node), and `--pid` takes every node's pid.
+//! Every client that only receives keeps a running hash of the order it got the messages in;
+//! the report's `orders_seen` is how many different orders they saw, and a clean run needs one.
+//!
 //! Exit status: 0 for a complete, clean run; 1 when the run timed out or saw a message lost,
 //! duplicated, reordered or never sent, an error or a dropped connection (the JSON line is printed
 //! either way); 2 for bad arguments.
@@ -67,12 +72,19 @@ enum Mode {
 
 #[derive(Debug, Args)]
 struct Common {
-    /// The server's chat address; only loopback addresses are accepted.
-    #[arg(long, default_value = "127.0.0.1:42069")]
-    addr: SocketAddr,
-    /// The server's pid, to read its CPU time and RSS from /proc.
+    /// The server's chat address; only loopback addresses are accepted. Several (comma
+    /// separated, or the option repeated) spread the clients over the nodes of a cluster:
+    /// client i connects to address i mod n.
+    #[arg(long, default_value = "127.0.0.1:42069", value_delimiter = ',')]
+    addr: Vec<SocketAddr>,
+    /// Where the senders connect instead (e.g. one node of a cluster, with `--addr` the
+    /// other, to measure latency across nodes); the receivers still use `--addr`.
     #[arg(long)]
-    pid: Option<u32>,
+    sender_addr: Option<SocketAddr>,
+    /// The server's pid, to read its CPU time and RSS from /proc; several (a cluster's nodes)
+    /// are summed.
+    #[arg(long, value_delimiter = ',')]
+    pid: Vec<u32>,
     /// Hard bound on the whole run, in seconds; the report says `timed_out` if it is hit.
     #[arg(long, default_value_t = 120.0)]
     timeout: f64,
@@ -132,11 +144,15 @@ fn main() -> ExitCode {
         Mode::Fanout(a) => &a.common,
         Mode::Idle(a) => &a.common,
     };
-    if !common.addr.ip().is_loopback() {
+    if let Some(addr) = common
+        .addr
+        .iter()
+        .chain(&common.sender_addr)
+        .find(|a| !a.ip().is_loopback())
+    {
         eprintln!(
-            "chat-bench: {} is not a loopback address; this benchmark only runs against a local \
-             server",
-            common.addr
+            "chat-bench: {addr} is not a loopback address; this benchmark only runs against a \
+             local server"
         );
         return ExitCode::from(2);
     }
@@ -211,6 +227,10 @@ struct Fanout {
     /// Where the next send round starts, so no sender is favoured.
     round_robin: usize,
     text_bytes: usize,
+    /// Per client, a running hash of the (sender, sequence) pairs in the order it received
+    /// them: clients that send nothing must all end with the same one, whatever node they are
+    /// on, or the room did not give everyone one order.
+    order: Vec<u64>,
 }
 
 impl Fanout {
@@ -236,7 +256,20 @@ impl Fanout {
             at_min: clients,
             round_robin: 0,
             text_bytes,
+            order: vec![0; clients],
         }
+    }
+
+    /// How many different orders the clients that only receive saw (1 when everyone agrees;
+    /// clients that dropped out are left out).
+    fn orders(&self) -> usize {
+        let mut seen: Vec<u64> = (self.senders..self.clients)
+            .filter(|c| !self.gone[*c])
+            .map(|c| self.order[c])
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.len()
     }
 
     /// Client `r` got message `seq` of sender `s`, stamped `ts`, at `now`.
@@ -257,6 +290,8 @@ impl Fanout {
         }
         bitmap[word] |= bit;
         self.unique += 1;
+        let h = &mut self.order[r];
+        *h = (h.rotate_left(5) ^ ((s as u64) << 40 ^ seq)).wrapping_mul(0x517c_c1b7_2722_0a95);
         if seq < self.next[pair] {
             self.reordered += 1;
         } else {
@@ -342,7 +377,10 @@ struct Engine {
     poll: Poll,
     events: Events,
     ready: Vec<(usize, bool, bool)>,
-    addr: SocketAddr,
+    /// Where clients connect: client i to `addrs[i % n]`.
+    addrs: Vec<SocketAddr>,
+    /// Where the senders connect, if not to `addrs`.
+    sender_addr: Option<SocketAddr>,
     conns: Vec<Conn>,
     scratch: Vec<u8>,
     t0: Instant,
@@ -362,12 +400,13 @@ struct Engine {
 }
 
 impl Engine {
-    fn new(addr: SocketAddr, clients: usize, senders: usize) -> io::Result<Engine> {
+    fn new(addrs: Vec<SocketAddr>, clients: usize, senders: usize) -> io::Result<Engine> {
         Ok(Engine {
             poll: Poll::new()?,
             events: Events::with_capacity(1024),
             ready: Vec::with_capacity(1024),
-            addr,
+            addrs,
+            sender_addr: None,
             conns: (0..clients)
                 .map(|_| Conn {
                     stream: None,
@@ -405,7 +444,11 @@ impl Engine {
         while self.started < target && (!throttle || self.connecting < MAX_CONNECTING) {
             let i = self.started;
             self.started += 1;
-            match TcpStream::connect(self.addr).and_then(|mut s| {
+            let addr = match self.sender_addr {
+                Some(a) if i < self.senders => a,
+                _ => self.addrs[i % self.addrs.len()],
+            };
+            match TcpStream::connect(addr).and_then(|mut s| {
                 self.poll.registry().register(
                     &mut s,
                     Token(i),
@@ -728,13 +771,15 @@ fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
         return Err("need at least 2 clients and 1 to clients senders".into());
     }
     let load = procfs::loadavg();
-    let mut e = Engine::new(a.common.addr, a.clients, a.senders).map_err(|e| e.to_string())?;
+    let mut e =
+        Engine::new(a.common.addr.clone(), a.clients, a.senders).map_err(|e| e.to_string())?;
+    e.sender_addr = a.common.sender_addr;
     e.fan = Some(Fanout::new(a.clients, a.senders, a.window, a.text_bytes));
     let deadline = e.now() + (a.common.timeout * 1e9) as u64;
     let joined = join_all(&mut e, 0.0, deadline);
     let setup_s = secs(e.now());
-    let pid = a.common.pid;
-    let before = pid.and_then(procfs::sample);
+    let pid = &a.common.pid;
+    let before = procfs::sample_all(pid);
     let own_before = procfs::own_cpu();
     let ticks_before = procfs::cpu_ticks();
 
@@ -784,7 +829,7 @@ fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
             e.step(Duration::from_millis(5));
         }
     }
-    let after = pid.and_then(procfs::sample);
+    let after = procfs::sample_all(pid);
     let own_cpu = (procfs::own_cpu() - own_before).as_secs_f64();
     let steal = procfs::steal_pct(ticks_before, procfs::cpu_ticks());
     let f = e.fan.as_ref().ok_or("no fan-out state")?;
@@ -829,6 +874,7 @@ fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
         "lost": lost,
         "duplicated": f.duplicated,
         "reordered": f.reordered,
+        "orders_seen": f.orders(),
         "bogus": f.bogus,
         "disconnected": e.closed,
         "errors": e.errors,
@@ -851,6 +897,7 @@ fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
     let clean = lost == 0
         && f.duplicated == 0
         && f.reordered == 0
+        && f.orders() <= 1
         && f.bogus == 0
         && e.closed == 0
         && e.errors == 0;
@@ -916,21 +963,21 @@ fn idle(a: &IdleArgs) -> Result<(Value, bool), String> {
         return Err("need at least 1 client and a positive --join-rate".into());
     }
     let load = procfs::loadavg();
-    let pid = a.common.pid;
-    let before = pid.and_then(procfs::sample);
+    let pid = &a.common.pid;
+    let before = procfs::sample_all(pid);
     let ticks_before = procfs::cpu_ticks();
-    let mut e = Engine::new(a.common.addr, a.clients, 0).map_err(|e| e.to_string())?;
+    let mut e = Engine::new(a.common.addr.clone(), a.clients, 0).map_err(|e| e.to_string())?;
     let deadline = e.now() + (a.common.timeout * 1e9) as u64;
     let start = e.now();
     let drained = join_all(&mut e, a.join_rate, deadline);
     let drained_at = e.now();
-    let storm = pid.and_then(procfs::sample);
+    let storm = procfs::sample_all(pid);
     // Let the server settle (freed queues, idle writers) before its memory is read.
     let settle_end = (e.now() + (a.settle * 1e9) as u64).min(deadline);
     while e.now() < settle_end {
         e.step(Duration::from_millis(20));
     }
-    let idle_sample = pid.and_then(procfs::sample);
+    let idle_sample = procfs::sample_all(pid);
     let steal = procfs::steal_pct(ticks_before, procfs::cpu_ticks());
     let hold_end = (e.now() + (a.hold * 1e9) as u64).min(deadline);
     while e.now() < hold_end {
@@ -1012,6 +1059,25 @@ mod tests {
         f.deliver(0, 0, 0, 1, 10);
         f.deliver(1, 0, 99, 1, 10);
         assert_eq!(f.bogus, 2);
+    }
+
+    #[test]
+    fn receivers_that_disagree_on_order_are_counted() {
+        // Senders 0 and 1; receivers 2 and 3.
+        let mut f = Fanout::new(4, 2, 0, 32);
+        f.sent = vec![1, 1];
+        f.deliver(2, 0, 0, 1, 10);
+        f.deliver(2, 1, 0, 1, 10);
+        f.deliver(3, 0, 0, 1, 10);
+        f.deliver(3, 1, 0, 1, 10);
+        assert_eq!(f.orders(), 1);
+        let mut g = Fanout::new(4, 2, 0, 32);
+        g.sent = vec![1, 1];
+        g.deliver(2, 0, 0, 1, 10);
+        g.deliver(2, 1, 0, 1, 10);
+        g.deliver(3, 1, 0, 1, 10);
+        g.deliver(3, 0, 0, 1, 10);
+        assert_eq!(g.orders(), 2);
     }
 
     #[test]

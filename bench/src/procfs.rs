@@ -42,6 +42,21 @@ pub fn sample(pid: u32) -> Option<Sample> {
     })
 }
 
+/// The processes' samples summed (a cluster's nodes); `None` without pids or if any is gone.
+pub fn sample_all(pids: &[u32]) -> Option<Sample> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().try_fold(Sample::default(), |sum, pid| {
+        let s = sample(*pid)?;
+        Some(Sample {
+            cpu: sum.cpu + s.cpu,
+            rss_kib: sum.rss_kib + s.rss_kib,
+            hwm_kib: sum.hwm_kib + s.hwm_kib,
+        })
+    })
+}
+
 /// CPU time this process (the load generator) has used so far.
 pub fn own_cpu() -> Duration {
     use nix::sys::resource::{UsageWho, getrusage};
