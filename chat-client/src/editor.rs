@@ -18,8 +18,6 @@ use tokio::sync::mpsc;
 use unicode_segmentation::UnicodeSegmentation;
 use unicode_width::UnicodeWidthStr;
 
-use crate::ui::Input;
-
 /// The client's own part of `/help`: the keys (the server then lists its commands).
 pub const HELP: &[&str] = &[
     "keys: Enter send, Tab complete names and /commands, Up/Down history,",
@@ -30,6 +28,15 @@ pub const HELP: &[&str] = &[
 
 /// How many lines the history keeps.
 const HISTORY_MAX: usize = 500;
+
+/// Something the user did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A finished line.
+    Line(String),
+    /// End of input (Ctrl-D on an empty line, or the pipe ended).
+    Eof,
+}
 
 /// The terminal while the client runs: raw mode, bracketed paste, the input line.
 pub struct Terminal {

@@ -7,17 +7,9 @@ use std::sync::Arc;
 use chat_proto::protocol::Event;
 use tokio::sync::mpsc;
 
+pub use crate::editor::Input;
 use crate::editor::Terminal;
 use crate::render::{Renderer, Shown};
-
-/// Something the user did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Input {
-    /// A finished line.
-    Line(String),
-    /// End of input (Ctrl-D on an empty line, or the pipe ended).
-    Eof,
-}
 
 /// The user's side: input events and the output.
 pub struct Ui {

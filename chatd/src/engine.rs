@@ -10,7 +10,8 @@
 //! The room asks the engine to [`claim`](Engine::claim) a name before a join or rename, to
 //! [`append`](Engine::append) every event, and to [`release`](Engine::release) a name once its
 //! holder is gone; the engine delivers each appended event, in its one order, to
-//! [`Room::deliver`] on every node. [`Local`] is the in-process engine of a single node: its
+//! [`Deliver::deliver`] of the room on every node. This module holds the vocabulary both sides
+//! speak ([`Event`], [`Delivered`], [`Newcomer`]), so the room depends on it and not the reverse. [`Local`] is the in-process engine of a single node: its
 //! order is the room lock's and it delivers at once, so a single node pays one function call for
 //! the seam. A clustered engine orders through a shared log and delivers from it.
 
@@ -24,8 +25,150 @@ use std::net::SocketAddr;
 
 use chat_proto::names::{Name, NameError};
 
-use crate::reclaim::Token;
-use crate::room::{ClientId, Delivered, Event, Room};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::outbox::Outbox;
+
+/// Identity of one connection for its whole life (names can change, addresses can repeat).
+pub type ClientId = u64;
+
+/// A connection taking a name: who it is and what it is sent on joining.
+#[derive(Debug)]
+pub struct Newcomer<'a> {
+    /// The connection.
+    pub id: ClientId,
+    /// The name it asked for, already validated.
+    pub name: Name,
+    /// Its peer address, for `chatctl list` and bans.
+    pub addr: SocketAddr,
+    /// Where its lines go.
+    pub outbox: Arc<Outbox>,
+    /// Lines it gets before the history (not room lines: `WELCOME`, `MOTD`).
+    pub welcome: &'a [Bytes],
+}
+
+impl Newcomer<'_> {
+    /// What the engine records of the newcomer when it claims its name.
+    pub fn claim(&self) -> Claim<'_> {
+        Claim {
+            name: &self.name,
+            holder: self.id,
+            addr: self.addr,
+            proof: None,
+        }
+    }
+}
+
+/// A room event: everything that changes the room or reaches its members goes through the
+/// engine as one of these, so every node delivers the same events in the same order. Members
+/// are named by connection; names travel validated.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A connection joins under a name its engine has claimed for it.
+    Join(Newcomer<'a>),
+    /// The member `id` lost its name to a reconnecting client (a reclaim): told `why`, closed,
+    /// and everyone else told it left (reconnected).
+    Replaced {
+        /// The connection replaced.
+        id: ClientId,
+        /// Its last line's text.
+        why: &'a str,
+    },
+    /// A message from member `id` to everyone else (sanitised).
+    Say {
+        /// The sender.
+        id: ClientId,
+        /// The text.
+        text: &'a str,
+    },
+    /// An action (`/me`) from member `id`.
+    Act {
+        /// The sender.
+        id: ClientId,
+        /// The text.
+        text: &'a str,
+    },
+    /// A private message from member `from` to the member named `to`.
+    Private {
+        /// The sender.
+        from: ClientId,
+        /// The recipient's name, as typed.
+        to: &'a str,
+        /// The text (sanitised).
+        text: &'a str,
+    },
+    /// Member `id` takes a new name (claimed for it already).
+    Rename {
+        /// The member.
+        id: ClientId,
+        /// The new name.
+        name: Name,
+    },
+    /// Member `id` leaves; everyone else is told `reason`.
+    Leave {
+        /// The member.
+        id: ClientId,
+        /// Why, as announced.
+        reason: &'a str,
+    },
+    /// Member `id` is disconnected by an administrator.
+    Kick {
+        /// The member.
+        id: ClientId,
+        /// Why, as announced.
+        reason: &'a str,
+    },
+    /// A notice from the operators to every member.
+    Announce {
+        /// The text.
+        text: &'a str,
+    },
+}
+
+/// What delivering one event did on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// A member joined; the room now has `users` members.
+    Joined {
+        /// Members after the join.
+        users: usize,
+    },
+    /// A member was renamed from `old`.
+    Renamed {
+        /// The previous display name.
+        old: String,
+    },
+    /// A member left, or was kicked or replaced.
+    Removed {
+        /// Its name (key and display).
+        name: Name,
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// A private message reached the member with this display name.
+    Sent {
+        /// The recipient's display name.
+        to: String,
+    },
+    /// An announcement reached this many members.
+    Announced {
+        /// How many members got it.
+        recipients: usize,
+    },
+    /// The event named a member who is not (or no longer) here; nothing changed.
+    NoSuchMember,
+    /// A message or action was sent.
+    Posted,
+}
+
+/// Where an engine delivers events: a node's room (`room::Room`).
+pub trait Deliver {
+    /// Delivers one event, in the engine's order, to this node's members: the fan-out half of
+    /// every room operation.
+    fn deliver(&self, event: Event<'_>) -> Delivered;
+}
 
 /// Position of an event in the room's one order (1 for the first).
 pub type Seq = u64;
@@ -39,8 +182,9 @@ pub struct Claim<'a> {
     pub holder: ClientId,
     /// Its peer address.
     pub addr: SocketAddr,
-    /// For a reclaim: the token presented, which the name's holder must have been issued.
-    pub proof: Option<&'a Token>,
+    /// For a reclaim: the digest of the token presented (`reclaim::Token::digest`), which
+    /// must be the digest of the token the name's holder was issued.
+    pub proof: Option<&'a str>,
 }
 
 /// What the nodes of one room share: the order of events, and name ownership.
@@ -63,14 +207,14 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// Orders `event` after every event appended before it and delivers it to every node's
     /// room. Returns what delivering it did on this node when that happened at once (an
     /// in-process engine), `None` when it is delivered later.
-    fn append(&self, room: &Room, event: Event<'_>) -> Option<Delivered>;
+    fn append(&self, room: &dyn Deliver, event: Event<'_>) -> Option<Delivered>;
 
     /// The position of the last event delivered here.
     fn position(&self) -> Seq;
 
-    /// Connection `holder` was issued reclaim `token` (an engine shared by several nodes keeps
-    /// its digest beside the holder's name, so another node can check a reclaim).
-    fn token_issued(&self, _holder: ClientId, _token: &Token) {}
+    /// Connection `holder` was issued a reclaim token with this digest (an engine shared by
+    /// several nodes keeps it beside the holder's name, so another node can check a reclaim).
+    fn token_issued(&self, _holder: ClientId, _digest: &str) {}
 }
 
 /// The in-process engine of a single node: names in a map, order by the room lock.
@@ -124,7 +268,7 @@ impl Engine for Local {
         }
     }
 
-    fn append(&self, room: &Room, event: Event<'_>) -> Option<Delivered> {
+    fn append(&self, room: &dyn Deliver, event: Event<'_>) -> Option<Delivered> {
         self.delivered.fetch_add(1, Ordering::Relaxed);
         Some(room.deliver(event))
     }

@@ -72,10 +72,12 @@ pub async fn run(
     // A cluster node follows the room from its own task; it stops only after every session
     // has ended, so their leaves reach the other nodes.
     let cluster_stop = CancellationToken::new();
-    let cluster = shared
-        .cluster
-        .clone()
-        .map(|c| tokio::spawn(c.run(shared.clone(), cluster_stop.clone())));
+    let cluster = shared.cluster.clone().map(|c| {
+        tokio::spawn(c.run(
+            shared.clone() as Arc<dyn cluster::Host>,
+            cluster_stop.clone(),
+        ))
+    });
     // Only now, with every listener accepting and the admin socket up (and the SIGHUP handler
     // installed by the caller), may systemd consider the service started; a cluster node
     // also waits until it follows the room (its status line says what it waits for).

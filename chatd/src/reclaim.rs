@@ -19,8 +19,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-use crate::room::{ClientId, Newcomer, Room};
-use chat_proto::names::NameError;
+use crate::engine::ClientId;
 use chat_proto::protocol::{self, code, kind};
 
 /// Random bytes per token.
@@ -138,15 +137,6 @@ impl Reclaims {
             ),
         }
     }
-}
-
-/// Joins `who`, replacing the member holding its name if `token` (as sent) was issued to that
-/// member's connection. A free name is simply joined. A reclaim is never answered `name-taken`:
-/// [`NameError::ReclaimRefused`] tells a client "this token is not (or no longer) the holder's"
-/// from other refusals.
-pub fn join(room: &Room, token: &str, who: Newcomer<'_>) -> Result<usize, NameError> {
-    let token = Token::from_hex(token).ok_or(NameError::ReclaimRefused)?;
-    room.join_replacing(who, &token, "your name was reclaimed by a new connection")
 }
 
 #[cfg(test)]

@@ -17,14 +17,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::engine::{Claim, Engine, Local};
+use crate::engine::{Claim, ClientId, Deliver, Delivered, Engine, Event, Local, Newcomer};
 use crate::outbox::{Close, Outbox};
 use crate::reclaim::Token;
 use chat_proto::names::{Name, NameError};
 use chat_proto::protocol::{self, kind};
-
-/// Identity of one connection for its whole life (names can change, addresses can repeat).
-pub type ClientId = u64;
 
 /// A member of the room.
 #[derive(Debug)]
@@ -80,21 +77,6 @@ struct PresenceBatch {
     due: Instant,
 }
 
-/// A connection taking a name: who it is and what it is sent on joining.
-#[derive(Debug)]
-pub struct Newcomer<'a> {
-    /// The connection.
-    pub id: ClientId,
-    /// The name it asked for, already validated.
-    pub name: Name,
-    /// Its peer address, for `chatctl list` and bans.
-    pub addr: SocketAddr,
-    /// Where its lines go.
-    pub outbox: Arc<Outbox>,
-    /// Lines it gets before the history (not room lines: `WELCOME`, `MOTD`).
-    pub welcome: &'a [Bytes],
-}
-
 /// A member connected to another node of a cluster, as that node announced it.
 #[derive(Debug, Clone)]
 pub struct Remote {
@@ -108,18 +90,6 @@ pub struct Remote {
     pub node: Arc<str>,
     /// When it joined.
     pub joined_at: SystemTime,
-}
-
-impl Newcomer<'_> {
-    /// What the engine records of the newcomer when it claims its name.
-    fn claim(&self) -> Claim<'_> {
-        Claim {
-            name: &self.name,
-            holder: self.id,
-            addr: self.addr,
-            proof: None,
-        }
-    }
 }
 
 /// A stored message, for newcomers.
@@ -182,7 +152,7 @@ impl State {
 /// Counters shown by `chatctl status`.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Room messages and actions accepted from users.
+    /// Room messages and actions accepted from this node's users.
     pub messages: AtomicU64,
     /// Lines queued to recipients (one message to N others counts N; a batched storm frame
     /// counts each of its lines).
@@ -215,108 +185,6 @@ pub enum RoomError {
     /// The name rules or uniqueness refused a name.
     #[error(transparent)]
     Name(#[from] NameError),
-}
-
-/// A room event: everything that changes the room or reaches its members goes through the
-/// engine as one of these, so every node delivers the same events in the same order. Members
-/// are named by connection; names travel validated.
-#[derive(Debug)]
-pub enum Event<'a> {
-    /// A connection joins under a name its engine has claimed for it.
-    Join(Newcomer<'a>),
-    /// The member `id` lost its name to a reconnecting client (a reclaim): told `why`, closed,
-    /// and everyone else told it left (reconnected).
-    Replaced {
-        /// The connection replaced.
-        id: ClientId,
-        /// Its last line's text.
-        why: &'a str,
-    },
-    /// A message from member `id` to everyone else (sanitised).
-    Say {
-        /// The sender.
-        id: ClientId,
-        /// The text.
-        text: &'a str,
-    },
-    /// An action (`/me`) from member `id`.
-    Act {
-        /// The sender.
-        id: ClientId,
-        /// The text.
-        text: &'a str,
-    },
-    /// A private message from member `from` to the member named `to`.
-    Private {
-        /// The sender.
-        from: ClientId,
-        /// The recipient's name, as typed.
-        to: &'a str,
-        /// The text (sanitised).
-        text: &'a str,
-    },
-    /// Member `id` takes a new name (claimed for it already).
-    Rename {
-        /// The member.
-        id: ClientId,
-        /// The new name.
-        name: Name,
-    },
-    /// Member `id` leaves; everyone else is told `reason`.
-    Leave {
-        /// The member.
-        id: ClientId,
-        /// Why, as announced.
-        reason: &'a str,
-    },
-    /// Member `id` is disconnected by an administrator.
-    Kick {
-        /// The member.
-        id: ClientId,
-        /// Why, as announced.
-        reason: &'a str,
-    },
-    /// A notice from the operators to every member.
-    Announce {
-        /// The text.
-        text: &'a str,
-    },
-}
-
-/// What delivering one event did on this node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Delivered {
-    /// A member joined; the room now has `users` members.
-    Joined {
-        /// Members after the join.
-        users: usize,
-    },
-    /// A member was renamed from `old`.
-    Renamed {
-        /// The previous display name.
-        old: String,
-    },
-    /// A member left, or was kicked or replaced.
-    Removed {
-        /// Its name (key and display).
-        name: Name,
-        /// Its address.
-        addr: SocketAddr,
-    },
-    /// A private message reached the member with this display name.
-    Sent {
-        /// The recipient's display name.
-        to: String,
-    },
-    /// An announcement reached this many members.
-    Announced {
-        /// How many members got it.
-        recipients: usize,
-    },
-    /// The event named a member who is not (or no longer) here; nothing changed.
-    NoSuchMember,
-    /// A message or action was sent.
-    Posted,
 }
 
 /// The shared chatroom.
@@ -369,7 +237,7 @@ impl Room {
     pub fn token_line(&self, id: ClientId) -> Bytes {
         let (line, token) = self.reclaims.token_line(id);
         if let Some(token) = token {
-            self.engine.token_issued(id, &token);
+            self.engine.token_issued(id, &token.digest());
         }
         line
     }
@@ -394,27 +262,26 @@ impl Room {
     }
 
     /// Like [`join`](Self::join), but when the name is held by the member whose connection
-    /// `token` was issued to, that member is removed first (told `*** KICKED <why>` and closed; everyone
-    /// else told `*** LEAVE <name> left (reconnected)`); the engine hands the name over in one
-    /// step, so nobody can take it in between. When it says no, [`NameError::ReclaimRefused`].
-    /// Used to reclaim a name after a lost connection (reclaim.rs).
-    pub fn join_replacing(
-        &self,
-        who: Newcomer<'_>,
-        token: &Token,
-        why: &str,
-    ) -> Result<usize, NameError> {
+    /// `token` (as sent, in hex) was issued to, that member is removed first (told
+    /// `*** KICKED`, everyone else `*** LEAVE <name> left (reconnected)`); the engine hands the
+    /// name over in one step, so nobody can take it in between. A free name is simply joined.
+    /// A wrong or malformed token is [`NameError::ReclaimRefused`], never `name-taken`, so a
+    /// client can tell "this token is not (or no longer) the holder's" from other refusals.
+    pub fn reclaim(&self, who: Newcomer<'_>, token: &str) -> Result<usize, NameError> {
+        let token = Token::from_hex(token).ok_or(NameError::ReclaimRefused)?;
         let (key, id) = (who.name.key.clone(), who.id);
+        let digest = token.digest();
         let claim = Claim {
-            proof: Some(token),
+            proof: Some(&digest),
             ..who.claim()
         };
         let replaced = self.engine.claim(
             claim,
-            &|holder| holder != id && self.reclaims.matches(holder, token),
+            &|holder| holder != id && self.reclaims.matches(holder, &token),
             NameError::ReclaimRefused,
         )?;
         if let Some(holder) = replaced {
+            let why = "your name was reclaimed by a new connection";
             self.engine
                 .append(self, Event::Replaced { id: holder, why });
         }
@@ -436,11 +303,13 @@ impl Room {
 
     /// A message from member `id` to everyone else; `text` must already be sanitised.
     pub fn say(&self, id: ClientId, text: &str) {
+        self.counters.messages.fetch_add(1, Ordering::Relaxed);
         self.engine.append(self, Event::Say { id, text });
     }
 
     /// An action (`/me`) from member `id`.
     pub fn act(&self, id: ClientId, text: &str) {
+        self.counters.messages.fetch_add(1, Ordering::Relaxed);
         self.engine.append(self, Event::Act { id, text });
     }
 
@@ -561,105 +430,6 @@ impl Room {
         }
     }
 
-    /// Delivers one event, in the engine's order, to this node's members: the fan-out half of
-    /// every room operation. Under the room lock: no I/O, no `.await`.
-    pub fn deliver(&self, event: Event<'_>) -> Delivered {
-        let mut st = self.lock();
-        match event {
-            Event::Join(who) => self.join_locked(&mut st, who),
-            Event::Replaced { id, why } => {
-                self.send_presence(&mut st);
-                match self.evict(&mut st, id, why, |name| {
-                    protocol::server_line(kind::LEAVE, &format!("{name} left (reconnected)"))
-                }) {
-                    Some(m) => Delivered::Removed {
-                        name: m.name,
-                        addr: m.addr,
-                    },
-                    None => Delivered::NoSuchMember,
-                }
-            }
-            Event::Say { id, text } => {
-                self.post(&mut st, id, |name| protocol::chat_line(name, text))
-            }
-            Event::Act { id, text } => {
-                self.post(&mut st, id, |name| protocol::action_line(name, text))
-            }
-            Event::Private { from, to, text } => {
-                self.send_presence(&mut st);
-                let Some(sender) = st.member(from) else {
-                    return Delivered::NoSuchMember;
-                };
-                let Ok(target) = self.find(&st, to) else {
-                    return Delivered::NoSuchMember;
-                };
-                // A recipient on another node is reached by its own node's delivery.
-                if let Some(outbox) = &target.outbox {
-                    outbox.push(protocol::private_line(&sender.name.display, text));
-                    self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
-                }
-                Delivered::Sent {
-                    to: target.name.display.clone(),
-                }
-            }
-            Event::Rename { id, name } => {
-                self.send_presence(&mut st);
-                let Some(old) = st.member(id).map(|m| m.name.clone()) else {
-                    return Delivered::NoSuchMember;
-                };
-                let line = protocol::server_line(
-                    kind::NICK,
-                    &format!("{} is now known as {}", old.display, name.display),
-                );
-                self.broadcast(&st, None, &line);
-                Self::unindex(&mut st, &old.key, id);
-                st.by_key.insert(name.key.clone(), id);
-                if let Some(m) = st.member_mut(id) {
-                    m.name = name;
-                }
-                Delivered::Renamed { old: old.display }
-            }
-            Event::Leave { id, reason } => {
-                let Some(member) = st.take(id) else {
-                    return Delivered::NoSuchMember;
-                };
-                Self::unindex(&mut st, &member.name.key, id);
-                if !st.closing {
-                    let line = protocol::server_line(
-                        kind::LEAVE,
-                        &format!("{} left ({reason})", member.name.display),
-                    );
-                    self.presence_line(&mut st, &line, None);
-                }
-                Delivered::Removed {
-                    name: member.name,
-                    addr: member.addr,
-                }
-            }
-            Event::Kick { id, reason } => {
-                self.send_presence(&mut st);
-                let Some(member) = self.evict(&mut st, id, reason, |name| {
-                    protocol::server_line(kind::KICK, &format!("{name} was kicked ({reason})"))
-                }) else {
-                    return Delivered::NoSuchMember;
-                };
-                self.counters.kicks.fetch_add(1, Ordering::Relaxed);
-                Delivered::Removed {
-                    name: member.name,
-                    addr: member.addr,
-                }
-            }
-            Event::Announce { text } => {
-                self.send_presence(&mut st);
-                let line = protocol::server_line(kind::NOTICE, text);
-                self.broadcast(&st, None, &line);
-                Delivered::Announced {
-                    recipients: st.len(),
-                }
-            }
-        }
-    }
-
     /// Drops `key` from the name index if it still points at `id` (a name handed over to a
     /// newer member keeps its entry).
     fn unindex(st: &mut State, key: &str, id: ClientId) {
@@ -711,7 +481,6 @@ impl Room {
         // Encoded once; every recipient and the history share these bytes.
         let frame = encode(&member.name.display);
         self.broadcast(st, Some(id), &frame);
-        self.counters.messages.fetch_add(1, Ordering::Relaxed);
         if st.history_cap > 0 {
             if st.history.len() == st.history_cap {
                 st.history.pop_front();
@@ -953,6 +722,107 @@ impl Room {
     /// Whether nobody is in the room.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Deliver for Room {
+    /// Delivers one event, in the engine's order, to this node's members: the fan-out half of
+    /// every room operation. Under the room lock: no I/O, no `.await`.
+    fn deliver(&self, event: Event<'_>) -> Delivered {
+        let mut st = self.lock();
+        match event {
+            Event::Join(who) => self.join_locked(&mut st, who),
+            Event::Replaced { id, why } => {
+                self.send_presence(&mut st);
+                match self.evict(&mut st, id, why, |name| {
+                    protocol::server_line(kind::LEAVE, &format!("{name} left (reconnected)"))
+                }) {
+                    Some(m) => Delivered::Removed {
+                        name: m.name,
+                        addr: m.addr,
+                    },
+                    None => Delivered::NoSuchMember,
+                }
+            }
+            Event::Say { id, text } => {
+                self.post(&mut st, id, |name| protocol::chat_line(name, text))
+            }
+            Event::Act { id, text } => {
+                self.post(&mut st, id, |name| protocol::action_line(name, text))
+            }
+            Event::Private { from, to, text } => {
+                self.send_presence(&mut st);
+                let Some(sender) = st.member(from) else {
+                    return Delivered::NoSuchMember;
+                };
+                let Ok(target) = self.find(&st, to) else {
+                    return Delivered::NoSuchMember;
+                };
+                // A recipient on another node is reached by its own node's delivery.
+                if let Some(outbox) = &target.outbox {
+                    outbox.push(protocol::private_line(&sender.name.display, text));
+                    self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
+                }
+                Delivered::Sent {
+                    to: target.name.display.clone(),
+                }
+            }
+            Event::Rename { id, name } => {
+                self.send_presence(&mut st);
+                let Some(old) = st.member(id).map(|m| m.name.clone()) else {
+                    return Delivered::NoSuchMember;
+                };
+                let line = protocol::server_line(
+                    kind::NICK,
+                    &format!("{} is now known as {}", old.display, name.display),
+                );
+                self.broadcast(&st, None, &line);
+                Self::unindex(&mut st, &old.key, id);
+                st.by_key.insert(name.key.clone(), id);
+                if let Some(m) = st.member_mut(id) {
+                    m.name = name;
+                }
+                Delivered::Renamed { old: old.display }
+            }
+            Event::Leave { id, reason } => {
+                let Some(member) = st.take(id) else {
+                    return Delivered::NoSuchMember;
+                };
+                Self::unindex(&mut st, &member.name.key, id);
+                if !st.closing {
+                    let line = protocol::server_line(
+                        kind::LEAVE,
+                        &format!("{} left ({reason})", member.name.display),
+                    );
+                    self.presence_line(&mut st, &line, None);
+                }
+                Delivered::Removed {
+                    name: member.name,
+                    addr: member.addr,
+                }
+            }
+            Event::Kick { id, reason } => {
+                self.send_presence(&mut st);
+                let Some(member) = self.evict(&mut st, id, reason, |name| {
+                    protocol::server_line(kind::KICK, &format!("{name} was kicked ({reason})"))
+                }) else {
+                    return Delivered::NoSuchMember;
+                };
+                self.counters.kicks.fetch_add(1, Ordering::Relaxed);
+                Delivered::Removed {
+                    name: member.name,
+                    addr: member.addr,
+                }
+            }
+            Event::Announce { text } => {
+                self.send_presence(&mut st);
+                let line = protocol::server_line(kind::NOTICE, text);
+                self.broadcast(&st, None, &line);
+                Delivered::Announced {
+                    recipients: st.len(),
+                }
+            }
+        }
     }
 }
 

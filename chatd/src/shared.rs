@@ -259,3 +259,25 @@ impl Shared {
         )
     }
 }
+
+/// A cluster node's engine reaches the room, the name rules and the ban list through this.
+impl crate::cluster::Host for Shared {
+    fn room(&self) -> &Room {
+        &self.room
+    }
+
+    fn validate_name(
+        &self,
+        name: &str,
+    ) -> Result<chat_proto::names::Name, chat_proto::names::NameError> {
+        self.live.load().name_rules.validate(name)
+    }
+
+    fn history(&self) -> usize {
+        self.live.load().config.room.history.get()
+    }
+
+    fn bans(&self) -> &Bans {
+        &self.bans
+    }
+}

@@ -33,14 +33,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::bans::{Ban, Target};
+use crate::bans::{Ban, Bans, Target};
 use crate::config::ClusterConfig;
-use crate::engine::{Claim, Engine, Seq};
+use crate::engine::{Claim, ClientId, Deliver, Delivered, Engine, Event, Newcomer, Seq};
 use crate::outbox::Outbox;
-use crate::reclaim::Token;
-use crate::room::{ClientId, Delivered, Event, Newcomer, Remote, Room};
-use crate::shared::Shared;
-use chat_proto::names::NameError;
+use crate::room::{Remote, Room};
+use chat_proto::names::{Name, NameError};
 use chat_proto::protocol::{self, code};
 use wire::{Envelope, Lease, MemberRef, NameHolder, WireEvent};
 
@@ -96,6 +94,18 @@ struct Book {
     remote: HashMap<MemberRef, ClientId>,
     /// And back.
     remote_ref: HashMap<ClientId, MemberRef>,
+}
+
+/// What a node gives its cluster engine: the room it delivers to, and its own rules.
+pub trait Host: Send + Sync {
+    /// This node's room.
+    fn room(&self) -> &Room;
+    /// Validates a name from the bus by this node's name rules.
+    fn validate_name(&self, name: &str) -> Result<Name, NameError>;
+    /// How many recent messages newcomers are shown.
+    fn history(&self) -> usize;
+    /// This node's ban list, which mirrors the cluster's.
+    fn bans(&self) -> &Bans;
 }
 
 /// The link to NATS as `chatctl status` shows it.
@@ -244,7 +254,7 @@ impl Cluster {
 
     /// Connects, loads the room, and then follows it until `stop`: the consumer, the publisher,
     /// the lease and the link watcher. Retries the connection for as long as it takes.
-    pub async fn run(self: Arc<Self>, shared: Arc<Shared>, stop: CancellationToken) {
+    pub async fn run(self: Arc<Self>, host: Arc<dyn Host>, stop: CancellationToken) {
         let bus = loop {
             let credentials = (!self.config.credentials.as_os_str().is_empty())
                 .then_some(&*self.config.credentials);
@@ -277,11 +287,11 @@ impl Cluster {
         if let Err(e) = bus.heartbeat(&self.node, lease(self.boot)).await {
             warn!(error = %e, "cannot write this node's lease yet");
         }
-        let history = shared.live.load().config.room.history.get();
+        let history = host.history();
         let start = match bus.history(history as u64).await {
             Ok((lines, last)) => {
                 for d in lines {
-                    self.remember(&shared.room, &d.payload);
+                    self.remember(host.room(), &d.payload);
                 }
                 last
             }
@@ -298,7 +308,7 @@ impl Cluster {
                         && !self.is_me(&holder.who)
                     {
                         self.seat_remote(
-                            &shared,
+                            &*host,
                             &holder.who,
                             &holder.name,
                             holder.addr,
@@ -311,11 +321,11 @@ impl Cluster {
             Err(e) => warn!(error = %e, "cannot read the room's members"),
         }
         let _ = self.bus.set(bus.clone());
-        let consumer = tokio::spawn(self.clone().consume(shared.clone(), bus.clone(), start + 1));
+        let consumer = tokio::spawn(self.clone().consume(host.clone(), bus.clone(), start + 1));
         let publisher = tokio::spawn(self.clone().publisher(bus.clone()));
         let leases = tokio::spawn(self.clone().leases(bus.clone()));
-        let link = tokio::spawn(self.clone().watch_link(shared.clone(), bus.clone()));
-        let bans = tokio::spawn(self.clone().follow_bans(shared.clone(), bus.clone()));
+        let link = tokio::spawn(self.clone().watch_link(host.clone(), bus.clone()));
+        let bans = tokio::spawn(self.clone().follow_bans(host.clone(), bus.clone()));
         self.link.send_modify(|l| l.waiting = None);
         self.ready_flag.store(true, Ordering::Release);
         self.ready.notify_waiters();
@@ -380,11 +390,11 @@ impl Cluster {
     }
 
     /// Follows the stream from `from` and delivers every event to the room.
-    async fn consume(self: Arc<Self>, shared: Arc<Shared>, bus: Bus, from: Seq) {
+    async fn consume(self: Arc<Self>, host: Arc<dyn Host>, bus: Bus, from: Seq) {
         let mut sub = bus.subscribe_from(from);
         while let Some(d) = sub.next().await {
             match Envelope::decode(&d.payload) {
-                Ok(env) => self.apply(&shared, env),
+                Ok(env) => self.apply(&*host, env),
                 Err(e) => warn!(seq = d.seq, error = %e, "skipping a stream message"),
             }
             self.applied.store(d.seq, Ordering::Release);
@@ -470,7 +480,7 @@ impl Cluster {
 
     /// Tells this node's members once when the link to the bus is lost, and once when it is
     /// back; keeps the status current.
-    async fn watch_link(self: Arc<Self>, shared: Arc<Shared>, bus: Bus) {
+    async fn watch_link(self: Arc<Self>, host: Arc<dyn Host>, bus: Bus) {
         let mut state = bus.state_watch();
         let mut degraded = false;
         loop {
@@ -482,15 +492,14 @@ impl Cluster {
             if !s.connected && !degraded {
                 degraded = true;
                 warn!("lost the connection to NATS; the room is degraded");
-                shared.room.notice_local(
+                host.room().notice_local(
                     "the room is degraded: this server lost its link to the other servers; \
                      messages are not delivered until it is back",
                 );
             } else if s.connected && degraded {
                 degraded = false;
                 info!(server = ?s.server, "connection to NATS is back");
-                shared
-                    .room
+                host.room()
                     .notice_local("the room is back: messages are delivered again");
             }
             tokio::select! {
@@ -526,7 +535,7 @@ impl Cluster {
 
     /// Applies the cluster's ban list to this node's: every ban made on any node (also
     /// before this node started), and every ban lifted.
-    async fn follow_bans(self: Arc<Self>, shared: Arc<Shared>, bus: Bus) {
+    async fn follow_bans(self: Arc<Self>, host: Arc<dyn Host>, bus: Bus) {
         loop {
             let mut watch = match bus.watch_bans().await {
                 Ok(w) => w,
@@ -543,8 +552,8 @@ impl Cluster {
                 match entry.operation {
                     bus::Operation::Put => match wire::decode_ban(&entry.value) {
                         Ok(ban) => {
-                            let known = shared.bans.active().contains(&ban);
-                            if !known && let Err(e) = shared.bans.add(ban) {
+                            let known = host.bans().active().contains(&ban);
+                            if !known && let Err(e) = host.bans().add(ban) {
                                 warn!(error = %e, "cannot save a ban from the cluster");
                             }
                         }
@@ -554,7 +563,7 @@ impl Cluster {
                         let target =
                             wire::from_kv_key(&entry.key).and_then(|t| Target::parse(&t).ok());
                         if let Some(target) = target
-                            && let Err(e) = shared.bans.remove(&target)
+                            && let Err(e) = host.bans().remove(&target)
                         {
                             warn!(error = %e, "cannot save a lifted ban from the cluster");
                         }
@@ -587,7 +596,7 @@ impl Cluster {
     /// This node's identity for a member of another node, seating it if it is new.
     fn seat_remote(
         &self,
-        shared: &Shared,
+        host: &dyn Host,
         who: &MemberRef,
         name: &str,
         addr: SocketAddr,
@@ -597,7 +606,7 @@ impl Cluster {
         if let Some(id) = self.book().remote.get(who) {
             return Some(*id);
         }
-        let name = match shared.live.load().name_rules.validate(name) {
+        let name = match host.validate_name(name) {
             Ok(n) => n,
             Err(e) => {
                 warn!(node = %who.node, error = %e, "ignoring a member with an invalid name from the cluster");
@@ -610,7 +619,7 @@ impl Cluster {
             book.remote.insert(who.clone(), id);
             book.remote_ref.insert(id, who.clone());
         }
-        shared.room.arrive(
+        host.room().arrive(
             Remote {
                 id,
                 name,
@@ -647,8 +656,8 @@ impl Cluster {
     }
 
     /// Delivers one event from the stream to this node's room.
-    fn apply(&self, shared: &Shared, env: Envelope) {
-        let room = &shared.room;
+    fn apply(&self, host: &dyn Host, env: Envelope) {
+        let room = &host.room();
         match env.event {
             WireEvent::Join {
                 who,
@@ -661,7 +670,7 @@ impl Cluster {
                     let Some(p) = pending else {
                         return; // Left before its join came back: its leave follows.
                     };
-                    let Ok(name) = shared.live.load().name_rules.validate(&name) else {
+                    let Ok(name) = host.validate_name(&name) else {
                         return;
                     };
                     room.deliver(Event::Join(Newcomer {
@@ -672,7 +681,7 @@ impl Cluster {
                         welcome: &[],
                     }));
                 } else {
-                    self.seat_remote(shared, &who, &name, addr, at, false);
+                    self.seat_remote(host, &who, &name, addr, at, false);
                 }
             }
             WireEvent::Say {
@@ -681,7 +690,7 @@ impl Cluster {
                 text,
                 at,
             } => {
-                if let Some(id) = self.sender(shared, &who, &name, at) {
+                if let Some(id) = self.sender(host, &who, &name, at) {
                     room.deliver(Event::Say {
                         id,
                         text: &protocol::sanitize(&text),
@@ -694,7 +703,7 @@ impl Cluster {
                 text,
                 at,
             } => {
-                if let Some(id) = self.sender(shared, &who, &name, at) {
+                if let Some(id) = self.sender(host, &who, &name, at) {
                     room.deliver(Event::Act {
                         id,
                         text: &protocol::sanitize(&text),
@@ -728,16 +737,16 @@ impl Cluster {
                 let Some(id) = self.local_id(&who) else {
                     return;
                 };
-                if let Ok(name) = shared.live.load().name_rules.validate(&name) {
+                if let Ok(name) = host.validate_name(&name) {
                     room.deliver(Event::Rename { id, name });
                 }
             }
-            WireEvent::Leave { who, reason } => self.remove(shared, &who, |id| Event::Leave {
+            WireEvent::Leave { who, reason } => self.remove(host, &who, |id| Event::Leave {
                 id,
                 reason: &reason,
             }),
             WireEvent::Kick { who, reason } => {
-                self.remove(shared, &who, |id| Event::Kick {
+                self.remove(host, &who, |id| Event::Kick {
                     id,
                     reason: &reason,
                 });
@@ -746,7 +755,7 @@ impl Cluster {
                 }
             }
             WireEvent::Replaced { who, why } => {
-                self.remove(shared, &who, |id| Event::Replaced { id, why: &why });
+                self.remove(host, &who, |id| Event::Replaced { id, why: &why });
                 if self.is_me(&who) {
                     // Its name now belongs to the reclaiming connection: forget the claim
                     // without releasing it, and do not announce a leave when it closes.
@@ -766,11 +775,11 @@ impl Cluster {
     }
 
     /// The sender of a message, seated quietly if this node missed its join.
-    fn sender(&self, shared: &Shared, who: &MemberRef, name: &str, at: u64) -> Option<ClientId> {
+    fn sender(&self, host: &dyn Host, who: &MemberRef, name: &str, at: u64) -> Option<ClientId> {
         match self.local_id(who) {
             Some(id) => Some(id),
             None => self.seat_remote(
-                shared,
+                host,
                 who,
                 name,
                 SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -783,14 +792,14 @@ impl Cluster {
     /// Delivers the removal of `who` and forgets a remote member's identity.
     fn remove<'e>(
         &self,
-        shared: &Shared,
+        host: &dyn Host,
         who: &MemberRef,
         event: impl FnOnce(ClientId) -> Event<'e>,
     ) {
         let Some(id) = self.local_id(who) else {
             return;
         };
-        shared.room.deliver(event(id));
+        host.room().deliver(event(id));
         if !self.is_me(who) {
             let mut book = self.book();
             book.remote.remove(who);
@@ -874,7 +883,7 @@ impl Engine for Cluster {
             token,
         }
         .encode();
-        let proof = claim.proof.map(Token::digest);
+        let proof = claim.proof.map(str::to_owned);
         let outcome = self.wait(async {
             match bus.claim_name(&key, value.clone()).await {
                 Ok(rev) => Ok((rev, None)),
@@ -937,7 +946,7 @@ impl Engine for Cluster {
         self.release_keys(released);
     }
 
-    fn append(&self, room: &Room, event: Event<'_>) -> Option<Delivered> {
+    fn append(&self, _room: &dyn Deliver, event: Event<'_>) -> Option<Delivered> {
         let at = wire::millis(SystemTime::now());
         match event {
             Event::Join(who) => {
@@ -988,7 +997,6 @@ impl Engine for Cluster {
                     .get(&id)
                     .map(|m| (m.name.clone(), m.outbox.clone()));
                 let (name, outbox) = member?;
-                room.counters.messages.fetch_add(1, Ordering::Relaxed);
                 let (who, text) = (self.me(id), text.to_owned());
                 let event = if action {
                     WireEvent::Act {
@@ -1094,8 +1102,8 @@ impl Engine for Cluster {
         self.applied.load(Ordering::Acquire)
     }
 
-    fn token_issued(&self, holder: ClientId, token: &Token) {
-        let digest = token.digest();
+    fn token_issued(&self, holder: ClientId, digest: &str) {
+        let digest = digest.to_owned();
         // Every name entry this member holds gets the digest, compare-and-set on the
         // revision this node claimed it at.
         let updates: Vec<(String, u64, Bytes)> = {

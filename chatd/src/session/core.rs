@@ -10,10 +10,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tracing::{info, warn};
 
+use crate::engine::{ClientId, Newcomer};
 use crate::limits::FloodWindow;
 use crate::outbox::{Close, Outbox};
-use crate::reclaim;
-use crate::room::{ClientId, Newcomer, RoomError};
+use crate::room::RoomError;
 use crate::shared::{LimitCounters, Shared};
 use chat_proto::codec::Frame;
 use chat_proto::command::{self, Input, Naming};
@@ -283,7 +283,7 @@ impl Conversation {
         };
         let joined = match token {
             None => room.join(who),
-            Some(token) => reclaim::join(room, token, who),
+            Some(token) => room.reclaim(who, token),
         };
         match joined {
             Ok(users) => {
