@@ -50,6 +50,13 @@ pub struct Newcomer<'a> {
 }
 
 impl Newcomer<'_> {
+    /// Queues the newcomer's welcome lines (before any room line reaches it).
+    pub fn greet(&self) {
+        for frame in self.welcome {
+            self.outbox.push(frame.clone());
+        }
+    }
+
     /// What the engine records of the newcomer when it claims its name.
     pub fn claim(&self) -> Claim<'_> {
         Claim {
