@@ -85,10 +85,7 @@ pub async fn run(
         let shared = shared.clone();
         async move {
             if let Some(c) = &shared.cluster {
-                systemd::notify_status(&format!(
-                    "waiting for the cluster: {}",
-                    c.link().waiting.unwrap_or_default()
-                ));
+                systemd::notify_status(&systemd::status_line(&shared));
                 c.wait_ready().await;
             }
             systemd::notify_ready(&shared);

@@ -280,4 +280,13 @@ impl crate::cluster::Host for Shared {
     fn bans(&self) -> &Bans {
         &self.bans
     }
+
+    fn node_timeout(&self) -> Option<std::time::Duration> {
+        self.live
+            .load()
+            .config
+            .cluster
+            .as_ref()
+            .map(|c| c.node_timeout)
+    }
 }

@@ -170,8 +170,15 @@ fn logged(what: &str, r: io::Result<()>) {
     }
 }
 
-/// The status text for a daemon serving `shared`: users with a name, and open connections.
+/// The status text for a daemon serving `shared`: users with a name, and open connections; or,
+/// for a cluster node not yet following its room, what it is waiting for.
 pub fn status_line(shared: &Shared) -> String {
+    if let Some(c) = shared.cluster.as_ref().filter(|c| !c.is_ready()) {
+        return format!(
+            "waiting for the cluster: {}",
+            c.link().waiting.unwrap_or_default()
+        );
+    }
     let users = shared.room.len();
     let connections = shared.connections.load(Ordering::Relaxed);
     format!(

@@ -106,6 +106,8 @@ pub trait Host: Send + Sync {
     fn history(&self) -> usize;
     /// This node's ban list, which mirrors the cluster's.
     fn bans(&self) -> &Bans;
+    /// `cluster.node-timeout` as configured now (it changes on reload).
+    fn node_timeout(&self) -> Option<Duration>;
 }
 
 /// The link to NATS as `chatctl status` shows it.
@@ -323,7 +325,7 @@ impl Cluster {
         let _ = self.bus.set(bus.clone());
         let consumer = tokio::spawn(self.clone().consume(host.clone(), bus.clone(), start + 1));
         let publisher = tokio::spawn(self.clone().publisher(bus.clone()));
-        let leases = tokio::spawn(self.clone().leases(bus.clone()));
+        let leases = tokio::spawn(self.clone().leases(host.clone(), bus.clone()));
         let link = tokio::spawn(self.clone().watch_link(host.clone(), bus.clone()));
         let bans = tokio::spawn(self.clone().follow_bans(host.clone(), bus.clone()));
         self.link.send_modify(|l| l.waiting = None);
@@ -402,14 +404,16 @@ impl Cluster {
     }
 
     /// Keeps this node's lease fresh, and reaps the names of nodes whose lease stopped.
-    async fn leases(self: Arc<Self>, bus: Bus) {
-        let beat = (self.config.node_timeout / 4).max(Duration::from_millis(250));
+    async fn leases(self: Arc<Self>, host: Arc<dyn Host>, bus: Bus) {
         let mut last_beat = Instant::now();
         // (node, boot) → (the lease's revision, when this node saw it change). A lease that
         // has not changed for node-timeout is dead, measured on this node's clock only.
         let mut seen: HashMap<(String, u64), (u64, Instant)> = HashMap::new();
         loop {
             tokio::time::sleep(REAP_EVERY).await;
+            // Read each round: `cluster.node-timeout` changes on reload.
+            let timeout = host.node_timeout().unwrap_or(self.config.node_timeout);
+            let beat = (timeout / 4).max(Duration::from_millis(250));
             if last_beat.elapsed() >= beat {
                 match bus.heartbeat(&self.node, lease(self.boot)).await {
                     Ok(_) => last_beat = Instant::now(),
@@ -429,7 +433,6 @@ impl Cluster {
                     *entry = (rev, now);
                 }
             }
-            let timeout = self.config.node_timeout;
             let live = |who: &MemberRef, seen: &mut HashMap<(String, u64), (u64, Instant)>| {
                 if who.node == self.node && who.boot == self.boot {
                     return true;
