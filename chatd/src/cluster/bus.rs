@@ -42,6 +42,9 @@ use tracing::{debug, info, warn};
 
 pub use async_nats::jetstream::kv::Operation;
 
+/// How long one event is retried before its sender is told it was not delivered.
+pub const PUBLISH_DEADLINE: Duration = Duration::from_secs(10);
+
 /// An in-flight publish's acknowledgement: the stream sequence, or why there is none.
 pub type AckFuture = Pin<Box<dyn std::future::Future<Output = Result<u64>> + Send>>;
 
@@ -160,7 +163,7 @@ impl BusConfig {
             duplicate_window: Duration::from_secs(120),
             lease_max_age: Duration::from_secs(60),
             setup_timeout: Duration::from_secs(60),
-            publish_timeout: Duration::from_secs(10),
+            publish_timeout: PUBLISH_DEADLINE,
             publish_attempt_timeout: Duration::from_secs(2),
             max_ack_inflight: 20_000,
             watchdog_idle: Duration::from_secs(1),

@@ -381,10 +381,28 @@ impl Cluster {
                 }
             })
         };
+        // While the link is down nothing is handed to the client (it would buffer the message
+        // and may send it after its sender was told it failed): each line waits for the link
+        // (bounded by the bus's publish deadline), and once the link has been down that long,
+        // lines fail at once instead of each waiting in turn.
+        let mut down_since: Option<Instant> = None;
         while let Some(out) = rx.recv().await {
-            let ack = bus.send(out.payload.clone(), &out.msg_id).await;
-            if acks_tx.send((ack, out)).await.is_err() {
-                break;
+            if bus.is_connected() {
+                down_since = None;
+                let ack = bus.send(out.payload.clone(), &out.msg_id).await;
+                if acks_tx.send((ack, out)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            let since = *down_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= bus::PUBLISH_DEADLINE {
+                not_delivered(out.sender.as_deref(), "the room's message bus is unreachable");
+                continue;
+            }
+            if let Err(e) = bus.publish(out.payload.clone(), out.msg_id.clone()).await {
+                warn!(error = %e, "a room event was not delivered to the cluster");
+                not_delivered(out.sender.as_deref(), "the room's message bus is unreachable");
             }
         }
         drop(acks_tx);
