@@ -53,6 +53,7 @@ fn admin_doc_lists_every_error_code() {
         ErrorCode::UnsupportedVersion,
         ErrorCode::ReloadFailed,
         ErrorCode::DaemonUnreachable,
+        ErrorCode::StateWriteFailed,
     ] {
         let name = serde_json::to_value(code)
             .ok()
@@ -112,6 +113,30 @@ fn configuration_doc_and_shipped_config_cover_every_key_with_its_reload_class() 
         assert!(
             comment.contains(class),
             "config/chatd.toml: {key} not marked {class}"
+        );
+    }
+}
+
+#[test]
+fn cluster_doc_shows_every_wire_event_and_each_example_decodes() {
+    use chatd::cluster::wire::Envelope;
+    let doc = read("docs/cluster.md");
+    let examples: Vec<&str> = doc.lines().filter(|l| l.starts_with("{\"v\":")).collect();
+    let mut kinds = std::collections::BTreeSet::new();
+    for line in &examples {
+        let env = Envelope::decode(line.as_bytes())
+            .unwrap_or_else(|e| panic!("docs/cluster.md example does not decode ({e}): {line}"));
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        kinds.insert(v["event"].as_str().unwrap_or_default().to_owned());
+        assert_eq!(Envelope::decode(&env.encode()).ok(), Some(env));
+    }
+    let all = [
+        "join", "say", "act", "private", "rename", "replaced", "kick", "leave", "announce",
+    ];
+    for kind in all {
+        assert!(
+            kinds.contains(kind),
+            "docs/cluster.md has no example of {kind}"
         );
     }
 }

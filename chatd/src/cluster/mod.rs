@@ -397,12 +397,18 @@ impl Cluster {
             }
             let since = *down_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= bus::PUBLISH_DEADLINE {
-                not_delivered(out.sender.as_deref(), "the room's message bus is unreachable");
+                not_delivered(
+                    out.sender.as_deref(),
+                    "the room's message bus is unreachable",
+                );
                 continue;
             }
             if let Err(e) = bus.publish(out.payload.clone(), out.msg_id.clone()).await {
                 warn!(error = %e, "a room event was not delivered to the cluster");
-                not_delivered(out.sender.as_deref(), "the room's message bus is unreachable");
+                not_delivered(
+                    out.sender.as_deref(),
+                    "the room's message bus is unreachable",
+                );
             }
         }
         drop(acks_tx);
