@@ -174,3 +174,43 @@ fn shipped_config_documents_the_cluster_table_commented_out_at_its_defaults() {
     };
     assert_eq!(parsed.map_err(|e| e.to_string()), Ok(want));
 }
+
+/// Every example drop-in shipped for a cluster (packaging/cluster/, installed to
+/// /usr/share/doc/chatd/examples/) appears verbatim in docs/cluster.md as an `ini` block, and
+/// the chatd one orders chatd after NATS.
+#[test]
+fn cluster_doc_shows_the_shipped_drop_ins_verbatim() {
+    let doc = read("docs/cluster.md");
+    let blocks: Vec<&str> = doc
+        .split("```ini\n")
+        .skip(1)
+        .filter_map(|b| b.split_once("```").map(|(block, _)| block))
+        .collect();
+    for file in ["chatd-cluster.conf", "nats-server-jetstream.conf"] {
+        let shipped = read(&format!("packaging/cluster/{file}"));
+        assert!(
+            blocks.contains(&shipped.as_str()),
+            "docs/cluster.md has no ```ini block equal to packaging/cluster/{file}:\n{shipped}"
+        );
+    }
+    let chatd = read("packaging/cluster/chatd-cluster.conf");
+    for line in [
+        "After=nats-server.service",
+        "Wants=nats-server.service",
+        "TimeoutStartSec=5min",
+    ] {
+        assert!(
+            chatd.lines().any(|l| l == line),
+            "chatd-cluster.conf lacks {line}"
+        );
+    }
+    let cargo = read("chatd/Cargo.toml");
+    for file in ["chatd-cluster.conf", "nats-server-jetstream.conf"] {
+        assert!(
+            cargo.contains(&format!(
+                "[\"../packaging/cluster/{file}\", \"usr/share/doc/chatd/examples/\""
+            )),
+            "chatd/Cargo.toml does not install packaging/cluster/{file} as an example"
+        );
+    }
+}
