@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Cargo's output directory: target/ unless CARGO_TARGET_DIR says otherwise (cargo deb follows it).
+T=${CARGO_TARGET_DIR:-target}
+
 step() { printf '== %s (%s, %d s into this step)\n' "$1" "$(date -u +%H:%M:%S)" "$SECONDS"; }
 
 step "tools: systemd-nspawn, debootstrap, dpkg-shlibdeps, cargo-deb"
@@ -34,12 +37,12 @@ cargo build --release --locked
 
 step "man pages and completions from the clap definitions"
 rm -rf packaging/generated
-target/release/chatd-gen-assets packaging/generated >/dev/null
+"$T"/release/chatd-gen-assets packaging/generated >/dev/null
 
 step "cargo deb"
-rm -rf target/debian
+rm -rf "$T"/debian
 cargo deb -p chatd --no-build --locked
-deb=$(ls target/debian/chatd_*.deb)
+deb=$(ls "$T"/debian/chatd_*.deb)
 dpkg-deb --info "$deb" | sed -n '/Package:/,$p'
 dpkg-deb --contents "$deb" | awk '{print $6}'
 

@@ -27,8 +27,8 @@ ROOTFS_DIR=${CHATD_ROOTFS_DIR:-/var/tmp}
 PORT=42069
 # Packages the rootfs needs besides minbase: systemd as init, dbus for systemctl/systemd-run,
 # libnss-systemd so DynamicUser= names resolve, procps for /bin/kill (ExecReload=), passwd
-# for useradd.
-INCLUDE=systemd,systemd-sysv,dbus,libnss-systemd,procps,passwd
+# for useradd, nats-server (Debian's own package) for the cluster case.
+INCLUDE=systemd,systemd-sysv,dbus,libnss-systemd,procps,passwd,nats-server
 
 [ "$(id -u)" = 0 ] || { echo "test-systemd.sh: needs root (nspawn, debootstrap)" >&2; exit 2; }
 [ "$DEB" = --prepare ] || [ -f "$DEB" ] || { echo "test-systemd.sh: no such package: $DEB" >&2; exit 2; }
@@ -119,6 +119,9 @@ rootfs() {
         [ "$attempt" = 2 ] && return 1
     done
     rm -f "$dir.tmp"/var/cache/apt/archives/*.deb
+    # nats-server's postinst enables its unit; in the test it is started only by the chatd
+    # nodes' Wants=nats-server.service (the cluster case), so the other checks run as before.
+    systemctl --root="$dir.tmp" disable nats-server.service >/dev/null 2>&1 || return 1
     # Only a finished tree is ever used as a cache.
     echo "$INCLUDE" >"$dir.tmp/.chatd-rootfs"
     mv "$dir.tmp" "$dir"
@@ -212,8 +215,9 @@ wait_for() {
 # is a FIFO this script holds open; everything it receives goes to WORK/NAME.out, followed by
 # "[[closed]]" once the server closes the connection.
 
+# client_open NAME [PORT]: PORT defaults to chatd.service's $PORT.
 client_open() {
-    local name=$1 in="$WORK/$1.in" out="$WORK/$1.out"
+    local name=$1 port=${2:-$PORT} in="$WORK/$1.in" out="$WORK/$1.out"
     rm -f "$in"
     mkfifo "$in"
     : >"$out"
@@ -222,7 +226,7 @@ client_open() {
         exec 3<>"/dev/tcp/127.0.0.1/$1" || { echo "[[connect-failed]]"; exit 1; }
         { cat <&3; echo "[[closed]]"; } &
         cat <"$2" >&3
-        wait' _ "$PORT" "$in" >"$out" 2>&1 &
+        wait' _ "$port" "$in" >"$out" 2>&1 &
     CLIENT_PID[$name]=$!
     local fd
     exec {fd}<>"$in" # read-write: opening never blocks, and keeps the FIFO's writer alive
@@ -255,9 +259,9 @@ client_wait() {
     fi
 }
 
-# client_join NAME: connects and picks the name NAME; fails unless welcomed.
+# client_join NAME [PORT]: connects and picks the name NAME; fails unless welcomed.
 client_join() {
-    client_open "$1"
+    client_open "$1" "${2:-$PORT}"
     client_wait "$1" "*** HELLO" "on connect" || return 1
     client_send "$1" "$1"
     client_wait "$1" "*** WELCOME $1" "after sending the name"
@@ -619,6 +623,103 @@ watchdog() {
     client_join hank
 }
 
+# The cluster case (docs/cluster.md): Debian's nats-server with JetStream and two chatd nodes
+# serving one room, node a the packaged chatd.service and node b a second unit made here from
+# it, both ordered after nats-server.service by the drop-in the package ships as an example.
+# Everything it adds goes away again whatever happens, so the purge check sees a plain package.
+PORT_B=42079
+EXAMPLES=/usr/share/doc/chatd/examples
+
+t_cluster() {
+    ct cp "$CONF" /root/chatd.toml.single || return 1
+    cluster
+    local rc=$?
+    close_all_clients
+    ct -t 60 systemctl stop chatd.service chatd-b.service nats-server.service
+    ct rm -rf /etc/systemd/system/chatd.service.d /etc/systemd/system/chatd-b.service.d \
+        /etc/systemd/system/nats-server.service.d /run/systemd/system/chatd-b.service \
+        /etc/chatd/chatd-b.toml
+    ct cp /root/chatd.toml.single "$CONF"
+    ct systemctl daemon-reload
+    return $rc
+}
+
+cluster() {
+    local s
+    s=$(ct systemctl is-active nats-server.service)
+    [ "$s" = inactive ] || { echo "nats-server is $s before the cluster case, want inactive"; return 1; }
+    # The admin's steps from docs/cluster.md: the two shipped drop-ins, and the [cluster] table
+    # of the shipped config uncommented, each node with its own name.
+    local d
+    for d in chatd chatd-b; do
+        ct install -D -m 644 "$EXAMPLES/chatd-cluster.conf" "/etc/systemd/system/$d.service.d/cluster.conf" || return 1
+    done
+    ct install -D -m 644 "$EXAMPLES/nats-server-jetstream.conf" \
+        /etc/systemd/system/nats-server.service.d/jetstream.conf || return 1
+    ct sed -i -e 's/^#\[cluster\]$/[cluster]/' -e 's/^#\([a-z-]* = \)/\1/' \
+        -e 's/^node = ""/node = "a"/' -e 's/^name = "main"/name = "systemd-test"/' "$CONF" || return 1
+    ct sh -c "sed -e 's/42069/$PORT_B/g' -e 's/^node = \"a\"/node = \"b\"/' $CONF >/etc/chatd/chatd-b.toml" || return 1
+    ct chatd --check-config --config /etc/chatd/chatd-b.toml >"$WORK/cluster-config.out" 2>&1 ||
+        { cat "$WORK/cluster-config.out"; return 1; }
+    grep -qx 'node = "b"' "$WORK/cluster-config.out" || { echo "node b's config:"; cat "$WORK/cluster-config.out"; return 1; }
+    # Node b: the packaged unit with its own config, runtime and state directories.
+    ct sh -c 'sed -e "s|^ExecStart=/usr/sbin/chatd$|& --config /etc/chatd/chatd-b.toml|" \
+        -e "s/^RuntimeDirectory=chatd$/RuntimeDirectory=chatd-b/" -e "s/^StateDirectory=chatd$/StateDirectory=chatd-b/" \
+        /usr/lib/systemd/system/chatd.service >/run/systemd/system/chatd-b.service' || return 1
+    ct systemctl daemon-reload || return 1
+    local u after wants
+    for u in chatd chatd-b; do
+        after=$(ct systemctl show -P After "$u.service")
+        wants=$(ct systemctl show -P Wants "$u.service")
+        [[ $after == *nats-server.service* && $wants == *nats-server.service* ]] ||
+            { echo "$u: After=$after Wants=$wants, want nats-server.service in both"; return 1; }
+        [ "$(ct systemctl show -P TimeoutStartUSec "$u.service")" = 5min ] || { echo "$u: TimeoutStartSec is not 5min"; return 1; }
+    done
+    [ "$(ct systemctl show -P ExecStart chatd-b.service | grep -c chatd-b.toml)" = 1 ] ||
+        { echo "chatd-b.service does not run with chatd-b.toml"; return 1; }
+    # Wants= starts NATS with the nodes, After= orders them behind it, and each start returns
+    # only on the node's READY=1, which it sends once it follows the room.
+    local t0=$SECONDS
+    ct -t 120 systemctl start chatd.service chatd-b.service ||
+        { ct journalctl -u nats-server -u chatd -u chatd-b -n 30 --no-pager; return 1; }
+    echo "systemctl start chatd chatd-b (nats-server pulled in) returned after $((SECONDS - t0)) s"
+    for u in nats-server chatd chatd-b; do
+        s=$(ct systemctl is-active "$u.service")
+        [ "$s" = active ] || { echo "$u.service is $s after the start"; return 1; }
+    done
+    # After=: each node's process started once nats-server was up, not beside it.
+    local nats_up started
+    nats_up=$(ct systemctl show -P ActiveEnterTimestampMonotonic nats-server.service)
+    for u in chatd chatd-b; do
+        started=$(ct systemctl show -P ExecMainStartTimestampMonotonic "$u.service")
+        [ "${started:-0}" -ge "${nats_up:-1}" ] && [ "${nats_up:-0}" -gt 0 ] ||
+            { echo "$u started at $started, nats-server became active at $nats_up (monotonic µs)"; return 1; }
+    done
+    local status
+    for s in /run/chatd/chatd.sock /run/chatd-b/chatd.sock; do
+        status=$(ct chatctl --socket "$s" status) || { echo "chatctl status on $s failed: $status"; return 1; }
+        [[ $status == *"following the room"* ]] ||
+            { echo "ready, but not following the room ($s):"; echo "$status"; return 1; }
+    done
+    grep 'cluster node' <<<"$status"
+    # A user on each node; each sees the other's join and line.
+    client_join ivy "$PORT" || return 1
+    client_join jack "$PORT_B" || return 1
+    client_wait ivy "*** JOIN jack" || return 1
+    client_send ivy "hello from node a"
+    client_wait jack "ivy: hello from node a" || return 1
+    client_send jack "hello from node b"
+    client_wait ivy "jack: hello from node b" || return 1
+    # Each node lists both users with the node each is on.
+    local list
+    for s in /run/chatd/chatd.sock /run/chatd-b/chatd.sock; do
+        list=$(ct chatctl --socket "$s" list) || { echo "chatctl list on $s failed: $list"; return 1; }
+        awk '$1 == "ivy" && $2 == "a" {i = 1} $1 == "jack" && $2 == "b" {j = 1} END {exit !(i && j)}' <<<"$list" ||
+            { echo "chatctl list on $s lacks ivy on a and jack on b:"; echo "$list"; return 1; }
+    done
+    echo "$list"
+}
+
 # ---------------------------------------------------------------------------------------------
 
 run_release() {
@@ -652,6 +753,7 @@ run_release() {
     check "socket activation via chatd.socket" t_socket_activation
     check "killed chatd is restarted by systemd" t_restart_on_kill
     check "SIGSTOPped chatd is killed and restarted by the watchdog" t_watchdog
+    check "cluster: Debian's nats-server + two chatd units after it, one room" t_cluster
     check "dpkg --purge stops chatd and removes it" t_purge
 
     if [ "$FAILS" -gt "$fails_before" ]; then

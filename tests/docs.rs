@@ -3,7 +3,7 @@
 use chat_proto::admin::ErrorCode;
 use chat_proto::command::COMMANDS;
 use chat_proto::protocol::{ALL_CODES, ALL_KINDS};
-use chatd::config::{Config, RESTART_KEYS};
+use chatd::config::{ClusterConfig, Config, RESTART_KEYS};
 
 fn read(rel: &str) -> String {
     let path = format!("{}/../{rel}", env!("CARGO_MANIFEST_DIR"));
@@ -137,6 +137,105 @@ fn cluster_doc_shows_every_wire_event_and_each_example_decodes() {
         assert!(
             kinds.contains(kind),
             "docs/cluster.md has no example of {kind}"
+        );
+    }
+}
+
+/// The `[cluster]` table is absent by default, so the shipped config shows it commented out:
+/// `#[cluster]` and `#key = default` lines, each under a comment saying how it applies.
+/// Uncommented, they must give exactly the cluster defaults, and docs/configuration.md must
+/// have a row for every key.
+#[test]
+fn shipped_config_documents_the_cluster_table_commented_out_at_its_defaults() {
+    let doc = read("docs/configuration.md");
+    let shipped = read("config/chatd.toml");
+    let lines: Vec<&str> = shipped.lines().collect();
+    assert!(
+        lines.contains(&"#[cluster]"),
+        "config/chatd.toml lacks #[cluster]"
+    );
+    let Ok(toml::Value::Table(keys)) = toml::Value::try_from(ClusterConfig::default()) else {
+        panic!("the cluster defaults do not render as a table");
+    };
+    assert!(keys.len() >= 6, "{keys:?}");
+    for name in keys.keys() {
+        let key = format!("cluster.{name}");
+        let row = doc
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{key}` |")))
+            .unwrap_or_else(|| panic!("docs/configuration.md has no row for {key}"));
+        let restart = RESTART_KEYS.contains(&key.as_str());
+        assert_eq!(row.trim_end().ends_with("| restart |"), restart, "{row}");
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with(&format!("#{name} =")))
+            .unwrap_or_else(|| panic!("config/chatd.toml lacks #{name} = (commented out)"));
+        let comment: String = lines[..at]
+            .iter()
+            .rev()
+            .take_while(|l| l.starts_with("# "))
+            .copied()
+            .collect();
+        let class = if restart { "(restart)" } else { "(live" };
+        assert!(
+            comment.contains(class),
+            "config/chatd.toml: {key} not marked {class}"
+        );
+    }
+    // Uncommenting the table (every `#` line that is not prose) turns the cluster on at its
+    // defaults and changes nothing else.
+    let uncommented: String = lines
+        .iter()
+        .map(|l| match l.strip_prefix('#') {
+            Some(rest) if !rest.is_empty() && !rest.starts_with(' ') => rest,
+            _ => l,
+        })
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    let parsed = Config::parse(&uncommented, std::path::Path::new("config/chatd.toml"));
+    let want = Config {
+        cluster: Some(ClusterConfig::default()),
+        ..Config::default()
+    };
+    assert_eq!(parsed.map_err(|e| e.to_string()), Ok(want));
+}
+
+/// Every example drop-in shipped for a cluster (packaging/cluster/, installed to
+/// /usr/share/doc/chatd/examples/) appears verbatim in docs/cluster.md as an `ini` block, and
+/// the chatd one orders chatd after NATS.
+#[test]
+fn cluster_doc_shows_the_shipped_drop_ins_verbatim() {
+    let doc = read("docs/cluster.md");
+    let blocks: Vec<&str> = doc
+        .split("```ini\n")
+        .skip(1)
+        .filter_map(|b| b.split_once("```").map(|(block, _)| block))
+        .collect();
+    for file in ["chatd-cluster.conf", "nats-server-jetstream.conf"] {
+        let shipped = read(&format!("packaging/cluster/{file}"));
+        assert!(
+            blocks.contains(&shipped.as_str()),
+            "docs/cluster.md has no ```ini block equal to packaging/cluster/{file}:\n{shipped}"
+        );
+    }
+    let chatd = read("packaging/cluster/chatd-cluster.conf");
+    for line in [
+        "After=nats-server.service",
+        "Wants=nats-server.service",
+        "TimeoutStartSec=5min",
+    ] {
+        assert!(
+            chatd.lines().any(|l| l == line),
+            "chatd-cluster.conf lacks {line}"
+        );
+    }
+    let cargo = read("chatd/Cargo.toml");
+    for file in ["chatd-cluster.conf", "nats-server-jetstream.conf"] {
+        assert!(
+            cargo.contains(&format!(
+                "[\"../packaging/cluster/{file}\", \"usr/share/doc/chatd/examples/\""
+            )),
+            "chatd/Cargo.toml does not install packaging/cluster/{file} as an example"
         );
     }
 }
