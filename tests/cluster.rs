@@ -327,8 +327,21 @@ fn cluster_names_are_unique_across_nodes() {
     // Once the holder leaves, the name is free on the other node.
     drop(dora);
     zed.expect_prefix("*** LEAVE dora left");
-    zed.send("/nick dora");
-    assert_eq!(zed.line(), "*** NICK zed is now known as dora");
+    // Retried: the leave is published before the name is deleted from NATS, so right after
+    // the leave is seen the name may still be held for a moment.
+    let answer = std::cell::RefCell::new(String::new());
+    wait_for(
+        WAIT,
+        "dora's name to be free on the other node",
+        || {
+            zed.send("/nick dora");
+            let l = zed.line();
+            let done = l == "*** NICK zed is now known as dora";
+            *answer.borrow_mut() = l;
+            done.then_some(())
+        },
+        || answer.borrow().clone(),
+    );
 }
 
 // --------------------------------------------------------------------------------- commands
@@ -862,16 +875,30 @@ fn cluster_survives_losing_a_nats_server_of_three() {
 
     // Every line once, the same order on both nodes.
     let mut orders = Vec::new();
-    for r in [&mut ra, &mut rb] {
+    let warnings = || {
+        ds.iter()
+            .map(|d| {
+                let log = d.log();
+                let w: Vec<&str> = log.lines().filter(|l| !l.contains(" INFO ")).collect();
+                w.join("\n")
+            })
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    for (who, r) in [("ra", &mut ra), ("rb", &mut rb)] {
         let mut lines: Vec<String> = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while lines.len() < 2 * LINES {
-            assert!(
-                Instant::now() < deadline,
-                "incomplete 30 s after the kill of {leader}: {lines:?}"
-            );
-            let l = r.line();
-            assert!(!l.starts_with("*** ERR"), "{l}");
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(l) = line_within(r, left.max(Duration::from_millis(1))) else {
+                panic!(
+                    "{who}: {} of {} lines 30 s after the kill of {leader}: {lines:?}\n{}",
+                    lines.len(),
+                    2 * LINES,
+                    warnings()
+                );
+            };
+            assert!(!l.starts_with("*** ERR"), "{l}\n{}", warnings());
             if !l.starts_with("*** ") {
                 lines.push(l);
             }
@@ -1053,15 +1080,17 @@ fn cluster_room_names_with_an_underscore_work() {
 }
 
 #[test]
-#[ignore = "BUG: a /nick before the member's own join came back from NATS is refused as name-invalid (empty)"]
+#[ignore = "BUG: a /nick before the member's own join came back from NATS is refused as name-invalid (empty); timing-dependent"]
 fn cluster_nick_right_after_joining_works() {
     if !nats_present() {
         return;
     }
     let nats = NatsServer::start();
     let ds = start_nodes(&[&nats], &room_name("nick1"), &["a"]);
-    let mut c = ds[0].enter("xx");
-    c.send("/nick yy");
+    // The name and the /nick in one packet: the /nick is handled before the join is back.
+    let mut c = ds[0].connect();
+    c.expect_prefix("*** HELLO");
+    c.send_raw(b"xx\n/nick yy\n");
     let lines = read_until(&mut c, |l| {
         l.starts_with("*** NICK") || l.starts_with("*** ERR")
     });
