@@ -10,6 +10,7 @@ mod bench;
 mod chat;
 mod client;
 mod client_tty;
+mod cluster;
 mod config;
 mod docs;
 mod harness;

@@ -19,7 +19,7 @@ pub fn require(component: &str, install: &str) -> bool {
         return true;
     }
     skip(&format!(
-        "needs `{component}`, which is not on PATH (install: {install})"
+        "needs `{component}`, which is not on PATH nor in an sbin directory (install: {install})"
     ))
 }
 
@@ -54,12 +54,24 @@ fn skip(reason: &str) -> bool {
     false
 }
 
-/// Whether an executable file named `program` is in a `PATH` directory.
+/// Directories searched after `PATH`: system programs (nats-server, nft, ip) live in the sbin
+/// directories, which a non-login or non-root `PATH` often lacks.
+const SBIN: &[&str] = &["/usr/local/sbin", "/usr/sbin", "/sbin"];
+
+/// Whether an executable file named `program` is in a `PATH` directory or an sbin directory.
 fn on_path(program: &str) -> bool {
+    program_path(program).is_some()
+}
+
+/// Where the executable `program` is: the first `PATH` directory that has it, else the first
+/// sbin directory that has it.
+pub fn program_path(program: &str) -> Option<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).any(|dir| {
-        std::fs::metadata(dir.join(program))
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
+    std::env::split_paths(&path)
+        .chain(SBIN.iter().map(std::path::PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }

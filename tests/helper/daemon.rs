@@ -198,6 +198,28 @@ impl TestDaemon {
         admin_request(&self.socket, "status").expect("status over the admin socket")
     }
 
+    /// `status`'s `cluster` object (null for a single node).
+    pub fn cluster_status(&self) -> serde_json::Value {
+        self.status()["response"]["cluster"].clone()
+    }
+
+    /// Waits until this cluster node says it follows the room (`cluster.ready`); panics with
+    /// its status and log if it does not within [`WAIT`].
+    pub fn wait_cluster_ready(&self) {
+        let last = std::cell::RefCell::new(serde_json::Value::Null);
+        wait_for(
+            WAIT,
+            "the cluster node to be ready",
+            || {
+                let c = admin_request(&self.socket, "status").ok()?["response"]["cluster"].clone();
+                let ready = c["ready"] == true;
+                *last.borrow_mut() = c;
+                ready.then_some(())
+            },
+            || format!("last cluster status: {}\n{}", last.borrow(), self.log()),
+        );
+    }
+
     /// Everything the daemon logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()

@@ -6,12 +6,15 @@
 //! - [`net`]: [`Client`], a line client over any stream (TCP by default).
 //! - [`wait`]: [`WAIT`], [`wait_until`], [`wait_for`], [`wait_child`].
 //! - [`components`]: [`require`] and [`require_root`], which skip (or fail under CI).
+//! - [`nats`]: [`NatsServer`], real NATS servers with JetStream for the cluster tests, and
+//!   [`RawNats`], a tiny client of NATS's text protocol.
 
 #![allow(dead_code, unused_imports)]
 
 pub mod components;
 pub mod config;
 pub mod daemon;
+pub mod nats;
 pub mod net;
 pub mod wait;
 
@@ -21,6 +24,7 @@ use std::process::{Command, Output};
 pub use components::{ci, require, require_root};
 pub use config::Config;
 pub use daemon::{Launch, TestDaemon, admin_request};
+pub use nats::{NatsServer, RawNats};
 pub use net::{Client, ReadTimeout, agreed_order, free_port};
 pub use wait::{WAIT, wait_child, wait_for, wait_until};
 

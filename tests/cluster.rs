@@ -1,0 +1,1261 @@
+//! A room served by several chatd nodes through NATS JetStream (docs/cluster.md), with real
+//! `nats-server` and `chatd` processes: one order on every node, names unique cluster-wide,
+//! every command across nodes, one history, the failures the docs promise to survive, and
+//! hostile messages put straight on the room's subject. Each test runs its own NATS server(s)
+//! and its own room, so the tests run in parallel.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::helper::nats::{cluster_config, room_name};
+use crate::helper::{Client, NatsServer, TestDaemon, WAIT, require, wait_for};
+
+/// Whether nats-server is installed (the tests skip, or fail under CI, without it).
+fn nats_present() -> bool {
+    require("nats-server", "apt-get install nats-server")
+}
+
+/// Starts a chatd node for each of `nodes` in `room` on `nats`; returns once every one
+/// follows the room.
+fn start_nodes(nats: &[&NatsServer], room: &str, nodes: &[&str]) -> Vec<TestDaemon> {
+    let ds = TestDaemon::start_many(nodes.len(), |i| cluster_config(nats, room, nodes[i]));
+    for d in &ds {
+        d.wait_cluster_ready();
+    }
+    ds
+}
+
+/// Waits until every node in `ds` counts exactly `nodes` as live.
+fn wait_live(ds: &[&TestDaemon], nodes: &[&str]) {
+    for d in ds {
+        let last = std::cell::RefCell::new(serde_json::Value::Null);
+        wait_for(
+            WAIT,
+            &format!("live nodes {nodes:?}"),
+            || {
+                let c = d.cluster_status();
+                let live: Vec<&str> = c["live_nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| n.as_str())
+                    .collect();
+                let done = live == nodes;
+                *last.borrow_mut() = c;
+                done.then_some(())
+            },
+            || format!("last status: {}\n{}", last.borrow(), d.log()),
+        );
+    }
+}
+
+/// Reads lines until one satisfies `done`; returns every line read, that one last.
+fn read_until(c: &mut Client, done: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        match c.try_line() {
+            Some(l) => {
+                let last = done(&l);
+                seen.push(l);
+                if last {
+                    return seen;
+                }
+            }
+            None => panic!("connection closed; saw {seen:?}"),
+        }
+    }
+}
+
+/// `from` (named `name`) says `tag`; every one of `to` reads up to it. Returns what each read
+/// before it (the tag's line not included).
+fn sync(from: &mut Client, name: &str, tag: &str, to: &mut [&mut Client]) -> Vec<Vec<String>> {
+    from.send(tag);
+    let want = format!("{name}: {tag}");
+    to.iter_mut()
+        .map(|c| {
+            let mut lines = read_until(c, |l| l == want);
+            lines.pop();
+            lines
+        })
+        .collect()
+}
+
+/// The next line if one comes within `d` (`None` if none does); panics at EOF.
+fn line_within(c: &mut Client, d: Duration) -> Option<String> {
+    use std::io::BufRead;
+    c.stream().set_read_timeout(Some(d)).expect("timeout");
+    let mut buf = Vec::new();
+    let got = c.reader.read_until(b'\n', &mut buf);
+    c.stream().set_read_timeout(Some(WAIT)).expect("timeout");
+    match got {
+        Ok(0) => panic!("connection closed"),
+        Ok(_) => Some(String::from_utf8_lossy(buf.trim_ascii_end()).into_owned()),
+        Err(_) => None,
+    }
+}
+
+/// How many of `lines` are exactly `line`.
+fn count(lines: &[String], line: &str) -> usize {
+    lines.iter().filter(|l| *l == line).count()
+}
+
+/// Joins `name` on `d` and waits until `d` has seated it (it is in `chatctl list`): its join
+/// has come back from NATS. Until then a `/nick` fails (cluster_nick_right_after_joining_works).
+fn join_seated(d: &TestDaemon, name: &str) -> Client {
+    let c = d.join(name);
+    wait_for(
+        WAIT,
+        &format!("{name} to be seated"),
+        || {
+            let v = d.chatctl_json(&["list"]);
+            v["response"]["users"]
+                .as_array()?
+                .iter()
+                .any(|u| u["name"] == name)
+                .then_some(())
+        },
+        || d.log(),
+    );
+    c
+}
+
+/// Connects to `d` and sends `name` as soon as `go` lets everyone go; the first line answered.
+fn race_for(d: &TestDaemon, name: &str, go: &Barrier) -> (Client, String) {
+    let mut c = d.connect();
+    c.expect_prefix("*** HELLO");
+    go.wait();
+    c.send(name);
+    let answer = c.line();
+    (c, answer)
+}
+
+// ------------------------------------------------------------------------------------ order
+
+#[test]
+fn cluster_every_node_sees_one_order() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let ds = start_nodes(&[&nats], &room_name("order"), &["a", "b"]);
+    let (a, b) = (&ds[0], &ds[1]);
+
+    let mut ra = a.join("ra");
+    let mut rb = b.join("rb");
+    ra.expect_prefix("*** JOIN rb");
+    // From here on both receivers are in the room: they must see the same lines.
+    sync(&mut ra, "ra", "start", &mut [&mut rb]);
+
+    const SENDERS: [(&str, usize); 4] = [("sa1", 0), ("sa2", 0), ("sb1", 1), ("sb2", 1)];
+    const LINES: usize = 60;
+    let go = Arc::new(Barrier::new(SENDERS.len() + 2));
+    let mut churners: Vec<Option<Client>> = vec![None, None];
+    let mut threads = Vec::new();
+    for (name, node) in SENDERS {
+        let mut c = ds[node].join(name);
+        let go = go.clone();
+        threads.push(thread::spawn(move || {
+            go.wait();
+            for i in 0..LINES {
+                c.send(&format!("{name} line {i}"));
+            }
+            c
+        }));
+    }
+    // Joins, renames, leaves and announcements from both nodes, in the middle of the traffic.
+    // The members who rename are seated first (a `/nick` right after the welcome is another
+    // test's business: cluster_nick_right_after_joining_works).
+    for (node, d) in ds.iter().enumerate() {
+        let who = format!("churn{node}");
+        churners[node] = Some(d.join(&who));
+        ra.expect_prefix(&format!("*** JOIN {who}"));
+        rb.expect_prefix(&format!("*** JOIN {who}"));
+    }
+    // The visitors wait until they are seated before they speak and leave (leaving at once is
+    // cluster_a_member_who_leaves_at_once_is_seen_alike_everywhere's business).
+    let senders: Vec<Client> = thread::scope(|s| {
+        for (node, d) in ds.iter().enumerate() {
+            let go = go.clone();
+            let mut c = churners[node].take().expect("churner");
+            s.spawn(move || {
+                go.wait();
+                let who = format!("churn{node}");
+                c.send(&format!("/nick {who}x"));
+                let visitor = format!("visitor{node}");
+                let mut v = join_seated(d, &visitor);
+                let out = d.chatctl(&["announce", &format!("notice from node {node}")]);
+                assert!(out.status.success(), "{out:?}");
+                c.send("/quit");
+                v.send(&format!("hello from {visitor}"));
+                v.send("/quit");
+                let _ = c.until_eof();
+                let _ = v.until_eof();
+            });
+        }
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("sender"))
+            .collect()
+    });
+
+    // Everything sent is in the room once; read until each receiver has it all.
+    let total = SENDERS.len() * LINES + 2;
+    let done = |lines: &[String]| {
+        lines.iter().filter(|l| !l.starts_with("*** ")).count() == total
+            && lines.iter().filter(|l| l.starts_with("*** LEAVE ")).count() == 4
+            && lines
+                .iter()
+                .filter(|l| l.starts_with("*** NOTICE notice from node"))
+                .count()
+                == 2
+    };
+    let mut orders = Vec::new();
+    for r in [&mut ra, &mut rb] {
+        let mut lines = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done(&lines) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match line_within(r, left.max(Duration::from_millis(1))) {
+                Some(l) => lines.push(l),
+                None => panic!("incomplete after 30 s: {lines:#?}"),
+            }
+        }
+        orders.push(lines);
+    }
+    // Nothing more is coming: a last line is the next thing both see.
+    let after = sync(&mut ra, "ra", "end", &mut [&mut rb]);
+    assert_eq!(
+        after,
+        vec![Vec::<String>::new()],
+        "lines after the counted ones"
+    );
+
+    let (oa, ob) = (&orders[0], &orders[1]);
+    if oa != ob {
+        let first = oa.iter().zip(ob).position(|(x, y)| x != y);
+        panic!(
+            "the nodes disagree on the order (first difference at {first:?}):\na: {oa:#?}\nb: {ob:#?}"
+        );
+    }
+    for (name, _) in SENDERS {
+        let theirs: Vec<&str> = oa
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .collect();
+        let want: Vec<String> = (0..LINES).map(|i| format!("{name} line {i}")).collect();
+        assert_eq!(theirs, want, "{name}'s lines: each once, in the order sent");
+    }
+    for who in ["churn0", "churn1"] {
+        let events: Vec<&String> = oa.iter().filter(|l| l.contains(who)).collect();
+        assert_eq!(
+            events,
+            [
+                &format!("*** NICK {who} is now known as {who}x"),
+                &format!("*** LEAVE {who}x left (quit)"),
+            ],
+            "{who}'s rename and departure, once each, in order"
+        );
+    }
+    for who in ["visitor0", "visitor1"] {
+        let events: Vec<&String> = oa.iter().filter(|l| l.contains(who)).collect();
+        assert_eq!(
+            events,
+            [
+                &format!("*** JOIN {who} joined"),
+                &format!("{who}: hello from {who}"),
+                &format!("*** LEAVE {who} left (quit)"),
+            ],
+            "{who}'s arrival, line and departure, once each, in order"
+        );
+    }
+    drop(senders);
+}
+
+// ------------------------------------------------------------------------------------ names
+
+#[test]
+fn cluster_names_are_unique_across_nodes() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let ds = start_nodes(&[&nats], &room_name("names"), &["a", "b"]);
+
+    // The same name, a case variant and look-alikes, asked for at the same moment on both
+    // nodes: one wins, the other is told the name is taken.
+    let mut holders = Vec::new();
+    for (on_a, on_b) in [
+        ("dora", "dora"),
+        ("Alice", "alice"),
+        ("cop", "\u{441}\u{43e}\u{440}"),    // Cyrillic "сор"
+        ("eve", "\u{ff45}\u{ff56}\u{ff45}"), // full-width "ｅｖｅ"
+    ] {
+        let go = Barrier::new(2);
+        let (ra, rb) = thread::scope(|s| {
+            let ta = s.spawn(|| race_for(&ds[0], on_a, &go));
+            let tb = s.spawn(|| race_for(&ds[1], on_b, &go));
+            (ta.join().expect("a"), tb.join().expect("b"))
+        });
+        let won = [&ra.1, &rb.1].map(|l| l.starts_with("*** WELCOME "));
+        assert!(
+            won[0] != won[1],
+            "{on_a:?} on a and {on_b:?} on b: exactly one may win: {:?} / {:?}",
+            ra.1,
+            rb.1
+        );
+        let (winner, loser, node) = if won[0] { (ra, rb, 0) } else { (rb, ra, 1) };
+        assert!(
+            loser.1.starts_with("*** ERR name-taken "),
+            "the loser is told the name is taken: {}",
+            loser.1
+        );
+        holders.push((winner.0, node, if node == 0 { on_a } else { on_b }));
+    }
+
+    // `/nick` to a name held on the other node is refused.
+    let (dora, dora_node, _) = holders.remove(0);
+    let other = 1 - dora_node;
+    let mut zed = join_seated(&ds[other], "zed");
+    zed.send("/nick DORA");
+    let refused = zed.line();
+    assert!(refused.starts_with("*** ERR name-taken "), "{refused}");
+
+    // Once the holder leaves, the name is free on the other node.
+    drop(dora);
+    zed.expect_prefix("*** LEAVE dora left");
+    // Retried: the leave is published before the name is deleted from NATS, so right after
+    // the leave is seen the name may still be held for a moment.
+    let answer = std::cell::RefCell::new(String::new());
+    wait_for(
+        WAIT,
+        "dora's name to be free on the other node",
+        || {
+            zed.send("/nick dora");
+            let l = zed.line();
+            let done = l == "*** NICK zed is now known as dora";
+            *answer.borrow_mut() = l;
+            done.then_some(())
+        },
+        || answer.borrow().clone(),
+    );
+}
+
+// --------------------------------------------------------------------------------- commands
+
+#[test]
+fn cluster_commands_reach_the_whole_room() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let ds = start_nodes(&[&nats], &room_name("cmds"), &["a", "b"]);
+    let (a, b) = (&ds[0], &ds[1]);
+    let mut alice = a.join("alice");
+    let mut bob = b.join("bob");
+    alice.expect_prefix("*** JOIN bob");
+
+    // /who on either node lists everyone.
+    for c in [&mut alice, &mut bob] {
+        c.send("/who");
+        assert_eq!(c.line(), "*** WHO 2 alice bob");
+    }
+
+    // /msg across nodes, and to nobody.
+    alice.send("/msg BOB psst");
+    assert_eq!(alice.line(), "-> bob (private): psst");
+    assert_eq!(bob.line(), "alice (private): psst");
+    bob.send("/msg alice back");
+    assert_eq!(bob.line(), "-> alice (private): back");
+    assert_eq!(alice.line(), "bob (private): back");
+
+    // chatctl list, both forms, on both nodes: every user with its node.
+    for d in [a, b] {
+        let v = d.chatctl_json(&["list"]);
+        let users: Vec<(String, String)> = v["response"]["users"]
+            .as_array()
+            .expect("users")
+            .iter()
+            .map(|u| {
+                (
+                    u["name"].as_str().unwrap_or("?").to_owned(),
+                    u["node"].as_str().unwrap_or("?").to_owned(),
+                )
+            })
+            .collect();
+        assert!(
+            users.contains(&("alice".into(), "a".into()))
+                && users.contains(&("bob".into(), "b".into()))
+                && users.len() == 2,
+            "{users:?}"
+        );
+        let out = d.chatctl(&["list"]);
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows[0][..2], ["NAME", "NODE"], "{text}");
+        assert!(
+            rows.iter().any(|r| r[..2] == ["alice", "a"])
+                && rows.iter().any(|r| r[..2] == ["bob", "b"]),
+            "{text}"
+        );
+        assert!(text.ends_with("2 users online\n"), "{text}");
+    }
+
+    // chatctl announce on one node reaches both.
+    let out = b.chatctl(&["announce", "maintenance", "at", "noon"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(alice.line(), "*** NOTICE maintenance at noon");
+    assert_eq!(bob.line(), "*** NOTICE maintenance at noon");
+
+    // chatctl status on both: node, server, position, live nodes.
+    wait_live(&[a, b], &["a", "b"]);
+    for (d, node) in [(a, "a"), (b, "b")] {
+        let c = d.chatctl_json(&["status"])["response"]["cluster"].clone();
+        assert_eq!(c["node"], node, "{c}");
+        assert_eq!(c["connected"], true, "{c}");
+        assert_eq!(c["ready"], true, "{c}");
+        assert_eq!(
+            c["server"].as_str(),
+            Some(nats.addr().to_string().as_str()),
+            "{c}"
+        );
+        assert!(c["position"].as_u64().unwrap_or(0) >= 3, "{c}");
+        let out = d.chatctl(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!(
+                "cluster node:     {node} (connected to NATS at {})",
+                nats.addr()
+            )) && text.contains("cluster state:    following the room at position ")
+                && text.contains("live nodes:       a, b"),
+            "{text}"
+        );
+    }
+
+    // chatctl kick on node a kicks a user of node b.
+    let out = a.chatctl(&["kick", "bob", "--reason", "testing"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(bob.line(), "*** KICKED testing");
+    assert_eq!(bob.try_line(), None, "the kicked user is disconnected");
+    assert_eq!(alice.line(), "*** KICK bob was kicked (testing)");
+    // Gone from the room on both nodes.
+    alice.send("/who");
+    assert_eq!(alice.line(), "*** WHO 1 alice");
+    // A private message to nobody is an error (told once: see
+    // cluster_a_private_message_to_nobody_is_refused_once).
+    alice.send("/msg nobody hi");
+    let l = alice.line();
+    assert!(l.starts_with("*** ERR no-such-user "), "{l}");
+    wait_for(
+        WAIT,
+        "bob to be gone from node b's list",
+        || {
+            let v = b.chatctl_json(&["list"]);
+            (v["response"]["users"].as_array()?.len() == 1).then_some(())
+        },
+        || b.log(),
+    );
+}
+
+/// Connects to `d`, asks for `name`; the answer.
+fn try_name(d: &TestDaemon, name: &str) -> String {
+    let mut c = d.connect();
+    c.expect_prefix("*** HELLO");
+    c.send(name);
+    c.line()
+}
+
+#[test]
+fn cluster_bans_apply_everywhere_and_survive_restarts() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let room = room_name("bans");
+    let mut ds = start_nodes(&[&nats], &room, &["a", "b"]);
+    let mut alice = ds[0].join("alice");
+    let mut mallory = ds[1].join("mallory");
+    alice.expect_prefix("*** JOIN mallory");
+
+    // A ban made on node a refuses the name on node b; the user online there is sent away.
+    let out = ds[0].chatctl(&["ban", "mallory", "--reason", "spamming"]);
+    assert!(out.status.success(), "{out:?}");
+    let kicked = mallory.expect_prefix("*** KICKED");
+    assert!(kicked.contains("spamming"), "{kicked}");
+    assert_eq!(mallory.try_line(), None);
+    alice.expect_prefix("*** KICK mallory");
+    for d in &ds {
+        let last = std::cell::RefCell::new(String::new());
+        wait_for(
+            WAIT,
+            "the ban to be in force",
+            || {
+                let answer = try_name(d, "Mallory");
+                let banned = answer.starts_with("*** ERR banned ");
+                *last.borrow_mut() = answer;
+                banned.then_some(())
+            },
+            || format!("last answer: {}\n{}", last.borrow(), d.log()),
+        );
+    }
+
+    // Stop both nodes, start both again on the same NATS: the ban holds on both.
+    drop(alice);
+    for d in &mut ds {
+        d.signal(Signal::SIGTERM);
+        assert_eq!(d.wait_exit(), Some(0), "{}", d.log());
+    }
+    let restarted: Vec<TestDaemon> = ds
+        .into_iter()
+        .map(|mut d| {
+            let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().expect("tempdir"));
+            let text = std::fs::read_to_string(&d.config_path).expect("config");
+            let d = TestDaemon::start_with_text(dir, &text);
+            d.wait_cluster_ready();
+            d
+        })
+        .collect();
+    // (A node that never saw the ban: cluster_a_new_node_refuses_banned_names_at_once.)
+    for d in &restarted {
+        let node = d.cluster_status()["node"].clone();
+        let listed = std::cell::RefCell::new(String::new());
+        wait_for(
+            WAIT,
+            "chatctl bans to list the ban",
+            || {
+                let bans = d.chatctl_json(&["bans"]).to_string();
+                let found = bans.contains("mallory") && bans.contains("spamming");
+                *listed.borrow_mut() = bans;
+                found.then_some(())
+            },
+            || format!("node {node}: {}", listed.borrow()),
+        );
+        let last = std::cell::RefCell::new(String::new());
+        wait_for(
+            WAIT,
+            "the ban to be in force after the restart",
+            || {
+                let answer = try_name(d, "mallory");
+                let banned = answer.starts_with("*** ERR banned ");
+                *last.borrow_mut() = answer;
+                banned.then_some(())
+            },
+            || format!("last answer: {}\n{}", last.borrow(), d.log()),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------- history
+
+/// A newcomer's `*** HISTORY` lines on `d`, as (timestamp, rest). `witness`, a member on any
+/// node, waits for the newcomer's join and then sends it a private line, which marks the end
+/// of what the newcomer was given on arrival (a private line is not history).
+fn history_on(d: &TestDaemon, name: &str, witness: &mut Client) -> Vec<(String, String)> {
+    let mut c = d.enter(name);
+    witness.expect_prefix(&format!("*** JOIN {name}"));
+    witness.send(&format!("/msg {name} that was all"));
+    witness.expect_prefix(&format!("-> {name} (private)"));
+    read_until(&mut c, |l| l.ends_with("(private): that was all"))
+        .into_iter()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("*** HISTORY ")?;
+            let (ts, line) = rest.split_once(' ')?;
+            Some((ts.to_owned(), line.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn cluster_history_is_the_same_on_every_node() {
+    if !nats_present() {
+        return;
+    }
+    history_scenario(false);
+}
+
+/// alice (node a) says six things; newcomers on node a, on node b and, if `late`, on a node
+/// started after all that, get the last three as history.
+fn history_scenario(late: bool) {
+    let nats = NatsServer::start();
+    let room = room_name("history");
+    let start = |nodes: &[&str]| {
+        let ds = TestDaemon::start_many(nodes.len(), |i| {
+            cluster_config(&[&nats], &room, nodes[i]).set("room", "history", "3")
+        });
+        for d in &ds {
+            d.wait_cluster_ready();
+        }
+        ds
+    };
+    let ds = start(&["a", "b"]);
+    let mut alice = ds[0].join("alice");
+    let mut bob = ds[1].join("bob");
+    alice.expect_prefix("*** JOIN bob");
+    for i in 1..=5 {
+        alice.send(&format!("message {i}"));
+    }
+    sync(&mut alice, "alice", "message 6", &mut [&mut bob]);
+    let want = ["alice: message 4", "alice: message 5", "alice: message 6"];
+
+    let on_a = history_on(&ds[0], "newa", &mut alice);
+    let on_b = history_on(&ds[1], "newb", &mut alice);
+    let text = |h: &[(String, String)]| h.iter().map(|(_, l)| l.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        text(&on_a),
+        want,
+        "history on the node the messages were sent on"
+    );
+    assert_eq!(text(&on_b), want, "history on the other node");
+    // The same moments, give or take the second they were delivered in.
+    for ((ta, _), (tb, _)) in on_a.iter().zip(&on_b) {
+        let ta = humantime::parse_rfc3339(ta).expect("timestamp");
+        let tb = humantime::parse_rfc3339(tb).expect("timestamp");
+        let apart = ta.duration_since(tb).or_else(|_| tb.duration_since(ta));
+        assert!(
+            apart.expect("order") <= Duration::from_secs(1),
+            "{on_a:?} / {on_b:?}"
+        );
+    }
+
+    if late {
+        // A node started after those messages (and after the newcomers above came and went)
+        // gives its newcomers the same history.
+        let late = start(&["c"]);
+        let on_c = history_on(&late[0], "newc", &mut alice);
+        assert_eq!(
+            text(&on_c),
+            want,
+            "history on a node started after the messages"
+        );
+    }
+}
+
+// ----------------------------------------------------------------------------------- faults
+
+#[test]
+fn cluster_a_killed_node_s_users_leave_once() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let mut ds = start_nodes(&[&nats], &room_name("kill"), &["a", "b", "c"]);
+    let mut alice = ds[0].join("alice");
+    let mut bob = ds[1].join("bob");
+    let _carol = ds[2].join("carol");
+    let _dave = ds[2].join("dave");
+    for who in ["bob", "carol", "dave"] {
+        alice.expect_prefix(&format!("*** JOIN {who}"));
+    }
+    for who in ["carol", "dave"] {
+        bob.expect_prefix(&format!("*** JOIN {who}"));
+    }
+    wait_live(&[&ds[0], &ds[1], &ds[2]], &["a", "b", "c"]);
+
+    ds[2].kill();
+    let killed = Instant::now();
+    // Chat goes on at once.
+    alice.send("right after the kill");
+    let seen = read_until(&mut bob, |l| l == "alice: right after the kill");
+    assert!(
+        killed.elapsed() < Duration::from_secs(2),
+        "a line took {:?} after the kill: {seen:?}",
+        killed.elapsed()
+    );
+
+    // Each of the dead node's users leaves once, on each survivor, within node-timeout + 5 s.
+    let leaves = [
+        "*** LEAVE carol left (node c lost)",
+        "*** LEAVE dave left (node c lost)",
+    ];
+    let mut lines = [seen, Vec::new()];
+    for (c, lines) in [&mut alice, &mut bob].into_iter().zip(&mut lines) {
+        while !leaves.iter().all(|l| lines.contains(&(*l).to_owned())) {
+            assert!(
+                killed.elapsed() < Duration::from_secs(2 + 5),
+                "no leave within node-timeout + 5 s: {lines:?}"
+            );
+            lines.push(c.line());
+        }
+    }
+    // Give a second announcement time to show up (the reaper runs every 0.5 s), then read
+    // both receivers up to a common line.
+    wait_live(&[&ds[0], &ds[1]], &["a", "b"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let rest = sync(&mut alice, "alice", "after the leaves", &mut [&mut bob]);
+    lines[1].extend(rest.into_iter().flatten());
+    for (who, lines) in ["alice", "bob"].iter().zip(&lines) {
+        for l in leaves {
+            assert_eq!(count(lines, l), 1, "{who} saw {l:?} not once: {lines:?}");
+        }
+    }
+
+    // The names are free on the survivors.
+    let _carol = ds[0].join("carol");
+    let _dave = ds[1].join("dave");
+}
+
+/// What the members saw of a NATS outage: the lines each of alice, bob (another node) and
+/// carol (alice's node) read from NATS's stop until after a line sent once it was back, and
+/// whether alice's line sent during the outage was answered `*** ERR not-delivered`.
+struct Outage {
+    seen: HashMap<&'static str, Vec<String>>,
+    refused: bool,
+}
+
+/// Two nodes on one NATS server, which is stopped (SIGTERM) and started again on the same
+/// port and store; alice says "while down" during the outage.
+fn nats_outage() -> Outage {
+    let mut nats = NatsServer::start();
+    let ds = start_nodes(&[&nats], &room_name("natsdown"), &["a", "b"]);
+    let mut alice = ds[0].join("alice");
+    let mut carol = ds[0].join("carol");
+    let mut bob = ds[1].join("bob");
+    alice.expect_prefix("*** JOIN carol");
+    alice.expect_prefix("*** JOIN bob");
+    carol.expect_prefix("*** JOIN bob");
+    sync(&mut alice, "alice", "before", &mut [&mut bob, &mut carol]);
+
+    nats.stop();
+    let degraded = "*** NOTICE the room is degraded: ";
+    let back = "*** NOTICE the room is back: ";
+    let mut seen: HashMap<&str, Vec<String>> = HashMap::new();
+    for (who, c) in [
+        ("alice", &mut alice),
+        ("bob", &mut bob),
+        ("carol", &mut carol),
+    ] {
+        seen.insert(who, read_until(c, |l| l.starts_with(degraded)));
+    }
+
+    // A line sent while NATS is down: not lost silently.
+    alice.send("while down");
+    // A new name cannot be taken meanwhile.
+    let answer = try_name(&ds[1], "dave");
+    assert!(answer.starts_with("*** ERR unavailable "), "{answer}");
+    // The sender is told within ~10 s that it was not delivered (or it goes out later).
+    let refused = match line_within(&mut alice, Duration::from_secs(15)) {
+        Some(l) if l.starts_with("*** ERR not-delivered ") => true,
+        Some(l) => panic!("unexpected line while NATS is down: {l}"),
+        None => false,
+    };
+
+    nats.start_again();
+    nats.wait_jetstream(WAIT);
+    for (who, c) in [
+        ("alice", &mut alice),
+        ("bob", &mut bob),
+        ("carol", &mut carol),
+    ] {
+        seen.get_mut(who)
+            .expect("seen")
+            .extend(read_until(c, |l| l.starts_with(back)));
+    }
+    for d in &ds {
+        d.wait_cluster_ready();
+    }
+
+    // Chat works again, without restarting chatd; users were never disconnected.
+    let after = wait_for(
+        Duration::from_secs(20),
+        "a line to go through after NATS is back",
+        || {
+            let rest = sync(&mut alice, "alice", "after", &mut [&mut bob, &mut carol]);
+            Some(rest)
+        },
+        String::new,
+    );
+    seen.get_mut("bob").expect("bob").extend(after[0].clone());
+    seen.get_mut("carol")
+        .expect("carol")
+        .extend(after[1].clone());
+    Outage { seen, refused }
+}
+
+#[test]
+fn cluster_survives_its_nats_server_restarting() {
+    if !nats_present() {
+        return;
+    }
+    let Outage { seen, refused } = nats_outage();
+    let degraded = "*** NOTICE the room is degraded: ";
+    let back = "*** NOTICE the room is back: ";
+    for (who, lines) in &seen {
+        assert_eq!(
+            lines.iter().filter(|l| l.starts_with(degraded)).count(),
+            1,
+            "{who}: degraded once: {lines:?}"
+        );
+        assert_eq!(
+            lines.iter().filter(|l| l.starts_with(back)).count(),
+            1,
+            "{who}: back once: {lines:?}"
+        );
+    }
+    // The line sent during the outage is never lost silently, never shown twice. (That a
+    // refused line must not show up later either is cluster_a_refused_line_is_never_delivered.)
+    for who in ["bob", "carol"] {
+        let shown = count(&seen[who], "alice: while down");
+        assert!(
+            shown <= 1,
+            "{who} saw the line {shown} times: {:?}",
+            seen[who]
+        );
+        assert!(
+            refused || shown == 1,
+            "{who}: a line neither refused nor delivered: {:?}",
+            seen[who]
+        );
+    }
+}
+
+#[test]
+fn cluster_survives_losing_a_nats_server_of_three() {
+    if !nats_present() {
+        return;
+    }
+    let mut servers = NatsServer::cluster(3);
+    let room = room_name("nats3");
+    let ds = {
+        let refs: Vec<&NatsServer> = servers.iter().collect();
+        let ds = TestDaemon::start_many(2, |i| {
+            cluster_config(&refs, &room, ["a", "b"][i]).set("cluster", "replicas", "3")
+        });
+        for d in &ds {
+            d.wait_cluster_ready();
+        }
+        ds
+    };
+    let mut ra = ds[0].join("ra");
+    let mut rb = ds[1].join("rb");
+    ra.expect_prefix("*** JOIN rb");
+    sync(&mut ra, "ra", "start", &mut [&mut rb]);
+
+    // The stream's leader, to kill it.
+    let info = servers[0]
+        .client()
+        .js_api(&format!("STREAM.INFO.CHAT_{room}"), "")
+        .expect("stream info");
+    let leader = info["cluster"]["leader"]
+        .as_str()
+        .unwrap_or("n0")
+        .to_owned();
+    let victim = servers.iter().position(|s| s.name == leader).unwrap_or(0);
+
+    const LINES: usize = 80;
+    let go = Arc::new(Barrier::new(3));
+    let senders: Vec<_> = [(0, "sa"), (1, "sb")]
+        .into_iter()
+        .map(|(node, name)| {
+            let mut c = ds[node].join(name);
+            let go = go.clone();
+            thread::spawn(move || {
+                go.wait();
+                for i in 0..LINES {
+                    c.send(&format!("{name} line {i}"));
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                c
+            })
+        })
+        .collect();
+    go.wait();
+    std::thread::sleep(Duration::from_millis(600));
+    servers[victim].kill();
+    let senders: Vec<Client> = senders
+        .into_iter()
+        .map(|t| t.join().expect("sender"))
+        .collect();
+
+    // Every line once, the same order on both nodes.
+    let mut orders = Vec::new();
+    let warnings = || {
+        ds.iter()
+            .map(|d| {
+                let log = d.log();
+                let w: Vec<&str> = log.lines().filter(|l| !l.contains(" INFO ")).collect();
+                w.join("\n")
+            })
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    for (who, r) in [("ra", &mut ra), ("rb", &mut rb)] {
+        let mut lines: Vec<String> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lines.len() < 2 * LINES {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(l) = line_within(r, left.max(Duration::from_millis(1))) else {
+                panic!(
+                    "{who}: {} of {} lines 30 s after the kill of {leader}: {lines:?}\n{}",
+                    lines.len(),
+                    2 * LINES,
+                    warnings()
+                );
+            };
+            assert!(!l.starts_with("*** ERR"), "{l}\n{}", warnings());
+            if !l.starts_with("*** ") {
+                lines.push(l);
+            }
+        }
+        orders.push(lines);
+    }
+    assert_eq!(orders[0], orders[1], "the nodes disagree on the order");
+    for name in ["sa", "sb"] {
+        let theirs: Vec<&str> = orders[0]
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .collect();
+        let want: Vec<String> = (0..LINES).map(|i| format!("{name} line {i}")).collect();
+        assert_eq!(theirs, want, "{name}'s lines: each once, in order");
+    }
+    // No sender was told a line was lost.
+    for mut s in senders {
+        s.send("/who");
+        let lines = read_until(&mut s, |l| l.starts_with("*** WHO "));
+        assert!(!lines.iter().any(|l| l.starts_with("*** ERR")), "{lines:?}");
+    }
+    let after = sync(&mut ra, "ra", "end", &mut [&mut rb]);
+    assert!(
+        after[0].iter().all(|l| l.starts_with("*** ")),
+        "lines after the counted ones: {after:?}"
+    );
+}
+
+#[test]
+fn cluster_node_started_before_nats_waits_for_it() {
+    if !nats_present() {
+        return;
+    }
+    let mut nats = NatsServer::unstarted();
+    let d = TestDaemon::with(cluster_config(&[&nats], &room_name("early"), "a")).start();
+
+    // Up, answering, and saying what it waits for.
+    let last = std::cell::RefCell::new(serde_json::Value::Null);
+    wait_for(
+        WAIT,
+        "status to say what the node waits for",
+        || {
+            let c = d.chatctl_json(&["status"])["response"]["cluster"].clone();
+            let waiting = c["waiting"].as_str().is_some_and(|w| w.contains("NATS"));
+            let done = c["ready"] == false && waiting;
+            *last.borrow_mut() = c;
+            done.then_some(())
+        },
+        || format!("last: {}\n{}", last.borrow(), d.log()),
+    );
+    let last = last.into_inner();
+    assert_eq!(last["connected"], false, "{last}");
+    let answer = try_name(&d, "alice");
+    assert!(answer.starts_with("*** ERR unavailable "), "{answer}");
+    nats.start_again();
+    d.wait_cluster_ready();
+    assert!(d.cluster_status()["waiting"].is_null());
+    let mut alice = d.join("alice");
+    let mut bob = d.join("bob");
+    alice.expect_prefix("*** JOIN bob");
+    bob.send("hello");
+    assert_eq!(alice.line(), "bob: hello");
+}
+
+// ---------------------------------------------------------------------------------- hostile
+
+#[test]
+fn cluster_skips_hostile_messages_on_the_bus() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let room = room_name("hostile");
+    let ds = start_nodes(&[&nats], &room, &["a", "b"]);
+    let mut alice = ds[0].join("alice");
+    let mut bob = ds[1].join("bob");
+    alice.expect_prefix("*** JOIN bob");
+
+    let member = r#""who":{"node":"evil","boot":1,"id":7}"#;
+    let oversized = format!(
+        r#"{{"v":1,"from":"evil","event":"announce","text":"{}"}}"#,
+        "x".repeat(300 * 1024)
+    );
+    let long_text = format!(
+        r#"{{"v":1,"from":"evil","event":"announce","text":"{}"}}"#,
+        "y".repeat(65 * 1024)
+    );
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let skipped: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        (
+            "garbage",
+            b"\x00\xff\xfe not json at all \r\n PING".to_vec(),
+        ),
+        ("oversized", oversized.into_bytes()),
+        ("text over 64 KiB", long_text.into_bytes()),
+        ("deep nesting", deep.into_bytes()),
+        (
+            "future version",
+            br#"{"v":2,"from":"evil","event":"announce","text":"from the future"}"#.to_vec(),
+        ),
+        (
+            "version as text",
+            br#"{"v":"1","from":"evil","event":"announce","text":"typed wrong"}"#.to_vec(),
+        ),
+        (
+            "unknown event",
+            br#"{"v":1,"from":"evil","event":"format-disk"}"#.to_vec(),
+        ),
+        (
+            "bad node name",
+            br#"{"v":1,"from":"no such node!","event":"announce","text":"bad node"}"#.to_vec(),
+        ),
+        ("missing fields", br#"{"v":1}"#.to_vec()),
+    ];
+    let mut raw = nats.client();
+    let subject = format!("chat.{room}.events");
+    let mut seqs = Vec::new();
+    for (what, payload) in &skipped {
+        let ack = raw.js_publish(&subject, payload);
+        let seq = ack["seq"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{what}: not stored: {ack}"));
+        seqs.push((*what, seq));
+    }
+    // Well-formed but not acceptable: a reserved name, and a control-laden announcement
+    // (sanitised again, so it stays one harmless line).
+    let bad_name = format!(
+        r#"{{"v":1,"from":"evil","event":"say",{member},"name":"root","text":"i am root","at":0}}"#
+    );
+    raw.js_publish(&subject, bad_name.as_bytes());
+    raw.js_publish(
+        &subject,
+        br#"{"v":1,"from":"evil","event":"announce","text":"hi\u001b[2J\r\n*** KICKED fake"}"#,
+    );
+
+    // Chat goes on; the only line anyone saw from all that is the sanitised announcement.
+    let rest = sync(&mut bob, "bob", "still here", &mut [&mut alice]);
+    let notice = "*** NOTICE hi\\u{001b}[2J\\u{000d}\\u{000a}*** KICKED fake";
+    assert_eq!(rest[0], [notice], "alice");
+    let rest = sync(&mut alice, "alice", "me too", &mut [&mut bob]);
+    assert_eq!(rest[0], [notice], "bob");
+
+    for d in &ds {
+        let v = d.chatctl_json(&["status"]);
+        assert_eq!(v["response"]["cluster"]["ready"], true);
+        let log = d.log();
+        assert!(!log.contains("panicked"), "{log}");
+        for (what, seq) in &seqs {
+            assert!(
+                log.lines().any(|l| l.contains("skipping a stream message")
+                    && l.contains(&format!("seq={seq} "))),
+                "{what} (seq {seq}) not logged as skipped:\n{log}"
+            );
+        }
+        assert!(
+            log.contains("ignoring a member with an invalid name"),
+            "the reserved name was not logged:\n{log}"
+        );
+    }
+}
+
+// ------------------------------------------------------------ bugs these tests found
+
+#[test]
+#[ignore = "BUG: cluster.name with '_' passes the config check but the bus refuses it; the node retries forever"]
+fn cluster_room_names_with_an_underscore_work() {
+    if !nats_present() {
+        return;
+    }
+    // chatd --check-config accepts `_` in cluster.name (docs: A-Z a-z 0-9 - _).
+    let nats = NatsServer::start();
+    let name = format!("under_score_{}", std::process::id());
+    let ds = start_nodes(&[&nats], &name, &["a", "b"]);
+    let (mut alice, mut bob) = (ds[0].join("alice"), ds[1].join("bob"));
+    alice.expect_prefix("*** JOIN bob");
+    bob.send("hi");
+    assert_eq!(alice.line(), "bob: hi");
+}
+
+#[test]
+#[ignore = "BUG: a /nick before the member's own join came back from NATS is refused as name-invalid (empty); timing-dependent"]
+fn cluster_nick_right_after_joining_works() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let ds = start_nodes(&[&nats], &room_name("nick1"), &["a"]);
+    // The name and the /nick in one packet: the /nick is handled before the join is back.
+    let mut c = ds[0].connect();
+    c.expect_prefix("*** HELLO");
+    c.send_raw(b"xx\n/nick yy\n");
+    let lines = read_until(&mut c, |l| {
+        l.starts_with("*** NICK") || l.starts_with("*** ERR")
+    });
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("*** NICK xx is now known as yy"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+#[ignore = "BUG: after /nick the old name stays claimed in NATS until the member leaves"]
+fn cluster_nick_frees_the_old_name() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let ds = start_nodes(&[&nats], &room_name("nick2"), &["a", "b"]);
+    let mut zed = ds[0].join("zed");
+    zed.send("/nick zorro");
+    assert_eq!(zed.line(), "*** NICK zed is now known as zorro");
+    for d in &ds {
+        let answer = try_name(d, "zed");
+        assert!(answer.starts_with("*** WELCOME zed "), "{answer}");
+    }
+}
+
+#[test]
+#[ignore = "BUG: /msg to a name nobody holds is answered with two *** ERR no-such-user lines"]
+fn cluster_a_private_message_to_nobody_is_refused_once() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let ds = start_nodes(&[&nats], &room_name("msg"), &["a"]);
+    let mut alice = ds[0].join("alice");
+    alice.send("/msg nobody hi");
+    let l = alice.line();
+    assert!(l.starts_with("*** ERR no-such-user "), "{l}");
+    let again = line_within(&mut alice, Duration::from_millis(1500));
+    assert_eq!(again, None, "a second answer");
+}
+
+#[test]
+#[ignore = "BUG: /who right after WELCOME is answered before the history arrives and does not list the newcomer"]
+fn cluster_a_newcomer_gets_history_before_answers() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let ds = start_nodes(&[&nats], &room_name("hist2"), &["a"]);
+    let mut alice = ds[0].join("alice");
+    alice.send("hello");
+    // As on a single node: welcome, MOTD, history, then the answer to what it asked (asked
+    // at once, in the same packet as the name).
+    let mut c = ds[0].connect();
+    c.expect_prefix("*** HELLO");
+    c.send_raw(b"newcomer\n/who\n");
+    let lines = read_until(&mut c, |l| l.starts_with("*** WHO "));
+    assert!(
+        lines.iter().any(|l| l.ends_with(" alice: hello")),
+        "history before the answer: {lines:?}"
+    );
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("*** WHO 2 alice newcomer"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+#[ignore = "BUG: a line answered *** ERR not-delivered while NATS was down reaches the room once NATS is back"]
+fn cluster_a_refused_line_is_never_delivered() {
+    if !nats_present() {
+        return;
+    }
+    let Outage { seen, refused } = nats_outage();
+    for who in ["bob", "carol"] {
+        let shown = count(&seen[who], "alice: while down");
+        assert_eq!(
+            shown == 1,
+            !refused,
+            "{who}: a line refused as not delivered must not reach the room later, one not \
+             refused must reach it (refused: {refused}): {:?}",
+            seen[who]
+        );
+    }
+}
+
+#[test]
+#[ignore = "BUG: until Bus::connect gives up (60 s) the log only says `nats event: client error: nats: IO error` at INFO"]
+fn cluster_log_says_why_it_waits_for_nats() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::unstarted();
+    let d = TestDaemon::with(cluster_config(&[&nats], &room_name("early2"), "a")).start();
+    // A warning that names the server it cannot reach and says it keeps trying.
+    wait_for(
+        WAIT,
+        "a warning that chatd cannot reach NATS and retries",
+        || {
+            d.log()
+                .lines()
+                .any(|l| {
+                    l.contains("WARN")
+                        && l.contains(&nats.addr().to_string())
+                        && l.contains("retrying")
+                })
+                .then_some(())
+        },
+        || d.log(),
+    );
+}
+
+#[test]
+#[ignore = "BUG: a node started after a ban never applies it (the bans bucket is watched for new entries only)"]
+fn cluster_a_new_node_refuses_banned_names_at_once() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let room = room_name("bans2");
+    let ds = start_nodes(&[&nats], &room, &["a"]);
+    let out = ds[0].chatctl(&["ban", "mallory"]);
+    assert!(out.status.success(), "{out:?}");
+    // From the moment it is ready, a new node applies the room's bans.
+    let late = start_nodes(&[&nats], &room, &["b"]);
+    let answer = try_name(&late[0], "mallory");
+    assert!(answer.starts_with("*** ERR banned "), "{answer}");
+    let bans = late[0].chatctl_json(&["bans"]).to_string();
+    assert!(bans.contains("mallory"), "{bans}");
+}
+
+#[test]
+#[ignore = "BUG: a starting node reads the last room.history stream messages, joins and leaves included, so it keeps fewer (often no) lines"]
+fn cluster_a_node_started_later_gives_the_same_history() {
+    if !nats_present() {
+        return;
+    }
+    history_scenario(true);
+}
+
+#[test]
+#[ignore = "BUG: a member who leaves before its own join comes back from NATS is invisible on its own node but seen (join, lines, leave) on the others"]
+fn cluster_a_member_who_leaves_at_once_is_seen_alike_everywhere() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let ds = start_nodes(&[&nats], &room_name("quick"), &["a", "b"]);
+    let mut ra = ds[0].join("ra");
+    let mut rb = ds[1].join("rb");
+    let mut marker = ds[0].join("marker");
+    ra.expect_prefix("*** JOIN rb");
+    sync(&mut marker, "marker", "start", &mut [&mut ra, &mut rb]);
+    // Name, a line and /quit in one packet, on node b.
+    let mut v = ds[1].connect();
+    v.expect_prefix("*** HELLO");
+    v.send_raw(b"visitor\nhello\n/quit\n");
+    let _ = v.until_eof();
+    let seen = sync(&mut marker, "marker", "end", &mut [&mut ra, &mut rb]);
+    let (on_a, on_b) = (&seen[0], &seen[1]);
+    assert_eq!(
+        on_a, on_b,
+        "node a's member and node b's member saw different rooms"
+    );
+}
