@@ -1061,10 +1061,9 @@ fn cluster_skips_hostile_messages_on_the_bus() {
     }
 }
 
-// ------------------------------------------------------------ bugs these tests found
+// ------------------------------------------------------------ edges: joins, renames, history, bans, start-up
 
 #[test]
-#[ignore = "BUG: cluster.name with '_' passes the config check but the bus refuses it; the node retries forever"]
 fn cluster_room_names_with_an_underscore_work() {
     if !nats_present() {
         return;
@@ -1080,7 +1079,6 @@ fn cluster_room_names_with_an_underscore_work() {
 }
 
 #[test]
-#[ignore = "BUG: a /nick before the member's own join came back from NATS is refused as name-invalid (empty); timing-dependent"]
 fn cluster_nick_right_after_joining_works() {
     if !nats_present() {
         return;
@@ -1102,7 +1100,6 @@ fn cluster_nick_right_after_joining_works() {
 }
 
 #[test]
-#[ignore = "BUG: after /nick the old name stays claimed in NATS until the member leaves"]
 fn cluster_nick_frees_the_old_name() {
     if !nats_present() {
         return;
@@ -1119,7 +1116,6 @@ fn cluster_nick_frees_the_old_name() {
 }
 
 #[test]
-#[ignore = "BUG: /msg to a name nobody holds is answered with two *** ERR no-such-user lines"]
 fn cluster_a_private_message_to_nobody_is_refused_once() {
     if !nats_present() {
         return;
@@ -1135,7 +1131,6 @@ fn cluster_a_private_message_to_nobody_is_refused_once() {
 }
 
 #[test]
-#[ignore = "BUG: /who right after WELCOME is answered before the history arrives and does not list the newcomer"]
 fn cluster_a_newcomer_gets_history_before_answers() {
     if !nats_present() {
         return;
@@ -1162,7 +1157,6 @@ fn cluster_a_newcomer_gets_history_before_answers() {
 }
 
 #[test]
-#[ignore = "BUG: a line answered *** ERR not-delivered while NATS was down reaches the room once NATS is back"]
 fn cluster_a_refused_line_is_never_delivered() {
     if !nats_present() {
         return;
@@ -1181,7 +1175,6 @@ fn cluster_a_refused_line_is_never_delivered() {
 }
 
 #[test]
-#[ignore = "BUG: until Bus::connect gives up (60 s) the log only says `nats event: client error: nats: IO error` at INFO"]
 fn cluster_log_says_why_it_waits_for_nats() {
     if !nats_present() {
         return;
@@ -1207,7 +1200,6 @@ fn cluster_log_says_why_it_waits_for_nats() {
 }
 
 #[test]
-#[ignore = "BUG: a node started after a ban never applies it (the bans bucket is watched for new entries only)"]
 fn cluster_a_new_node_refuses_banned_names_at_once() {
     if !nats_present() {
         return;
@@ -1226,7 +1218,6 @@ fn cluster_a_new_node_refuses_banned_names_at_once() {
 }
 
 #[test]
-#[ignore = "BUG: a starting node reads the last room.history stream messages, joins and leaves included, so it keeps fewer (often no) lines"]
 fn cluster_a_node_started_later_gives_the_same_history() {
     if !nats_present() {
         return;
@@ -1235,7 +1226,6 @@ fn cluster_a_node_started_later_gives_the_same_history() {
 }
 
 #[test]
-#[ignore = "BUG: a member who leaves before its own join comes back from NATS is invisible on its own node but seen (join, lines, leave) on the others"]
 fn cluster_a_member_who_leaves_at_once_is_seen_alike_everywhere() {
     if !nats_present() {
         return;

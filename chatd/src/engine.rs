@@ -166,6 +166,8 @@ pub enum Delivered {
     },
     /// The event named a member who is not (or no longer) here; nothing changed.
     NoSuchMember,
+    /// The engine could not deliver the event (a cluster whose bus did not answer in time).
+    NotDelivered,
     /// A message or action was sent.
     Posted,
 }

@@ -294,9 +294,13 @@ impl Room {
         match self.engine.append(self, Event::Join(who)) {
             Some(Delivered::Joined { users }) => Ok(users),
             None => Ok(self.len()),
-            Some(_) => {
+            Some(other) => {
                 self.engine.release(key, id);
-                Err(NameError::Taken)
+                Err(if other == Delivered::NotDelivered {
+                    NameError::Unavailable
+                } else {
+                    NameError::Taken
+                })
             }
         }
     }
@@ -315,14 +319,15 @@ impl Room {
 
     /// A private message from member `from` to the member named `to`.
     pub fn private(&self, from: ClientId, to: &str, text: &str) -> Result<String, RoomError> {
+        // Checked first so an engine that delivers later refuses a nobody at once, like a
+        // single node; a recipient who leaves before the delivery is reported by the engine.
+        let target = {
+            let st = self.lock();
+            self.find(&st, to).map(|m| m.name.display.clone())?
+        };
         match self.engine.append(self, Event::Private { from, to, text }) {
             Some(Delivered::Sent { to }) => Ok(to),
-            // Delivered later (a cluster): answered from this node's view of the room, and
-            // the sender is told if the recipient is gone by then.
-            None => {
-                let st = self.lock();
-                self.find(&st, to).map(|m| m.name.display.clone())
-            }
+            None => Ok(target),
             Some(_) => Err(RoomError::NoSuchUser(to.to_owned())),
         }
     }

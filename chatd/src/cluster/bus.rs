@@ -162,7 +162,7 @@ impl BusConfig {
             max_bytes: 1 << 30,
             duplicate_window: Duration::from_secs(120),
             lease_max_age: Duration::from_secs(60),
-            setup_timeout: Duration::from_secs(60),
+            setup_timeout: Duration::from_secs(5),
             publish_timeout: PUBLISH_DEADLINE,
             publish_attempt_timeout: Duration::from_secs(2),
             max_ack_inflight: 20_000,
@@ -201,6 +201,8 @@ pub struct Delivered {
 #[derive(Clone)]
 pub struct Bus {
     client: async_nats::Client,
+    /// Keeps the connection state current; stops when the last clone of the bus is dropped.
+    _state_task: Arc<AbortOnDrop>,
     js: jetstream::Context,
     stream: stream::Stream,
     subject: String,
@@ -209,6 +211,15 @@ pub struct Bus {
     bans: kv::Store,
     cfg: Arc<BusConfig>,
     state: watch::Receiver<ConnState>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Bus {
@@ -232,7 +243,8 @@ impl Bus {
     /// `connect` with every tunable exposed.
     pub async fn connect_with(cfg: BusConfig) -> Result<Bus> {
         let room = cfg.room.clone();
-        if room.is_empty() || !room.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        // The same rule as the config's `cluster.name` (config::is_cluster_token).
+        if !crate::config::is_cluster_token(&room) {
             return Err(BusError::Connect(format!(
                 "room name {room:?} must be [A-Za-z0-9_-]+"
             )));
@@ -272,11 +284,13 @@ impl Bus {
             .connect(cfg.servers.clone())
             .await
             .map_err(|e| BusError::Connect(e.to_string()))?;
-        {
+        // The task holds a client handle; it must end with the bus (or with a failed setup),
+        // or every retried connect would leave a client reconnecting forever.
+        let state_task = {
             let client = client.clone();
             let state_tx = state_tx.clone();
             let node = cfg.node.clone();
-            tokio::spawn(async move {
+            AbortOnDrop(tokio::spawn(async move {
                 // Also poll once in case the first Connected event raced the subscription.
                 loop {
                     let ev = tokio::time::timeout(Duration::from_secs(1), ev_rx.recv()).await;
@@ -307,8 +321,8 @@ impl Bus {
                         info!(node = %node, server = ?state_tx.borrow().server, "nats event: {ev}");
                     }
                 }
-            });
-        }
+            }))
+        };
 
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(5))
@@ -362,6 +376,7 @@ impl Bus {
         info!(room = %cfg.room, node = %cfg.node, "bus ready");
         Ok(Bus {
             client,
+            _state_task: Arc::new(state_task),
             js,
             stream,
             subject,
@@ -653,10 +668,10 @@ impl Bus {
         self.bans.delete(key).await.map_err(|e| nerr("unban", e))
     }
 
-    /// Every ban in the list, then every change to it.
+    /// Every ban in the list (the latest value of every key), then every change to it.
     pub async fn watch_bans(&self) -> Result<kv::Watch> {
         self.bans
-            .watch_all()
+            .watch_with_history(">")
             .await
             .map_err(|e| nerr("watch bans", e))
     }

@@ -54,6 +54,9 @@ const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 /// ids (which count from 1), so the two never meet.
 const REMOTE_IDS: u64 = 1 << 62;
 
+/// Most stream messages a starting node reads to find the room's recent history.
+const HISTORY_SCAN: u64 = 5_000;
+
 /// How often leases are checked and dead nodes' names reaped.
 const REAP_EVERY: Duration = Duration::from_millis(500);
 
@@ -68,6 +71,10 @@ struct Outgoing {
 /// A member of this node whose join is published but not yet delivered back.
 struct PendingJoin {
     outbox: Arc<Outbox>,
+    /// Its welcome lines, sent when it is seated (before the history, as on a single node).
+    welcome: Vec<Bytes>,
+    /// Tells the joining session it is seated.
+    seated: tokio::sync::oneshot::Sender<()>,
 }
 
 /// A member connected to this node, as the engine tracks it.
@@ -289,8 +296,12 @@ impl Cluster {
         if let Err(e) = bus.heartbeat(&self.node, lease(self.boot)).await {
             warn!(error = %e, "cannot write this node's lease yet");
         }
-        let history = host.history();
-        let start = match bus.history(history as u64).await {
+        // The stream holds joins, leaves and the rest between the messages: read far enough
+        // back to find `room.history` of them in all but the quietest-chatting rooms, bounded
+        // so a start never reads more than HISTORY_SCAN messages (the room keeps the last
+        // `room.history` it is given).
+        let scan = (host.history() as u64).saturating_mul(50).min(HISTORY_SCAN);
+        let start = match bus.history(scan).await {
             Ok((lines, last)) => {
                 for d in lines {
                     self.remember(host.room(), &d.payload);
@@ -684,7 +695,8 @@ impl Cluster {
 
     /// Delivers one event from the stream to this node's room.
     fn apply(&self, host: &dyn Host, env: Envelope) {
-        let room = &host.room();
+        let room = host.room();
+        let action = matches!(env.event, WireEvent::Act { .. });
         match env.event {
             WireEvent::Join {
                 who,
@@ -705,8 +717,9 @@ impl Cluster {
                         name,
                         addr,
                         outbox: p.outbox,
-                        welcome: &[],
+                        welcome: &p.welcome,
                     }));
+                    let _ = p.seated.send(());
                 } else {
                     self.seat_remote(host, &who, &name, addr, at, false);
                 }
@@ -716,24 +729,19 @@ impl Cluster {
                 name,
                 text,
                 at,
-            } => {
-                if let Some(id) = self.sender(host, &who, &name, at) {
-                    room.deliver(Event::Say {
-                        id,
-                        text: &protocol::sanitize(&text),
-                    });
-                }
             }
-            WireEvent::Act {
+            | WireEvent::Act {
                 who,
                 name,
                 text,
                 at,
             } => {
                 if let Some(id) = self.sender(host, &who, &name, at) {
-                    room.deliver(Event::Act {
-                        id,
-                        text: &protocol::sanitize(&text),
+                    let text = &protocol::sanitize(&text);
+                    room.deliver(if action {
+                        Event::Act { id, text }
+                    } else {
+                        Event::Say { id, text }
                     });
                 }
             }
@@ -984,11 +992,7 @@ impl Engine for Cluster {
                     outbox,
                     welcome,
                 } = who;
-                // The welcome now, not when the join comes back: whatever the newcomer asks
-                // meanwhile (`/who`, `/help`) is answered after it, as on a single node.
-                for frame in welcome {
-                    outbox.push(frame.clone());
-                }
+                let (seated, is_seated) = tokio::sync::oneshot::channel();
                 {
                     let mut book = self.book();
                     book.local.insert(
@@ -1003,6 +1007,8 @@ impl Engine for Cluster {
                         id,
                         PendingJoin {
                             outbox: outbox.clone(),
+                            welcome: welcome.to_vec(),
+                            seated,
                         },
                     );
                 }
@@ -1015,6 +1021,25 @@ impl Engine for Cluster {
                     },
                     Some(outbox),
                 );
+                // The session waits until its join comes back from the stream and it is seated
+                // (a round trip to NATS), so what it sends next is ordered after its join on
+                // every node, and what it asks is answered after its welcome and history, as
+                // on a single node.
+                if self.wait(is_seated).is_some_and(|r| r.is_ok()) {
+                    return None;
+                }
+                // Not seated in time: take the join back everywhere, so no node keeps a member
+                // this one never seated.
+                warn!("a join was not delivered back by the cluster in time; refusing it");
+                self.send(
+                    WireEvent::Leave {
+                        who: self.me(id),
+                        reason: "the room did not answer".to_owned(),
+                    },
+                    None,
+                );
+                self.forget_local(id);
+                return Some(Delivered::NotDelivered);
             }
             Event::Say { id, text } | Event::Act { id, text } => {
                 let action = matches!(event, Event::Act { .. });
@@ -1061,6 +1086,7 @@ impl Engine for Cluster {
                         m.outbox.clone()
                     })
                 };
+                let new_key = wire::kv_key(&name.key);
                 self.send(
                     WireEvent::Rename {
                         who: self.me(id),
@@ -1068,6 +1094,21 @@ impl Engine for Cluster {
                     },
                     outbox,
                 );
+                // The old name is free once the rename is on its way (the room releases it
+                // itself only when the engine delivers at once).
+                let old: Vec<(String, u64)> = {
+                    let mut book = self.book();
+                    let keys: Vec<String> = book
+                        .claims
+                        .iter()
+                        .filter(|(k, (h, _))| *h == id && **k != new_key)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    keys.into_iter()
+                        .filter_map(|k| book.claims.remove(&k).map(|(_, rev)| (k, rev)))
+                        .collect()
+                };
+                self.release_keys(old);
             }
             Event::Leave { id, reason } => {
                 if self.book().local.contains_key(&id) {
