@@ -80,9 +80,13 @@ start_node() {
     sleep 0.5
 }
 
+# Stops the nodes first (their users' leaves and name releases reach NATS), then NATS.
 stop_all() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    local i
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        kill "${pids[$i]}" 2>/dev/null || true
+        wait "${pids[$i]}" 2>/dev/null || true
+    done
     pids=()
 }
 

@@ -869,10 +869,16 @@ impl Cluster {
             return;
         };
         tokio::spawn(async move {
+            let mut failed = None;
             for (key, rev) in keys {
                 if let Err(e) = bus.release_name(&key, rev).await {
-                    warn!(error = %e, "cannot release a name in the cluster; it is freed when this node's lease ends");
+                    failed.get_or_insert(e);
                 }
+            }
+            // One line per batch, not per name: a mass disconnect while NATS is away would
+            // otherwise log thousands.
+            if let Some(e) = failed {
+                warn!(error = %e, "cannot release names in the cluster; they are freed when this node's lease ends");
             }
         });
     }
