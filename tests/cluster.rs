@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::helper::nats::{cluster_config, room_name};
-use crate::helper::{Client, NatsServer, TestDaemon, WAIT, require, wait_for};
+use crate::helper::{Client, NatsServer, TestDaemon, WAIT, require, wait_for, wait_until};
 
 /// Whether nats-server is installed (the tests skip, or fail under CI, without it).
 fn nats_present() -> bool {
@@ -961,6 +961,59 @@ fn cluster_node_started_before_nats_waits_for_it() {
     alice.expect_prefix("*** JOIN bob");
     bob.send("hello");
     assert_eq!(alice.line(), "bob: hello");
+}
+
+/// A node authenticates with a credentials file: `user:password` or a token, told apart by
+/// content. Wrong credentials keep it waiting with the reason in its status and log.
+#[test]
+fn cluster_nodes_authenticate_with_a_credentials_file() {
+    if !nats_present() {
+        return;
+    }
+    for (server_args, good, bad) in [
+        (
+            &["--user", "chat", "--pass", "s3cret"][..],
+            "chat:s3cret\n",
+            "chat:wrong\n",
+        ),
+        (
+            &["--auth", "t0ken-of-chat"][..],
+            "t0ken-of-chat\n",
+            "not-the-token\n",
+        ),
+    ] {
+        let nats = NatsServer::start_with_auth(server_args);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (good_path, bad_path) = (dir.path().join("good"), dir.path().join("bad"));
+        std::fs::write(&good_path, good).expect("write credentials");
+        std::fs::write(&bad_path, bad).expect("write credentials");
+        let room = room_name("auth");
+        let with = |node: &str, creds: &std::path::Path| {
+            cluster_config(&[&nats], &room, node).set_str(
+                "cluster",
+                "credentials",
+                &creds.display().to_string(),
+            )
+        };
+        let good_node = TestDaemon::with(with("a", &good_path)).start();
+        good_node.wait_cluster_ready();
+        let mut alice = good_node.join("alice");
+        let bad_node = TestDaemon::with(with("b", &bad_path)).start();
+        wait_until(WAIT, "the refused node to say why", || {
+            bad_node.log().to_lowercase().contains("authorization")
+        });
+        let c = bad_node.cluster_status();
+        assert_eq!(c["ready"], false, "{c}");
+        assert!(
+            c["waiting"].as_str().is_some_and(|w| w.contains("NATS")),
+            "{c}"
+        );
+        // The secret itself is never logged, only the file's path.
+        let secret = good.trim().rsplit(':').next().unwrap_or_default();
+        assert!(!bad_node.log().contains(secret) && !good_node.log().contains(secret));
+        alice.send("/who");
+        assert_eq!(alice.expect_prefix("*** WHO "), "*** WHO 1 alice");
+    }
 }
 
 // ---------------------------------------------------------------------------------- hostile

@@ -49,6 +49,19 @@ impl NatsServer {
         unreachable!()
     }
 
+    /// Starts one server with JetStream that only admits clients giving `args`' credentials
+    /// (`--user U --pass P`, `--auth TOKEN`); returns once it accepts TCP (this harness's own
+    /// NATS client does not authenticate, so JetStream is not probed).
+    pub fn start_with_auth(args: &[&str]) -> NatsServer {
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        let mut s = NatsServer::new(format!("n{}", free_port()), free_port(), args);
+        s.spawn();
+        if let Err(log) = s.wait_listening() {
+            panic!("nats-server did not start:\n{log}");
+        }
+        s
+    }
+
     /// A server whose port and store are picked but which is not started yet (for a test
     /// that starts chatd before NATS); [`NatsServer::start_again`] starts it.
     pub fn unstarted() -> NatsServer {

@@ -213,6 +213,51 @@ pub struct Bus {
     state: watch::Receiver<ConnState>,
 }
 
+/// What a credentials file holds, by its content: a NATS `.creds` file (a user JWT and its
+/// nkey seed), one line `user:password`, or one line that is a token.
+#[derive(Debug, PartialEq, Eq)]
+enum Credentials {
+    Creds(String),
+    UserPassword(String, String),
+    Token(String),
+}
+
+impl Credentials {
+    fn parse(text: &str) -> Option<Credentials> {
+        if text.contains("-----BEGIN NATS USER JWT-----") {
+            return Some(Credentials::Creds(text.to_owned()));
+        }
+        let line = text.trim();
+        if line.is_empty() || line.contains('\n') {
+            return None;
+        }
+        Some(match line.split_once(':') {
+            Some((user, pass)) if !user.is_empty() => {
+                Credentials::UserPassword(user.to_owned(), pass.to_owned())
+            }
+            _ => Credentials::Token(line.to_owned()),
+        })
+    }
+}
+
+/// Connect options carrying the credentials in `path` (never logged: only the path is).
+fn credentials(path: &Path) -> Result<async_nats::ConnectOptions> {
+    let bad = |why: String| BusError::Connect(format!("credentials {}: {why}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    match Credentials::parse(&text) {
+        Some(Credentials::Creds(c)) => {
+            async_nats::ConnectOptions::with_credentials(&c).map_err(|e| bad(e.to_string()))
+        }
+        Some(Credentials::UserPassword(u, p)) => {
+            Ok(async_nats::ConnectOptions::with_user_and_password(u, p))
+        }
+        Some(Credentials::Token(t)) => Ok(async_nats::ConnectOptions::with_token(t)),
+        None => Err(bad(
+            "expected a .creds file, one line user:password, or one line token".to_owned(),
+        )),
+    }
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -260,9 +305,7 @@ impl Bus {
         // server address is filled in below, from a task that holds the client.
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<async_nats::Event>();
         let mut opts = match &cfg.credentials {
-            Some(p) => async_nats::ConnectOptions::with_credentials_file(p)
-                .await
-                .map_err(|e| BusError::Connect(format!("credentials {}: {e}", p.display())))?,
+            Some(p) => credentials(p)?,
             None => async_nats::ConnectOptions::new(),
         };
         opts = opts
@@ -1025,5 +1068,29 @@ async fn sub_loop(bus: Bus, mut applied: u64, tx: mpsc::Sender<Delivered>, stats
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_files_are_told_apart_by_content() {
+        assert_eq!(
+            Credentials::parse("chat:s3cr:et\n"),
+            Some(Credentials::UserPassword("chat".into(), "s3cr:et".into()))
+        );
+        assert_eq!(
+            Credentials::parse("  t0ken  \n"),
+            Some(Credentials::Token("t0ken".into()))
+        );
+        let creds = "-----BEGIN NATS USER JWT-----\nabc\n------END NATS USER JWT------\n";
+        assert!(matches!(
+            Credentials::parse(creds),
+            Some(Credentials::Creds(_))
+        ));
+        assert_eq!(Credentials::parse(""), None);
+        assert_eq!(Credentials::parse("two\nlines"), None);
     }
 }
