@@ -67,9 +67,10 @@ def parse_label(label):
 def fmt(v):
     if v is None:
         return "—"
-    if isinstance(v, float) and not v.is_integer():
+    # Large figures (deliveries, bytes) are whole numbers; a median of two may end in .5.
+    if isinstance(v, float) and abs(v) < 1000 and not v.is_integer():
         return f"{v:,.2f}"
-    return f"{int(v):,}"
+    return f"{round(v):,}"
 
 
 def median(values):
