@@ -17,3 +17,4 @@ mod notify;
 mod reclaim;
 mod signals;
 mod systemd;
+mod tls;

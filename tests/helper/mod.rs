@@ -6,6 +6,7 @@
 //! - [`net`]: [`Client`], a line client over any stream (TCP by default).
 //! - [`wait`]: [`WAIT`], [`wait_until`], [`wait_for`], [`wait_child`].
 //! - [`components`]: [`require`] and [`require_root`], which skip (or fail under CI).
+//! - [`tls`]: [`Pki`], a test CA issuing certificates, and TLS [`Client`]s.
 
 #![allow(dead_code, unused_imports)]
 
@@ -13,6 +14,7 @@ pub mod components;
 pub mod config;
 pub mod daemon;
 pub mod net;
+pub mod tls;
 pub mod wait;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +24,7 @@ pub use components::{ci, require, require_root};
 pub use config::Config;
 pub use daemon::{Launch, TestDaemon, admin_request};
 pub use net::{Client, ReadTimeout, agreed_order, free_port};
+pub use tls::{Pki, TlsClient};
 pub use wait::{WAIT, wait_child, wait_for, wait_until};
 
 /// A `[limits]` section that lifts flood control, for tests that send bursts.

@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use crate::bans::{Ban, Bans, Target};
 use crate::config::ClusterConfig;
-use crate::engine::{Claim, ClientId, Deliver, Delivered, Engine, Event, Newcomer, Seq};
+use crate::engine::{Claim, ClientId, Deliver, Delivered, Engine, Event, Newcomer, Seq, Transport};
 use crate::outbox::Outbox;
 use crate::room::{Remote, Room};
 use chat_proto::names::{Name, NameError};
@@ -68,6 +68,7 @@ struct Outgoing {
 /// A member of this node whose join is published but not yet delivered back.
 struct PendingJoin {
     outbox: Arc<Outbox>,
+    transport: Transport,
 }
 
 /// A member connected to this node, as the engine tracks it.
@@ -680,6 +681,7 @@ impl Cluster {
                         id: who.id,
                         name,
                         addr,
+                        transport: p.transport,
                         outbox: p.outbox,
                         welcome: &[],
                     }));
@@ -957,6 +959,7 @@ impl Engine for Cluster {
                     id,
                     name,
                     addr,
+                    transport,
                     outbox,
                     welcome,
                 } = who;
@@ -979,6 +982,7 @@ impl Engine for Cluster {
                         id,
                         PendingJoin {
                             outbox: outbox.clone(),
+                            transport,
                         },
                     );
                 }
