@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::helper::tls::peer_leaf;
-use crate::helper::{Pki, TestDaemon, WAIT, require, wait_for};
+use crate::helper::{Pki, TestDaemon, WAIT, bin, require, wait_for};
 
 /// A CA in a temp dir, a valid leaf, and a daemon serving it on TLS and plain TCP.
 fn tls_daemon(extra: &str) -> (tempfile::TempDir, Pki, TestDaemon) {
@@ -332,4 +332,88 @@ fn openssl_s_client_chats_with_a_plaintext_user() {
     );
     let _ = reader.join();
     assert!(seen().contains("*** BYE"), "{}", seen());
+}
+/// Runs `chat-client ARGS` with `input` on standard input; its exit code, stdout and stderr.
+fn chat_client(args: &[&str], input: &str) -> (Option<i32>, String, String) {
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(bin("chat-client"))
+        .args(args)
+        .env("XDG_CONFIG_HOME", home.path())
+        .env_remove("CHAT_CLIENT_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn chat-client");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // The client may end (refusing the server) before reading its input.
+    let _ = stdin.write_all(input.as_bytes());
+    drop(stdin);
+    let out = crate::helper::wait_child(&mut child, WAIT)
+        .map(|s| s.code())
+        .unwrap_or_else(|| panic!("chat-client did not end"));
+    let read = |r: Option<&mut dyn Read>| {
+        let mut s = String::new();
+        if let Some(r) = r {
+            let _ = r.read_to_string(&mut s);
+        }
+        s
+    };
+    let stdout = read(child.stdout.as_mut().map(|s| s as &mut dyn Read));
+    let stderr = read(child.stderr.as_mut().map(|s| s as &mut dyn Read));
+    (out, stdout, stderr)
+}
+
+#[test]
+fn chat_client_tls_with_a_private_ca_chats_with_a_plaintext_user() {
+    let (_dir, pki, d) = tls_daemon("");
+    let mut paul = d.join("paul");
+    let ca = pki.ca_path.display().to_string();
+    let port = d.tls_addr().port().to_string();
+    // `--tls` with a host and port, then the `chats://` form.
+    let (code, out, err) = chat_client(
+        &["--tls", "--ca", &ca, "localhost", &port],
+        "cleo\nhello over tls\n",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("*** WELCOME cleo"), "{out}");
+    assert_eq!(paul.expect_prefix("cleo:"), "cleo: hello over tls");
+    let url = format!("chats://127.0.0.1:{port}");
+    let (code, _, err) = chat_client(&["--ca", &ca, &url], "cleo\nagain\n");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(paul.expect_prefix("cleo:"), "cleo: again");
+}
+
+#[test]
+fn chat_client_refuses_an_untrusted_or_misnamed_certificate() {
+    let (dir, pki, d) = tls_daemon("");
+    let port = d.tls_addr().port().to_string();
+    // The system's roots do not know the test CA.
+    let (code, out, err) = chat_client(&["--tls", "127.0.0.1", &port], "cleo\nhi\n");
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("certificate") && err.contains("not trusted"),
+        "{err}"
+    );
+    assert!(!out.contains("WELCOME"), "{out}");
+    // Another CA.
+    let other = Pki::new(dir.path(), "other CA");
+    let other_ca = other.ca_path.display().to_string();
+    let (code, _, err) = chat_client(&["--tls", "--ca", &other_ca, "127.0.0.1", &port], "x\n");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not trusted"), "{err}");
+    // The right CA, but a certificate for another name.
+    let ca = pki.ca_path.display().to_string();
+    let (cert, key) = pki.paths("misnamed");
+    pki.issue(&cert, &key, "misnamed", &["chat.example.org"], 2090);
+    let misnamed = TestDaemon::with(Pki::config(&cert, &key)).start();
+    let port2 = misnamed.tls_addr().port().to_string();
+    let (code, _, err) = chat_client(&["--tls", "--ca", &ca, "localhost", &port2], "x\n");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not valid for localhost"), "{err}");
+    // A TLS client on the plaintext port fails clearly too, never falling back.
+    let plain = d.addr.port().to_string();
+    let (code, _, err) = chat_client(&["--tls", "--ca", &ca, "127.0.0.1", &plain], "x\n");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("TLS"), "{err}");
 }

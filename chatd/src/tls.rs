@@ -127,19 +127,13 @@ pub fn load_certified_key(
     if now > not_after {
         return Err(CertError::certificate(
             certificate,
-            format!(
-                "the certificate expired on {}",
-                date(not_after)
-            ),
+            format!("the certificate expired on {}", date(not_after)),
         ));
     }
     if now < not_before {
         return Err(CertError::certificate(
             certificate,
-            format!(
-                "the certificate is not valid before {}",
-                date(not_before)
-            ),
+            format!("the certificate is not valid before {}", date(not_before)),
         ));
     }
     let key = PrivateKeyDer::from_pem_file(private_key)
