@@ -417,3 +417,56 @@ fn chat_client_refuses_an_untrusted_or_misnamed_certificate() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("TLS"), "{err}");
 }
+
+#[test]
+fn chat_bench_drives_the_tls_listener() {
+    let (_dir, pki, d) = tls_daemon(
+        "[limits]\nmessage-rate = 1000000\nmessage-burst = 1000000\nmax-connections-per-ip = 1000\n",
+    );
+    let (addr, ca) = (d.tls_addr().to_string(), pki.ca_path.display().to_string());
+    let (code, r) = crate::bench::run_bench(&[
+        "fanout",
+        "--addr",
+        &addr,
+        "--tls",
+        "--ca",
+        &ca,
+        "-c",
+        "6",
+        "-s",
+        "2",
+        "-d",
+        "1",
+        "--timeout",
+        "30",
+    ]);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["tls"], true);
+    assert_eq!(r["seated"], 6);
+    assert!(r["sent"].as_u64() > Some(0), "{r}");
+    assert_eq!(r["deliveries"], r["expected_deliveries"], "{r}");
+    for key in ["lost", "duplicated", "reordered", "errors", "disconnected"] {
+        assert_eq!(r[key], 0, "{key} in {r}");
+    }
+    let (code, r) = crate::bench::run_bench(&[
+        "idle",
+        "--addr",
+        &addr,
+        "--ca",
+        &ca,
+        "-c",
+        "20",
+        "--join-rate",
+        "200",
+        "--settle",
+        "0.1",
+        "--hold",
+        "0.1",
+        "--timeout",
+        "30",
+    ]);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["seated"], 20, "{r}");
+    // Nothing the load generator did was a failed handshake.
+    assert_eq!(counter(&d, "tls_handshakes_failed"), 0);
+}
