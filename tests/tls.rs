@@ -470,3 +470,61 @@ fn chat_bench_drives_the_tls_listener() {
     // Nothing the load generator did was a failed handshake.
     assert_eq!(counter(&d, "tls_handshakes_failed"), 0);
 }
+
+#[test]
+fn a_socket_systemd_names_tls_serves_tls() {
+    use std::os::fd::OwnedFd;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path(), "chatd test CA");
+    let (cert, key, leaf) = pki.leaf("server");
+    let socket = dir.path().join("admin.sock");
+    // If chatd bound server.listen or tls.listen it would fail: 192.0.2.1 is not local.
+    let config = Pki::config(&cert, &key)
+        .listen(&["192.0.2.1:9"])
+        .set("tls", "listen", "[\"192.0.2.1:10\"]")
+        .admin_socket(&socket)
+        .state_dir(&dir.path().join("state"));
+    std::fs::write(dir.path().join("chatd.toml"), config.to_string()).expect("write config");
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let secure = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (plain_addr, tls_addr) = (
+        plain.local_addr().expect("addr"),
+        secure.local_addr().expect("addr"),
+    );
+    // Like systemd with chatd.socket and chatd-tls.socket: fd 3 named chat, fd 4 named tls.
+    let log = std::fs::File::create(dir.path().join("chatd.log")).expect("log");
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(
+            "exec 3<&0 4>&1 0</dev/null 1>/dev/null; LISTEN_PID=$$ LISTEN_FDS=2 \
+             LISTEN_FDNAMES=chat:tls exec \"$0\" --config \"$1\"",
+        )
+        .arg(bin("chatd"))
+        .arg(dir.path().join("chatd.toml"))
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::from(OwnedFd::from(plain)))
+        .stdout(Stdio::from(OwnedFd::from(secure)))
+        .stderr(log)
+        .spawn()
+        .expect("spawn chatd");
+    let status = wait_for(
+        WAIT,
+        "chatd to answer on its admin socket",
+        || crate::helper::admin_request(&socket, "status").ok(),
+        || std::fs::read_to_string(dir.path().join("chatd.log")).unwrap_or_default(),
+    );
+    assert_eq!(
+        status["response"]["tls_listen"][0].as_str(),
+        Some(tls_addr.to_string().as_str())
+    );
+    let mut tess = pki.join(tls_addr, "tess");
+    assert_eq!(peer_leaf(tess.stream()), leaf);
+    let mut paul = crate::helper::Client::connect_as(plain_addr, "paul");
+    tess.expect_prefix("*** JOIN paul");
+    paul.send("hi");
+    assert_eq!(tess.expect_prefix("paul:"), "paul: hi");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -43,7 +43,7 @@ const LINGER: Duration = Duration::from_millis(500);
 const MAX_IOVECS: usize = 64;
 /// The largest emptied write queue a session keeps (in frames), as in `tcp.rs`.
 const KEEP_QUEUE: usize = 8;
-/// Read buffer reserved before each read.
+/// Bytes read per poll (through a stack buffer).
 const READ_CHUNK: usize = 4096;
 
 /// What one turn of stream I/O did.
@@ -121,11 +121,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
             }
         }
         if read {
-            let buf = self.decoder.buffer_mut();
-            buf.reserve(READ_CHUNK);
-            match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, buf) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Io::Eof)),
-                Poll::Ready(Ok(_)) => return Poll::Ready(Ok(Io::Read)),
+            // Read through a buffer on the stack and copy what came into the decoder: a read
+            // polled on an idle stream waits with its buffer in hand, and reserving the
+            // decoder's would keep 4 KiB per idle connection (the TCP driver reserves only once
+            // the socket is readable, which a TLS stream cannot tell).
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut buf = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                    return Poll::Ready(Ok(Io::Eof));
+                }
+                Poll::Ready(Ok(())) => {
+                    self.decoder.buffer_mut().extend_from_slice(buf.filled());
+                    return Poll::Ready(Ok(Io::Read));
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {}
             }
