@@ -2,7 +2,8 @@
 # System packages the test suite drives for real: tmux (chat-client in a pseudo-terminal),
 # prlimit and setpriv from util-linux (lowering chatd's hard fd limit; chatctl as another user),
 # iproute2 (ss reads keepalive timers; ip and nftables make a half-open peer in its own network
-# namespace), nats-server (the cluster tests start real NATS servers). Installed only when
+# namespace), nats-server (the cluster tests start real NATS servers), openssl (s_client talks
+# to the TLS listener in tests/tls.rs). Installed only when
 # missing, so a prepared machine pays nothing. Without them the
 # tests that need them skip, except under CI=true (.ci/run), where they fail.
 set -euo pipefail
@@ -13,6 +14,7 @@ command -v setpriv >/dev/null || need+=(util-linux)
 command -v ip >/dev/null || need+=(iproute2)
 command -v ss >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
+command -v openssl >/dev/null || need+=(openssl)
 # nats-server lives in /usr/sbin, which a non-root PATH may lack.
 command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
 if [ ${#need[@]} -gt 0 ]; then

@@ -27,7 +27,7 @@ fn bench_daemon() -> TestDaemon {
 }
 
 /// Runs chat-bench with `args`; returns its exit code and its one JSON line.
-fn run_bench(args: &[&str]) -> (Option<i32>, Value) {
+pub(crate) fn run_bench(args: &[&str]) -> (Option<i32>, Value) {
     let out_path = tempfile::NamedTempFile::new().expect("temp file");
     let stdout = out_path.reopen().expect("reopen");
     let mut child = Command::new(bin("chat-bench"))

@@ -18,3 +18,4 @@ mod notify;
 mod reclaim;
 mod signals;
 mod systemd;
+mod tls;

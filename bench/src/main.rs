@@ -11,6 +11,11 @@
 //!
 //! Both modes read the server's CPU time and RSS from `/proc/<pid>` when `--pid` is given.
 //!
+//! `--tls` (with `--ca FILE` for a private CA) speaks TLS to chatd's TLS listener: each socket
+//! gets a rustls `ClientConnection` driven by hand from the same loop (records read and written
+//! on readiness, plaintext through rustls's buffers), so the report compares with a plaintext
+//! run of the same case.
+//!
 //! Several `--addr`es spread the clients over the nodes of a cluster (client i on address
 //! i mod n; `--sender-addr` puts the senders on one node), and `--pid` takes every node's pid.
 //! Every client that only receives keeps a running hash of the order it got the messages in;
@@ -32,8 +37,14 @@ mod procfs;
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 use clap::{Args, Parser, Subcommand};
 use mio::net::TcpStream;
@@ -91,6 +102,111 @@ struct Common {
     /// Free text copied into the report (which build, which machine state).
     #[arg(long, default_value = "")]
     label: String,
+    /// Speak TLS (to chatd's `tls.listen` port), verifying the server's certificate for the
+    /// address's IP (or `--server-name`).
+    #[arg(long)]
+    tls: bool,
+    /// With TLS, trust the CA certificates (PEM) in FILE instead of the system's roots.
+    /// Implies --tls.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// With TLS, the name the certificate must be valid for (default: the address's IP).
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+}
+
+/// The TLS client settings for `--tls`/`--ca`, or `None` for plaintext.
+fn tls_config(c: &Common) -> Result<Option<Arc<ClientConfig>>, String> {
+    if !c.tls && c.ca.is_none() {
+        return Ok(None);
+    }
+    let mut roots = RootCertStore::empty();
+    match &c.ca {
+        Some(file) => {
+            let certs = CertificateDer::pem_file_iter(file)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("--ca {}: {e:?}", file.display()))?;
+            roots.add_parsable_certificates(certs);
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    if roots.is_empty() {
+        return Err("no trusted root certificates (give --ca FILE)".to_owned());
+    }
+    // ring, the workspace's one provider (rustls 0.23.48 deprecates it for lacking
+    // post-quantum key exchange; see chatd/src/tls.rs).
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(Arc::new(config)))
+}
+
+/// Writes what rustls has queued for the socket; `WouldBlock` when the socket is full.
+fn flush_tls(tls: &mut ClientConnection, stream: &mut TcpStream) -> io::Result<()> {
+    while tls.wants_write() {
+        if tls.write_tls(stream)? == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+    }
+    Ok(())
+}
+
+/// Reads plaintext from `stream` (through `tls` when set) into `buf`: `Ok(0)` at the end of the
+/// stream, `WouldBlock` when nothing more is there now.
+fn read_plain(
+    stream: &mut TcpStream,
+    tls: Option<&mut ClientConnection>,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let Some(tls) = tls else {
+        return stream.read(buf);
+    };
+    loop {
+        match tls.reader().read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        if tls.read_tls(stream)? == 0 {
+            return Ok(0);
+        }
+        tls.process_new_packets().map_err(io::Error::other)?;
+        // The handshake (and alerts) answer from here.
+        match flush_tls(tls, stream) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes plaintext to `stream` (through `tls` when set); `WouldBlock` when nothing was taken.
+fn write_plain(
+    stream: &mut TcpStream,
+    tls: Option<&mut ClientConnection>,
+    data: &[u8],
+) -> io::Result<usize> {
+    let Some(tls) = tls else {
+        return stream.write(data);
+    };
+    // rustls buffers plaintext (before the handshake ends too) up to its limit, then the
+    // records go out as far as the socket takes them.
+    let n = tls.writer().write(data)?;
+    match flush_tls(tls, stream) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e),
+    }
+    if n == 0 {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    Ok(n)
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +256,9 @@ struct IdleArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Once, before any TLS: the process-wide rustls provider is ring, as in every program here.
+    #[allow(deprecated)]
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let common = match &cli.mode {
         Mode::Fanout(a) => &a.common,
         Mode::Idle(a) => &a.common,
@@ -189,6 +308,8 @@ enum ConnState {
 /// One client connection of the generator.
 struct Conn {
     stream: Option<TcpStream>,
+    /// The TLS state of this socket under `--tls`.
+    tls: Option<Box<ClientConnection>>,
     state: ConnState,
     seated: bool,
     /// Received bytes after the last newline.
@@ -381,6 +502,9 @@ struct Engine {
     addrs: Vec<SocketAddr>,
     /// Where the senders connect, if not to `addrs`.
     sender_addr: Option<SocketAddr>,
+    /// TLS settings under `--tls`, and the name to verify (default: the address's IP).
+    tls: Option<Arc<ClientConfig>>,
+    server_name: Option<String>,
     conns: Vec<Conn>,
     scratch: Vec<u8>,
     t0: Instant,
@@ -407,9 +531,12 @@ impl Engine {
             ready: Vec::with_capacity(1024),
             addrs,
             sender_addr: None,
+            tls: None,
+            server_name: None,
             conns: (0..clients)
                 .map(|_| Conn {
                     stream: None,
+                    tls: None,
                     state: ConnState::NotStarted,
                     seated: false,
                     partial: Vec::new(),
@@ -448,16 +575,33 @@ impl Engine {
                 Some(a) if i < self.senders => a,
                 _ => self.addrs[i % self.addrs.len()],
             };
-            match TcpStream::connect(addr).and_then(|mut s| {
+            let tls = match &self.tls {
+                None => Ok(None),
+                Some(config) => {
+                    let name = self
+                        .server_name
+                        .clone()
+                        .unwrap_or_else(|| addr.ip().to_string());
+                    ServerName::try_from(name)
+                        .map_err(io::Error::other)
+                        .and_then(|n| {
+                            ClientConnection::new(config.clone(), n).map_err(io::Error::other)
+                        })
+                        .map(|c| Some(Box::new(c)))
+                }
+            };
+            match tls.and_then(|tls| {
+                let mut s = TcpStream::connect(addr)?;
                 self.poll.registry().register(
                     &mut s,
                     Token(i),
                     Interest::READABLE | Interest::WRITABLE,
                 )?;
-                Ok(s)
+                Ok((s, tls))
             }) {
-                Ok(s) => {
+                Ok((s, tls)) => {
                     self.conns[i].stream = Some(s);
+                    self.conns[i].tls = tls;
                     self.conns[i].state = ConnState::Connecting;
                     self.connecting += 1;
                 }
@@ -541,7 +685,9 @@ impl Engine {
             Err(e) => return Err(e),
         }
         stream.set_nodelay(true)?;
-        if i >= self.senders {
+        // A TLS receiver still writes its handshake after the name: it keeps write wake-ups
+        // (edge-triggered, so they come only when a full socket drains).
+        if i >= self.senders && conn.tls.is_none() {
             // Receivers never write after their name (which fits any socket buffer): stop
             // write wake-ups for them.
             self.poll
@@ -557,18 +703,33 @@ impl Engine {
     /// Writes what is queued for client `i` as far as the socket takes it.
     fn flush(&mut self, i: usize) {
         let conn = &mut self.conns[i];
-        if conn.state != ConnState::Open || conn.out.is_empty() {
+        if conn.state != ConnState::Open {
             return;
         }
         let Some(stream) = conn.stream.as_mut() else {
             return;
         };
+        // Records rustls still holds go first (a full socket left them there).
+        if let Some(tls) = conn.tls.as_mut() {
+            match flush_tls(tls, stream) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    self.note_error(|| format!("TLS write: {e}"));
+                    self.close(i);
+                    return;
+                }
+            }
+        }
+        if conn.out.is_empty() {
+            return;
+        }
         let mut done = 0;
         let failed = loop {
             if done == conn.out.len() {
                 break None;
             }
-            match stream.write(&conn.out[done..]) {
+            match write_plain(stream, conn.tls.as_deref_mut(), &conn.out[done..]) {
                 Ok(0) => break Some("write returned 0".to_owned()),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
@@ -596,7 +757,7 @@ impl Engine {
             let keep = conn.partial.len();
             buf[..keep].copy_from_slice(&conn.partial);
             conn.partial.clear();
-            match stream.read(&mut buf[keep..]) {
+            match read_plain(stream, conn.tls.as_deref_mut(), &mut buf[keep..]) {
                 Ok(0) => {
                     self.close(i);
                     break;
@@ -671,6 +832,7 @@ impl Engine {
         if let Some(mut s) = conn.stream.take() {
             let _ = self.poll.registry().deregister(&mut s);
         }
+        conn.tls = None;
         conn.state = ConnState::Closed;
         conn.out = Vec::new();
         conn.partial = Vec::new();
@@ -773,6 +935,8 @@ fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
     let load = procfs::loadavg();
     let mut e =
         Engine::new(a.common.addr.clone(), a.clients, a.senders).map_err(|e| e.to_string())?;
+    e.tls = tls_config(&a.common)?;
+    e.server_name = a.common.server_name.clone();
     e.sender_addr = a.common.sender_addr;
     e.fan = Some(Fanout::new(a.clients, a.senders, a.window, a.text_bytes));
     let deadline = e.now() + (a.common.timeout * 1e9) as u64;
@@ -858,6 +1022,7 @@ fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
         "bench": "chat-bench",
         "mode": "fanout",
         "label": a.common.label,
+        "tls": e.tls.is_some(),
         "clients": a.clients,
         "senders": a.senders,
         "rate_per_sender": a.rate,
@@ -967,6 +1132,8 @@ fn idle(a: &IdleArgs) -> Result<(Value, bool), String> {
     let before = procfs::sample_all(pid);
     let ticks_before = procfs::cpu_ticks();
     let mut e = Engine::new(a.common.addr.clone(), a.clients, 0).map_err(|e| e.to_string())?;
+    e.tls = tls_config(&a.common)?;
+    e.server_name = a.common.server_name.clone();
     let deadline = e.now() + (a.common.timeout * 1e9) as u64;
     let start = e.now();
     let drained = join_all(&mut e, a.join_rate, deadline);
@@ -1003,6 +1170,7 @@ fn idle(a: &IdleArgs) -> Result<(Value, bool), String> {
         "bench": "chat-bench",
         "mode": "idle",
         "label": a.common.label,
+        "tls": e.tls.is_some(),
         "clients": a.clients,
         "join_rate": a.join_rate,
         "seated": e.seated,

@@ -1,6 +1,7 @@
 //! The client's life: find the server, connect, get a name, chat, and on a lost connection
 //! reconnect and reclaim the name (see docs/client.md for the reasoning).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chat_proto::command::{self, Input as Cmd};
@@ -13,6 +14,7 @@ use crate::net::{Connection, FromServer};
 use crate::pace::Pacer;
 use crate::roster::Roster;
 use crate::ui::{Input, Ui};
+use rustls::ClientConfig as TlsSettings;
 
 /// Offered at the address prompt.
 const DEFAULT_HOST: &str = "127.0.0.1";
@@ -82,9 +84,69 @@ pub async fn run(cli: Cli, config: ClientConfig, mut ui: Ui) -> i32 {
     code
 }
 
+/// The TLS port chatd listens on by default (`tls.listen`), for `chats://HOST` without a port.
+const DEFAULT_TLS_PORT: u16 = 42070;
+
+/// `chats://HOST[:PORT]` → (HOST, PORT, TLS); `chat://` the same without TLS; anything else is
+/// a plain host name or address.
+fn parse_target(text: &str) -> (String, Option<u16>, bool) {
+    let (rest, tls) = if let Some(r) = text.strip_prefix("chats://") {
+        (r, true)
+    } else if let Some(r) = text.strip_prefix("chat://") {
+        (r, false)
+    } else {
+        return (text.to_owned(), None, false);
+    };
+    let rest = rest.trim_end_matches('/');
+    // `[v6]:port`, `host:port`, or a bare host (a bare IPv6 address has several colons).
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') || h.ends_with(']') => match p.parse::<u16>() {
+            Ok(p) => (h, Some(p)),
+            Err(_) => (rest, None),
+        },
+        _ => (rest, None),
+    };
+    let port = port.or(tls.then_some(DEFAULT_TLS_PORT));
+    (
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port,
+        tls,
+    )
+}
+
+/// The TLS settings, built on first need; a failure (no trusted roots, a bad --ca file) is
+/// told and ends the client.
+fn tls_settings(
+    ui: &mut Ui,
+    cli: &Cli,
+    tls: &mut Option<Arc<TlsSettings>>,
+) -> Result<Option<Arc<TlsSettings>>, i32> {
+    if tls.is_none() {
+        match crate::net::tls_config(cli.ca.as_deref()) {
+            Ok(c) => *tls = Some(c),
+            Err(e) => {
+                ui.status(&format!("{e:#}"));
+                return Err(exit::ERROR);
+            }
+        }
+    }
+    Ok(tls.clone())
+}
+
 async fn run_inner(cli: Cli, config: ClientConfig, ui: &mut Ui) -> i32 {
     let mut host = cli.host.clone().or(config.server.host.clone());
     let mut port = cli.port.or(config.server.port);
+    // TLS when asked for (--tls, --ca, or a chats:// address); never a fallback to plaintext.
+    let mut use_tls = cli.tls || cli.ca.is_some();
+    let mut tls: Option<Arc<TlsSettings>> = None;
+    if let Some(h) = host.take() {
+        let (h, p, t) = parse_target(&h);
+        host = Some(h);
+        port = p.or(port);
+        use_tls |= t;
+    }
     if !ui.interactive && (host.is_none() || port.is_none()) {
         ui.status(
             "no server given: use chat-client HOST PORT (standard input is not a terminal, so \
@@ -98,7 +160,12 @@ async fn run_inner(cli: Cli, config: ClientConfig, ui: &mut Ui) -> i32 {
         let h = match host.clone() {
             Some(h) => h,
             None => match ui.ask("server address", Some(DEFAULT_HOST)).await {
-                Some(h) => h,
+                Some(h) => {
+                    let (h, p, t) = parse_target(&h);
+                    port = p.or(port);
+                    use_tls |= t;
+                    h
+                }
                 None => return exit::OK,
             },
         };
@@ -112,7 +179,15 @@ async fn run_inner(cli: Cli, config: ClientConfig, ui: &mut Ui) -> i32 {
         if ui.is_editor() {
             ui.status(&format!("connecting to {h}:{p} ..."));
         }
-        match Connection::open(&h, p).await {
+        let settings = if use_tls {
+            match tls_settings(ui, &cli, &mut tls) {
+                Ok(t) => t,
+                Err(code) => return code,
+            }
+        } else {
+            None
+        };
+        match Connection::open(&h, p, settings.as_ref()).await {
             Ok(mut c) if ui.is_editor() => match greeting(ui, &mut c, &h, p).await {
                 Ok(()) => {
                     host = Some(h);
@@ -185,7 +260,9 @@ async fn run_inner(cli: Cli, config: ClientConfig, ui: &mut Ui) -> i32 {
             }
         }
         ui.set_prompt("(offline)> ");
-        match reconnect_and_reclaim(ui, &host, port, &name, token.take(), &config).await {
+        match reconnect_and_reclaim(ui, &host, port, tls.as_ref(), &name, token.take(), &config)
+            .await
+        {
             Some((c, n)) => {
                 conn = c;
                 name = n;
@@ -493,6 +570,7 @@ async fn reconnect_and_reclaim(
     ui: &mut Ui,
     host: &str,
     port: u16,
+    tls: Option<&Arc<TlsSettings>>,
     name: &str,
     mut token: Option<String>,
     config: &ClientConfig,
@@ -508,7 +586,7 @@ async fn reconnect_and_reclaim(
                 return None;
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
-            match Connection::open(host, port).await {
+            match Connection::open(host, port, tls).await {
                 Ok(c) => break c,
                 Err(e) => ui.status(&format!("{e:#}")),
             }
@@ -583,5 +661,31 @@ async fn wait_or_quit(ui: &mut Ui, d: Duration) -> bool {
                 Input::Line(_) => ui.status("not connected: the line was not sent"),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_target;
+
+    #[test]
+    fn chats_urls_give_host_port_and_tls() {
+        let t = |s: &str| parse_target(s);
+        assert_eq!(
+            t("chats://chat.example.org:7000"),
+            ("chat.example.org".into(), Some(7000), true)
+        );
+        assert_eq!(
+            t("chats://chat.example.org/"),
+            ("chat.example.org".into(), Some(42070), true)
+        );
+        assert_eq!(t("chats://[::1]:7000"), ("::1".into(), Some(7000), true));
+        assert_eq!(
+            t("chat://10.0.0.1:42069"),
+            ("10.0.0.1".into(), Some(42069), false)
+        );
+        assert_eq!(t("chat://10.0.0.1"), ("10.0.0.1".into(), None, false));
+        assert_eq!(t("::1"), ("::1".into(), None, false));
+        assert_eq!(t("example.org"), ("example.org".into(), None, false));
     }
 }

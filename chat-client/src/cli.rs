@@ -11,11 +11,22 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "chat-client", version)]
 pub struct Cli {
-    /// Server host name or address (default: from the config file, else asked for).
+    /// Server host name or address, or `chats://HOST[:PORT]` for TLS (default: from the config
+    /// file, else asked for).
     pub host: Option<String>,
 
-    /// Server TCP port (default: from the config file, else asked for).
+    /// Server TCP port (default: from the config file, else asked for; 42070 for `chats://`).
     pub port: Option<u16>,
+
+    /// Connect with TLS and verify the server's certificate against the system's trusted
+    /// roots and the host name; never falls back to plaintext.
+    #[arg(long)]
+    pub tls: bool,
+
+    /// With TLS, trust the CA certificates (PEM) in FILE instead of the system's roots, for a
+    /// server whose certificate a private CA issued. Implies --tls.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
 
     /// Name to chat as (default on a terminal: asked for, offering the config file's name).
     #[arg(long, short = 'n', value_name = "NAME")]

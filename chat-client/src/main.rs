@@ -16,6 +16,8 @@ use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
+    // Once, before any TLS: the process-wide rustls provider is ring, as in every program here.
+    let _ = rustls::crypto::CryptoProvider::clone(&net::provider()).install_default();
     let config = match config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {

@@ -1,12 +1,17 @@
-//! The TCP connection to the server: connecting with a bound, reading lines in a task of their
-//! own (so waiting for a line can sit in `select!` without losing half-read data), and sending.
+//! The connection to the server, plain TCP or TLS: connecting with a bound, reading lines in a
+//! task of their own (so waiting for a line can sit in `select!` without losing half-read
+//! data), and sending.
 
 use std::io;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{CertificateError, ClientConfig, RootCertStore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
 use chat_proto::codec::{Frame, LineDecoder};
@@ -38,16 +43,21 @@ pub enum FromServer {
 pub struct Connection {
     /// Lines from the server, ending with one `Closed`.
     pub lines: mpsc::Receiver<FromServer>,
-    writer: OwnedWriteHalf,
+    writer: Box<dyn AsyncWrite + Send + Unpin>,
     reader: tokio::task::JoinHandle<()>,
     /// The flood limit the server announced when it welcomed us: (lines per second, burst).
     pub limits: Option<(u64, u64)>,
 }
 
 impl Connection {
-    /// Connects to `host:port`; the error says where and why, e.g.
+    /// Connects to `host:port`, with TLS when `tls` is given (verifying the certificate for
+    /// `host`); the error says where and why, e.g.
     /// "cannot connect to 127.0.0.1:1: Connection refused (os error 111)".
-    pub async fn open(host: &str, port: u16) -> anyhow::Result<Connection> {
+    pub async fn open(
+        host: &str,
+        port: u16,
+        tls: Option<&Arc<ClientConfig>>,
+    ) -> anyhow::Result<Connection> {
         let target = format!("{}:{port}", bracket_v6(host));
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target)).await
         {
@@ -68,9 +78,18 @@ impl Connection {
                 .with_interval(KEEPALIVE_INTERVAL)
                 .with_retries(3),
         );
-        let (read, writer) = stream.into_split();
         let (tx, lines) = mpsc::channel(256);
-        let reader = tokio::spawn(read_lines(read, tx));
+        let (reader, writer): (_, Box<dyn AsyncWrite + Send + Unpin>) = match tls {
+            None => {
+                let (read, writer) = stream.into_split();
+                (tokio::spawn(read_lines(read, tx)), Box::new(writer))
+            }
+            Some(config) => {
+                let stream = handshake(config, host, &target, stream).await?;
+                let (read, writer) = tokio::io::split(stream);
+                (tokio::spawn(read_lines(read, tx)), Box::new(writer))
+            }
+        };
         Ok(Connection {
             limits: None,
             lines,
@@ -84,7 +103,9 @@ impl Connection {
         let mut buf = Vec::with_capacity(line.len() + 1);
         buf.extend_from_slice(line.as_bytes());
         buf.push(b'\n');
-        self.writer.write_all(&buf).await
+        self.writer.write_all(&buf).await?;
+        // A TLS writer may hold the record until flushed; a TCP one flushes at once.
+        self.writer.flush().await
     }
 
     /// The next event from the server; a finished reader counts as closed.
@@ -96,6 +117,97 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.reader.abort();
+    }
+}
+
+/// The TLS client settings: the system's trusted roots, or only the CA certificates in `ca`.
+pub fn tls_config(ca: Option<&Path>) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut roots = RootCertStore::empty();
+    match ca {
+        Some(file) => {
+            let certs = CertificateDer::pem_file_iter(file)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| anyhow::anyhow!("--ca {}: {e:?}", file.display()))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                anyhow::bail!("--ca {}: no CA certificate in this file", file.display());
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                anyhow::bail!(
+                    "no trusted root certificates found on this system (install ca-certificates, \
+                     or give --ca FILE)"
+                );
+            }
+        }
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow::anyhow!("TLS set-up: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The rustls crypto provider: ring, as in the whole workspace (rustls 0.23.48 deprecates it
+/// for lacking post-quantum key exchange; aws-lc-rs would need a C toolchain to build).
+#[allow(deprecated)]
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The TLS handshake on `stream` for `host`; a certificate that does not verify is an error
+/// that says why, and nothing is ever sent in the clear instead.
+async fn handshake(
+    config: &Arc<ClientConfig>,
+    host: &str,
+    target: &str,
+    stream: TcpStream,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(bare.to_owned())
+        .map_err(|_| anyhow::anyhow!("{host:?} is not a host name TLS can verify"))?;
+    let connect = tokio_rustls::TlsConnector::from(config.clone()).connect(name, stream);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(anyhow::anyhow!(
+            "TLS with {target} failed: {}",
+            describe_tls_error(&e, bare)
+        )),
+        Err(_) => anyhow::bail!(
+            "TLS with {target} failed: no handshake within {}s",
+            CONNECT_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+/// What a failed handshake means to a user.
+fn describe_tls_error(e: &io::Error, host: &str) -> String {
+    let Some(tls) = e.get_ref().and_then(|r| r.downcast_ref::<rustls::Error>()) else {
+        return format!("{e} (is this a TLS port?)");
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                "the server's certificate is not trusted (its issuer is not among the trusted \
+                 roots; for a private CA use --ca FILE)"
+                    .to_owned()
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                format!("the server's certificate is not valid for {host}")
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "the server's certificate has expired".to_owned()
+            }
+            other => format!("the server's certificate was refused: {other:?}"),
+        },
+        rustls::Error::InvalidMessage(_) => {
+            format!("the server does not speak TLS on this port ({tls})")
+        }
+        other => other.to_string(),
     }
 }
 
@@ -120,7 +232,7 @@ fn too_long_line() -> String {
 /// Splits the stream into lines until it ends, with the protocol's own decoder: at most
 /// [`MAX_LINE`] bytes of one line are ever held, a longer one is reported once and skipped up
 /// to its newline. An unterminated last line (the server died mid-line) is dropped.
-async fn read_lines(mut read: OwnedReadHalf, tx: mpsc::Sender<FromServer>) {
+async fn read_lines(mut read: impl AsyncRead + Unpin, tx: mpsc::Sender<FromServer>) {
     let mut decoder = LineDecoder::new(MAX_LINE);
     loop {
         while let Some(frame) = decoder.next_frame() {
@@ -172,7 +284,7 @@ mod tests {
         let mut wire = format!("a\r\nb\n{longest}\n").into_bytes();
         wire.extend(std::iter::repeat_n(b'y', MAX_LINE + 10));
         wire.extend_from_slice(b"\nc\nunterminated");
-        let mut conn = Connection::open("127.0.0.1", serve(wire).await)
+        let mut conn = Connection::open("127.0.0.1", serve(wire).await, None)
             .await
             .expect("connect");
         let mut got = Vec::new();

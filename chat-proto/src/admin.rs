@@ -177,6 +177,10 @@ pub struct UserInfo {
     /// older than this field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// What carries the user's bytes: `tcp` or `tls` (absent for a user of another cluster
+    /// node, and from daemons older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// Payload of [`Response::Status`].
@@ -212,6 +216,9 @@ pub struct StatusInfo {
     pub config_path: Option<String>,
     /// Addresses actually bound.
     pub listen: Vec<String>,
+    /// TLS addresses actually bound (absent without `[tls]`, and from older daemons).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls_listen: Vec<String>,
     /// The admin socket's path.
     pub admin_socket: String,
     /// This node's place in a cluster; absent for a single node.
@@ -274,6 +281,13 @@ pub struct LimitStats {
     pub refused_banned: u64,
     /// Times accepting stalled for lack of file descriptors or memory.
     pub accept_backoffs: u64,
+    /// TLS connections closed because the handshake failed or timed out (absent from daemons
+    /// older than this field).
+    #[serde(default)]
+    pub tls_handshakes_failed: u64,
+    /// Of those, handshakes that did not finish in time.
+    #[serde(default)]
+    pub tls_handshake_timeouts: u64,
 }
 
 /// A failed request: a stable code for programs and a message for people.

@@ -345,6 +345,8 @@ fn print_users(users: &[UserInfo]) {
         .map_or(0, |d| d.as_secs());
     // The NODE column only for a cluster, so a single node's list reads as it always did.
     let clustered = users.iter().any(|u| u.node.is_some());
+    // The TRANSPORT column only once someone is on TLS, for the same reason.
+    let secure = users.iter().any(|u| u.transport.as_deref() == Some("tls"));
     let rows: Vec<Vec<String>> = users
         .iter()
         .map(|u| {
@@ -359,6 +361,9 @@ fn print_users(users: &[UserInfo]) {
                 ),
                 short_duration(u.idle_secs),
             ];
+            if secure {
+                row.insert(2, u.transport.clone().unwrap_or_else(|| "-".to_owned()));
+            }
             if clustered {
                 row.insert(1, u.node.clone().unwrap_or_default());
             }
@@ -366,6 +371,9 @@ fn print_users(users: &[UserInfo]) {
         })
         .collect();
     let mut header = vec!["NAME", "ADDRESS", "CONNECTED SINCE", "IDLE"];
+    if secure {
+        header.insert(2, "TRANSPORT");
+    }
     if clustered {
         header.insert(1, "NODE");
     }
@@ -425,7 +433,7 @@ fn print_status(s: &StatusInfo) {
     outln!(
         "limits fired:     line-too-long {}, bad-utf8 {}, rate-limited {}, flood-disconnects {}, \
          slow-disconnects {}, refused-full {}, refused-per-ip {}, name-timeouts {}, \
-         refused-banned {}, accept-backoffs {}",
+         refused-banned {}, accept-backoffs {}, tls-handshakes-failed {} ({} timed out)",
         l.line_too_long,
         l.bad_utf8,
         l.rate_limited,
@@ -435,7 +443,9 @@ fn print_status(s: &StatusInfo) {
         l.refused_per_ip,
         l.name_timeouts,
         l.refused_banned,
-        l.accept_backoffs
+        l.accept_backoffs,
+        l.tls_handshakes_failed,
+        l.tls_handshake_timeouts
     );
     let m = &s.memory;
     outln!(
@@ -450,6 +460,9 @@ fn print_status(s: &StatusInfo) {
         s.config_path.as_deref().unwrap_or("(built-in defaults)")
     );
     outln!("listening on:     {}", s.listen.join(", "));
+    if !s.tls_listen.is_empty() {
+        outln!("TLS on:           {}", s.tls_listen.join(", "));
+    }
     outln!("admin socket:     {}", s.admin_socket);
     if let Some(c) = &s.cluster {
         let link = match (&c.server, c.connected) {

@@ -27,6 +27,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "cluster.name",
     "cluster.credentials",
     "cluster.replicas",
+    "tls.listen",
 ];
 
 /// The whole configuration. `Default` is the built-in configuration the daemon runs on when no
@@ -49,6 +50,32 @@ pub struct Config {
     /// Several nodes serving one room through NATS JetStream; absent means a single node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    /// A TLS listener beside the plain one; absent means none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[tls]`: the chat protocol over TLS 1.2/1.3 on its own port (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TlsConfig {
+    /// TCP addresses for TLS clients, bound like `server.listen`. (restart)
+    #[serde(default = "TlsConfig::default_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// The certificate chain in PEM, leaf first (certbot's `fullchain.pem`); re-read at reload.
+    pub certificate: PathBuf,
+    /// The certificate's private key in PEM (PKCS#8, PKCS#1 or SEC1); re-read at reload.
+    pub private_key: PathBuf,
+}
+
+impl TlsConfig {
+    /// Port 42070 on every IPv4 and IPv6 address.
+    pub fn default_listen() -> Vec<SocketAddr> {
+        vec![
+            SocketAddr::from(([0, 0, 0, 0], 42070)),
+            SocketAddr::from(([0u16; 8], 42070)),
+        ]
+    }
 }
 
 /// `[cluster]`: this node's place in a room served by several chatd nodes (docs/cluster.md).
@@ -438,6 +465,31 @@ impl Config {
                 return Err(format!("server.listen: {addr} is listed twice"));
             }
         }
+        if let Some(tls) = &self.tls {
+            if tls.listen.is_empty() {
+                return Err("tls.listen: at least one address is needed".to_owned());
+            }
+            let mut seen = std::collections::HashSet::new();
+            for addr in &tls.listen {
+                if !seen.insert(addr) {
+                    return Err(format!("tls.listen: {addr} is listed twice"));
+                }
+                // Port 0 (any free port) cannot clash; tests use it on both.
+                if addr.port() != 0 && self.server.listen.contains(addr) {
+                    return Err(format!(
+                        "tls.listen: {addr} is also in server.listen; TLS needs its own port"
+                    ));
+                }
+            }
+            for (key, path) in [
+                ("tls.certificate", &tls.certificate),
+                ("tls.private-key", &tls.private_key),
+            ] {
+                if path.as_os_str().is_empty() {
+                    return Err(format!("{key}: a file is needed"));
+                }
+            }
+        }
         if self.limits.keepalive < Duration::from_secs(1) {
             return Err("limits.keepalive: must be at least 1s".to_owned());
         }
@@ -620,6 +672,51 @@ mod tests {
         assert_eq!(
             d.to_string(),
             "applied: room.motd; needs restart: server.listen"
+        );
+    }
+
+    #[test]
+    fn tls_table_parses_with_default_listen_and_reports_its_classes() {
+        let c = parse("[tls]\ncertificate = \"/c.pem\"\nprivate-key = \"/k.pem\"\n")
+            .map_err(|e| e.to_string());
+        let tls = c.ok().and_then(|c| c.tls);
+        assert_eq!(
+            tls.as_ref().map(|t| t.listen.clone()),
+            Some(TlsConfig::default_listen())
+        );
+        let old = Config {
+            tls,
+            ..Config::default()
+        };
+        let mut new = old.clone();
+        if let Some(t) = new.tls.as_mut() {
+            t.certificate = "/new.pem".into();
+            t.listen = vec![SocketAddr::from(([127, 0, 0, 1], 1))];
+        }
+        let d = ConfigDiff::between(&old, &new);
+        assert_eq!(d.applied, vec!["tls.certificate".to_owned()]);
+        assert_eq!(d.needs_restart, vec!["tls.listen".to_owned()]);
+    }
+
+    #[test]
+    fn tls_errors_name_file_line_col_or_key() {
+        let err = |text: &str| parse(text).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = err("[tls]\ncertificate = \"/c.pem\"\n");
+        assert!(e.starts_with("/etc/chatd/chatd.toml:1:1: "), "{e}");
+        assert!(e.contains("private-key"), "{e}");
+        let e = err("[tls]\ncertificate = \"/c\"\nprivate-key = \"/k\"\nlisten = [\"x\"]\n");
+        assert!(e.starts_with("/etc/chatd/chatd.toml:4:"), "{e}");
+        let e = err("[tls]\ncertificate = \"/c\"\nprivate-key = \"/k\"\ncert = 1\n");
+        assert!(e.starts_with("/etc/chatd/chatd.toml:4:1: "), "{e}");
+        let e = err("[tls]\ncertificate = \"\"\nprivate-key = \"/k\"\n");
+        assert!(e.contains("tls.certificate: a file is needed"), "{e}");
+        let e = err(
+            "[server]\nlisten = [\"127.0.0.1:5000\"]\n[tls]\nlisten = [\"127.0.0.1:5000\"]\n\
+             certificate = \"/c\"\nprivate-key = \"/k\"\n",
+        );
+        assert!(
+            e.contains("tls.listen: 127.0.0.1:5000 is also in server.listen"),
+            "{e}"
         );
     }
 

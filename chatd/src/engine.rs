@@ -43,10 +43,31 @@ pub struct Newcomer<'a> {
     pub name: Name,
     /// Its peer address, for `chatctl list` and bans.
     pub addr: SocketAddr,
+    /// What carries its bytes, for `chatctl list`.
+    pub transport: Transport,
     /// Where its lines go.
     pub outbox: Arc<Outbox>,
     /// Lines it gets before the history (not room lines: `WELCOME`, `MOTD`).
     pub welcome: &'a [Bytes],
+}
+
+/// What carries a client's bytes to this node (shown by `chatctl list`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain TCP (`server.listen`).
+    Tcp,
+    /// TLS over TCP (`tls.listen`).
+    Tls,
+}
+
+impl Transport {
+    /// The name `chatctl list` shows: `tcp` or `tls`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
 }
 
 impl Newcomer<'_> {

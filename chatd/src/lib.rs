@@ -22,6 +22,7 @@ pub mod session;
 pub mod shared;
 pub mod signals;
 pub mod systemd;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -35,12 +36,14 @@ use admin::AdminListener;
 use shared::Shared;
 use signals::Event;
 
-/// Serves the chat `listeners` and the `admin` socket until a shutdown event arrives (or the
+/// Serves the chat `listeners`, the `tls_listeners` (with `shared.tls`; none without it) and
+/// the `admin` socket until a shutdown event arrives (or the
 /// event stream ends), then stops accepting, tells every user, and waits up to
 /// `server.shutdown-grace` for their queues to drain. The admin socket file is removed on return.
 pub async fn run(
     shared: Arc<Shared>,
     listeners: Vec<TcpListener>,
+    tls_listeners: Vec<TcpListener>,
     admin: AdminListener,
     mut events: mpsc::Receiver<Event>,
 ) {
@@ -56,6 +59,21 @@ pub async fn run(
             shutdown.clone(),
             tracker.clone(),
         ));
+    }
+    if let Some(tls) = &shared.tls {
+        for listener in tls_listeners {
+            tracker.spawn(tls::accept_loop(
+                listener,
+                tls.clone(),
+                shared.clone(),
+                admission.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
+        for addr in &shared.tls_listen {
+            info!(%addr, "listening for TLS chat clients");
+        }
     }
     let admin = Arc::new(admin);
     {

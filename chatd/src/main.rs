@@ -22,6 +22,8 @@ const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Once, before anything uses rustls (the TLS listener, the NATS client).
+    chatd::tls::install_provider();
     let source = ConfigSource {
         path: args
             .config
@@ -56,6 +58,18 @@ fn main() -> ExitCode {
             "no config file; running on built-in defaults"
         ),
     }
+    // A certificate that cannot be used is a configuration error, named like one.
+    let tls = match &effective.tls {
+        Some(files) => match chatd::tls::Tls::new(files) {
+            Ok(tls) => Some(Arc::new(tls)),
+            Err(e) => {
+                error!("{e}");
+                eprintln!("chatd: {}: {e}", source.path.display());
+                return ExitCode::from(EX_CONFIG);
+            }
+        },
+        None => None,
+    };
     raise_fd_limit();
     let state_dir = if effective.server.state_dir.as_os_str().is_empty() {
         chatd::bans::default_state_dir(nix::unistd::geteuid().is_root())
@@ -82,27 +96,28 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(async move {
-        let std_listeners = match listeners(&effective.server.listen) {
+        let tls_addrs = effective.tls.as_ref().map(|t| t.listen.as_slice());
+        let (plain, secure) = match listeners(&effective.server.listen, tls_addrs) {
             Ok(l) => l,
             Err(e) => {
                 error!("{e}");
                 return ExitCode::FAILURE;
             }
         };
-        let mut listeners = Vec::new();
-        let mut bound = Vec::new();
-        for l in std_listeners {
-            match l.local_addr().and_then(|a| {
-                bound.push(a);
-                tokio::net::TcpListener::from_std(l)
-            }) {
-                Ok(l) => listeners.push(l),
-                Err(e) => {
-                    error!(error = %e, "cannot register listener");
-                    return ExitCode::FAILURE;
-                }
+        let (listeners, bound) = match register(plain) {
+            Ok(l) => l,
+            Err(e) => {
+                error!(error = %e, "cannot register listener");
+                return ExitCode::FAILURE;
             }
-        }
+        };
+        let (tls_listeners, tls_bound) = match register(secure) {
+            Ok(l) => l,
+            Err(e) => {
+                error!(error = %e, "cannot register TLS listener");
+                return ExitCode::FAILURE;
+            }
+        };
         let socket_path = if effective.admin.socket.as_os_str().is_empty() {
             proto::default_socket_path(nix::unistd::geteuid().is_root())
         } else {
@@ -133,18 +148,34 @@ fn main() -> ExitCode {
                 }
             }),
         ];
-        let shared = Arc::new(Shared::new(config, source, bound, socket_path, bans, hooks));
-        chatd::run(shared, listeners, admin_listener, events).await;
+        let mut shared = Shared::new(config, source, bound, socket_path, bans, hooks);
+        if let Some(tls) = tls {
+            shared = shared.with_tls(tls, tls_bound);
+        }
+        chatd::run(
+            Arc::new(shared),
+            listeners,
+            tls_listeners,
+            admin_listener,
+            events,
+        )
+        .await;
         ExitCode::SUCCESS
     });
     drop(runtime);
     code
 }
 
-/// The chat listeners: the sockets systemd passed when socket-activated (chatd.socket), else
-/// `server.listen` bound here. Sockets passed for another process are ignored.
-fn listeners(configured: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, String> {
-    match systemd::take_listeners() {
+/// The plain and the TLS chat listeners: the sockets systemd passed when socket-activated
+/// (chatd.socket: the one named `tls` serves TLS, the others plain chat), else `server.listen`
+/// and `tls.listen` bound here. With `[tls]` but no `tls` socket passed, `tls.listen` is bound
+/// here too. Sockets passed for another process are ignored.
+type Listeners = Vec<std::net::TcpListener>;
+fn listeners(
+    configured: &[SocketAddr],
+    tls: Option<&[SocketAddr]>,
+) -> Result<(Listeners, Listeners), String> {
+    let (plain, secure) = match systemd::take_listeners() {
         Ok(Some(passed)) => {
             let names: Vec<&str> = passed.iter().map(|(n, _)| n.as_str()).collect();
             info!(
@@ -152,11 +183,45 @@ fn listeners(configured: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, St
                 names = ?names,
                 "socket activation: serving the sockets systemd passed; server.listen is not bound"
             );
-            Ok(passed.into_iter().map(|(_, l)| l).collect())
+            let (secure, plain): (Vec<_>, Vec<_>) = passed
+                .into_iter()
+                .partition(|(n, _)| n == systemd::TLS_SOCKET_NAME);
+            let secure: Listeners = secure.into_iter().map(|(_, l)| l).collect();
+            if !secure.is_empty() && tls.is_none() {
+                return Err(
+                    "socket activation passed a socket named `tls`, but the config has no [tls] \
+                     table (certificate and private-key)"
+                        .to_owned(),
+                );
+            }
+            if plain.is_empty() {
+                return Err("socket activation passed no plain chat socket".to_owned());
+            }
+            (plain.into_iter().map(|(_, l)| l).collect(), secure)
         }
-        Ok(None) => server::bind_all(configured),
-        Err(e) => Err(e.to_string()),
+        Ok(None) => (server::bind_all(configured)?, Vec::new()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let secure = match tls {
+        Some(addrs) if secure.is_empty() => {
+            server::bind_all(addrs).map_err(|e| e.replace("server.listen", "tls.listen"))?
+        }
+        _ => secure,
+    };
+    Ok((plain, secure))
+}
+
+/// Hands bound listeners to tokio; also returns the addresses they are bound to.
+fn register(
+    listeners: Listeners,
+) -> std::io::Result<(Vec<tokio::net::TcpListener>, Vec<SocketAddr>)> {
+    let mut out = Vec::new();
+    let mut bound = Vec::new();
+    for l in listeners {
+        bound.push(l.local_addr()?);
+        out.push(tokio::net::TcpListener::from_std(l)?);
     }
+    Ok((out, bound))
 }
 
 /// Raises the soft open-files limit to the hard one, and says so.

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::engine::{Claim, ClientId, Deliver, Delivered, Engine, Event, Local, Newcomer};
+use crate::engine::{
+    Claim, ClientId, Deliver, Delivered, Engine, Event, Local, Newcomer, Transport,
+};
 use crate::outbox::{Close, Outbox};
 use crate::reclaim::Token;
 use chat_proto::names::{Name, NameError};
@@ -33,6 +35,8 @@ struct Member {
     /// The node it is connected to, in a cluster; `None` for this node.
     node: Option<Arc<str>>,
     addr: SocketAddr,
+    /// What carries its bytes; `None` for a member of another node (not announced).
+    transport: Option<Transport>,
     joined_at: SystemTime,
     last_active: Instant,
 }
@@ -174,6 +178,8 @@ pub struct MemberInfo {
     pub idle: std::time::Duration,
     /// The cluster node it is connected to; `None` for this node.
     pub node: Option<String>,
+    /// What carries its bytes; `None` for a member of another node.
+    pub transport: Option<Transport>,
 }
 
 /// Why a room operation addressed to a name failed.
@@ -449,6 +455,7 @@ impl Room {
             id,
             name,
             addr,
+            transport,
             outbox,
             welcome,
         } = who;
@@ -469,6 +476,7 @@ impl Room {
                 outbox: Some(outbox),
                 node: None,
                 addr,
+                transport: Some(transport),
                 joined_at: SystemTime::now(),
                 last_active: Instant::now(),
             },
@@ -656,6 +664,7 @@ impl Room {
                         joined_at: m.joined_at,
                         idle: now.saturating_duration_since(m.last_active),
                         node: m.node.as_deref().map(str::to_owned),
+                        transport: m.transport,
                     },
                 )
             })
@@ -695,6 +704,7 @@ impl Room {
                 outbox: None,
                 node: Some(who.node),
                 addr: who.addr,
+                transport: None,
                 joined_at: who.joined_at,
                 last_active: Instant::now(),
             },
@@ -852,6 +862,7 @@ mod tests {
             id,
             name,
             addr: addr(),
+            transport: Transport::Tcp,
             outbox,
             welcome: &[],
         }

@@ -125,7 +125,7 @@ pub async fn accept_loop(
 }
 
 /// Low latency (no Nagle) and keepalive, so half-open peers are found and their slots freed.
-fn tune(stream: &TcpStream, idle: Duration) {
+pub(crate) fn tune(stream: &TcpStream, idle: Duration) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(error = %e, "cannot set TCP_NODELAY");
     }
@@ -173,7 +173,8 @@ pub fn raise_fd_limit() -> nix::Result<Option<u64>> {
     Ok(Some(hard))
 }
 
-fn is_resource_exhaustion(e: &io::Error) -> bool {
+/// Whether an accept error means "out of descriptors or memory" (back off and retry).
+pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
     use nix::libc;
     matches!(
         e.raw_os_error(),

@@ -85,6 +85,11 @@ pub struct LimitCounters {
     pub refused_banned: AtomicU64,
     /// Times accepting stalled for lack of resources (EMFILE and kin).
     pub accept_backoffs: AtomicU64,
+    /// TLS connections closed because their handshake failed (plaintext or garbage on the TLS
+    /// port, an aborted or timed-out handshake).
+    pub tls_handshakes_failed: AtomicU64,
+    /// Of those, handshakes not finished within their bound (`tls::HANDSHAKE_TIMEOUT`).
+    pub tls_handshake_timeouts: AtomicU64,
 }
 
 impl LimitCounters {
@@ -107,6 +112,8 @@ impl LimitCounters {
             name_timeouts: load(&self.name_timeouts),
             refused_banned: load(&self.refused_banned),
             accept_backoffs: load(&self.accept_backoffs),
+            tls_handshakes_failed: load(&self.tls_handshakes_failed),
+            tls_handshake_timeouts: load(&self.tls_handshake_timeouts),
         }
     }
 }
@@ -125,6 +132,10 @@ pub struct Shared {
     pub source: ConfigSource,
     /// Addresses actually bound (known after binding).
     pub listen: Vec<SocketAddr>,
+    /// TLS addresses actually bound (empty without `[tls]`).
+    pub tls_listen: Vec<SocketAddr>,
+    /// The TLS certificate in force, when a TLS listener runs; reloads rotate it.
+    pub tls: Option<Arc<crate::tls::Tls>>,
     /// The admin socket's path.
     pub admin_socket: PathBuf,
     /// Start time, for uptime.
@@ -183,6 +194,8 @@ impl Shared {
             live: ArcSwap::from_pointee(live),
             source,
             listen,
+            tls_listen: Vec::new(),
+            tls: None,
             admin_socket,
             started: Instant::now(),
             started_at: SystemTime::now(),
@@ -195,6 +208,13 @@ impl Shared {
             reload_lock: Mutex::new(()),
             apply_hooks,
         }
+    }
+
+    /// The same state with a TLS listener on `addrs` serving `tls`'s certificate.
+    pub fn with_tls(mut self, tls: Arc<crate::tls::Tls>, addrs: Vec<SocketAddr>) -> Self {
+        self.tls = Some(tls);
+        self.tls_listen = addrs;
+        self
     }
 
     /// A fresh client id.
@@ -219,7 +239,26 @@ impl Shared {
         let from_file = loaded.is_some();
         let new = loaded.unwrap_or_default();
         let old = self.live.load_full();
-        let diff = ConfigDiff::between(&old.config, &new);
+        let mut diff = ConfigDiff::between(&old.config, &new);
+        // The certificate is read (and checked) before anything changes, so a bad one rejects
+        // the reload with its file named and the old certificate stays in use.
+        let certificate = match (&self.tls, &new.tls) {
+            (Some(tls), Some(files)) => {
+                Some(tls.load(files).map_err(|e| ConfigError::Invalid {
+                    path: self.source.path.clone(),
+                    message: format!("{e}; keeping the certificate in use"),
+                })?)
+            }
+            _ => None,
+        };
+        if self.tls.is_none() {
+            // No TLS listener runs: a new [tls] table as a whole waits for a restart.
+            let (tls, rest): (Vec<String>, Vec<String>) =
+                diff.applied.drain(..).partition(|k| k.starts_with("tls."));
+            diff.applied = rest;
+            diff.needs_restart.extend(tls);
+            diff.needs_restart.sort();
+        }
         for hook in &self.apply_hooks {
             if let Err(message) = hook(&new) {
                 // Hooks validate before they change anything, so nothing was applied yet;
@@ -235,6 +274,9 @@ impl Shared {
         }
         self.room.set_history_cap(new.room.history.get());
         self.live.store(Arc::new(Live::new(new, from_file)));
+        if let (Some(tls), Some(certificate)) = (&self.tls, certificate) {
+            tls.install(certificate);
+        }
         self.reloads.fetch_add(1, Ordering::Relaxed);
         Ok(diff)
     }

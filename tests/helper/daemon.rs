@@ -34,6 +34,8 @@ pub struct TestDaemon {
     pub addr: SocketAddr,
     /// Every chat address it listens on, as `status` reports them (empty until it is ready).
     pub listen: Vec<SocketAddr>,
+    /// Every TLS address it listens on (`tls_listen` in `status`; empty without `[tls]`).
+    pub tls_listen: Vec<SocketAddr>,
     pub config_path: PathBuf,
     pub socket: PathBuf,
     pub log_path: PathBuf,
@@ -87,6 +89,7 @@ impl Launch {
             child: Some(child),
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             listen: Vec::new(),
+            tls_listen: Vec::new(),
             config_path,
             socket,
             log_path,
@@ -169,19 +172,31 @@ impl TestDaemon {
                 let v = admin_request(socket, "status").ok()?;
                 let s = &v["response"];
                 // Another daemon on the same socket is not this one.
-                (s["config_path"].as_str() == Some(want.as_str())).then(|| {
-                    s["listen"]
+                let addrs = |key: &str| {
+                    s[key]
                         .as_array()
                         .into_iter()
                         .flatten()
                         .filter_map(|a| a.as_str()?.parse::<SocketAddr>().ok())
                         .collect::<Vec<_>>()
-                })
+                };
+                (s["config_path"].as_str() == Some(want.as_str()))
+                    .then(|| (addrs("listen"), addrs("tls_listen")))
             },
             log,
         );
+        let (listen, tls_listen) = listen;
         self.addr = *listen.first().expect("a ready chatd listens somewhere");
         self.listen = listen;
+        self.tls_listen = tls_listen;
+    }
+
+    /// The first TLS address (the daemon must have a `[tls]` table).
+    pub fn tls_addr(&self) -> SocketAddr {
+        *self
+            .tls_listen
+            .first()
+            .unwrap_or_else(|| panic!("this chatd has no TLS listener:\n{}", self.log()))
     }
 
     /// The listener on `ip` (of a daemon listening on several).

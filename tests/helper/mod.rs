@@ -8,6 +8,7 @@
 //! - [`components`]: [`require`] and [`require_root`], which skip (or fail under CI).
 //! - [`nats`]: [`NatsServer`], real NATS servers with JetStream for the cluster tests, and
 //!   [`RawNats`], a tiny client of NATS's text protocol.
+//! - [`tls`]: [`Pki`], a test CA issuing certificates, and TLS [`Client`]s.
 
 #![allow(dead_code, unused_imports)]
 
@@ -16,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod nats;
 pub mod net;
+pub mod tls;
 pub mod wait;
 
 use std::path::{Path, PathBuf};
@@ -26,6 +28,7 @@ pub use config::Config;
 pub use daemon::{Launch, TestDaemon, admin_request};
 pub use nats::{NatsServer, RawNats};
 pub use net::{Client, ReadTimeout, agreed_order, free_port};
+pub use tls::{Pki, TlsClient};
 pub use wait::{WAIT, wait_child, wait_for, wait_until};
 
 /// A `[limits]` section that lifts flood control, for tests that send bursts.

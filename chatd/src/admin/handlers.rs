@@ -151,6 +151,7 @@ fn list(shared: &Shared) -> Response {
             node: m
                 .node
                 .or_else(|| shared.cluster.as_ref().map(|c| c.node().to_owned())),
+            transport: m.transport.map(|t| t.as_str().to_owned()),
         })
         .collect();
     Response::Users { users }
@@ -204,6 +205,7 @@ fn status(shared: &Shared) -> Response {
         },
         config_path: shared.config_path().map(|p| p.display().to_string()),
         listen: shared.listen.iter().map(ToString::to_string).collect(),
+        tls_listen: shared.tls_listen.iter().map(ToString::to_string).collect(),
         admin_socket: shared.admin_socket.display().to_string(),
         cluster: shared.cluster.as_ref().map(|c| {
             let link = c.link();

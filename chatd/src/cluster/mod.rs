@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use crate::bans::{Ban, Bans, Target};
 use crate::config::ClusterConfig;
-use crate::engine::{Claim, ClientId, Deliver, Delivered, Engine, Event, Newcomer, Seq};
+use crate::engine::{Claim, ClientId, Deliver, Delivered, Engine, Event, Newcomer, Seq, Transport};
 use crate::outbox::Outbox;
 use crate::room::{Remote, Room};
 use chat_proto::names::{Name, NameError};
@@ -75,6 +75,8 @@ struct PendingJoin {
     welcome: Vec<Bytes>,
     /// Tells the joining session it is seated.
     seated: tokio::sync::oneshot::Sender<()>,
+    /// How it is connected (`chatctl list`).
+    transport: Transport,
 }
 
 /// A member connected to this node, as the engine tracks it.
@@ -716,6 +718,7 @@ impl Cluster {
                         id: who.id,
                         name,
                         addr,
+                        transport: p.transport,
                         outbox: p.outbox,
                         welcome: &p.welcome,
                     }));
@@ -995,6 +998,7 @@ impl Engine for Cluster {
                     id,
                     name,
                     addr,
+                    transport,
                     outbox,
                     welcome,
                 } = who;
@@ -1015,6 +1019,7 @@ impl Engine for Cluster {
                             outbox: outbox.clone(),
                             welcome: welcome.to_vec(),
                             seated,
+                            transport,
                         },
                     );
                 }

@@ -1,7 +1,7 @@
 //! The conversation with one client, without any I/O: it takes the client's lines (already
 //! framed by the transport) and the time, and answers through the client's [`Outbox`] and the
 //! room. Naming (every line is a name attempt) → chatting → closed (the outbox is closed with a
-//! last line). Each transport (today TCP, in `tcp.rs`) drives one of these, so every way into the
+//! last line). Each transport (TCP in `tcp.rs`, TLS through `stream.rs`) drives one of these, so every way into the
 //! room shares one set of rules: flood limits, name rules, bans at naming, commands.
 
 use std::net::SocketAddr;
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tracing::{info, warn};
 
-use crate::engine::{ClientId, Newcomer};
+use crate::engine::{ClientId, Newcomer, Transport};
 use crate::limits::FloodWindow;
 use crate::outbox::{Close, Outbox};
 use crate::room::RoomError;
@@ -30,6 +30,8 @@ enum Phase {
 pub struct Conversation {
     id: ClientId,
     peer: SocketAddr,
+    /// What carries the client's bytes (recorded on its room member).
+    transport: Transport,
     shared: Arc<Shared>,
     /// Frames for this client; the room and the conversation push, the transport drains.
     outbox: Arc<Outbox>,
@@ -45,9 +47,9 @@ pub struct Conversation {
 }
 
 impl Conversation {
-    /// A new conversation with the client at `peer`; its outbox is bounded by
-    /// `limits.max-queue-bytes`.
-    pub fn new(peer: SocketAddr, shared: Arc<Shared>) -> Self {
+    /// A new conversation with the client at `peer`, reached over `transport`; its outbox is
+    /// bounded by `limits.max-queue-bytes`.
+    pub fn new(peer: SocketAddr, transport: Transport, shared: Arc<Shared>) -> Self {
         let live = shared.live.load();
         let outbox = Arc::new(Outbox::new(live.config.limits.max_queue_bytes.get()));
         let bucket = TokenBucket::new(
@@ -59,6 +61,7 @@ impl Conversation {
         Conversation {
             id: shared.next_client_id(),
             peer,
+            transport,
             shared,
             outbox,
             phase: Phase::Naming,
@@ -278,6 +281,7 @@ impl Conversation {
             id: self.id,
             name,
             addr: self.peer,
+            transport: self.transport,
             outbox: self.outbox.clone(),
             welcome: &welcome,
         };

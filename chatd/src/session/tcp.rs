@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::core::Conversation;
+use crate::engine::Transport;
 use crate::outbox::Close;
 use crate::shared::Shared;
 use chat_proto::codec::LineDecoder;
@@ -52,7 +53,7 @@ impl Session {
         let max_line = shared.live.load().config.limits.max_line_length.get();
         Session {
             stream,
-            talk: Conversation::new(peer, shared),
+            talk: Conversation::new(peer, Transport::Tcp, shared),
             decoder: LineDecoder::new(max_line),
             pending: VecDeque::new(),
             last_read: Instant::now(),
