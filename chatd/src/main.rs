@@ -87,6 +87,11 @@ fn main() -> ExitCode {
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // A cluster node's joins wait for NATS in `block_in_place`, which lends each waiting
+        // worker's other tasks to a spare thread; in a join storm that is dozens of threads.
+        // Let them go soon after the storm (tokio keeps idle ones 10 s by default), so their
+        // stacks and allocator caches do not sit in the memory of an idle room.
+        .thread_keep_alive(std::time::Duration::from_millis(500))
         .build()
     {
         Ok(rt) => rt,
