@@ -14,6 +14,7 @@ mod config;
 mod docs;
 mod harness;
 mod notify;
+mod proxy;
 mod reclaim;
 mod signals;
 mod systemd;

@@ -274,6 +274,9 @@ pub struct LimitStats {
     pub refused_banned: u64,
     /// Times accepting stalled for lack of file descriptors or memory.
     pub accept_backoffs: u64,
+    /// Connections refused for their PROXY protocol header (absent from older daemons).
+    #[serde(default)]
+    pub refused_proxy: u64,
 }
 
 /// A failed request: a stable code for programs and a message for people.

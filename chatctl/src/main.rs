@@ -425,7 +425,7 @@ fn print_status(s: &StatusInfo) {
     outln!(
         "limits fired:     line-too-long {}, bad-utf8 {}, rate-limited {}, flood-disconnects {}, \
          slow-disconnects {}, refused-full {}, refused-per-ip {}, name-timeouts {}, \
-         refused-banned {}, accept-backoffs {}",
+         refused-banned {}, accept-backoffs {}, refused-proxy {}",
         l.line_too_long,
         l.bad_utf8,
         l.rate_limited,
@@ -435,7 +435,8 @@ fn print_status(s: &StatusInfo) {
         l.refused_per_ip,
         l.name_timeouts,
         l.refused_banned,
-        l.accept_backoffs
+        l.accept_backoffs,
+        l.refused_proxy
     );
     let m = &s.memory;
     outln!(

@@ -151,6 +151,22 @@ pub struct ServerConfig {
     /// Where state that must survive a restart (bans) is kept; empty means `$STATE_DIRECTORY`,
     /// else `/var/lib/chatd` as root, else `$XDG_STATE_HOME/chatd`. (restart)
     pub state_dir: PathBuf,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) naming the real client;
+    /// `false` refuses connections that send one.
+    pub proxy_protocol: bool,
+    /// Addresses and CIDR blocks of the proxies allowed to send that header.
+    pub trusted_proxies: Vec<crate::proxy::ProxyNet>,
+}
+
+impl ServerConfig {
+    /// The PROXY protocol keys of the TCP listeners.
+    pub fn proxy(&self) -> crate::proxy::Settings<'_> {
+        crate::proxy::Settings {
+            section: "server",
+            enabled: self.proxy_protocol,
+            trusted: &self.trusted_proxies,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -163,6 +179,8 @@ impl Default for ServerConfig {
             partial_line_flush: Duration::from_millis(200),
             shutdown_grace: Duration::from_secs(3),
             state_dir: PathBuf::new(),
+            proxy_protocol: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -438,6 +456,7 @@ impl Config {
                 return Err(format!("server.listen: {addr} is listed twice"));
             }
         }
+        self.server.proxy().check()?;
         if self.limits.keepalive < Duration::from_secs(1) {
             return Err("limits.keepalive: must be at least 1s".to_owned());
         }

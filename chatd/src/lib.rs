@@ -15,6 +15,7 @@ pub mod limits;
 pub mod logging;
 pub mod memory;
 pub mod outbox;
+pub mod proxy;
 pub mod reclaim;
 pub mod room;
 pub mod server;

@@ -85,6 +85,9 @@ pub struct LimitCounters {
     pub refused_banned: AtomicU64,
     /// Times accepting stalled for lack of resources (EMFILE and kin).
     pub accept_backoffs: AtomicU64,
+    /// Connections refused for their PROXY protocol header: an untrusted sender, a missing,
+    /// malformed or late header, or one sent to a listener without `proxy-protocol`.
+    pub refused_proxy: AtomicU64,
 }
 
 impl LimitCounters {
@@ -107,6 +110,7 @@ impl LimitCounters {
             name_timeouts: load(&self.name_timeouts),
             refused_banned: load(&self.refused_banned),
             accept_backoffs: load(&self.accept_backoffs),
+            refused_proxy: load(&self.refused_proxy),
         }
     }
 }

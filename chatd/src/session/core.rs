@@ -118,6 +118,16 @@ impl Conversation {
         );
     }
 
+    /// The connection's first bytes are a PROXY protocol header, on a listener that does not
+    /// expect one: a misconfigured balancer, whose header must not become a name. Counted and
+    /// logged; the transport closes the connection.
+    /// `section` holds the listener's keys (`server`, `tls`).
+    pub fn unexpected_proxy_header(&mut self, section: &'static str) {
+        let e = crate::proxy::ProxyError::Unexpected;
+        crate::proxy::refused(&self.shared, self.peer, section, &e);
+        self.outbox.close_with(None, Close::Quit);
+    }
+
     /// The server is stopping: the client's last line says so.
     pub fn shut_down(&mut self) {
         self.leave_reason = "server shutting down";
