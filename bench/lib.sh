@@ -1,10 +1,11 @@
 # shellcheck shell=bash
 # Sourced by the benchmark scripts. Run from the repository root.
 
-# Starts CHATD (a chatd binary) on config/bench.toml in the background, its log in LOG, and
-# returns once it accepts on port 42069; its pid is then in $chatd_pid.
+# Starts CHATD (a chatd binary) on config/bench.toml (or CONFIG) in the background, its log in
+# LOG, and returns once it accepts on port 42069; its pid is then in $chatd_pid.
+#   start_bench_chatd CHATD LOG [CONFIG]
 start_bench_chatd() {
-    "$1" --config config/bench.toml 2>"$2" &
+    "$1" --config "${3:-config/bench.toml}" 2>"$2" &
     # shellcheck disable=SC2034 # read by the scripts that source this file
     chatd_pid=$!
     for _ in $(seq 100); do

@@ -13,6 +13,7 @@ mod client_tty;
 mod config;
 mod docs;
 mod harness;
+mod metrics;
 mod notify;
 mod proxy;
 mod reclaim;

@@ -438,6 +438,26 @@ fn print_status(s: &StatusInfo) {
         l.accept_backoffs,
         l.refused_proxy
     );
+    let a = &s.activity;
+    outln!(
+        "activity:         {} bytes sent; open tcp {}, tls {}; quits {}, lost {}, \
+         ban-disconnects {}; reload failures {}; tls handshake failures {}",
+        a.bytes_sent,
+        a.open_tcp,
+        a.open_tls,
+        a.quits,
+        a.lost,
+        a.ban_disconnects,
+        a.reload_failures,
+        a.tls_handshake_failures
+    );
+    outln!(
+        "send queues:      {} queued, {} in the fullest; fan-out {} messages, {} µs",
+        a.queued_bytes,
+        a.max_queued_bytes,
+        a.fanout_count,
+        a.fanout_micros
+    );
     let m = &s.memory;
     outln!(
         "memory:           {} resident, {} free in the allocator; {} trims gave back {}",

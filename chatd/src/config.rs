@@ -27,6 +27,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "cluster.name",
     "cluster.credentials",
     "cluster.replicas",
+    "metrics.listen",
 ];
 
 /// The whole configuration. `Default` is the built-in configuration the daemon runs on when no
@@ -49,6 +50,25 @@ pub struct Config {
     /// Several nodes serving one room through NATS JetStream; absent means a single node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    /// Prometheus metrics over HTTP; absent means off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: where `/metrics` is served (docs/configuration.md, docs/security.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MetricsConfig {
+    /// Address of the HTTP listener; keep it on loopback or a private network. (restart)
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9469)),
+        }
+    }
 }
 
 /// `[cluster]`: this node's place in a room served by several chatd nodes (docs/cluster.md).

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod limits;
 pub mod logging;
 pub mod memory;
+pub mod metrics;
 pub mod outbox;
 pub mod proxy;
 pub mod reclaim;

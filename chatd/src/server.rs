@@ -8,6 +8,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
@@ -180,8 +181,12 @@ fn admit(
         session.header_read();
     }
     let token = shutdown.clone();
+    let open = &shared.activity.open_tcp;
+    open.fetch_add(1, Ordering::Relaxed);
+    let shared = shared.clone();
     tracker.spawn(async move {
         session.run(token).await;
+        shared.activity.open_tcp.fetch_sub(1, Ordering::Relaxed);
         drop(ticket);
     });
 }

@@ -151,6 +151,11 @@ impl Conversation {
 
     /// The connection is over: the member leaves the room, and everyone is told why.
     pub fn finish(&mut self) {
+        // Every way the server ends a connection closes its outbox first (and is counted
+        // there); an open one means the peer went away.
+        if self.outbox.closed().is_none() {
+            LimitCounters::bump(&self.shared.activity.lost);
+        }
         if let Some(name) = self.shared.room.leave(self.id, self.leave_reason) {
             info!(peer = %self.peer, user = %name, reason = self.leave_reason, "user left");
         }
@@ -259,6 +264,7 @@ impl Conversation {
         let ban = self.shared.bans.find(self.peer.ip(), Some(&name.key));
         if let Some(ban) = ban {
             LimitCounters::bump(&self.shared.limits.refused_banned);
+            LimitCounters::bump(&self.shared.activity.ban_disconnects);
             info!(peer = %self.peer, name = %name.display, ban = %ban.target.to_text(), "refused a banned user");
             return self.leave_now("banned", protocol::error_line(code::BANNED, &ban.refusal()));
         }
@@ -313,6 +319,7 @@ impl Conversation {
     }
 
     fn quit(&mut self) {
+        LimitCounters::bump(&self.shared.activity.quits);
         self.leave_now("quit", protocol::server_line(kind::BYE, "goodbye"));
     }
 

@@ -253,6 +253,11 @@ impl Session {
             match self.stream.try_write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut wrote) => {
+                    self.talk
+                        .shared()
+                        .activity
+                        .bytes_sent
+                        .fetch_add(wrote as u64, std::sync::atomic::Ordering::Relaxed);
                     while wrote > 0 {
                         let Some(front) = self.pending.front_mut() else {
                             break;
