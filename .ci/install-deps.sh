@@ -3,9 +3,10 @@
 # prlimit and setpriv from util-linux (lowering chatd's hard fd limit; chatctl as another user),
 # iproute2 (ss reads keepalive timers; ip and nftables make a half-open peer in its own network
 # namespace), nats-server (the cluster tests start real NATS servers), openssl (s_client talks
-# to the TLS listener in tests/tls.rs). Installed only when
-# missing, so a prepared machine pays nothing. Without them the
-# tests that need them skip, except under CI=true (.ci/run), where they fail.
+# to the TLS listener in tests/tls.rs), haproxy (a real balancer sending the PROXY protocol),
+# prometheus (promtool checks /metrics and the alert rules). Installed only when missing, so a
+# prepared machine pays nothing. Without them the tests that need them skip, except under
+# CI=true (.ci/run), where they fail.
 set -euo pipefail
 need=()
 command -v tmux >/dev/null || need+=(tmux)
@@ -17,6 +18,8 @@ command -v nft >/dev/null || need+=(nftables)
 command -v openssl >/dev/null || need+=(openssl)
 # nats-server lives in /usr/sbin, which a non-root PATH may lack.
 command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -212,6 +212,9 @@ pub struct StatusInfo {
     /// The daemon's memory (absent from daemons older than this field).
     #[serde(default)]
     pub memory: MemoryStats,
+    /// Traffic, disconnects and reloads beyond the counters above (absent from older daemons).
+    #[serde(default)]
+    pub activity: ActivityStats,
     /// The config file, or `null` when running on built-in defaults.
     pub config_path: Option<String>,
     /// Addresses actually bound.
@@ -243,6 +246,34 @@ pub struct ClusterStatus {
     pub position: u64,
     /// Nodes whose lease is live, this one included.
     pub live_nodes: Vec<String>,
+}
+
+/// Activity counters in [`StatusInfo`]; `/metrics` serves the same numbers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ActivityStats {
+    /// Bytes written to chat clients.
+    pub bytes_sent: u64,
+    /// Clients that left with `/quit`.
+    pub quits: u64,
+    /// Connections closed at naming because of a ban.
+    pub ban_disconnects: u64,
+    /// Connections that ended without the server closing them (EOF, reset, error, keepalive).
+    pub lost: u64,
+    /// Reloads rejected (the running config stayed).
+    pub reload_failures: u64,
+    /// Admitted connections open on the TCP listeners.
+    pub open_tcp: u64,
+    /// Admitted connections open on the TLS listeners.
+    pub open_tls: u64,
+    /// Bytes queued for clients in all outboxes now.
+    pub queued_bytes: u64,
+    /// Bytes queued in the fullest outbox now.
+    pub max_queued_bytes: u64,
+    /// Room messages whose fan-out was timed.
+    pub fanout_count: u64,
+    /// Total time those fan-outs took, in microseconds.
+    pub fanout_micros: u64,
 }
 
 /// The daemon's memory, in [`StatusInfo`].
@@ -288,6 +319,9 @@ pub struct LimitStats {
     /// Of those, handshakes that did not finish in time.
     #[serde(default)]
     pub tls_handshake_timeouts: u64,
+    /// Connections refused for their PROXY protocol header (absent from older daemons).
+    #[serde(default)]
+    pub refused_proxy: u64,
 }
 
 /// A failed request: a stable code for programs and a message for people.

@@ -433,7 +433,8 @@ fn print_status(s: &StatusInfo) {
     outln!(
         "limits fired:     line-too-long {}, bad-utf8 {}, rate-limited {}, flood-disconnects {}, \
          slow-disconnects {}, refused-full {}, refused-per-ip {}, name-timeouts {}, \
-         refused-banned {}, accept-backoffs {}, tls-handshakes-failed {} ({} timed out)",
+         refused-banned {}, accept-backoffs {}, tls-handshakes-failed {} ({} timed out), \
+         refused-proxy {}",
         l.line_too_long,
         l.bad_utf8,
         l.rate_limited,
@@ -445,7 +446,27 @@ fn print_status(s: &StatusInfo) {
         l.refused_banned,
         l.accept_backoffs,
         l.tls_handshakes_failed,
-        l.tls_handshake_timeouts
+        l.tls_handshake_timeouts,
+        l.refused_proxy
+    );
+    let a = &s.activity;
+    outln!(
+        "activity:         {} bytes sent; open tcp {}, tls {}; quits {}, lost {}, \
+         ban-disconnects {}; reload failures {}",
+        a.bytes_sent,
+        a.open_tcp,
+        a.open_tls,
+        a.quits,
+        a.lost,
+        a.ban_disconnects,
+        a.reload_failures
+    );
+    outln!(
+        "send queues:      {} queued, {} in the fullest; fan-out {} messages, {} µs",
+        a.queued_bytes,
+        a.max_queued_bytes,
+        a.fanout_count,
+        a.fanout_micros
     );
     let m = &s.memory;
     outln!(

@@ -28,6 +28,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "cluster.credentials",
     "cluster.replicas",
     "tls.listen",
+    "metrics.listen",
 ];
 
 /// The whole configuration. `Default` is the built-in configuration the daemon runs on when no
@@ -53,6 +54,9 @@ pub struct Config {
     /// A TLS listener beside the plain one; absent means none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// Prometheus metrics over HTTP; absent means off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
 }
 
 /// `[tls]`: the chat protocol over TLS 1.2/1.3 on its own port (docs/security.md).
@@ -66,15 +70,47 @@ pub struct TlsConfig {
     pub certificate: PathBuf,
     /// The certificate's private key in PEM (PKCS#8, PKCS#1 or SEC1); re-read at reload.
     pub private_key: PathBuf,
+    /// Every TLS connection starts with a PROXY protocol header (before the handshake) naming
+    /// the real client; `false` refuses connections that send one.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Addresses and CIDR blocks of the proxies allowed to send that header.
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::proxy::ProxyNet>,
 }
 
 impl TlsConfig {
+    /// The PROXY protocol keys of the TLS listeners.
+    pub fn proxy(&self) -> crate::proxy::Settings<'_> {
+        crate::proxy::Settings {
+            section: "tls",
+            enabled: self.proxy_protocol,
+            trusted: &self.trusted_proxies,
+        }
+    }
+
     /// Port 42070 on every IPv4 and IPv6 address.
     pub fn default_listen() -> Vec<SocketAddr> {
         vec![
             SocketAddr::from(([0, 0, 0, 0], 42070)),
             SocketAddr::from(([0u16; 8], 42070)),
         ]
+    }
+}
+
+/// `[metrics]`: where `/metrics` is served (docs/configuration.md, docs/security.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MetricsConfig {
+    /// Address of the HTTP listener; keep it on loopback or a private network. (restart)
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9469)),
+        }
     }
 }
 
@@ -178,6 +214,22 @@ pub struct ServerConfig {
     /// Where state that must survive a restart (bans) is kept; empty means `$STATE_DIRECTORY`,
     /// else `/var/lib/chatd` as root, else `$XDG_STATE_HOME/chatd`. (restart)
     pub state_dir: PathBuf,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) naming the real client;
+    /// `false` refuses connections that send one.
+    pub proxy_protocol: bool,
+    /// Addresses and CIDR blocks of the proxies allowed to send that header.
+    pub trusted_proxies: Vec<crate::proxy::ProxyNet>,
+}
+
+impl ServerConfig {
+    /// The PROXY protocol keys of the TCP listeners.
+    pub fn proxy(&self) -> crate::proxy::Settings<'_> {
+        crate::proxy::Settings {
+            section: "server",
+            enabled: self.proxy_protocol,
+            trusted: &self.trusted_proxies,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -190,6 +242,8 @@ impl Default for ServerConfig {
             partial_line_flush: Duration::from_millis(200),
             shutdown_grace: Duration::from_secs(3),
             state_dir: PathBuf::new(),
+            proxy_protocol: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -489,6 +543,10 @@ impl Config {
                     return Err(format!("{key}: a file is needed"));
                 }
             }
+        }
+        self.server.proxy().check()?;
+        if let Some(tls) = &self.tls {
+            tls.proxy().check()?;
         }
         if self.limits.keepalive < Duration::from_secs(1) {
             return Err("limits.keepalive: must be at least 1s".to_owned());

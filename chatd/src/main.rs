@@ -123,6 +123,18 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let metrics_listener = match &effective.metrics {
+            Some(m) => {
+                match chatd::metrics::bind(m.listen).and_then(tokio::net::TcpListener::from_std) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        error!("cannot listen on {} (metrics.listen): {e}", m.listen);
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            None => None,
+        };
         let socket_path = if effective.admin.socket.as_os_str().is_empty() {
             proto::default_socket_path(nix::unistd::geteuid().is_root())
         } else {
@@ -157,14 +169,21 @@ fn main() -> ExitCode {
         if let Some(tls) = tls {
             shared = shared.with_tls(tls, tls_bound);
         }
-        chatd::run(
-            Arc::new(shared),
-            listeners,
-            tls_listeners,
-            admin_listener,
-            events,
-        )
-        .await;
+        let shared = Arc::new(shared);
+        // Beside `run`, not in it: it serves scrapes through the shutdown drain and stops after.
+        let metrics_stop = tokio_util::sync::CancellationToken::new();
+        let metrics = metrics_listener.map(|l| {
+            tokio::spawn(chatd::metrics::serve(
+                l,
+                shared.clone(),
+                metrics_stop.clone(),
+            ))
+        });
+        chatd::run(shared, listeners, tls_listeners, admin_listener, events).await;
+        metrics_stop.cancel();
+        if let Some(metrics) = metrics {
+            let _ = metrics.await;
+        }
         ExitCode::SUCCESS
     });
     drop(runtime);

@@ -113,6 +113,11 @@ impl Outbox {
         st.closed.clone()
     }
 
+    /// Bytes waiting in the queue (for the send-queue gauges).
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
     /// Whether the outbox has been closed (the session should end).
     pub fn closed(&self) -> Option<Close> {
         self.lock().closed.clone()

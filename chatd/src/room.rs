@@ -163,6 +163,63 @@ pub struct Counters {
     pub deliveries: AtomicU64,
     /// Members kicked by an admin.
     pub kicks: AtomicU64,
+    /// How long pushing each room message to every member took (one observation per message).
+    pub fanout: FanoutHistogram,
+}
+
+/// Upper bounds, in nanoseconds, of the fan-out latency buckets: 10 µs to 100 ms.
+pub const FANOUT_BUCKETS_NS: [u64; 12] = [
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    100_000_000,
+];
+
+/// A latency histogram of plain atomics: one bucket add and one sum add per observation, read
+/// by `/metrics` (all buckets) and `chatctl status` (count and sum) alike.
+#[derive(Debug, Default)]
+pub struct FanoutHistogram {
+    /// Observations per bucket of [`FANOUT_BUCKETS_NS`], not cumulative; the last one is
+    /// everything slower.
+    pub buckets: [AtomicU64; FANOUT_BUCKETS_NS.len() + 1],
+    /// Sum of all observations, in nanoseconds.
+    pub sum_ns: AtomicU64,
+}
+
+impl FanoutHistogram {
+    /// Records one fan-out that took `took`.
+    pub fn observe(&self, took: Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let i = FANOUT_BUCKETS_NS
+            .iter()
+            .position(|&b| ns <= b)
+            .unwrap_or(FANOUT_BUCKETS_NS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// What this node's members have queued and not yet written, for `chatctl status` and
+/// `/metrics`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueuedBytes {
+    /// In all outboxes together.
+    pub total: u64,
+    /// In the fullest outbox.
+    pub max: u64,
 }
 
 /// What `chatctl list` shows of one member.
@@ -490,10 +547,13 @@ impl Room {
         let Some(member) = st.member_mut(id) else {
             return Delivered::NoSuchMember;
         };
-        member.last_active = Instant::now();
+        // One clock read for both the idle time and the fan-out latency.
+        let start = Instant::now();
+        member.last_active = start;
         // Encoded once; every recipient and the history share these bytes.
         let frame = encode(&member.name.display);
         self.broadcast(st, Some(id), &frame);
+        self.counters.fanout.observe(start.elapsed());
         if st.history_cap > 0 {
             if st.history.len() == st.history_cap {
                 st.history.pop_front();
@@ -672,6 +732,21 @@ impl Room {
         drop(st);
         list.sort_by(|a, b| a.0.cmp(&b.0));
         list.into_iter().map(|(_, m)| m).collect()
+    }
+
+    /// Bytes queued in this node's members' outboxes: a walk over every member under the room
+    /// lock (about as long as one fan-out), so it is read per status request or scrape only.
+    pub fn queued_bytes(&self) -> QueuedBytes {
+        let st = self.lock();
+        let mut q = QueuedBytes::default();
+        for m in st.members.values() {
+            if let Some(outbox) = &m.outbox {
+                let n = outbox.queued_bytes() as u64;
+                q.total += n;
+                q.max = q.max.max(n);
+            }
+        }
+        q
     }
 
     /// Number of members, on every node.

@@ -8,6 +8,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
@@ -105,23 +106,89 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let ticket = match admission.admit(peer) {
-            Ok(ticket) => ticket,
-            Err(refusal) => {
-                tracker.spawn(refuse(stream, refusal));
-                continue;
-            }
-        };
-        // Only connections that stay get tuned; a refusal is one line and a close.
-        tune(&stream, shared.live.load().config.limits.keepalive);
-        debug!(%peer, "connection accepted");
-        let session = Session::new(stream, peer, shared.clone());
-        let token = shutdown.clone();
-        tracker.spawn(async move {
-            session.run(token).await;
-            drop(ticket);
-        });
+        if shared.live.load().config.server.proxy_protocol {
+            // The header is read in the connection's own task: a slow proxy must not hold up
+            // accepting everyone else.
+            tracker.spawn(proxied(
+                stream,
+                peer,
+                shared.clone(),
+                admission.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+            continue;
+        }
+        admit(stream, peer, None, &shared, &admission, &shutdown, &tracker);
     }
+}
+
+/// A connection on a PROXY protocol listener: the real client from its header (within
+/// `limits.name-timeout`), then admission by that address.
+async fn proxied(
+    mut stream: TcpStream,
+    proxy: SocketAddr,
+    shared: Arc<Shared>,
+    admission: Arc<Admission>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    // An owned snapshot, not the ArcSwap guard, since it lives across the read.
+    let live = shared.live.load_full();
+    let deadline = tokio::time::Instant::now() + live.config.limits.name_timeout;
+    let settings = live.config.server.proxy();
+    let client = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        c = crate::proxy::real_peer(&mut stream, proxy, settings, deadline, &shared) => c,
+    };
+    if let Some(client) = client {
+        admit(
+            stream,
+            client,
+            Some(proxy),
+            &shared,
+            &admission,
+            &shutdown,
+            &tracker,
+        );
+    }
+}
+
+/// Admits the connection from `peer` (the real client; `proxy` is the balancer it came
+/// through, if any) and spawns its session, or tells it the refusal.
+fn admit(
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Option<SocketAddr>,
+    shared: &Arc<Shared>,
+    admission: &Arc<Admission>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let ticket = match admission.admit(peer) {
+        Ok(ticket) => ticket,
+        Err(refusal) => {
+            tracker.spawn(refuse(stream, refusal));
+            return;
+        }
+    };
+    // Only connections that stay get tuned; a refusal is one line and a close.
+    tune(&stream, shared.live.load().config.limits.keepalive);
+    debug!(%peer, ?proxy, "connection accepted");
+    let mut session = Session::new(stream, peer, shared.clone());
+    if proxy.is_some() {
+        // Its header is read; what follows is the client's, whatever it looks like.
+        session.header_read();
+    }
+    let token = shutdown.clone();
+    let open = &shared.activity.open_tcp;
+    open.fetch_add(1, Ordering::Relaxed);
+    let shared = shared.clone();
+    tracker.spawn(async move {
+        session.run(token).await;
+        shared.activity.open_tcp.fetch_sub(1, Ordering::Relaxed);
+        drop(ticket);
+    });
 }
 
 /// Low latency (no Nagle) and keepalive, so half-open peers are found and their slots freed.

@@ -90,6 +90,9 @@ pub struct LimitCounters {
     pub tls_handshakes_failed: AtomicU64,
     /// Of those, handshakes not finished within their bound (`tls::HANDSHAKE_TIMEOUT`).
     pub tls_handshake_timeouts: AtomicU64,
+    /// Connections refused for their PROXY protocol header: an untrusted sender, a missing,
+    /// malformed or late header, or one sent to a listener without `proxy-protocol`.
+    pub refused_proxy: AtomicU64,
 }
 
 impl LimitCounters {
@@ -114,8 +117,31 @@ impl LimitCounters {
             accept_backoffs: load(&self.accept_backoffs),
             tls_handshakes_failed: load(&self.tls_handshakes_failed),
             tls_handshake_timeouts: load(&self.tls_handshake_timeouts),
+            refused_proxy: load(&self.refused_proxy),
         }
     }
+}
+
+/// Activity numbers that `chatctl status` and `/metrics` both read (metrics.rs), beside the
+/// room's [`crate::room::Counters`] and the [`LimitCounters`]: one set of atomics, two views.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Bytes written to chat clients (one add per write call, not per frame).
+    pub bytes_sent: AtomicU64,
+    /// Clients that left with `/quit`.
+    pub quits: AtomicU64,
+    /// Connections closed at naming because the address or name is banned (a ban made while a
+    /// user is online disconnects them as a kick).
+    pub ban_disconnects: AtomicU64,
+    /// Connections that ended without the server closing them: EOF, reset, I/O error, or a
+    /// peer the keepalive found gone.
+    pub lost: AtomicU64,
+    /// Reloads rejected (the running config stayed).
+    pub reload_failures: AtomicU64,
+    /// Admitted connections open on the plain TCP listeners.
+    pub open_tcp: AtomicUsize,
+    /// Admitted connections open on the TLS listeners.
+    pub open_tls: AtomicUsize,
 }
 
 /// Everything the daemon's tasks share.
@@ -151,6 +177,8 @@ pub struct Shared {
     pub reloads: AtomicU64,
     /// How often each limit fired.
     pub limits: LimitCounters,
+    /// Traffic, disconnects by reason, reload failures, connections by listener.
+    pub activity: Activity,
     /// Bans, persisted in the state directory.
     pub bans: Bans,
     /// What giving freed memory back to the system has done (memory.rs).
@@ -203,6 +231,7 @@ impl Shared {
             connections: AtomicUsize::new(0),
             reloads: AtomicU64::new(0),
             limits: LimitCounters::default(),
+            activity: Activity::default(),
             bans,
             trims: crate::memory::TrimStats::default(),
             reload_lock: Mutex::new(()),
@@ -234,6 +263,16 @@ impl Shared {
     /// stays exactly as it was. Callers go through `systemd::reload`, which tells the service
     /// manager around this, so every reload path looks the same to `systemctl`.
     pub(crate) fn reload(&self) -> Result<ConfigDiff, ConfigError> {
+        let result = self.reload_now();
+        if result.is_err() {
+            self.activity
+                .reload_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn reload_now(&self) -> Result<ConfigDiff, ConfigError> {
         let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let loaded = self.source.load()?;
         let from_file = loaded.is_some();

@@ -14,6 +14,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -259,18 +260,59 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        // Before anything else, as on every listener: caps and bans cost us no handshake.
-        let admitted = admission.admit(peer);
-        let live = shared.live.load();
-        let limit = HANDSHAKE_TIMEOUT.min(live.config.limits.name_timeout);
-        let keepalive = live.config.limits.keepalive;
-        drop(live);
         let (tls, shared, token) = (tls.clone(), shared.clone(), shutdown.clone());
+        let admission = admission.clone();
         tracker.spawn(async move {
+            // An owned snapshot: it lives across the header read.
+            let live = shared.live.load_full();
+            let limit = HANDSHAKE_TIMEOUT.min(live.config.limits.name_timeout);
+            let keepalive = live.config.limits.keepalive;
+            let mut stream = stream;
+            // Behind a balancer the real client comes first, in a PROXY header before the
+            // handshake; anywhere else such a header is refused by name, not as a bad handshake.
+            // Behind a balancer the real client comes first, in a PROXY header before the
+            // handshake, and is admitted by that address once it is read; anywhere else the
+            // connection is admitted at once (caps and bans cost us no crypto), and a PROXY
+            // header is refused by name rather than as a failed handshake.
+            // The peek for a stray header and the handshake share one deadline (set once the
+            // connection is admitted).
+            let handshake_by;
+            let (peer, admitted) = match live.config.tls.as_ref().map(|t| t.proxy()) {
+                Some(settings) if settings.enabled => {
+                    let deadline = tokio::time::Instant::now() + live.config.limits.name_timeout;
+                    let client = tokio::select! {
+                        _ = token.cancelled() => return,
+                        c = crate::proxy::real_peer(&mut stream, peer, settings, deadline, &shared) => c,
+                    };
+                    let Some(client) = client else {
+                        return;
+                    };
+                    handshake_by = tokio::time::Instant::now() + limit;
+                    (client, admission.admit(client))
+                }
+                _ => {
+                    let admitted = admission.admit(peer);
+                    handshake_by = tokio::time::Instant::now() + limit;
+                    let mut first = [0u8; 12];
+                    let peeked = tokio::select! {
+                        _ = token.cancelled() => return,
+                        p = tokio::time::timeout_at(handshake_by, stream.peek(&mut first)) => p,
+                    };
+                    if let Ok(Ok(n)) = peeked
+                        && crate::proxy::looks_like_header(&first[..n])
+                    {
+                        let e = crate::proxy::ProxyError::Unexpected;
+                        crate::proxy::refused(&shared, peer, "tls", &e);
+                        return;
+                    }
+                    (peer, admitted)
+                }
+            };
+            drop(live);
             if admitted.is_ok() {
                 crate::server::tune(&stream, keepalive);
             }
-            let handshake = tokio::time::timeout(limit, tls.acceptor.accept(stream));
+            let handshake = tokio::time::timeout_at(handshake_by, tls.acceptor.accept(stream));
             let stream = tokio::select! {
                 _ = token.cancelled() => return,
                 r = handshake => match r {
@@ -293,9 +335,11 @@ pub async fn accept_loop(
             match admitted {
                 Ok(ticket) => {
                     debug!(%peer, "TLS connection accepted");
-                    StreamSession::new(stream, peer, Transport::Tls, shared)
+                    shared.activity.open_tls.fetch_add(1, Ordering::Relaxed);
+                    StreamSession::new(stream, peer, Transport::Tls, shared.clone())
                         .run(token)
                         .await;
+                    shared.activity.open_tls.fetch_sub(1, Ordering::Relaxed);
                     drop(ticket);
                 }
                 Err(refusal) => {

@@ -203,6 +203,7 @@ fn status(shared: &Shared) -> Response {
             trims: load(&shared.trims.trims),
             trimmed_bytes: load(&shared.trims.trimmed_bytes),
         },
+        activity: crate::metrics::activity(shared),
         config_path: shared.config_path().map(|p| p.display().to_string()),
         listen: shared.listen.iter().map(ToString::to_string).collect(),
         tls_listen: shared.tls_listen.iter().map(ToString::to_string).collect(),

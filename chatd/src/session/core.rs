@@ -121,6 +121,16 @@ impl Conversation {
         );
     }
 
+    /// The connection's first bytes are a PROXY protocol header, on a listener that does not
+    /// expect one: a misconfigured balancer, whose header must not become a name. Counted and
+    /// logged; the transport closes the connection.
+    /// `section` holds the listener's keys (`server`, `tls`).
+    pub fn unexpected_proxy_header(&mut self, section: &'static str) {
+        let e = crate::proxy::ProxyError::Unexpected;
+        crate::proxy::refused(&self.shared, self.peer, section, &e);
+        self.outbox.close_with(None, Close::Quit);
+    }
+
     /// The server is stopping: the client's last line says so.
     pub fn shut_down(&mut self) {
         self.leave_reason = "server shutting down";
@@ -144,6 +154,11 @@ impl Conversation {
 
     /// The connection is over: the member leaves the room, and everyone is told why.
     pub fn finish(&mut self) {
+        // Every way the server ends a connection closes its outbox first (and is counted
+        // there); an open one means the peer went away.
+        if self.outbox.closed().is_none() {
+            LimitCounters::bump(&self.shared.activity.lost);
+        }
         if let Some(name) = self.shared.room.leave(self.id, self.leave_reason) {
             info!(peer = %self.peer, user = %name, reason = self.leave_reason, "user left");
         }
@@ -252,6 +267,7 @@ impl Conversation {
         let ban = self.shared.bans.find(self.peer.ip(), Some(&name.key));
         if let Some(ban) = ban {
             LimitCounters::bump(&self.shared.limits.refused_banned);
+            LimitCounters::bump(&self.shared.activity.ban_disconnects);
             info!(peer = %self.peer, name = %name.display, ban = %ban.target.to_text(), "refused a banned user");
             return self.leave_now("banned", protocol::error_line(code::BANNED, &ban.refusal()));
         }
@@ -307,6 +323,7 @@ impl Conversation {
     }
 
     fn quit(&mut self) {
+        LimitCounters::bump(&self.shared.activity.quits);
         self.leave_now("quit", protocol::server_line(kind::BYE, "goodbye"));
     }
 

@@ -45,6 +45,9 @@ pub struct Session {
     /// what is already on the wire (its own handle only: the bytes stay shared).
     pending: VecDeque<Bytes>,
     last_read: Instant,
+    /// Whether the first bytes are still to be checked for a PROXY protocol header, which a
+    /// listener without `proxy-protocol` refuses.
+    check_header: bool,
 }
 
 impl Session {
@@ -57,7 +60,13 @@ impl Session {
             decoder: LineDecoder::new(max_line),
             pending: VecDeque::new(),
             last_read: Instant::now(),
+            check_header: true,
         }
+    }
+
+    /// The connection's PROXY protocol header was already read by its listener.
+    pub fn header_read(&mut self) {
+        self.check_header = false;
     }
 
     /// Runs the session to its end. Never panics on peer input; I/O errors end the session.
@@ -181,6 +190,12 @@ impl Session {
                 }
                 Ok(_) => {
                     self.last_read = Instant::now();
+                    if std::mem::take(&mut self.check_header)
+                        && crate::proxy::looks_like_header(self.decoder.buffer_mut())
+                    {
+                        self.talk.unexpected_proxy_header("server");
+                        return Ok(false);
+                    }
                     while let Some(frame) = self.decoder.next_frame() {
                         self.talk.handle_frame(frame);
                         if self.talk.outbox().closed().is_some() {
@@ -239,6 +254,11 @@ impl Session {
             match self.stream.try_write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut wrote) => {
+                    self.talk
+                        .shared()
+                        .activity
+                        .bytes_sent
+                        .fetch_add(wrote as u64, std::sync::atomic::Ordering::Relaxed);
                     while wrote > 0 {
                         let Some(front) = self.pending.front_mut() else {
                             break;
