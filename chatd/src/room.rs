@@ -508,17 +508,15 @@ impl Room {
 
     /// The rest of a join, under the room lock.
     fn join_locked(&self, st: &mut State, who: Newcomer<'_>) -> Delivered {
+        who.greet();
         let Newcomer {
             id,
             name,
             addr,
             transport,
             outbox,
-            welcome,
+            ..
         } = who;
-        for frame in welcome {
-            outbox.push(frame.clone());
-        }
         for entry in &st.history {
             let when = humantime::format_rfc3339_seconds(entry.at).to_string();
             outbox.push(protocol::history_line(&when, &entry.line));

@@ -71,6 +71,59 @@ pub fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, Stri
     Ok(out)
 }
 
+/// One listener's accepts, with the back-off every listener needs: running out of file
+/// descriptors or memory must slow accepting down (and say so), never end it.
+pub(crate) struct Acceptor {
+    listener: TcpListener,
+    /// What kind of listener, for the log.
+    kind: &'static str,
+    backoff: Duration,
+}
+
+impl Acceptor {
+    /// Accepts on `listener`.
+    pub(crate) fn new(listener: TcpListener, kind: &'static str) -> Self {
+        Acceptor {
+            listener,
+            kind,
+            backoff: Duration::from_millis(10),
+        }
+    }
+
+    /// The next connection, or `None` once `shutdown` fires.
+    pub(crate) async fn next(
+        &mut self,
+        shared: &Shared,
+        shutdown: &CancellationToken,
+    ) -> Option<(TcpStream, SocketAddr)> {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                r = self.listener.accept() => r,
+            };
+            match accepted {
+                Ok(conn) => {
+                    self.backoff = Duration::from_millis(10);
+                    return Some(conn);
+                }
+                Err(e) if is_resource_exhaustion(&e) => {
+                    LimitCounters::bump(&shared.limits.accept_backoffs);
+                    error!(error = %e, retry_in = ?self.backoff, listener = self.kind,
+                        "cannot accept connections: out of resources");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(self.backoff) => {}
+                    }
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    debug!(error = %e, listener = self.kind, "accept failed for one connection")
+                }
+            }
+        }
+    }
+}
+
 /// Accepts connections on `listener` until `shutdown`, spawning a session for each one that
 /// `admission` lets stay.
 pub async fn accept_loop(
@@ -80,32 +133,8 @@ pub async fn accept_loop(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        let (stream, peer) = match accepted {
-            Ok(conn) => {
-                backoff = Duration::from_millis(10);
-                conn
-            }
-            Err(e) if is_resource_exhaustion(&e) => {
-                LimitCounters::bump(&shared.limits.accept_backoffs);
-                error!(error = %e, retry_in = ?backoff, "cannot accept connections: out of resources");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-            Err(e) => {
-                debug!(error = %e, "accept failed for one connection");
-                continue;
-            }
-        };
+    let mut acceptor = Acceptor::new(listener, "TCP");
+    while let Some((stream, peer)) = acceptor.next(&shared, &shutdown).await {
         if shared.live.load().config.server.proxy_protocol {
             // The header is read in the connection's own task: a slow proxy must not hold up
             // accepting everyone else.
@@ -241,7 +270,7 @@ pub fn raise_fd_limit() -> nix::Result<Option<u64>> {
 }
 
 /// Whether an accept error means "out of descriptors or memory" (back off and retry).
-pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
+fn is_resource_exhaustion(e: &io::Error) -> bool {
     use nix::libc;
     matches!(
         e.raw_os_error(),

@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info};
+use tracing::{debug, info};
 
 use crate::admission::Admission;
 use crate::config::TlsConfig;
@@ -234,32 +234,8 @@ pub async fn accept_loop(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        let (stream, peer) = match accepted {
-            Ok(conn) => {
-                backoff = Duration::from_millis(10);
-                conn
-            }
-            Err(e) if crate::server::is_resource_exhaustion(&e) => {
-                LimitCounters::bump(&shared.limits.accept_backoffs);
-                error!(error = %e, retry_in = ?backoff, "cannot accept TLS connections: out of resources");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-            Err(e) => {
-                debug!(error = %e, "accept failed for one TLS connection");
-                continue;
-            }
-        };
+    let mut acceptor = crate::server::Acceptor::new(listener, "TLS");
+    while let Some((stream, peer)) = acceptor.next(&shared, &shutdown).await {
         let (tls, shared, token) = (tls.clone(), shared.clone(), shutdown.clone());
         let admission = admission.clone();
         tracker.spawn(async move {

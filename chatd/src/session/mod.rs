@@ -7,6 +7,36 @@ mod core;
 mod stream;
 mod tcp;
 
+use std::time::Duration;
+
+use tokio::time::{Instant, sleep_until};
+
 pub use self::core::Conversation;
 pub use self::stream::StreamSession;
 pub use self::tcp::Session;
+
+// What every driver shares: how long a closing session may take, and how writes are batched.
+
+/// Longest a closing session waits for its peer to read what is queued (quit, kick).
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the farewell line and the stream's own close (FIN; for TLS close_notify first), how
+/// long a session waits for the peer to close its side.
+const LINGER: Duration = Duration::from_millis(500);
+/// Frames offered per vectored write.
+const MAX_IOVECS: usize = 64;
+/// The largest emptied write queue a session keeps (in frames, 32 bytes each): enough for the
+/// usual few frames between writes, small next to a connection's ~4 KB.
+const KEEP_QUEUE: usize = 8;
+/// Bytes read per wake-up.
+const READ_CHUNK: usize = 4096;
+
+/// Sleeps until `at`, or forever without a deadline. `select!` builds the future of every
+/// branch on each turn, disabled ones included, and a `Sleep` built there costs a clock read
+/// and a clone of the runtime handle even when it is never polled; this costs nothing until
+/// polled.
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

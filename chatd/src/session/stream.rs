@@ -20,11 +20,12 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::time::{Instant, sleep_until};
+use tokio::time::Instant;
+
+use super::{CLOSE_FLUSH_TIMEOUT, KEEP_QUEUE, LINGER, MAX_IOVECS, READ_CHUNK, sleep_opt};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -33,18 +34,6 @@ use crate::engine::Transport;
 use crate::outbox::Close;
 use crate::shared::Shared;
 use chat_proto::codec::LineDecoder;
-
-/// Longest a closing session waits for its peer to read what is queued (quit, kick).
-const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-/// After the farewell line and the stream's own close (TLS: close_notify, then FIN), how long a
-/// session waits for the peer to close its side.
-const LINGER: Duration = Duration::from_millis(500);
-/// Frames offered per vectored write.
-const MAX_IOVECS: usize = 64;
-/// The largest emptied write queue a session keeps (in frames), as in `tcp.rs`.
-const KEEP_QUEUE: usize = 8;
-/// Bytes read per poll (through a stack buffer).
-const READ_CHUNK: usize = 4096;
 
 /// What one turn of stream I/O did.
 enum Io {
@@ -299,13 +288,5 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamSession<S> {
             Ok::<(), io::Error>(())
         })
         .await;
-    }
-}
-
-/// Sleeps until `at`, or forever without a deadline (why: see `tcp.rs`).
-async fn sleep_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

@@ -8,11 +8,12 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
+
+use super::{CLOSE_FLUSH_TIMEOUT, KEEP_QUEUE, LINGER, MAX_IOVECS, READ_CHUNK, sleep_opt};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -21,19 +22,6 @@ use crate::engine::Transport;
 use crate::outbox::Close;
 use crate::shared::Shared;
 use chat_proto::codec::LineDecoder;
-
-/// Longest a closing session waits for its peer to read what is queued (quit, kick).
-const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-/// After the farewell line and FIN, how long a session waits for the peer to close its side.
-const LINGER: Duration = Duration::from_millis(500);
-/// Frames written per vectored write call.
-const MAX_IOVECS: usize = 64;
-
-/// The largest emptied write queue a session keeps (in frames, 32 bytes each): enough for the
-/// usual few frames between writes, small next to a connection's ~4 KB.
-const KEEP_QUEUE: usize = 8;
-/// Read buffer reserved when the socket is readable.
-const READ_CHUNK: usize = 4096;
 
 /// One connected TCP client.
 pub struct Session {
@@ -283,16 +271,5 @@ impl Session {
             self.pending = VecDeque::new();
         }
         Ok(())
-    }
-}
-
-/// Sleeps until `at`, or forever without a deadline. `select!` builds the future of every
-/// branch on each turn, disabled ones included, and a `Sleep` built there costs a clock read
-/// and a clone of the runtime handle even when it is never polled; this costs nothing until
-/// polled.
-async fn sleep_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
