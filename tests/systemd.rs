@@ -3,84 +3,15 @@
 //! socket activation is driven the way systemd does it (`LISTEN_PID`/`LISTEN_FDS`, fd 3).
 
 use std::os::fd::OwnedFd;
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::helper::{Client, Config, TestDaemon, WAIT, bin, wait_child, wait_until};
-
-/// A fake service manager on an abstract socket, as systemd ≥ 254 uses by default.
-struct FakeManager {
-    socket: UnixDatagram,
-    name: String,
-    /// `WATCHDOG=1` pings seen so far (they interleave with everything else).
-    watchdog_pings: usize,
-    /// Every datagram received, in order, for failure messages.
-    seen: Vec<String>,
-}
-
-impl FakeManager {
-    fn new() -> FakeManager {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let name = format!("chatd-it-{}-{stamp}", std::process::id());
-        let addr = UnixAddr::from_abstract_name(name.as_bytes()).expect("abstract address");
-        let socket = UnixDatagram::bind_addr(&addr).expect("bind abstract socket");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        FakeManager {
-            socket,
-            name: format!("@{name}"),
-            watchdog_pings: 0,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The next datagram that is not a watchdog ping (those are counted), within `WAIT`.
-    fn next(&mut self) -> String {
-        let deadline = Instant::now() + WAIT;
-        let mut buf = [0u8; 4096];
-        loop {
-            assert!(
-                Instant::now() < deadline,
-                "no notification within {WAIT:?}; saw {:?}",
-                self.seen
-            );
-            let Ok(n) = self.socket.recv(&mut buf) else {
-                continue;
-            };
-            let msg = String::from_utf8(buf[..n].to_vec()).expect("UTF-8 datagram");
-            self.seen.push(msg.clone());
-            if msg == "WATCHDOG=1" {
-                self.watchdog_pings += 1;
-                continue;
-            }
-            return msg;
-        }
-    }
-
-    /// Skips plain `STATUS=` updates until a datagram starting with `prefix`.
-    fn expect(&mut self, prefix: &str) -> String {
-        loop {
-            let msg = self.next();
-            if msg.starts_with(prefix) {
-                return msg;
-            }
-            assert!(
-                msg.starts_with("STATUS="),
-                "expected {prefix:?}, got {msg:?} (all: {:?})",
-                self.seen
-            );
-        }
-    }
-}
+use crate::helper::{Client, Config, FakeManager, TestDaemon, WAIT, bin, wait_child, wait_until};
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
@@ -124,7 +55,9 @@ fn notifies_ready_reload_status_watchdog_and_stopping() {
     let status = d.chatctl(&["status"]);
     assert!(
         status.status.success(),
-        "chatctl status right after READY failed"
+        "chatctl status right after READY failed: {}\n{}",
+        String::from_utf8_lossy(&status.stderr),
+        d.log()
     );
     d.wait_ready();
     let addr = d.addr;
@@ -155,11 +88,7 @@ fn notifies_ready_reload_status_watchdog_and_stopping() {
     // The watchdog was fed all along (400 ms deadline, pinged every 200 ms).
     let pings_before = manager.watchdog_pings;
     wait_until(WAIT, "watchdog pings", || {
-        let mut buf = [0u8; 64];
-        if let Ok(n) = manager.socket.recv(&mut buf) {
-            assert_eq!(&buf[..n], b"WATCHDOG=1", "unexpected datagram");
-            manager.watchdog_pings += 1;
-        }
+        manager.poll_watchdog();
         manager.watchdog_pings >= pings_before + 3
     });
 
@@ -243,4 +172,35 @@ fn sockets_passed_to_another_process_are_ignored() {
     assert!(!d.log().contains("socket activation"));
     d.signal(Signal::SIGTERM);
     assert_eq!(d.wait_exit(), Some(0));
+}
+
+/// A service manager that stops reading (its socket buffer full) costs notifications, never the
+/// daemon: chatd keeps answering while its watchdog pings have nowhere to go.
+#[test]
+fn a_manager_that_stops_reading_never_stalls_the_daemon() {
+    let manager = FakeManager::new();
+    manager.shrink_buffer();
+    let d = TestDaemon::with(Config::test())
+        .env("NOTIFY_SOCKET", &manager.name)
+        .env("WATCHDOG_USEC", "100000")
+        .start();
+    // Pings every 50 ms: the tiny buffer is full long before this.
+    std::thread::sleep(Duration::from_millis(600));
+    for _ in 0..3 {
+        let started = Instant::now();
+        let out = d.chatctl(&["status"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "status took {:?}",
+            started.elapsed()
+        );
+        let mut c = d.join("still");
+        c.send("/quit");
+    }
+    drop(manager);
 }

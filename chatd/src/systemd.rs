@@ -82,11 +82,12 @@ impl Notifier {
                 ));
             }
         };
+        // Non-blocking: a service manager that stops reading (or a full socket buffer) must
+        // cost a notification, never a runtime worker; these are sent from async tasks.
+        let socket = UnixDatagram::unbound()?;
+        socket.set_nonblocking(true)?;
         Ok(Notifier {
-            target: Some(Target {
-                socket: UnixDatagram::unbound()?,
-                addr,
-            }),
+            target: Some(Target { socket, addr }),
         })
     }
 
@@ -169,8 +170,21 @@ pub fn notifier() -> &'static Notifier {
 
 /// Logs a failed notification; the daemon keeps serving either way.
 fn logged(what: &str, r: io::Result<()>) {
-    if let Err(e) = r {
-        warn!(error = %e, notification = what, "cannot notify systemd");
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // A manager that stopped reading fails every watchdog ping: say so once until one gets
+    // through again, not twice a second.
+    static FULL: AtomicBool = AtomicBool::new(false);
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            if !FULL.swap(true, Ordering::Relaxed) {
+                warn!(
+                    notification = what,
+                    "cannot notify systemd: its socket is full; dropping notifications until it reads again"
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, notification = what, "cannot notify systemd"),
+        Ok(()) => FULL.store(false, Ordering::Relaxed),
     }
 }
 

@@ -69,6 +69,9 @@ impl Launch {
         std::fs::write(&config_path, &self.text).expect("write config");
         let socket = admin_socket_of(&self.text)
             .unwrap_or_else(|| panic!("a test config must set admin.socket:\n{}", self.text));
+        // The other programs are built on first use; do it before the daemon runs, so no test
+        // that calls chatctl soon after a start waits for a build meanwhile.
+        let _ = bin("chatctl");
         let log_path = self.dir.path().join("chatd.log");
         let log = std::fs::File::create(&log_path).expect("log file");
         let mut cmd = Command::new(bin("chatd"));

@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod nats;
 pub mod net;
+pub mod notify;
 pub mod tls;
 pub mod wait;
 
@@ -28,6 +29,7 @@ pub use config::Config;
 pub use daemon::{Launch, TestDaemon, admin_request};
 pub use nats::{NatsServer, RawNats};
 pub use net::{Client, ReadTimeout, agreed_order, free_port};
+pub use notify::FakeManager;
 pub use tls::{Pki, TlsClient};
 pub use wait::{WAIT, wait_child, wait_for, wait_until};
 
