@@ -14,9 +14,11 @@
 //!   names (compare-and-set again) publishes that member's leave, so it is announced once.
 //! - **History**: a starting node reads the stream's last messages for newcomers.
 //!
-//! Sessions never wait on NATS except while claiming a name (a join or `/nick`): appends go to
-//! one publisher task through a bounded queue, and a line that cannot be published within
-//! the bus's deadline is answered `*** ERR not-delivered`.
+//! Sessions wait on NATS only to take a name: a join claims it and then waits until its own
+//! join comes back from the stream (so what the newcomer sends next is ordered after it on every
+//! node), and `/nick` claims the new name. Everything else goes to one publisher task through a
+//! bounded queue, and a line that cannot be published within the bus's deadline is answered
+//! `*** ERR not-delivered`.
 
 pub mod bus;
 pub mod wire;
