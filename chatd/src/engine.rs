@@ -18,7 +18,6 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use std::net::SocketAddr;
@@ -239,9 +238,6 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// in-process engine), `None` when it is delivered later.
     fn append(&self, room: &dyn Deliver, event: Event<'_>) -> Option<Delivered>;
 
-    /// The position of the last event delivered here.
-    fn position(&self) -> Seq;
-
     /// Connection `holder` was issued a reclaim token with this digest (an engine shared by
     /// several nodes keeps it beside the holder's name, so another node can check a reclaim).
     fn token_issued(&self, _holder: ClientId, _digest: &str) {}
@@ -253,8 +249,6 @@ pub struct Local {
     /// Name key → the connection holding it. Claims happen before the event that uses the name
     /// is appended, so two joins racing for one name cannot both pass.
     names: Mutex<HashMap<String, ClientId>>,
-    /// Events delivered so far.
-    delivered: AtomicU64,
 }
 
 impl Local {
@@ -299,12 +293,7 @@ impl Engine for Local {
     }
 
     fn append(&self, room: &dyn Deliver, event: Event<'_>) -> Option<Delivered> {
-        self.delivered.fetch_add(1, Ordering::Relaxed);
         Some(room.deliver(event))
-    }
-
-    fn position(&self) -> Seq {
-        self.delivered.load(Ordering::Relaxed)
     }
 }
 

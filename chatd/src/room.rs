@@ -284,11 +284,6 @@ impl Room {
         }
     }
 
-    /// The engine this room is ordered by.
-    pub fn engine(&self) -> &dyn Engine {
-        &*self.engine
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every mutation below leaves `State` consistent before it can panic (maps are updated
         // together, pushes cannot fail), so a poisoned lock holds valid data.

@@ -216,7 +216,7 @@ fn status(shared: &Shared) -> Response {
                 ready: c.is_ready(),
                 server: link.server,
                 waiting: link.waiting,
-                position: shared.room.engine().position(),
+                position: c.position(),
                 live_nodes: link.live_nodes,
             }
         }),

@@ -205,6 +205,11 @@ impl Cluster {
         self.link.borrow().clone()
     }
 
+    /// The stream sequence of the last room event delivered here.
+    pub fn position(&self) -> Seq {
+        self.applied.load(Ordering::Acquire)
+    }
+
     /// Whether the node is connected and follows the room.
     pub fn is_ready(&self) -> bool {
         self.ready_flag.load(Ordering::Acquire)
@@ -1177,10 +1182,6 @@ impl Engine for Cluster {
             }
         }
         None
-    }
-
-    fn position(&self) -> Seq {
-        self.applied.load(Ordering::Acquire)
     }
 
     fn token_issued(&self, holder: ClientId, digest: &str) {
