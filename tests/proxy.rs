@@ -425,3 +425,34 @@ fn the_tls_listener_reads_the_header_before_the_handshake() {
         plain.log()
     );
 }
+
+/// `server.proxy-protocol` and `server.trusted-proxies` apply on reload, to new connections:
+/// turned on, a header names the real client; turned off again, a header is refused.
+#[test]
+fn the_proxy_keys_apply_on_reload() {
+    let d = TestDaemon::with(Config::test()).start();
+    let client: SocketAddr = "203.0.113.9:40009".parse().expect("addr");
+    d.edit_config(|c| {
+        c.set("server", "proxy-protocol", "true").set(
+            "server",
+            "trusted-proxies",
+            r#"["127.0.0.1/32"]"#,
+        )
+    });
+    let report = d.sighup_reload();
+    assert!(report.contains("server.proxy-protocol"), "{report}");
+    let mut c = through(&d, [127, 0, 0, 1], &v1(client, d.addr));
+    c.join_as("late");
+    assert!(
+        addrs_in_list(&d).contains(&("late".to_owned(), client.to_string())),
+        "{:?}",
+        addrs_in_list(&d)
+    );
+
+    d.edit_config(|c| c.set("server", "proxy-protocol", "false"));
+    d.sighup_reload();
+    let before = refused_proxy(&d);
+    let mut refused = through(&d, [127, 0, 0, 1], &v1(client, d.addr));
+    closed(&mut refused);
+    assert_eq!(refused_proxy(&d), before + 1);
+}
