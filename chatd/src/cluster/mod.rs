@@ -65,6 +65,11 @@ const HISTORY_SCAN: u64 = 5_000;
 /// How often leases are checked and dead nodes' names reaped.
 const REAP_EVERY: Duration = Duration::from_millis(500);
 
+/// How often the whole names bucket is read even when no known node died, for names whose
+/// holder's node this one never saw alive (an earlier run of a node that restarted before
+/// this one started).
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(30);
+
 /// One event on its way to the stream.
 struct Outgoing {
     payload: Bytes,
@@ -456,6 +461,12 @@ impl Cluster {
         // (node, boot) → (the lease's revision, when this node saw it change). A lease that
         // has not changed for node-timeout is dead, measured on this node's clock only.
         let mut seen: HashMap<(String, u64), (u64, Instant)> = HashMap::new();
+        // The names bucket holds an entry per member of the room: it is read when a run is
+        // found dead whose names no read since its death has reaped, at start, and every
+        // FULL_SCAN_EVERY; not every round (at 5,000 members that was a continuous stream of
+        // reads and allocations on every node).
+        let mut last_scan: Option<Instant> = None;
+        let mut reaped: std::collections::HashSet<(String, u64)> = Default::default();
         loop {
             tokio::time::sleep(REAP_EVERY).await;
             // Read each round: `cluster.node-timeout` changes on reload.
@@ -496,9 +507,17 @@ impl Cluster {
             nodes.sort();
             nodes.dedup();
             self.link.send_modify(|l| l.live_nodes = nodes);
+            let dead = |at: &Instant| now.duration_since(*at) >= timeout;
+            let newly_dead = seen
+                .iter()
+                .any(|(run, (_, at))| dead(at) && !reaped.contains(run));
+            if !newly_dead && last_scan.is_some_and(|t| t.elapsed() < FULL_SCAN_EVERY) {
+                continue;
+            }
             let Ok(names) = bus.names().await else {
                 continue;
             };
+            last_scan = Some(Instant::now());
             for (key, value, rev) in names {
                 let Ok(holder) = NameHolder::decode(&value) else {
                     continue;
@@ -525,6 +544,12 @@ impl Cluster {
                     );
                 }
             }
+            // Every run dead by now has had its names reaped by this read.
+            reaped = seen
+                .iter()
+                .filter(|(_, (_, at))| dead(at))
+                .map(|(run, _)| run.clone())
+                .collect();
         }
     }
 
