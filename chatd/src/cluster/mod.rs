@@ -109,10 +109,73 @@ struct Book {
     claims: HashMap<String, (ClientId, u64)>,
     /// Digests of the reclaim tokens issued to members connected here.
     tokens: HashMap<ClientId, String>,
-    /// Members of other nodes → their identity here.
-    remote: HashMap<MemberRef, ClientId>,
-    /// And back.
-    remote_ref: HashMap<ClientId, MemberRef>,
+    /// Members of other nodes → their identity here: one small entry each, on every node, so
+    /// no allocation per member (the node's name is interned in `nodes`) and no reverse map
+    /// (only kicks and reclaims of remote members ask, and they scan).
+    remote: HashMap<RemoteRef, ClientId>,
+    /// The names of the nodes in `remote`, one allocation per node.
+    nodes: std::collections::HashSet<Arc<str>>,
+}
+
+/// A member of another node as the books key it: [`MemberRef`] with the node's name interned.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct RemoteRef {
+    node: Arc<str>,
+    boot: u64,
+    id: u64,
+}
+
+impl Book {
+    /// `who`'s key in `remote`, its node's name interned.
+    fn remote_key(&mut self, who: &MemberRef) -> RemoteRef {
+        let node = match self.nodes.get(who.node.as_str()) {
+            Some(node) => node.clone(),
+            None => {
+                let node: Arc<str> = Arc::from(who.node.as_str());
+                self.nodes.insert(node.clone());
+                node
+            }
+        };
+        RemoteRef {
+            node,
+            boot: who.boot,
+            id: who.id,
+        }
+    }
+
+    /// `who`'s identity here, if it is known.
+    fn remote_id(&self, who: &MemberRef) -> Option<ClientId> {
+        let node = self.nodes.get(who.node.as_str())?.clone();
+        let key = RemoteRef {
+            node,
+            boot: who.boot,
+            id: who.id,
+        };
+        self.remote.get(&key).copied()
+    }
+
+    /// The member of another node known here as `id`.
+    fn remote_ref(&self, id: ClientId) -> Option<MemberRef> {
+        self.remote
+            .iter()
+            .find(|(_, known)| **known == id)
+            .map(|(who, _)| MemberRef {
+                node: who.node.to_string(),
+                boot: who.boot,
+                id: who.id,
+            })
+    }
+
+    /// Forgets the member of another node `who`.
+    fn forget_remote(&mut self, who: &MemberRef) {
+        if let Some(node) = self.nodes.get(who.node.as_str()).cloned() {
+            self.remote.remove(&RemoteRef {
+                node,
+                boot: who.boot,
+                id: who.id,
+            });
+        }
+    }
 }
 
 /// What a node gives its cluster engine: the room it delivers to, and its own rules.
@@ -678,8 +741,8 @@ impl Cluster {
         at: u64,
         quiet: bool,
     ) -> Option<ClientId> {
-        if let Some(id) = self.book().remote.get(who) {
-            return Some(*id);
+        if let Some(id) = self.book().remote_id(who) {
+            return Some(id);
         }
         let name = match host.validate_name(name) {
             Ok(n) => n,
@@ -689,17 +752,19 @@ impl Cluster {
             }
         };
         let id = self.next_remote.fetch_add(1, Ordering::Relaxed);
-        {
+        let node = {
             let mut book = self.book();
-            book.remote.insert(who.clone(), id);
-            book.remote_ref.insert(id, who.clone());
-        }
+            let key = book.remote_key(who);
+            let node = key.node.clone();
+            book.remote.insert(key, id);
+            node
+        };
         host.room().arrive(
             Remote {
                 id,
                 name,
                 addr,
-                node: Arc::from(who.node.as_str()),
+                node,
                 joined_at: wire::time_of(at),
             },
             quiet,
@@ -713,12 +778,12 @@ impl Cluster {
             return who.id;
         }
         let mut book = self.book();
-        if let Some(id) = book.remote.get(who) {
-            return *id;
+        if let Some(id) = book.remote_id(who) {
+            return id;
         }
         let id = self.next_remote.fetch_add(1, Ordering::Relaxed);
-        book.remote.insert(who.clone(), id);
-        book.remote_ref.insert(id, who.clone());
+        let key = book.remote_key(who);
+        book.remote.insert(key, id);
         id
     }
 
@@ -727,7 +792,7 @@ impl Cluster {
         if self.is_me(who) {
             return Some(who.id);
         }
-        self.book().remote.get(who).copied()
+        self.book().remote_id(who)
     }
 
     /// Delivers one event from the stream to this node's room.
@@ -742,7 +807,15 @@ impl Cluster {
                 at,
             } => {
                 if self.is_me(&who) {
-                    let pending = self.book().pending.remove(&who.id);
+                    let pending = {
+                        let mut book = self.book();
+                        let pending = book.pending.remove(&who.id);
+                        // A join storm's table is given back once it has drained.
+                        if book.pending.is_empty() && book.pending.capacity() > 64 {
+                            book.pending = HashMap::new();
+                        }
+                        pending
+                    };
                     let Some(p) = pending else {
                         return; // Left before its join came back: its leave follows.
                     };
@@ -874,9 +947,7 @@ impl Cluster {
         };
         host.room().deliver(event(id));
         if !self.is_me(who) {
-            let mut book = self.book();
-            book.remote.remove(who);
-            book.remote_ref.remove(&id);
+            self.book().forget_remote(who);
         }
     }
 
@@ -1195,7 +1266,7 @@ impl Engine for Cluster {
                 let who = if self.book().local.contains_key(&id) {
                     Some(self.me(id))
                 } else {
-                    self.book().remote_ref.get(&id).cloned()
+                    self.book().remote_ref(id)
                 };
                 if let Some(who) = who {
                     self.send(
@@ -1211,7 +1282,7 @@ impl Engine for Cluster {
                 let who = if id < REMOTE_IDS {
                     Some(self.me(id))
                 } else {
-                    self.book().remote_ref.get(&id).cloned()
+                    self.book().remote_ref(id)
                 };
                 if let Some(who) = who {
                     self.send(
