@@ -66,12 +66,26 @@ node_config() {
     fi
 }
 
+# A port in the ephemeral range can be held by an outgoing connection: a previous run's client
+# that got it as its own port stays in TIME-WAIT for 60 s after closing. NATS is started again
+# every 2 s, for up to 70 s, until it can listen.
 start_nats() {
-    rm -rf "$work/js"
-    "$nats" -a 127.0.0.1 -p "$nats_port" -js -sd "$work/js" >"$work/nats.log" 2>&1 &
-    nats_pid=$!
-    pids+=("$nats_pid")
-    wait_port "$nats_port"
+    local attempt
+    for attempt in $(seq 35); do
+        rm -rf "$work/js"
+        "$nats" -a 127.0.0.1 -p "$nats_port" -js -sd "$work/js" >"$work/nats.log" 2>&1 &
+        nats_pid=$!
+        sleep 0.3
+        if kill -0 "$nats_pid" 2>/dev/null; then
+            pids+=("$nats_pid")
+            wait_port "$nats_port"
+            return
+        fi
+        wait "$nats_pid" 2>/dev/null || true
+        [ "$attempt" = 1 ] && echo "nats-server cannot listen yet, retrying: $(tail -1 "$work/nats.log")" >&2
+        sleep 2
+    done
+    return 1
 }
 
 # start_node NAME PORT MODE: starts a node; its pid in $node_pid, once ready.
