@@ -78,6 +78,22 @@ pub mod close_code {
     pub const RECLAIMED: u16 = 4004;
 }
 
+/// Every close code a session sends (docs/protocol.md lists each; `tests/docs.rs` checks).
+pub const CLOSE_CODES: &[u16] = &[
+    1000,
+    1001,
+    1002,
+    1003,
+    1007,
+    1008,
+    1009,
+    close_code::KICKED,
+    close_code::BANNED,
+    close_code::TOO_SLOW,
+    close_code::NAME_TIMEOUT,
+    close_code::RECLAIMED,
+];
+
 /// What one turn of WebSocket I/O did.
 enum Io {
     /// A message arrived.
