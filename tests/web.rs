@@ -521,3 +521,28 @@ fn web_config_errors_name_file_line_and_column() {
         check("[server]\nlisten = [\"127.0.0.1:5000\"]\n[web]\nlisten = [\"127.0.0.1:5000\"]\n");
     assert!(err.contains(&format!("{path}:4:1: web.listen")), "{err}");
 }
+
+#[test]
+fn bans_close_with_4001_online_and_at_naming() {
+    let d = start();
+    let addr = d.web_addr();
+    let mut wendy = web::join(addr, "wendy");
+    let out = d.chatctl(&["ban", "wendy", "--reason", "spam"]);
+    assert!(out.status.success(), "{out:?}");
+    let kicked = wendy.expect_prefix("*** KICKED ");
+    assert!(kicked.starts_with("*** KICKED banned"), "{kicked}");
+    let (code, reason) = closed_with(&mut wendy);
+    assert_eq!(code, 4001);
+    assert!(reason.ends_with("spam"), "{reason}");
+
+    // The name ban holds when the name is sent again, on a new connection.
+    let mut again = web::connect(addr);
+    again.expect_prefix("*** HELLO ");
+    again.send("wendy");
+    assert!(
+        again
+            .expect_prefix("*** ERR ")
+            .starts_with("*** ERR banned")
+    );
+    assert_eq!(closed_with(&mut again).0, 4001);
+}
