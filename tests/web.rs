@@ -57,16 +57,21 @@ fn the_page_is_served_with_its_security_headers_and_types() {
     }
     let page = http(addr, "GET", "/", &[]).body;
     assert!(
-        page.contains("/app.js") && page.contains("/style.css"),
+        page.contains("app.js") && page.contains("style.css"),
         "{page}"
     );
     // Nothing inline, nothing from elsewhere.
     assert!(!page.contains("style=\""), "{page}");
     assert!(!page.contains("<script>"), "{page}");
-    assert!(
-        !page.contains("http://") && !page.contains("https://"),
-        "{page}"
-    );
+    for external in [
+        "src=\"http",
+        "href=\"http",
+        "src=\"//",
+        "href=\"//",
+        "@import",
+    ] {
+        assert!(!page.contains(external), "{external}: {page}");
+    }
     assert_eq!(http(addr, "GET", "/nope", &[]).status, 404);
     assert_eq!(http(addr, "POST", "/", &[]).status, 405);
     assert_eq!(http(addr, "HEAD", "/", &[]).status, 200);
@@ -545,4 +550,39 @@ fn bans_close_with_4001_online_and_at_naming() {
             .starts_with("*** ERR banned")
     );
     assert_eq!(closed_with(&mut again).0, 4001);
+}
+
+#[test]
+fn http_connections_that_have_not_upgraded_are_capped_per_address() {
+    use std::io::Read;
+    let d = TestDaemon::with(web_config().set("limits", "max-connections-per-ip", "2")).start();
+    let addr = d.web_addr();
+    let idle: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect_timeout(&addr, WAIT).expect("connect"))
+        .collect();
+    // Both are held open (sending nothing yet); wait until the daemon has counted them.
+    wait_until(
+        WAIT,
+        "the idle connections to be refused past the cap",
+        || {
+            let mut third = std::net::TcpStream::connect_timeout(&addr, WAIT).expect("connect");
+            third
+                .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+                .expect("timeout");
+            // Closed at once, without an answer: EOF (or a reset).
+            matches!(third.read(&mut [0u8; 16]), Ok(0))
+                || matches!(third.read(&mut [0u8; 16]), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+        },
+    );
+    drop(idle);
+    // The places come back once those close.
+    wait_until(WAIT, "a page load to work again", || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, WAIT).expect("connect");
+        s.set_read_timeout(Some(WAIT)).expect("timeout");
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        answer.starts_with(b"HTTP/1.1 200")
+    });
 }
