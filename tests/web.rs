@@ -586,3 +586,58 @@ fn http_connections_that_have_not_upgraded_are_capped_per_address() {
         answer.starts_with(b"HTTP/1.1 200")
     });
 }
+
+#[test]
+fn socket_activation_serves_a_passed_web_socket() {
+    use std::os::fd::OwnedFd;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("admin.sock");
+    // If chatd bound web.listen it would fail: 192.0.2.1 (TEST-NET-1) is not a local address.
+    let config = Config::test()
+        .admin_socket(&socket)
+        .state_dir(&dir.path().join("state"))
+        .set("web", "listen", "[\"192.0.2.1:9\"]");
+    std::fs::write(dir.path().join("chatd.toml"), config.to_string()).expect("write config");
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let web_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (plain_addr, web_addr) = (
+        plain.local_addr().expect("addr"),
+        web_listener.local_addr().expect("addr"),
+    );
+    // Like systemd with chatd.socket and chatd-web.socket: fd 3 named chat, fd 4 named web.
+    let log = std::fs::File::create(dir.path().join("chatd.log")).expect("log");
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(
+            "exec 3<&0 4>&1 0</dev/null 1>/dev/null; LISTEN_PID=$$ LISTEN_FDS=2 \
+             LISTEN_FDNAMES=chat:web exec \"$0\" --config \"$1\"",
+        )
+        .arg(crate::helper::bin("chatd"))
+        .arg(dir.path().join("chatd.toml"))
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::from(OwnedFd::from(plain)))
+        .stdout(Stdio::from(OwnedFd::from(web_listener)))
+        .stderr(log)
+        .spawn()
+        .expect("spawn chatd");
+    let status = crate::helper::wait_for(
+        WAIT,
+        "chatd to answer on its admin socket",
+        || crate::helper::admin_request(&socket, "status").ok(),
+        || std::fs::read_to_string(dir.path().join("chatd.log")).unwrap_or_default(),
+    );
+    assert_eq!(
+        status["response"]["web_listen"][0].as_str(),
+        Some(web_addr.to_string().as_str())
+    );
+    let mut wendy = web::join(web_addr, "wendy");
+    let mut paul = crate::helper::Client::connect_as(plain_addr, "paul");
+    wendy.expect_prefix("*** JOIN paul");
+    paul.send("hi");
+    assert_eq!(wendy.expect_prefix("paul:"), "paul: hi");
+    let _ = child.kill();
+    let _ = child.wait();
+}
