@@ -283,7 +283,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
                 && self.wire.idle()
             {
                 // Closing: end once the last lines still in the outbox are sent too.
-                self.talk.outbox().drain_into(&mut self.wire.pending);
+                let closed = self.talk.outbox().drain_into(&mut self.wire.pending);
+                self.note_last_line(closed.as_ref());
                 if self.wire.pending.is_empty() {
                     let (code, text) = self
                         .close
