@@ -1380,3 +1380,59 @@ fn cluster_joins_waiting_for_nats_hold_no_threads() {
         || ds[0].log(),
     );
 }
+
+#[test]
+fn cluster_a_websocket_message_of_several_lines_waits_for_its_claim() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let room = room_name("wsheld");
+    let ds = TestDaemon::start_many(2, |i| {
+        cluster_config(&[&nats], &room, ["a", "b"][i]).set("web", "listen", "[\"127.0.0.1:0\"]")
+    });
+    for d in &ds {
+        d.wait_cluster_ready();
+    }
+    let mut watcher = join_seated(&ds[1], "watcher");
+    // A name, a /nick and a line in one WebSocket message: the name's claim waits for NATS,
+    // and the lines after it must wait with it, neither lost nor handled before the join.
+    let mut w = crate::helper::web::connect(ds[0].web_addr());
+    w.expect_prefix("*** HELLO");
+    // NATS frozen, so the claim surely waits while the rest of the message is at hand.
+    nats.signal(Signal::SIGSTOP);
+    // One text message (WsClient::send would make one message of each line).
+    let ws = &mut w.reader.get_mut().ws;
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        "webby\n/nick webbo\nhello from a browser",
+    ))
+    .expect("send one message");
+    thread::sleep(Duration::from_millis(300));
+    nats.signal(Signal::SIGCONT);
+    w.expect_prefix("*** WELCOME webby");
+    let lines = read_until(&mut watcher, |l| l.starts_with("webbo: "));
+    let joined = lines.iter().position(|l| l == "*** JOIN webby joined");
+    let renamed = lines
+        .iter()
+        .position(|l| l == "*** NICK webby is now known as webbo");
+    assert!(
+        joined.is_some() && joined < renamed,
+        "join, then nick: {lines:?}"
+    );
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("webbo: hello from a browser")
+    );
+    // chatctl on the other node sees the browser user under its new name, on node a.
+    let v = ds[1].chatctl_json(&["list"]);
+    let users = v["response"]["users"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        users
+            .iter()
+            .any(|u| u["name"] == "webbo" && u["node"] == "a"),
+        "{v}"
+    );
+}
