@@ -432,6 +432,12 @@
       li.append(btn);
       el.people.append(li);
     }
+    if (!names.length) {
+      const li = document.createElement('li');
+      li.className = 'people-empty';
+      li.textContent = S.phase === 'chatting' ? 'Nobody yet' : 'Not connected';
+      el.people.append(li);
+    }
     el.peopleCount.textContent = String(names.length);
     el.peopleCountShort.textContent = String(names.length);
   }
@@ -772,6 +778,13 @@
     }
     if (S.bye || S.quitting || ev.code === 1000) {
       end('You left the room.', { label: 'Join again', run: () => { el.ended.hidden = true; showJoin('', S.me); } });
+      setStatus('Not connected');
+      return;
+    }
+    if (phase === 'naming' && !S.auto && (ev.code === 4003 || (S.fatal && S.fatal.code === 'name-timeout'))) {
+      // The prompt sat unanswered past the server's name timeout: the next Join connects
+      // again, so there is nothing to report beyond "not connected".
+      S.phase = 'idle';
       setStatus('Not connected');
       return;
     }
