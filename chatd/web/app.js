@@ -100,7 +100,7 @@
       case 'KICKED': return { type: 'kicked', reason: rest };
       case 'NOTICE': return { type: 'notice', text: rest };
       case 'WHO': {
-        if (!/^\d+$/.test(subject)) return null;
+        if (!/^\+?\d+$/.test(subject)) return null;
         return { type: 'who', count: Number(subject), names: tail.split(' ').filter((n) => n) };
       }
       case 'INFO': return { type: 'info', text: rest };
@@ -1219,12 +1219,14 @@
     el.nameInput.focus();
   }
 
-  // For the browser tests and the curious: read-only views of the page's state.
+  // For the browser tests and the curious: read-only views of the page's state, and the line
+  // parser (tests/browser.rs holds it to chat-proto's Event::parse).
   Object.defineProperty(window, 'chatdPage', {
     value: Object.freeze({
       phase: () => S.phase,
       name: () => S.me,
       people: () => [...S.people.values()],
+      parse,
     }),
   });
 })();
