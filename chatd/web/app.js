@@ -242,7 +242,7 @@
 
   // ---- Rendering ---------------------------------------------------------------------------
 
-  const timeFmt = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit' });
+  const timeFmt = new Intl.DateTimeFormat(undefined, { hour: 'numeric', minute: '2-digit' });
   const fullFmt = new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'medium' });
 
   /** A colour class picked by a hash of the name (the same name, the same colour). */
