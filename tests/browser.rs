@@ -292,8 +292,46 @@ fn browser_name_clash_then_join_and_new_messages_button() {
     });
 }
 
+/// The banner's text once it shows.
+async fn banner(page: &Page, what: &str) -> String {
+    page.wait_js(
+        what,
+        "const e = document.getElementById('ended'); \
+         return !e.hidden && document.getElementById('ended-text').textContent;",
+    )
+    .await
+    .as_str()
+    .unwrap_or_default()
+    .to_owned()
+}
+
+/// Asserts that `page` has ended and opens no new connection for `d` (longer than the first
+/// reconnect delays), and that `name` is not in `chatctl list` then.
+async fn stays_away(page: &Page, d: &TestDaemon, name: &str, d_wait: Duration) {
+    assert_eq!(page.phase().await, "ended");
+    assert_eq!(
+        page.js("return document.getElementById('input').disabled;")
+            .await,
+        json!(true)
+    );
+    let before = page.js("return chatdPage.connections();").await;
+    tokio::time::sleep(d_wait).await;
+    assert_eq!(
+        page.js("return chatdPage.connections();").await,
+        before,
+        "the page connected again"
+    );
+    assert_eq!(page.phase().await, "ended");
+    let list = d.chatctl_json(&["list"]);
+    assert!(
+        !list.to_string().contains(&format!("\"{name}\"")),
+        "{name} is back: {list}"
+    );
+}
+
 /// `chatctl kick` of a browser user: the page says it was kicked, with the reason, and does
-/// not come back.
+/// not come back. The same for a ban (4001) and for a name taken over by a newer connection
+/// with the page's own reclaim token (4004).
 #[test]
 fn browser_user_kicked_sees_reason_and_does_not_rejoin() {
     let Some(browser) = Browser::start() else {
@@ -301,24 +339,18 @@ fn browser_user_kicked_sees_reason_and_does_not_rejoin() {
     };
     let d = web_daemon("");
     browser.run(async {
+        let url = page_url(&d);
         let mut fay = d.join("fay");
-        let page = browser.page(&page_url(&d), View::Desktop(1024, 768)).await;
+        let page = browser.page(&url, View::Desktop(1024, 768)).await;
         page.join("eve").await;
         fay.expect_prefix("*** JOIN eve joined");
         let out = d.chatctl(&["kick", "eve", "--reason", "spamming <b>the</b> room"]);
         assert!(out.status.success(), "{out:?}");
         fay.expect_prefix("*** KICK eve was kicked (spamming <b>the</b> room)");
-        let banner = page
-            .wait_js(
-                "the kick banner",
-                "const e = document.getElementById('ended'); \
-                 return !e.hidden && document.getElementById('ended-text').textContent;",
-            )
-            .await;
-        let banner = banner.as_str().unwrap_or_default();
+        let text = banner(&page, "the kick banner").await;
         assert!(
-            banner.contains("kicked") && banner.contains("spamming <b>the</b> room"),
-            "{banner}"
+            text.starts_with("You were kicked") && text.contains("spamming <b>the</b> room"),
+            "{text}"
         );
         assert_eq!(
             page.js("return document.querySelectorAll('#ended b, #messages b').length;")
@@ -326,17 +358,43 @@ fn browser_user_kicked_sees_reason_and_does_not_rejoin() {
             json!(0),
             "the reason's markup became elements"
         );
+        // Longer than the page's first two reconnect delays (0.5 s, 1 s).
+        stays_away(&page, &d, "eve", Duration::from_secs(3)).await;
+
+        // Taken over: another connection reclaims the name with the page's token.
+        page.goto(&url).await;
+        page.join("eve2").await;
+        let token = page
+            .wait_js(
+                "the reclaim token",
+                "const s = JSON.parse(sessionStorage.getItem('chatd.session') || 'null'); \
+                 return !!s && s.token;",
+            )
+            .await;
+        let mut thief = d.connect();
+        thief.expect_prefix("*** HELLO ");
+        thief.send(&format!(
+            "/reclaim eve2 {}",
+            token.as_str().unwrap_or_default()
+        ));
+        thief.expect_prefix("*** WELCOME eve2");
+        let text = banner(&page, "the take-over banner").await;
+        assert!(text.contains("taken over by a newer connection"), "{text}");
         assert_eq!(page.phase().await, "ended");
-        assert_eq!(
-            page.js("return document.getElementById('input').disabled;")
-                .await,
-            json!(true)
+        thief.send("quit");
+        thief.expect_prefix("*** BYE");
+
+        // Banned while online.
+        page.goto(&url).await;
+        page.join("eve3").await;
+        let out = d.chatctl(&["ban", "eve3", "--reason", "no spam here"]);
+        assert!(out.status.success(), "{out:?}");
+        let text = banner(&page, "the ban banner").await;
+        assert!(
+            text.starts_with("You are banned") && text.contains("no spam here"),
+            "{text}"
         );
-        // Longer than the page's first two reconnect delays (0.5 s, 1 s): nobody joins.
-        fay.assert_silent(Duration::from_secs(3));
-        let list = d.chatctl_json(&["list"]);
-        assert!(!list.to_string().contains("\"eve\""), "eve is back: {list}");
-        assert_eq!(page.phase().await, "ended");
+        stays_away(&page, &d, "eve3", Duration::from_secs(2)).await;
         page.close().await;
     });
 }

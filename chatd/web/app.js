@@ -238,6 +238,8 @@
     /** Every MOTD line shown, so a reconnect does not repeat them. */
     motdSeen: new Set(),
     greeted: false,
+    /** WebSockets opened so far (the tests check that none is opened after a kick). */
+    connections: 0,
   };
 
   // ---- Rendering ---------------------------------------------------------------------------
@@ -535,6 +537,7 @@
       return;
     }
     S.ws = ws;
+    S.connections += 1;
     ws.onopen = () => {
       if (ws !== S.ws) return;
       S.opened = true;
@@ -619,7 +622,7 @@
       case 'kick': notice('notice', [who(e.name), ` was kicked (${e.reason})`]); break;
       case 'kicked':
         S.kicked = e.reason;
-        notice('error', [`You were kicked: ${e.reason}`]);
+        notice('error', [`Disconnected by the server: ${e.reason}`]);
         break;
       case 'notice': notice('announce', [e.text]); break;
       case 'who':
@@ -752,14 +755,9 @@
     if (queued) status(`${queued} typed line${queued === 1 ? ' was' : 's were'} not sent.`);
     if (S.replay) flushReplay();
 
-    if (S.kicked !== null || ev.code === CLOSE_KICKED) {
-      const reason = S.kicked !== null ? S.kicked : ev.reason;
-      end(`You were kicked from the room${reason ? `: ${reason}` : ''}. The page will not rejoin; reload it to join again.`);
-      setStatus('Kicked');
-      return;
-    }
+    // A ban made while online arrives as `*** KICKED banned ...` then 4001: the code decides.
     if (S.banned !== null || ev.code === CLOSE_BANNED) {
-      const why = S.banned !== null ? S.banned : ev.reason;
+      const why = S.banned !== null ? S.banned : (S.kicked !== null ? S.kicked : ev.reason);
       setStatus('Banned');
       if (phase === 'naming' && !S.auto) {
         // A banned name (another may do) or address: said at the prompt.
@@ -767,13 +765,19 @@
         showJoin(`Banned${why ? `: ${why}` : ''}`);
         return;
       }
-      end(`You are banned from this room${why ? `: ${why}` : ''}.`);
+      end(`You are banned from this room${why ? ` (${why})` : ''}. The page will not rejoin.`);
       return;
     }
     if (ev.code === CLOSE_RECLAIMED) {
       end('Your name was taken over by a newer connection (another tab or device), so this page has stopped.',
         { label: 'Join again here', run: () => { el.ended.hidden = true; showJoin('', S.me); } });
       setStatus('Taken over');
+      return;
+    }
+    if (S.kicked !== null || ev.code === CLOSE_KICKED) {
+      const reason = S.kicked !== null ? S.kicked : ev.reason;
+      end(`You were kicked from the room${reason ? `: ${reason}` : ''}. The page will not rejoin; reload it to join again.`);
+      setStatus('Kicked');
       return;
     }
     if (S.bye || S.quitting || ev.code === 1000) {
@@ -1226,6 +1230,7 @@
       phase: () => S.phase,
       name: () => S.me,
       people: () => [...S.people.values()],
+      connections: () => S.connections,
       parse,
     }),
   });
