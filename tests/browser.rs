@@ -485,9 +485,10 @@ const PARSER_CASES: &[&str] = &[
 ];
 
 /// Markup in messages, actions, private messages, history and announcements is shown as the
-/// literal text and runs nothing. The page's CSP would block inline handlers even if the
-/// markup were parsed, so the test also asserts that no element was made from it: that is what
-/// fails if any text reached the DOM as HTML.
+/// literal text and runs nothing. The page's CSP would block inline handlers even if the markup
+/// were parsed, so the test also asserts that no element was made from it: that is what fails
+/// if any text reached the DOM as HTML. At phone width, long words, right-to-left text and
+/// combining marks keep inside the screen, and the online list opens from the header.
 #[test]
 fn browser_shows_markup_as_text_and_runs_nothing() {
     let Some(browser) = Browser::start() else {
@@ -503,7 +504,7 @@ fn browser_shows_markup_as_text_and_runs_nothing() {
         hal.send("/who");
         hal.expect_prefix("*** WHO ");
         let page = browser
-            .page(&page_url(&d), View::Desktop(1024, 768))
+            .page(&page_url(&d), View::Phone)
             .await;
         // The page reads every line as chat-proto does: the same shape, the same fields.
         let got = page
@@ -568,6 +569,50 @@ fn browser_shows_markup_as_text_and_runs_nothing() {
         assert_eq!(
             page.js("return typeof window.__xss;").await,
             json!("undefined")
+        );
+
+        // At phone width, a long word, right-to-left text and stacked combining marks stay
+        // within the screen and their own lines.
+        let long = "x".repeat(400);
+        let rtl = "שלום עולם مرحبا بالعالم";
+        let stacked = "Z\u{337}\u{322}\u{31b}\u{353}\u{320}\u{323}a\u{338}\u{322}\u{31b}\u{317}l\u{336}\u{321}\
+                       g\u{334}\u{322}o\u{338}\u{327}";
+        hal.send(&long);
+        hal.send(&format!("{rtl} and then some latin"));
+        hal.send(stacked);
+        expect_latest(&page, &format!("hal: {stacked}")).await;
+        let outside = page
+            .js("const w = document.documentElement.clientWidth; \
+                 const l = document.getElementById('log'); \
+                 return [document.documentElement.scrollWidth - w, l.scrollWidth - l.clientWidth, \
+                         ...[...document.querySelectorAll('#messages li')] \
+                            .map(li => Math.floor(li.getBoundingClientRect().right) - w)] \
+                        .filter(x => x > 0).length;")
+            .await;
+        assert_eq!(outside, json!(0), "something is wider than the phone's screen");
+        let rtl_is_rtl = page
+            .js(&format!(
+                "const t = [...document.querySelectorAll('#messages li .text')] \
+                   .find(e => e.textContent.startsWith({})); \
+                 return !!t && t.matches(':dir(rtl)');",
+                json!(rtl)
+            ))
+            .await;
+        assert_eq!(rtl_is_rtl, json!(true), "the right-to-left message is not shown as such");
+        // The online list sits behind a header button at phone width.
+        assert_eq!(
+            page.js("return getComputedStyle(document.getElementById('people-panel')).display;")
+                .await,
+            json!("none")
+        );
+        page.js("document.getElementById('people-toggle').click(); return true;")
+            .await;
+        assert_eq!(
+            page.js("return [getComputedStyle(document.getElementById('people-panel')).display, \
+                             document.getElementById('people-toggle').getAttribute('aria-expanded'), \
+                             chatdPage.people().sort().join(' ')];")
+                .await,
+            json!(["block", "true", "gus hal"])
         );
         page.close().await;
     });
