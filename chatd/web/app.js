@@ -183,7 +183,8 @@
     room: $('room'), log: $('log'), messages: $('messages'), jump: $('jump'),
     peoplePanel: $('people-panel'), people: $('people'), peopleCount: $('people-count'),
     peopleToggle: $('people-toggle'), peopleCountShort: $('people-count-short'),
-    ended: $('ended'), endedText: $('ended-text'), endedAction: $('ended-action'),
+    ended: $('ended'), endedText: $('ended-text'), endedWhen: $('ended-when'),
+    endedAction: $('ended-action'),
     sendForm: $('send-form'), input: $('input'), send: $('send'), hint: $('hint'),
   };
 
@@ -483,9 +484,12 @@
     scrollToNewest();
   }
 
-  /** The banner over the input: why the page is not connected, and what it does about it. */
-  function banner(text, action) {
-    el.endedText.textContent = text;
+  /** The banner over the input: why the page is not connected (`text`, announced to screen
+   *  readers when it changes), when it tries again (`when`, a countdown, not announced), and
+   *  what the user can do about it (`action`). */
+  function banner(text, action, when = '') {
+    if (el.endedText.textContent !== text) el.endedText.textContent = text;
+    el.endedWhen.textContent = when;
     el.ended.hidden = false;
     if (action) {
       el.endedAction.textContent = action.label;
@@ -780,6 +784,13 @@
       setStatus('Kicked');
       return;
     }
+    if (phase === 'naming' && !S.auto && S.bye) {
+      // `quit` typed at the name prompt: back to the prompt, no connection.
+      S.phase = 'idle';
+      setStatus('Not connected');
+      showJoin('');
+      return;
+    }
     if (S.bye || S.quitting || ev.code === 1000) {
       end('You left the room.', { label: 'Join again', run: () => { el.ended.hidden = true; showJoin('', S.me); } });
       setStatus('Not connected');
@@ -882,13 +893,13 @@
     const tick = () => {
       const secs = Math.max(0, Math.ceil((S.reconnectAt - Date.now()) / 1000));
       const since = S.lastSeen ? ` since ${timeFmt.format(new Date(S.lastSeen))}` : '';
-      let text = `Not connected (${why}). Reconnecting in ${secs} s.`;
+      let text = `Not connected (${why}).`;
       if (gone && answers === false) {
-        text = `The server is gone: nothing answers at ${location.host}${since}. Trying again in ${secs} s.`;
+        text = `The server is gone: nothing answers at ${location.host}${since}.`;
       } else if (gone && answers === true) {
-        text = `The server answers but refuses the chat connection (it may be full, or limit or ban your address). Trying again in ${secs} s.`;
+        text = 'The server answers but refuses the chat connection (it may be full, or limit or ban your address).';
       }
-      banner(text, { label: 'Reconnect now', run: reconnectNow });
+      banner(text, { label: 'Reconnect now', run: reconnectNow }, `Trying again in ${secs} s.`);
       setStatus(gone && answers === false ? 'Server unreachable' : 'Reconnecting…');
     };
     if (gone) {

@@ -2,7 +2,8 @@
 //! WebDriver interface by `fantoccini`.
 //!
 //! [`Browser::start`] spawns `chromedriver --port=0` in its own process group and reads the
-//! port it reports (no port race); dropping the [`Browser`] kills the whole group, which takes
+//! port it reports (no port race; a start that loses chromedriver's own IPv4/IPv6 race is
+//! retried); dropping the [`Browser`] kills the whole group, which takes
 //! the Chromium processes chromedriver started with it. Each [`Browser::page`] is one Chromium
 //! session (a user: its own cookies and sessionStorage). The tests are async inside
 //! [`Browser::run`]; every wait is bounded by [`WAIT`].
@@ -51,41 +52,30 @@ impl Browser {
         }
         let chromium = program_path("chromium").expect("require found chromium");
         let chromedriver = program_path("chromedriver").expect("require found chromedriver");
-        let mut driver = Command::new(chromedriver)
-            .arg("--port=0")
-            // Its own group, so that drop can kill chromedriver and every Chromium at once.
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn chromedriver");
-        let stdout = driver.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the port, then keeps draining so chromedriver never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(port) = started_on(&line) {
-                    let _ = tx.send(port);
+        // chromedriver binds port 0 on IPv6 and then the same port on IPv4; when an IPv4
+        // socket already uses that number it says "IPv4 port not available" and exits. On a
+        // busy machine that happens often, so a start that ends without a port is retried.
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let (driver, outcome) = spawn_driver(&chromedriver);
+            let mut driver = KillOnDrop(Some(driver));
+            match outcome {
+                Ok(port) => {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a runtime for the WebDriver client");
+                    return Some(Browser {
+                        driver: driver.0.take().expect("just spawned"),
+                        endpoint: format!("http://127.0.0.1:{port}"),
+                        chromium,
+                        runtime,
+                    });
                 }
+                Err(output) => last = output,
             }
-        });
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime for the WebDriver client");
-        let mut browser = Browser {
-            driver,
-            endpoint: String::new(),
-            chromium,
-            runtime,
-        };
-        let port = rx
-            .recv_timeout(WAIT)
-            .unwrap_or_else(|_| panic!("chromedriver did not report its port within {WAIT:?}"));
-        browser.endpoint = format!("http://127.0.0.1:{port}");
-        Some(browser)
+        }
+        panic!("chromedriver did not start in {START_ATTEMPTS} attempts; the last said:\n{last}");
     }
 
     /// Runs a test's async body to its end.
@@ -134,6 +124,64 @@ impl Browser {
     }
 }
 
+/// How often [`Browser::start`] tries to start chromedriver.
+const START_ATTEMPTS: usize = 10;
+
+/// Spawns `chromedriver --port=0` in its own process group (so that drop can kill it and
+/// every Chromium it starts at once) and waits for the port it reports; `Err` holds its output
+/// when it exits without one. Panics when it neither reports nor exits within [`WAIT`].
+fn spawn_driver(chromedriver: &std::path::Path) -> (Child, Result<u16, String>) {
+    let mut driver = Command::new(chromedriver)
+        .arg("--port=0")
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn chromedriver");
+    let stdout = driver.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Reads the port, then keeps draining so chromedriver never blocks on a full pipe; at the
+    // end of its output, says so with everything it printed.
+    std::thread::spawn(move || {
+        let mut said = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(port) = started_on(&line) {
+                let _ = tx.send(Ok(port));
+            }
+            said.push_str(&line);
+            said.push('\n');
+        }
+        let _ = tx.send(Err(said));
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(outcome) => (driver, outcome),
+        Err(_) => {
+            kill_group(&mut driver);
+            panic!("chromedriver did not report its port within {WAIT:?}");
+        }
+    }
+}
+
+/// Kills `child`'s process group (chromedriver and the Chromiums it started) and reaps it.
+fn kill_group(child: &mut Child) {
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.wait();
+}
+
+/// A chromedriver killed with its group when dropped, unless taken.
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            kill_group(&mut child);
+        }
+    }
+}
+
 /// The port in chromedriver's "ChromeDriver was started successfully on port N." line.
 fn started_on(line: &str) -> Option<u16> {
     let rest = line.split("started successfully on port ").nth(1)?;
@@ -142,10 +190,7 @@ fn started_on(line: &str) -> Option<u16> {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // The group: chromedriver and every Chromium process it started.
-        let group = nix::unistd::Pid::from_raw(self.driver.id() as i32);
-        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.driver.wait();
+        kill_group(&mut self.driver);
     }
 }
 
