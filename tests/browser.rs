@@ -200,9 +200,10 @@ fn browser_and_tcp_users_chat_in_one_order() {
     });
 }
 
-/// A name refused in the browser says why and lets the user try again; then the user is in.
-/// In the room, the view sticks to the newest line unless scrolled up, and then a "new
-/// messages" button counts what came in and jumps down.
+/// A name refused in the browser says why and lets the user try again; then the user is in,
+/// with the focus in the message box and Tab not trapping it. In the room, the view sticks to
+/// the newest line unless scrolled up, and then a "new messages" button counts what came in and
+/// jumps down.
 #[test]
 fn browser_name_clash_then_join_and_new_messages_button() {
     let Some(browser) = Browser::start() else {
@@ -237,6 +238,20 @@ fn browser_name_clash_then_join_and_new_messages_button() {
         .await;
         page.join("dana2").await;
         dan.expect_prefix("*** JOIN dana2 joined");
+        // By keyboard alone: the message box has the focus after joining, and Tab with
+        // nothing to complete moves on (to Send) instead of trapping the focus.
+        assert_eq!(
+            page.js("return document.activeElement.id;").await,
+            json!("input")
+        );
+        page.type_into("#input", &format!("zq{}", &*fantoccini::key::Key::Tab))
+            .await;
+        assert_eq!(
+            page.js("return document.activeElement.id;").await,
+            json!("send")
+        );
+        page.js("document.getElementById('input').value = ''; return true;")
+            .await;
         assert_eq!(
             page.js("return document.getElementById('name-error').textContent;")
                 .await,

@@ -275,9 +275,13 @@
   /** Whether the view follows the newest line: true unless the user scrolled up. Kept apart
    *  from atBottom() because a layout change (a banner, a narrower window) moves the end. */
   let following = true;
+  /** Where the page itself last scrolled the log to: a position above it means the user
+   *  scrolled up, even before the (asynchronous) scroll event says so. */
+  let autoTop = 0;
 
   function scrollToNewest() {
     el.log.scrollTop = el.log.scrollHeight;
+    autoTop = el.log.scrollTop;
     following = true;
     S.unseen = 0;
     el.jump.hidden = true;
@@ -286,6 +290,7 @@
   /** Adds a finished line to the log: sticks to the newest line unless the user scrolled up,
    *  in which case the "new messages" button counts it. */
   function append(li, { force = false } = {}) {
+    if (following && el.log.scrollTop < autoTop - STICK_PX && !atBottom()) following = false;
     const stick = force || following || atBottom();
     el.messages.append(li);
     while (el.messages.childElementCount > SHOWN_MAX) el.messages.firstElementChild.remove();
@@ -1173,7 +1178,11 @@
   // The log's box changes size (banner shown, window resized, phone keyboard): keep the
   // newest line in view if the view was following it.
   if (typeof ResizeObserver === 'function') {
-    new ResizeObserver(() => { if (following) el.log.scrollTop = el.log.scrollHeight; }).observe(el.log);
+    new ResizeObserver(() => {
+      if (!following) return;
+      el.log.scrollTop = el.log.scrollHeight;
+      autoTop = el.log.scrollTop;
+    }).observe(el.log);
   }
 
   el.jump.addEventListener('click', () => {
