@@ -7,6 +7,7 @@ mod helper;
 mod abuse;
 mod admin;
 mod bench;
+mod browser;
 mod chat;
 mod client;
 mod client_tty;

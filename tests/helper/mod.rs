@@ -5,6 +5,7 @@
 //! - [`daemon`]: [`TestDaemon`], a real chatd in a temp dir, ready when its admin socket answers.
 //! - [`net`]: [`Client`], a line client over any stream (TCP by default).
 //! - [`wait`]: [`WAIT`], [`wait_until`], [`wait_for`], [`wait_child`].
+//! - [`browser`]: [`browser::Browser`], headless Chromium through chromedriver, and its pages.
 //! - [`components`]: [`require`] and [`require_root`], which skip (or fail under CI).
 //! - [`nats`]: [`NatsServer`], real NATS servers with JetStream for the cluster tests, and
 //!   [`RawNats`], a tiny client of NATS's text protocol.
@@ -14,6 +15,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod browser;
 pub mod components;
 pub mod config;
 pub mod daemon;
