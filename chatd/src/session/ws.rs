@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -383,6 +383,9 @@ pub struct WsSession<S> {
     last_line: Option<Bytes>,
     /// Pings and pongs in the current window, and when the window started.
     pings: (u32, Instant),
+    /// The rest of a message whose lines were cut short by a step that waits for the engine
+    /// (a cluster's name claim): handed over once the step is done (rules in `core.rs`).
+    held: Option<Bytes>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
@@ -409,6 +412,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
             close: None,
             last_line: None,
             pings: (0, Instant::now()),
+            held: None,
         }
     }
 
@@ -460,10 +464,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
             }
             let closing = close_deadline.is_some();
             let naming = self.talk.is_naming();
+            // While a step waits for the engine, the client's messages stay unread (core.rs).
+            let waiting = self.talk.is_waiting();
             let wire = &mut self.wire;
             tokio::select! {
                 _ = &mut cancelled, if !closing => self.talk.shut_down(),
-                io = poll_fn(|cx| wire.poll_io(cx, !closing)) => match io {
+                io = poll_fn(|cx| wire.poll_io(cx, !closing && !waiting)) => match io {
                     Ok(Io::Message(message)) => {
                         if let Some(end) = self.handle(message) {
                             break end;
@@ -482,6 +488,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
                     self.talk.name_timed_out();
                 }
                 _ = sleep_opt(close_deadline), if closing => break End::Gone,
+                done = self.talk.step(), if waiting => {
+                    self.talk.resume(done);
+                    self.handle_held();
+                }
             }
         };
         self.count_sent();
@@ -536,20 +546,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
                     self.too_long(max);
                     return None;
                 }
-                let bytes = Bytes::from(text);
-                // One line per message; a message with newlines in it is taken as the lines
-                // a TCP client sending the same text would have sent.
-                let mut lines = bytes.split(|&b| b == b'\n').peekable();
-                while let Some(line) = lines.next() {
-                    if line.is_empty() && lines.peek().is_none() && !bytes.is_empty() {
-                        break;
-                    }
-                    let line = line.strip_suffix(b"\r").unwrap_or(line);
-                    self.talk.handle_frame(Line::Line(BytesMut::from(line)));
-                    if self.talk.outbox().closed().is_some() {
-                        break;
-                    }
-                }
+                self.held = Some(Bytes::from(text));
+                self.handle_held();
             }
             Message::Binary(_) => {
                 self.refuse(
@@ -593,6 +591,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
             Message::Frame(_) => {}
         }
         None
+    }
+
+    /// Hands the lines of the held message to the conversation, until one starts a step that
+    /// waits or closes the outbox. One line per message; a message with newlines in it is
+    /// taken as the lines a TCP client sending the same text would have sent (a trailing
+    /// newline ends the last line, it does not add an empty one).
+    fn handle_held(&mut self) {
+        while !self.talk.is_waiting() && self.talk.outbox().closed().is_none() {
+            let Some(mut rest) = self.held.take() else {
+                break;
+            };
+            let line = match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    let line = rest.split_to(i);
+                    rest.advance(1);
+                    if !rest.is_empty() {
+                        self.held = Some(rest);
+                    }
+                    line
+                }
+                None => rest,
+            };
+            let line = line.strip_suffix(b"\r").unwrap_or(&line);
+            self.talk.handle_frame(Line::Line(BytesMut::from(line)));
+        }
     }
 
     /// A message longer than `limits.max-line-length`: refused with 1009.
