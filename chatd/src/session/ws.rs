@@ -237,6 +237,8 @@ struct Wire<S> {
     pending: VecDeque<Bytes>,
     /// Bytes of the first pending line's frame already on the socket.
     front_sent: usize,
+    /// How many of the first pending entries are known to be single lines.
+    split: usize,
     /// The socket took bytes it has not flushed yet (a TLS layer's records).
     unflushed: bool,
     /// Bytes written since they were last counted.
@@ -255,7 +257,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
         let Some(frame) = pending.get_mut(i) else {
             return;
         };
-        let Some(end) = frame.iter().position(|&b| b == b'\n') else {
+        let Some(end) = memchr::memchr(b'\n', frame) else {
             return;
         };
         if end + 1 < frame.len() {
@@ -287,8 +289,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
             let mut lens = [0usize; MAX_IOVECS / 2];
             let n = self.pending.len().min(MAX_IOVECS / 2);
             for i in 0..n {
-                if i > 0 || self.front_sent == 0 {
+                if i >= self.split {
                     Self::split_lines(&mut self.pending, i);
+                    self.split = i + 1;
                 }
                 lens[i] = text_header(payload(&self.pending[i]).len(), &mut headers[i]);
             }
@@ -324,6 +327,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
                 if left >= rest {
                     left -= rest;
                     self.pending.pop_front();
+                    self.split = self.split.saturating_sub(1);
                     self.front_sent = 0;
                 } else {
                     self.front_sent += left;
@@ -400,6 +404,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
                 ws,
                 pending: VecDeque::new(),
                 front_sent: 0,
+                split: 0,
                 unflushed: false,
                 sent: 0,
             },
@@ -861,6 +866,7 @@ mod tests {
             ws,
             pending: VecDeque::new(),
             front_sent: 0,
+            split: 0,
             unflushed: false,
             sent: 0,
         };
