@@ -21,3 +21,4 @@ mod reclaim;
 mod signals;
 mod systemd;
 mod tls;
+mod web;

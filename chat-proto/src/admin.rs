@@ -177,7 +177,7 @@ pub struct UserInfo {
     /// older than this field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// What carries the user's bytes: `tcp` or `tls` (absent for a user of another cluster
+    /// What carries the user's bytes: `tcp`, `tls`, `ws` or `wss` (absent for a user of another cluster
     /// node, and from daemons older than this field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
@@ -222,6 +222,10 @@ pub struct StatusInfo {
     /// TLS addresses actually bound (absent without `[tls]`, and from older daemons).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tls_listen: Vec<String>,
+    /// Web (HTTP or HTTPS) addresses actually bound (absent without `[web]`, and from older
+    /// daemons).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub web_listen: Vec<String>,
     /// The admin socket's path.
     pub admin_socket: String,
     /// This node's place in a cluster; absent for a single node.
@@ -266,6 +270,8 @@ pub struct ActivityStats {
     pub open_tcp: u64,
     /// Admitted connections open on the TLS listeners.
     pub open_tls: u64,
+    /// Admitted WebSocket sessions open on the web listeners (ws and wss).
+    pub open_ws: u64,
     /// Bytes queued for clients in all outboxes now.
     pub queued_bytes: u64,
     /// Bytes queued in the fullest outbox now.
@@ -322,6 +328,14 @@ pub struct LimitStats {
     /// Connections refused for their PROXY protocol header (absent from older daemons).
     #[serde(default)]
     pub refused_proxy: u64,
+    /// WebSocket upgrades refused for a missing or foreign `Origin` (`web.allowed-origins`;
+    /// absent from older daemons).
+    #[serde(default)]
+    pub refused_origin: u64,
+    /// WebSocket sessions closed for what they sent: binary, oversized or malformed frames,
+    /// too many pings (absent from older daemons).
+    #[serde(default)]
+    pub ws_bad_frames: u64,
 }
 
 /// A failed request: a stable code for programs and a message for people.

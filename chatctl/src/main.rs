@@ -345,8 +345,10 @@ fn print_users(users: &[UserInfo]) {
         .map_or(0, |d| d.as_secs());
     // The NODE column only for a cluster, so a single node's list reads as it always did.
     let clustered = users.iter().any(|u| u.node.is_some());
-    // The TRANSPORT column only once someone is on TLS, for the same reason.
-    let secure = users.iter().any(|u| u.transport.as_deref() == Some("tls"));
+    // The TRANSPORT column only once someone is on TLS or a WebSocket, for the same reason.
+    let secure = users
+        .iter()
+        .any(|u| u.transport.as_deref().is_some_and(|t| t != "tcp"));
     let rows: Vec<Vec<String>> = users
         .iter()
         .map(|u| {
@@ -434,7 +436,7 @@ fn print_status(s: &StatusInfo) {
         "limits fired:     line-too-long {}, bad-utf8 {}, rate-limited {}, flood-disconnects {}, \
          slow-disconnects {}, refused-full {}, refused-per-ip {}, name-timeouts {}, \
          refused-banned {}, accept-backoffs {}, tls-handshakes-failed {} ({} timed out), \
-         refused-proxy {}",
+         refused-proxy {}, refused-origin {}, ws-bad-frames {}",
         l.line_too_long,
         l.bad_utf8,
         l.rate_limited,
@@ -447,15 +449,18 @@ fn print_status(s: &StatusInfo) {
         l.accept_backoffs,
         l.tls_handshakes_failed,
         l.tls_handshake_timeouts,
-        l.refused_proxy
+        l.refused_proxy,
+        l.refused_origin,
+        l.ws_bad_frames
     );
     let a = &s.activity;
     outln!(
-        "activity:         {} bytes sent; open tcp {}, tls {}; quits {}, lost {}, \
+        "activity:         {} bytes sent; open tcp {}, tls {}, ws {}; quits {}, lost {}, \
          ban-disconnects {}; reload failures {}",
         a.bytes_sent,
         a.open_tcp,
         a.open_tls,
+        a.open_ws,
         a.quits,
         a.lost,
         a.ban_disconnects,
@@ -483,6 +488,9 @@ fn print_status(s: &StatusInfo) {
     outln!("listening on:     {}", s.listen.join(", "));
     if !s.tls_listen.is_empty() {
         outln!("TLS on:           {}", s.tls_listen.join(", "));
+    }
+    if !s.web_listen.is_empty() {
+        outln!("web on:           {}", s.web_listen.join(", "));
     }
     outln!("admin socket:     {}", s.admin_socket);
     if let Some(c) = &s.cluster {

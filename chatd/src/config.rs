@@ -29,6 +29,8 @@ pub const RESTART_KEYS: &[&str] = &[
     "cluster.replicas",
     "tls.listen",
     "metrics.listen",
+    "web.listen",
+    "web.tls",
 ];
 
 /// The whole configuration. `Default` is the built-in configuration the daemon runs on when no
@@ -57,6 +59,70 @@ pub struct Config {
     /// Prometheus metrics over HTTP; absent means off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    /// The browser client: a web page and its WebSocket over HTTP(S); absent means off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub web: Option<WebConfig>,
+}
+
+/// `[web]`: the page served at `/` and the WebSocket at `/ws` that joins the room from a
+/// browser (docs/protocol.md, "WebSocket").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WebConfig {
+    /// TCP addresses of the HTTP listener, bound like `server.listen`. (restart)
+    pub listen: Vec<SocketAddr>,
+    /// Serve HTTPS and WSS with the `[tls]` certificate (and its rotation). (restart)
+    pub tls: bool,
+    /// Origins whose pages may open the WebSocket (`https://chat.example.org`); empty means the
+    /// page's own origin only (the scheme of this listener and the request's `Host`).
+    pub allowed_origins: Vec<WebOrigin>,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            listen: vec![
+                SocketAddr::from(([0, 0, 0, 0], 8080)),
+                SocketAddr::from(([0u16; 8], 8080)),
+            ],
+            tls: false,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// A web origin as browsers send it in `Origin`: `http://` or `https://`, a host and an
+/// optional port, nothing else (no path, no trailing slash); kept in lower case.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WebOrigin(pub String);
+
+impl TryFrom<String> for WebOrigin {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "{s:?} is not a web origin: write scheme://host[:port] with http or https and \
+                 nothing after, e.g. \"https://chat.example.org\""
+            )
+        };
+        let lower = s.to_ascii_lowercase();
+        let rest = lower
+            .strip_prefix("https://")
+            .or_else(|| lower.strip_prefix("http://"))
+            .ok_or_else(bad)?;
+        let ok = !rest.is_empty()
+            && rest.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+            });
+        if ok { Ok(WebOrigin(lower)) } else { Err(bad()) }
+    }
+}
+
+impl From<WebOrigin> for String {
+    fn from(o: WebOrigin) -> String {
+        o.0
+    }
 }
 
 /// `[tls]`: the chat protocol over TLS 1.2/1.3 on its own port (docs/security.md).
@@ -501,9 +567,22 @@ impl Config {
                 message: e.message().trim().to_owned(),
             }
         })?;
-        config.check().map_err(|message| ConfigError::Invalid {
-            path: path.to_owned(),
-            message,
+        config.check().map_err(|message| {
+            // A check's message starts with the key it is about; point at that key where the
+            // file writes it (else at the file as a whole).
+            let key = message.split_once(':').map_or("", |(k, _)| k);
+            match locate_key(text, key) {
+                Some((line, col)) => ConfigError::Parse {
+                    path: path.to_owned(),
+                    line,
+                    col,
+                    message,
+                },
+                None => ConfigError::Invalid {
+                    path: path.to_owned(),
+                    message,
+                },
+            }
         })?;
         Ok(config)
     }
@@ -542,6 +621,35 @@ impl Config {
                 if path.as_os_str().is_empty() {
                     return Err(format!("{key}: a file is needed"));
                 }
+            }
+        }
+        if let Some(web) = &self.web {
+            if web.listen.is_empty() {
+                return Err("web.listen: at least one address is needed".to_owned());
+            }
+            let mut seen = std::collections::HashSet::new();
+            let tls_listen = self
+                .tls
+                .as_ref()
+                .map(|t| t.listen.as_slice())
+                .unwrap_or(&[]);
+            for addr in &web.listen {
+                if !seen.insert(addr) {
+                    return Err(format!("web.listen: {addr} is listed twice"));
+                }
+                if addr.port() != 0
+                    && (self.server.listen.contains(addr) || tls_listen.contains(addr))
+                {
+                    return Err(format!(
+                        "web.listen: {addr} is also a chat listener (server.listen or tls.listen); \
+                         the web page needs its own port"
+                    ));
+                }
+            }
+            if web.tls && self.tls.is_none() {
+                return Err(
+                    "web.tls: HTTPS needs the [tls] table (certificate and private-key)".to_owned(),
+                );
             }
         }
         self.server.proxy().check()?;
@@ -587,6 +695,28 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+}
+
+/// Where `section.key` is written in `text` (1-based line and column of the key), if it is
+/// written as `key = ...` under a `[section]` header.
+fn locate_key(text: &str, dotted: &str) -> Option<(usize, usize)> {
+    let (section, key) = dotted.split_once('.')?;
+    let mut current = "";
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if let Some(header) = trimmed.strip_prefix('[') {
+            current = header.split(']').next().unwrap_or("").trim();
+            continue;
+        }
+        if current == section
+            && let Some(rest) = trimmed.strip_prefix(key)
+            && rest.trim_start().starts_with('=')
+        {
+            let col = line.chars().count() - trimmed.chars().count() + 1;
+            return Some((i + 1, col));
+        }
+    }
+    None
 }
 
 /// 1-based line and character column of byte offset `at` in `text`.

@@ -57,14 +57,20 @@ pub enum Transport {
     Tcp,
     /// TLS over TCP (`tls.listen`).
     Tls,
+    /// A WebSocket on the web listener (`web.listen`), over plain HTTP.
+    Ws,
+    /// A WebSocket on the web listener over HTTPS (`web.tls`).
+    Wss,
 }
 
 impl Transport {
-    /// The name `chatctl list` shows: `tcp` or `tls`.
+    /// The name `chatctl list` shows: `tcp`, `tls`, `ws` or `wss`.
     pub fn as_str(self) -> &'static str {
         match self {
             Transport::Tcp => "tcp",
             Transport::Tls => "tls",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod shared;
 pub mod signals;
 pub mod systemd;
 pub mod tls;
+pub mod web;
 
 use std::sync::Arc;
 
@@ -38,14 +39,15 @@ use admin::AdminListener;
 use shared::Shared;
 use signals::Event;
 
-/// Serves the chat `listeners`, the `tls_listeners` (with `shared.tls`; none without it) and
-/// the `admin` socket until a shutdown event arrives (or the
+/// Serves the chat `listeners`, the `tls_listeners` (with `shared.tls`; none without it), the
+/// `web_listeners` (the browser client, `[web]`) and the `admin` socket until a shutdown event arrives (or the
 /// event stream ends), then stops accepting, tells every user, and waits up to
 /// `server.shutdown-grace` for their queues to drain. The admin socket file is removed on return.
 pub async fn run(
     shared: Arc<Shared>,
     listeners: Vec<TcpListener>,
     tls_listeners: Vec<TcpListener>,
+    web_listeners: Vec<TcpListener>,
     admin: AdminListener,
     mut events: mpsc::Receiver<Event>,
 ) {
@@ -76,6 +78,18 @@ pub async fn run(
         for addr in &shared.tls_listen {
             info!(%addr, "listening for TLS chat clients");
         }
+    }
+    for listener in web_listeners {
+        tracker.spawn(web::accept_loop(
+            listener,
+            shared.clone(),
+            admission.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+    for addr in &shared.web_listen {
+        info!(%addr, "serving the web client (HTTP and WebSocket)");
     }
     let admin = Arc::new(admin);
     {

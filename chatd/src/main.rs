@@ -123,6 +123,20 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // The browser client's listener (`[web]`), bound here like the others.
+        let web = match &effective.web {
+            Some(w) => chatd::web::bind_all(&w.listen).and_then(|l| {
+                register(l).map_err(|e| format!("cannot register web listener: {e}"))
+            }),
+            None => Ok((Vec::new(), Vec::new())),
+        };
+        let (web_listeners, web_bound) = match web {
+            Ok(l) => l,
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let metrics_listener = match &effective.metrics {
             Some(m) => {
                 match chatd::metrics::bind(m.listen).and_then(tokio::net::TcpListener::from_std) {
@@ -169,7 +183,7 @@ fn main() -> ExitCode {
         if let Some(tls) = tls {
             shared = shared.with_tls(tls, tls_bound);
         }
-        let shared = Arc::new(shared);
+        let shared = Arc::new(shared.with_web(web_bound));
         // Beside `run`, not in it: it serves scrapes through the shutdown drain and stops after.
         let metrics_stop = tokio_util::sync::CancellationToken::new();
         let metrics = metrics_listener.map(|l| {
@@ -179,7 +193,15 @@ fn main() -> ExitCode {
                 metrics_stop.clone(),
             ))
         });
-        chatd::run(shared, listeners, tls_listeners, admin_listener, events).await;
+        chatd::run(
+            shared,
+            listeners,
+            tls_listeners,
+            web_listeners,
+            admin_listener,
+            events,
+        )
+        .await;
         metrics_stop.cancel();
         if let Some(metrics) = metrics {
             let _ = metrics.await;

@@ -100,7 +100,11 @@ impl Collector for Numbers {
             "Admitted chat connections open now, by listener.",
             MetricType::Gauge,
             "listener",
-            &[("tcp", status.open_tcp), ("tls", status.open_tls)],
+            &[
+                ("tcp", status.open_tcp),
+                ("tls", status.open_tls),
+                ("ws", status.open_ws),
+            ],
         )?;
         counter(
             &mut e,
@@ -134,6 +138,7 @@ impl Collector for Numbers {
                 ("name_timeout", load(&l.name_timeouts)),
                 ("ban", status.ban_disconnects),
                 ("error", status.lost),
+                ("ws_bad_frames", load(&l.ws_bad_frames)),
             ],
         )?;
         family(
@@ -147,6 +152,7 @@ impl Collector for Numbers {
                 ("per_ip", load(&l.refused_per_ip)),
                 ("banned", load(&l.refused_banned)),
                 ("proxy", load(&l.refused_proxy)),
+                ("origin", load(&l.refused_origin)),
             ],
         )?;
         family(
@@ -244,6 +250,7 @@ pub fn activity(shared: &Shared) -> chat_proto::admin::ActivityStats {
         reload_failures: load(&a.reload_failures),
         open_tcp: a.open_tcp.load(Ordering::Relaxed) as u64,
         open_tls: a.open_tls.load(Ordering::Relaxed) as u64,
+        open_ws: a.open_ws.load(Ordering::Relaxed) as u64,
         queued_bytes: queued.total,
         max_queued_bytes: queued.max,
         fanout_count: fanout.count(),

@@ -25,6 +25,10 @@ use crate::reclaim::Token;
 use chat_proto::names::{Name, NameError};
 use chat_proto::protocol::{self, kind};
 
+/// The `*** KICKED` reason of a member whose name a newer connection reclaimed (a WebSocket
+/// client is closed with its own code for it).
+pub const RECLAIMED_REASON: &str = "your name was reclaimed by a new connection";
+
 /// A member of the room.
 #[derive(Debug)]
 struct Member {
@@ -339,7 +343,7 @@ impl Room {
             NameError::ReclaimRefused,
         )?;
         if let Some(holder) = replaced {
-            let why = "your name was reclaimed by a new connection";
+            let why = RECLAIMED_REASON;
             self.engine
                 .append(self, Event::Replaced { id: holder, why });
         }

@@ -93,6 +93,11 @@ pub struct LimitCounters {
     /// Connections refused for their PROXY protocol header: an untrusted sender, a missing,
     /// malformed or late header, or one sent to a listener without `proxy-protocol`.
     pub refused_proxy: AtomicU64,
+    /// WebSocket upgrades refused for a missing or foreign `Origin` (`web.allowed-origins`).
+    pub refused_origin: AtomicU64,
+    /// WebSocket sessions closed for what they sent (binary, oversized or malformed frames,
+    /// too many pings).
+    pub ws_bad_frames: AtomicU64,
 }
 
 impl LimitCounters {
@@ -118,6 +123,8 @@ impl LimitCounters {
             tls_handshakes_failed: load(&self.tls_handshakes_failed),
             tls_handshake_timeouts: load(&self.tls_handshake_timeouts),
             refused_proxy: load(&self.refused_proxy),
+            refused_origin: load(&self.refused_origin),
+            ws_bad_frames: load(&self.ws_bad_frames),
         }
     }
 }
@@ -142,6 +149,8 @@ pub struct Activity {
     pub open_tcp: AtomicUsize,
     /// Admitted connections open on the TLS listeners.
     pub open_tls: AtomicUsize,
+    /// Admitted WebSocket sessions open on the web listeners (ws and wss).
+    pub open_ws: AtomicUsize,
 }
 
 /// Everything the daemon's tasks share.
@@ -162,6 +171,8 @@ pub struct Shared {
     pub tls_listen: Vec<SocketAddr>,
     /// The TLS certificate in force, when a TLS listener runs; reloads rotate it.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// Web (HTTP/HTTPS) addresses actually bound (empty without `[web]`).
+    pub web_listen: Vec<SocketAddr>,
     /// The admin socket's path.
     pub admin_socket: PathBuf,
     /// Start time, for uptime.
@@ -224,6 +235,7 @@ impl Shared {
             listen,
             tls_listen: Vec::new(),
             tls: None,
+            web_listen: Vec::new(),
             admin_socket,
             started: Instant::now(),
             started_at: SystemTime::now(),
@@ -243,6 +255,12 @@ impl Shared {
     pub fn with_tls(mut self, tls: Arc<crate::tls::Tls>, addrs: Vec<SocketAddr>) -> Self {
         self.tls = Some(tls);
         self.tls_listen = addrs;
+        self
+    }
+
+    /// The same state with the web listener on `addrs`.
+    pub fn with_web(mut self, addrs: Vec<SocketAddr>) -> Self {
+        self.web_listen = addrs;
         self
     }
 
@@ -296,6 +314,14 @@ impl Shared {
                 diff.applied.drain(..).partition(|k| k.starts_with("tls."));
             diff.applied = rest;
             diff.needs_restart.extend(tls);
+            diff.needs_restart.sort();
+        }
+        if self.web_listen.is_empty() {
+            // No web listener runs: a new [web] table as a whole waits for a restart.
+            let (web, rest): (Vec<String>, Vec<String>) =
+                diff.applied.drain(..).partition(|k| k.starts_with("web."));
+            diff.applied = rest;
+            diff.needs_restart.extend(web);
             diff.needs_restart.sort();
         }
         for hook in &self.apply_hooks {

@@ -45,7 +45,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most TLS bytes rustls buffers for one connection on the way out. The outbox bounds what
 /// waits for a client; this bounds what sits encrypted between the outbox and the socket.
-const TLS_BUFFER_LIMIT: usize = 16 * 1024;
+pub(crate) const TLS_BUFFER_LIMIT: usize = 16 * 1024;
 
 /// The crypto provider every TLS user in chatd uses: ring, which async-nats brings in too (two
 /// providers in one process make rustls refuse to pick one). rustls 0.23.48 deprecates ring's
@@ -216,6 +216,11 @@ impl Tls {
     /// Makes `key` the certificate of every handshake from now on.
     pub fn install(&self, key: CertifiedKey) {
         self.store.current.store(Arc::new(key));
+    }
+
+    /// The acceptor every handshake goes through (the web listener's too, with `web.tls`).
+    pub(crate) fn acceptor(&self) -> &TlsAcceptor {
+        &self.acceptor
     }
 
     /// The leaf certificate in force (for logs and tests).

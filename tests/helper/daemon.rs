@@ -36,6 +36,9 @@ pub struct TestDaemon {
     pub listen: Vec<SocketAddr>,
     /// Every TLS address it listens on (`tls_listen` in `status`; empty without `[tls]`).
     pub tls_listen: Vec<SocketAddr>,
+    /// Every web (HTTP/WebSocket) address it listens on (`web_listen` in `status`; empty
+    /// without `[web]`).
+    pub web_listen: Vec<SocketAddr>,
     pub config_path: PathBuf,
     pub socket: PathBuf,
     pub log_path: PathBuf,
@@ -93,6 +96,7 @@ impl Launch {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             listen: Vec::new(),
             tls_listen: Vec::new(),
+            web_listen: Vec::new(),
             config_path,
             socket,
             log_path,
@@ -184,14 +188,23 @@ impl TestDaemon {
                         .collect::<Vec<_>>()
                 };
                 (s["config_path"].as_str() == Some(want.as_str()))
-                    .then(|| (addrs("listen"), addrs("tls_listen")))
+                    .then(|| (addrs("listen"), addrs("tls_listen"), addrs("web_listen")))
             },
             log,
         );
-        let (listen, tls_listen) = listen;
+        let (listen, tls_listen, web_listen) = listen;
         self.addr = *listen.first().expect("a ready chatd listens somewhere");
         self.listen = listen;
         self.tls_listen = tls_listen;
+        self.web_listen = web_listen;
+    }
+
+    /// The first web address (the daemon must have a `[web]` table).
+    pub fn web_addr(&self) -> SocketAddr {
+        *self
+            .web_listen
+            .first()
+            .unwrap_or_else(|| panic!("this chatd has no web listener:\n{}", self.log()))
     }
 
     /// The first TLS address (the daemon must have a `[tls]` table).

@@ -9,6 +9,8 @@
 //! - [`nats`]: [`NatsServer`], real NATS servers with JetStream for the cluster tests, and
 //!   [`RawNats`], a tiny client of NATS's text protocol.
 //! - [`tls`]: [`Pki`], a test CA issuing certificates, and TLS [`Client`]s.
+//! - [`web`]: [`WsClient`], a line [`Client`] over a WebSocket (one text message per line),
+//!   and plain HTTP requests to the web listener.
 
 #![allow(dead_code, unused_imports)]
 
@@ -20,6 +22,7 @@ pub mod net;
 pub mod notify;
 pub mod tls;
 pub mod wait;
+pub mod web;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -32,6 +35,7 @@ pub use net::{Client, ReadTimeout, agreed_order, free_port};
 pub use notify::FakeManager;
 pub use tls::{Pki, TlsClient};
 pub use wait::{WAIT, wait_child, wait_for, wait_until};
+pub use web::{WsClient, WsStream};
 
 /// A `[limits]` section that lifts flood control, for tests that send bursts.
 pub const NO_RATE_LIMIT: &str = "[limits]\nmessage-rate = 1000000\nmessage-burst = 1000000\n";

@@ -207,6 +207,7 @@ fn status(shared: &Shared) -> Response {
         config_path: shared.config_path().map(|p| p.display().to_string()),
         listen: shared.listen.iter().map(ToString::to_string).collect(),
         tls_listen: shared.tls_listen.iter().map(ToString::to_string).collect(),
+        web_listen: shared.web_listen.iter().map(ToString::to_string).collect(),
         admin_socket: shared.admin_socket.display().to_string(),
         cluster: shared.cluster.as_ref().map(|c| {
             let link = c.link();

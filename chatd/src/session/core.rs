@@ -131,6 +131,13 @@ impl Conversation {
         self.outbox.close_with(None, Close::Quit);
     }
 
+    /// The transport closes the connection for what the client sent at its own level (a
+    /// WebSocket's binary, oversized or malformed frame, a flood of pings): `last` is the
+    /// client's final line, and the member leaves at once with `reason`.
+    pub fn refuse_input(&mut self, reason: &'static str, last: Bytes) {
+        self.leave_now(reason, last);
+    }
+
     /// The server is stopping: the client's last line says so.
     pub fn shut_down(&mut self) {
         self.leave_reason = "server shutting down";

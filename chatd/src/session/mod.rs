@@ -1,11 +1,13 @@
 //! One client, from greeting to goodbye, split in two: the conversation (`core`: what the
 //! client's lines mean, with no I/O) and a transport that moves its bytes (`tcp`: a TCP stream
-//! through readiness and `try_*` calls; `stream`: any `AsyncRead + AsyncWrite`, which TLS uses
-//! and a WebSocket could). A new transport is a new driver around the same [`Conversation`].
+//! through readiness and `try_*` calls; `stream`: any `AsyncRead + AsyncWrite`, which TLS uses;
+//! `ws`: a WebSocket, one text message per line, for the browser client). A new transport is a
+//! new driver around the same [`Conversation`].
 
 mod core;
 mod stream;
 mod tcp;
+mod ws;
 
 use std::time::Duration;
 
@@ -14,6 +16,7 @@ use tokio::time::{Instant, sleep_until};
 pub use self::core::Conversation;
 pub use self::stream::StreamSession;
 pub use self::tcp::Session;
+pub use self::ws::{WsSession, config as ws_config};
 
 // What every driver shares: how long a closing session may take, and how writes are batched.
 
