@@ -138,6 +138,10 @@ struct Common {
     /// `http://ADDR` or, with TLS, `https://ADDR`, ADDR being the `Host` sent).
     #[arg(long, value_name = "URL")]
     origin: Option<String>,
+    /// Client i is named `b<N+i>`: a second run can join the room beside a first one that is
+    /// still connected (whose clients are b0, b1, ...) without a name clash.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    first_name: u64,
 }
 
 /// What `--websocket` needs per connection attempt, or `None` for the chat protocol over the
@@ -610,6 +614,8 @@ struct Engine {
     first_error: Option<String>,
     other_lines: u64,
     fan: Option<Fanout>,
+    /// The number in the first client's name (`--first-name`).
+    first_name: u64,
     /// Under `--websocket`, the upgrade's settings.
     ws: Option<WsSettings>,
     framing: Framing,
@@ -657,6 +663,7 @@ impl Engine {
             first_error: None,
             other_lines: 0,
             fan: None,
+            first_name: 0,
             ws: None,
             framing: Framing {
                 websocket: false,
@@ -850,7 +857,7 @@ impl Engine {
         self.connecting -= 1;
         match &self.ws {
             None => {
-                let _ = writeln!(conn.out, "b{i}");
+                let _ = writeln!(conn.out, "b{}", self.first_name + i as u64);
             }
             // The name follows the 101 (see `ws_received`).
             Some(settings) => {
@@ -1039,7 +1046,7 @@ impl Engine {
             start = head;
             let out = &mut self.conns[i].out;
             let at = out.len();
-            let _ = write!(out, "b{i}");
+            let _ = write!(out, "b{}", self.first_name + i as u64);
             self.framing.finish(out, at);
         }
         let mut closing = w.closing;
@@ -1100,8 +1107,13 @@ impl Engine {
             }
             return;
         }
+        let first = self.first_name;
         match (parse_message(line), &mut self.fan) {
-            (Some((s, seq, ts)), Some(f)) => f.deliver(i, s, seq, ts, now),
+            (Some((s, seq, ts)), Some(f)) => match s.checked_sub(first) {
+                Some(s) => f.deliver(i, s as usize, seq, ts, now),
+                // A sender from outside this run (never sent by it).
+                None => f.bogus += 1,
+            },
             _ => self.other_lines += 1,
         }
     }
@@ -1135,15 +1147,15 @@ impl Engine {
     }
 }
 
-/// `b<sender>: <seq> <ts>...` → (sender, seq, ts).
-fn parse_message(line: &[u8]) -> Option<(usize, u64, u64)> {
+/// `b<sender>: <seq> <ts>...` → (sender's name number, seq, ts).
+fn parse_message(line: &[u8]) -> Option<(u64, u64, u64)> {
     let rest = line.strip_prefix(b"b")?;
     let (s, rest) = parse_u64(rest)?;
     let rest = rest.strip_prefix(b": ")?;
     let (seq, rest) = parse_u64(rest)?;
     let rest = rest.strip_prefix(b" ")?;
     let (ts, _) = parse_u64(rest)?;
-    Some((usize::try_from(s).ok()?, seq, ts))
+    Some((s, seq, ts))
 }
 
 /// Leading decimal digits as a number, and what follows them.
@@ -1222,6 +1234,7 @@ fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
         Engine::new(a.common.addr.clone(), a.clients, a.senders).map_err(|e| e.to_string())?;
     e.tls = tls_config(&a.common)?;
     e.set_websocket(ws_config(&a.common)?);
+    e.first_name = a.common.first_name;
     e.server_name = a.common.server_name.clone();
     e.sender_addr = a.common.sender_addr;
     e.fan = Some(Fanout::new(a.clients, a.senders, a.window, a.text_bytes));
@@ -1422,6 +1435,7 @@ fn idle(a: &IdleArgs) -> Result<(Value, bool), String> {
     let mut e = Engine::new(a.common.addr.clone(), a.clients, 0).map_err(|e| e.to_string())?;
     e.tls = tls_config(&a.common)?;
     e.set_websocket(ws_config(&a.common)?);
+    e.first_name = a.common.first_name;
     e.server_name = a.common.server_name.clone();
     let deadline = e.now() + (a.common.timeout * 1e9) as u64;
     let start = e.now();
