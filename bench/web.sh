@@ -57,7 +57,18 @@ config="$work/bench-web.toml"
 } >"$config"
 log=$work/chatd.log
 
+# Waits (up to 90 s) until no socket on the machine uses PORT or WEB_PORT as its local port:
+# ports in the ephemeral range can be held by the clients of the previous run (in TIME_WAIT),
+# and then chatd cannot bind them.
+wait_ports_free() {
+    for _ in $(seq 90); do
+        [ -z "$(ss -Htan "( sport = :$port or sport = :$web_port )")" ] && return
+        sleep 1
+    done
+}
+
 start_chatd() {
+    wait_ports_free
     start_bench_chatd "$bin/chatd" "$log" "$config" "$port"
     wait_bench_port "$web_port"
     if ! kill -0 "$chatd_pid" 2>/dev/null; then
