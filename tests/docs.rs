@@ -28,6 +28,27 @@ fn protocol_doc_lists_every_server_line_kind_and_error_code() {
 }
 
 #[test]
+fn protocol_doc_lists_every_websocket_close_code_and_refusal() {
+    let doc = read("docs/protocol.md");
+    let section = doc
+        .split_once("## WebSocket")
+        .map(|(_, s)| s)
+        .unwrap_or_else(|| panic!("docs/protocol.md has no WebSocket section"));
+    for code in chatd::session::WS_CLOSE_CODES {
+        assert!(
+            section.contains(&format!("| `{code}` |")),
+            "docs/protocol.md lacks close code {code}"
+        );
+    }
+    for status in ["400", "403", "426", "429", "503"] {
+        assert!(
+            section.contains(&format!("| `{status}` |")),
+            "docs/protocol.md lacks HTTP status {status}"
+        );
+    }
+}
+
+#[test]
 fn protocol_and_client_docs_name_every_command() {
     for doc in ["docs/protocol.md", "docs/client.md"] {
         let text = read(doc);

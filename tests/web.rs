@@ -57,16 +57,21 @@ fn the_page_is_served_with_its_security_headers_and_types() {
     }
     let page = http(addr, "GET", "/", &[]).body;
     assert!(
-        page.contains("/app.js") && page.contains("/style.css"),
+        page.contains("app.js") && page.contains("style.css"),
         "{page}"
     );
     // Nothing inline, nothing from elsewhere.
     assert!(!page.contains("style=\""), "{page}");
     assert!(!page.contains("<script>"), "{page}");
-    assert!(
-        !page.contains("http://") && !page.contains("https://"),
-        "{page}"
-    );
+    for external in [
+        "src=\"http",
+        "href=\"http",
+        "src=\"//",
+        "href=\"//",
+        "@import",
+    ] {
+        assert!(!page.contains(external), "{external}: {page}");
+    }
     assert_eq!(http(addr, "GET", "/nope", &[]).status, 404);
     assert_eq!(http(addr, "POST", "/", &[]).status, 405);
     assert_eq!(http(addr, "HEAD", "/", &[]).status, 200);
@@ -520,4 +525,119 @@ fn web_config_errors_name_file_line_and_column() {
     let (err, path) =
         check("[server]\nlisten = [\"127.0.0.1:5000\"]\n[web]\nlisten = [\"127.0.0.1:5000\"]\n");
     assert!(err.contains(&format!("{path}:4:1: web.listen")), "{err}");
+}
+
+#[test]
+fn bans_close_with_4001_online_and_at_naming() {
+    let d = start();
+    let addr = d.web_addr();
+    let mut wendy = web::join(addr, "wendy");
+    let out = d.chatctl(&["ban", "wendy", "--reason", "spam"]);
+    assert!(out.status.success(), "{out:?}");
+    let kicked = wendy.expect_prefix("*** KICKED ");
+    assert!(kicked.starts_with("*** KICKED banned"), "{kicked}");
+    let (code, reason) = closed_with(&mut wendy);
+    assert_eq!(code, 4001);
+    assert!(reason.ends_with("spam"), "{reason}");
+
+    // The name ban holds when the name is sent again, on a new connection.
+    let mut again = web::connect(addr);
+    again.expect_prefix("*** HELLO ");
+    again.send("wendy");
+    assert!(
+        again
+            .expect_prefix("*** ERR ")
+            .starts_with("*** ERR banned")
+    );
+    assert_eq!(closed_with(&mut again).0, 4001);
+}
+
+#[test]
+fn http_connections_that_have_not_upgraded_are_capped_per_address() {
+    use std::io::Read;
+    let d = TestDaemon::with(web_config().set("limits", "max-connections-per-ip", "2")).start();
+    let addr = d.web_addr();
+    let idle: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect_timeout(&addr, WAIT).expect("connect"))
+        .collect();
+    // Both are held open (sending nothing yet); wait until the daemon has counted them.
+    wait_until(
+        WAIT,
+        "the idle connections to be refused past the cap",
+        || {
+            let mut third = std::net::TcpStream::connect_timeout(&addr, WAIT).expect("connect");
+            third
+                .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+                .expect("timeout");
+            // Closed at once, without an answer: EOF (or a reset).
+            matches!(third.read(&mut [0u8; 16]), Ok(0))
+                || matches!(third.read(&mut [0u8; 16]), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+        },
+    );
+    drop(idle);
+    // The places come back once those close.
+    wait_until(WAIT, "a page load to work again", || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, WAIT).expect("connect");
+        s.set_read_timeout(Some(WAIT)).expect("timeout");
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        answer.starts_with(b"HTTP/1.1 200")
+    });
+}
+
+#[test]
+fn socket_activation_serves_a_passed_web_socket() {
+    use std::os::fd::OwnedFd;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("admin.sock");
+    // If chatd bound web.listen it would fail: 192.0.2.1 (TEST-NET-1) is not a local address.
+    let config = Config::test()
+        .admin_socket(&socket)
+        .state_dir(&dir.path().join("state"))
+        .set("web", "listen", "[\"192.0.2.1:9\"]");
+    std::fs::write(dir.path().join("chatd.toml"), config.to_string()).expect("write config");
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let web_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (plain_addr, web_addr) = (
+        plain.local_addr().expect("addr"),
+        web_listener.local_addr().expect("addr"),
+    );
+    // Like systemd with chatd.socket and chatd-web.socket: fd 3 named chat, fd 4 named web.
+    let log = std::fs::File::create(dir.path().join("chatd.log")).expect("log");
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(
+            "exec 3<&0 4>&1 0</dev/null 1>/dev/null; LISTEN_PID=$$ LISTEN_FDS=2 \
+             LISTEN_FDNAMES=chat:web exec \"$0\" --config \"$1\"",
+        )
+        .arg(crate::helper::bin("chatd"))
+        .arg(dir.path().join("chatd.toml"))
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::from(OwnedFd::from(plain)))
+        .stdout(Stdio::from(OwnedFd::from(web_listener)))
+        .stderr(log)
+        .spawn()
+        .expect("spawn chatd");
+    let status = crate::helper::wait_for(
+        WAIT,
+        "chatd to answer on its admin socket",
+        || crate::helper::admin_request(&socket, "status").ok(),
+        || std::fs::read_to_string(dir.path().join("chatd.log")).unwrap_or_default(),
+    );
+    assert_eq!(
+        status["response"]["web_listen"][0].as_str(),
+        Some(web_addr.to_string().as_str())
+    );
+    let mut wendy = web::join(web_addr, "wendy");
+    let mut paul = crate::helper::Client::connect_as(plain_addr, "paul");
+    wendy.expect_prefix("*** JOIN paul");
+    paul.send("hi");
+    assert_eq!(wendy.expect_prefix("paul:"), "paul: hi");
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -190,7 +190,7 @@ impl Admission {
 /// per /64, the block one subscriber usually gets, so a single host cannot dodge the limit by
 /// rotating through its own addresses. IPv4-mapped IPv6 counts as the IPv4 address, the same
 /// rule bans use.
-fn address_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn address_key(ip: IpAddr) -> IpAddr {
     match bans::canonical(ip) {
         IpAddr::V6(v6) => {
             let s = v6.segments();

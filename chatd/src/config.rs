@@ -909,6 +909,47 @@ mod tests {
     }
 
     #[test]
+    fn web_table_parses_checks_origins_and_reports_its_classes() {
+        let c = parse("[web]\nallowed-origins = [\"HTTPS://Chat.example.org:8443\"]\n")
+            .map_err(|e| e.to_string());
+        let web = c.ok().and_then(|c| c.web);
+        let web = web.unwrap_or_else(|| panic!("no [web]"));
+        assert_eq!(web.listen, WebConfig::default().listen);
+        assert_eq!(
+            web.allowed_origins,
+            vec![WebOrigin("https://chat.example.org:8443".into())]
+        );
+        let err = |text: &str| parse(text).err().map(|e| e.to_string()).unwrap_or_default();
+        for bad in [
+            "chat.example.org",
+            "https://x.org/",
+            "ftp://x.org",
+            "https://",
+        ] {
+            let e = err(&format!("[web]\nallowed-origins = [\"{bad}\"]\n"));
+            assert!(e.starts_with("/etc/chatd/chatd.toml:2:"), "{bad}: {e}");
+            assert!(e.contains("not a web origin"), "{e}");
+        }
+        let e = err("[web]\nlisten = []\n");
+        assert!(
+            e.starts_with("/etc/chatd/chatd.toml:2:1: web.listen: at least one"),
+            "{e}"
+        );
+        let old = Config {
+            web: Some(web),
+            ..Config::default()
+        };
+        let mut new = old.clone();
+        if let Some(w) = new.web.as_mut() {
+            w.tls = true;
+            w.allowed_origins.clear();
+        }
+        let d = ConfigDiff::between(&old, &new);
+        assert_eq!(d.applied, vec!["web.allowed-origins".to_owned()]);
+        assert_eq!(d.needs_restart, vec!["web.tls".to_owned()]);
+    }
+
+    #[test]
     fn line_col_counts_characters() {
         assert_eq!(line_col("ab\nçd", 5), (2, 2));
         assert_eq!(line_col("", 0), (1, 1));

@@ -102,7 +102,8 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async move {
         let tls_addrs = effective.tls.as_ref().map(|t| t.listen.as_slice());
-        let (plain, secure) = match listeners(&effective.server.listen, tls_addrs) {
+        let web_addrs = effective.web.as_ref().map(|w| w.listen.as_slice());
+        let (plain, secure, web) = match listeners(&effective.server.listen, tls_addrs, web_addrs) {
             Ok(l) => l,
             Err(e) => {
                 error!("{e}");
@@ -123,17 +124,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        // The browser client's listener (`[web]`), bound here like the others.
-        let web = match &effective.web {
-            Some(w) => chatd::web::bind_all(&w.listen).and_then(|l| {
-                register(l).map_err(|e| format!("cannot register web listener: {e}"))
-            }),
-            None => Ok((Vec::new(), Vec::new())),
-        };
-        let (web_listeners, web_bound) = match web {
+        let (web_listeners, web_bound) = match register(web) {
             Ok(l) => l,
             Err(e) => {
-                error!("{e}");
+                error!(error = %e, "cannot register web listener");
                 return ExitCode::FAILURE;
             }
         };
@@ -212,16 +206,18 @@ fn main() -> ExitCode {
     code
 }
 
-/// The plain and the TLS chat listeners: the sockets systemd passed when socket-activated
-/// (chatd.socket: the one named `tls` serves TLS, the others plain chat), else `server.listen`
-/// and `tls.listen` bound here. With `[tls]` but no `tls` socket passed, `tls.listen` is bound
-/// here too. Sockets passed for another process are ignored.
+/// The plain and the TLS chat listeners and the web listeners: the sockets systemd passed when
+/// socket-activated (chatd.socket: the one named `tls` serves TLS, one named `web` the web
+/// client, the others plain chat), else `server.listen`, `tls.listen` and `web.listen` bound
+/// here. With `[tls]` (`[web]`) but no `tls` (`web`) socket passed, `tls.listen`
+/// (`web.listen`) is bound here too. Sockets passed for another process are ignored.
 type Listeners = Vec<std::net::TcpListener>;
 fn listeners(
     configured: &[SocketAddr],
     tls: Option<&[SocketAddr]>,
-) -> Result<(Listeners, Listeners), String> {
-    let (plain, secure) = match systemd::take_listeners() {
+    web: Option<&[SocketAddr]>,
+) -> Result<(Listeners, Listeners, Listeners), String> {
+    let (plain, secure, web_passed) = match systemd::take_listeners() {
         Ok(Some(passed)) => {
             let names: Vec<&str> = passed.iter().map(|(n, _)| n.as_str()).collect();
             info!(
@@ -229,6 +225,17 @@ fn listeners(
                 names = ?names,
                 "socket activation: serving the sockets systemd passed; server.listen is not bound"
             );
+            let (web_passed, passed): (Vec<_>, Vec<_>) = passed
+                .into_iter()
+                .partition(|(n, _)| n == systemd::WEB_SOCKET_NAME);
+            let web_passed: Listeners = web_passed.into_iter().map(|(_, l)| l).collect();
+            if !web_passed.is_empty() && web.is_none() {
+                return Err(
+                    "socket activation passed a socket named `web`, but the config has no [web] \
+                     table"
+                        .to_owned(),
+                );
+            }
             let (secure, plain): (Vec<_>, Vec<_>) = passed
                 .into_iter()
                 .partition(|(n, _)| n == systemd::TLS_SOCKET_NAME);
@@ -243,9 +250,13 @@ fn listeners(
             if plain.is_empty() {
                 return Err("socket activation passed no plain chat socket".to_owned());
             }
-            (plain.into_iter().map(|(_, l)| l).collect(), secure)
+            (
+                plain.into_iter().map(|(_, l)| l).collect(),
+                secure,
+                web_passed,
+            )
         }
-        Ok(None) => (server::bind_all(configured)?, Vec::new()),
+        Ok(None) => (server::bind_all(configured)?, Vec::new(), Vec::new()),
         Err(e) => return Err(e.to_string()),
     };
     let secure = match tls {
@@ -254,7 +265,11 @@ fn listeners(
         }
         _ => secure,
     };
-    Ok((plain, secure))
+    let web = match web {
+        Some(addrs) if web_passed.is_empty() => chatd::web::bind_all(addrs)?,
+        _ => web_passed,
+    };
+    Ok((plain, secure, web))
 }
 
 /// Hands bound listeners to tokio; also returns the addresses they are bound to.

@@ -35,6 +35,8 @@ pub const STATUS_INTERVAL: Duration = Duration::from_secs(2);
 /// The `FileDescriptorName=` of a passed socket that serves TLS (`[tls]`); every other name
 /// serves plain chat.
 pub const TLS_SOCKET_NAME: &str = "tls";
+/// The name (`FileDescriptorName=`) of a passed socket that serves the web client (`[web]`).
+pub const WEB_SOCKET_NAME: &str = "web";
 
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: i32 = 3;
@@ -318,9 +320,10 @@ pub enum ActivationError {
 /// `Ok(None)` means "no socket activation, bind as configured".
 ///
 /// Every passed socket must be a listening TCP socket (IPv4 or IPv6), whatever its name:
-/// `chatd.socket` names them `chat`, and the optional TLS port `tls` ([`TLS_SOCKET_NAME`]),
-/// which the caller routes to the TLS listener. The admin socket is not socket-activated because it lives
-/// in `RuntimeDirectory=`, which systemd removes whenever the service stops.
+/// `chatd.socket` names them `chat`, the optional TLS port `tls` ([`TLS_SOCKET_NAME`]) and the
+/// optional web port `web` ([`WEB_SOCKET_NAME`]), which the caller routes to the TLS and web
+/// listeners. The admin socket is not socket-activated because it lives in `RuntimeDirectory=`,
+/// which systemd removes whenever the service stops.
 pub fn take_listeners() -> Result<Option<Vec<(String, std::net::TcpListener)>>, ActivationError> {
     let pid = std::env::var("LISTEN_PID").ok();
     let fds = std::env::var("LISTEN_FDS").ok();

@@ -9,16 +9,17 @@
 //! why and a log line. With `web.tls` the listener speaks HTTPS with the `[tls]` certificate,
 //! whichever is in force after the last reload.
 //!
-//! HTTP itself is bounded: at most [`MAX_HTTP_CONNECTIONS`] connections before their upgrade
-//! (others wait in the backlog), request heads of at most [`MAX_HEAD`] bytes read within
-//! [`HEAD_TIMEOUT`], and a connection that has not upgraded is closed after
-//! [`HTTP_CONNECTION_TIMEOUT`]. An upgraded connection leaves those counts and is bounded as a
-//! chat connection instead.
+//! HTTP itself is bounded: at most [`MAX_HTTP_CONNECTIONS`] connections that have not upgraded,
+//! and at most `limits.max-connections-per-ip` of them per address (more are closed at once),
+//! request heads of at most [`MAX_HEAD`] bytes read within [`HEAD_TIMEOUT`], and a connection
+//! that has not upgraded is closed after [`HTTP_CONNECTION_TIMEOUT`]. An upgraded connection
+//! leaves those counts and is bounded as a chat connection instead.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -27,7 +28,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -41,7 +41,7 @@ use crate::session::WsSession;
 use crate::shared::{LimitCounters, Shared};
 
 /// HTTP connections served at once before their upgrade.
-pub const MAX_HTTP_CONNECTIONS: usize = 256;
+pub const MAX_HTTP_CONNECTIONS: usize = 1024;
 /// Longest request head (request line and headers) accepted.
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Time a client has to send a request head (and, between requests, to start the next one).
@@ -53,9 +53,7 @@ pub const HTTP_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 const INDEX_HTML: &str = include_str!("../web/index.html");
 const APP_JS: &str = include_str!("../web/app.js");
 const STYLE_CSS: &str = include_str!("../web/style.css");
-/// A small speech-bubble icon, so browsers asking for one get an answer.
-const ICON_SVG: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 16 16\">\
-<path fill=\"#3a6ea5\" d=\"M2 2h12v9H6l-3 3v-3H2z\"/></svg>\n";
+const ICON_SVG: &str = include_str!("../web/icon.svg");
 
 /// The Content-Security-Policy of every response: only this origin's script, style, images
 /// and WebSocket; no inline script or style, no frames, no forms, no base URL.
@@ -71,6 +69,69 @@ struct Web {
     tracker: TaskTracker,
     /// `Wss` with `web.tls`, else `Ws`.
     transport: Transport,
+    /// Connections not upgraded (yet), in total and by address (IPv6 by /64).
+    // A std mutex: one map update per connect and per close, never across an await.
+    http_open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// A connection's place in the HTTP counts; dropping it gives the place back.
+struct HttpSlot {
+    web: Arc<Web>,
+    key: IpAddr,
+}
+
+impl Web {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, HashMap<IpAddr, usize>)> {
+        self.http_open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for an HTTP connection from `peer`, unless [`MAX_HTTP_CONNECTIONS`] are open or
+    /// `limits.max-connections-per-ip` from its address; the refusal is counted as the chat
+    /// listeners count theirs.
+    fn http_slot(self: &Arc<Self>, peer: SocketAddr) -> Option<HttpSlot> {
+        let per_ip = self
+            .shared
+            .live
+            .load()
+            .config
+            .limits
+            .max_connections_per_ip
+            .get();
+        let key = crate::admission::address_key(peer.ip());
+        let mut open = self.lock();
+        if open.0 >= MAX_HTTP_CONNECTIONS {
+            drop(open);
+            LimitCounters::bump(&self.shared.limits.refused_full);
+            debug!(%peer, "web: too many HTTP connections open; closing this one");
+            return None;
+        }
+        let n = open.1.entry(key).or_insert(0);
+        if *n >= per_ip {
+            drop(open);
+            LimitCounters::bump(&self.shared.limits.refused_per_ip);
+            debug!(%peer, "web: too many HTTP connections from this address; closing this one");
+            return None;
+        }
+        *n += 1;
+        open.0 += 1;
+        Some(HttpSlot {
+            web: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for HttpSlot {
+    fn drop(&mut self) {
+        let mut open = self.web.lock();
+        open.0 -= 1;
+        if let Some(n) = open.1.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// Serves the web listener `listener` until `shutdown`: HTTPS when `web.tls` is set (with the
@@ -100,21 +161,13 @@ pub async fn accept_loop(
         } else {
             Transport::Ws
         },
+        http_open: Mutex::new((0, HashMap::new())),
     });
-    let slots = Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS));
     let mut acceptor = crate::server::Acceptor::new(listener, "web");
-    loop {
-        // A free slot before accepting: excess clients wait in the backlog instead of holding
-        // tasks and buffers here.
-        let slot = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            s = slots.clone().acquire_owned() => match s {
-                Ok(s) => s,
-                Err(_) => return,
-            },
-        };
-        let Some((stream, peer)) = acceptor.next(&shared, &shutdown).await else {
-            return;
+    while let Some((stream, peer)) = acceptor.next(&shared, &shutdown).await {
+        // Dropping the stream closes it: no task, no buffer for a connection over the caps.
+        let Some(slot) = web.http_slot(peer) else {
+            continue;
         };
         crate::server::tune(&stream, shared.live.load().config.limits.keepalive);
         let (web, tls) = (web.clone(), tls.clone());

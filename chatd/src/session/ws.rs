@@ -78,6 +78,22 @@ pub mod close_code {
     pub const RECLAIMED: u16 = 4004;
 }
 
+/// Every close code a session sends (docs/protocol.md lists each; `tests/docs.rs` checks).
+pub const CLOSE_CODES: &[u16] = &[
+    1000,
+    1001,
+    1002,
+    1003,
+    1007,
+    1008,
+    1009,
+    close_code::KICKED,
+    close_code::BANNED,
+    close_code::TOO_SLOW,
+    close_code::NAME_TIMEOUT,
+    close_code::RECLAIMED,
+];
+
 /// What one turn of WebSocket I/O did.
 enum Io {
     /// A message arrived.
@@ -267,7 +283,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
                 && self.wire.idle()
             {
                 // Closing: end once the last lines still in the outbox are sent too.
-                self.talk.outbox().drain_into(&mut self.wire.pending);
+                let closed = self.talk.outbox().drain_into(&mut self.wire.pending);
+                self.note_last_line(closed.as_ref());
                 if self.wire.pending.is_empty() {
                     let (code, text) = self
                         .close
