@@ -67,14 +67,18 @@ wait_ports_free() {
     done
 }
 
+# Starts chatd; tries again (up to 10 times) when it could not bind: another program's client
+# can take one of the ports as its local port between the check above and chatd's bind.
 start_chatd() {
-    wait_ports_free
-    start_bench_chatd "$bin/chatd" "$log" "$config" "$port"
-    wait_bench_port "$web_port"
-    if ! kill -0 "$chatd_pid" 2>/dev/null; then
-        echo "chatd did not start: $(tail -3 "$log")" >&2
-        exit 1
-    fi
+    for _ in $(seq 10); do
+        wait_ports_free
+        start_bench_chatd "$bin/chatd" "$log" "$config" "$port"
+        wait_bench_port "$web_port"
+        kill -0 "$chatd_pid" 2>/dev/null && return
+        echo "chatd did not start: $(tail -1 "$log")" >&2
+        wait "$chatd_pid" || true
+    done
+    exit 1
 }
 
 stop_chatd() {
