@@ -216,6 +216,46 @@ fn idle_over_websocket_reads_rss_per_connection() {
 }
 
 #[test]
+fn fanout_over_wss_reports_a_clean_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = crate::helper::Pki::new(dir.path(), "bench web CA");
+    let (cert, key, _) = pki.leaf("web");
+    let d = TestDaemon::start_config(
+        crate::helper::Pki::config(&cert, &key)
+            .no_rate_limit()
+            .set("limits", "max-connections-per-ip", "1000")
+            .set("web", "listen", r#"["127.0.0.1:0"]"#)
+            .set("web", "tls", "true"),
+    );
+    let (addr, ca) = (d.web_addr().to_string(), pki.ca_path.display().to_string());
+    let (code, r) = run_bench(&[
+        "fanout",
+        "--websocket",
+        "--ca",
+        &ca,
+        "--addr",
+        &addr,
+        "-c",
+        "4",
+        "-s",
+        "2",
+        "-d",
+        "1",
+        "--timeout",
+        "30",
+    ]);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["transport"], "wss");
+    assert_eq!(num(&r, "seated"), 4.0, "{r}");
+    let sent = num(&r, "sent");
+    assert!(sent > 0.0, "{r}");
+    assert_eq!(num(&r, "deliveries"), sent * 3.0, "{r}");
+    for key in ["lost", "duplicated", "reordered", "errors", "disconnected"] {
+        assert_eq!(num(&r, key), 0.0, "{key} in {r}");
+    }
+}
+
+#[test]
 fn websocket_from_a_foreign_origin_is_reported_refused() {
     let d = bench_web_daemon();
     let (code, r) = run_ws_bench(

@@ -619,8 +619,10 @@ struct Engine {
     /// Under `--websocket`, the upgrade's settings.
     ws: Option<WsSettings>,
     framing: Framing,
-    /// WebSocket: pings answered, messages that came fragmented, close frames by code
-    /// (1005 when the frame had none), and the first close frame's code and reason.
+    /// WebSocket: connections upgraded, pings answered, messages that came fragmented, close
+    /// frames by code (1005 when the frame had none), and the first close frame's code and
+    /// reason.
+    ws_upgraded: usize,
     ws_pings: u64,
     ws_fragmented: u64,
     ws_closes: BTreeMap<u16, u64>,
@@ -669,6 +671,7 @@ impl Engine {
                 websocket: false,
                 rng: ws::Rng::seeded(),
             },
+            ws_upgraded: 0,
             ws_pings: 0,
             ws_fragmented: 0,
             ws_closes: BTreeMap::new(),
@@ -710,7 +713,7 @@ impl Engine {
                 .map(|w| w.decoder.fragmented)
                 .sum::<u64>();
         json!({
-            "upgraded": self.conns.iter().filter(|c| c.ws.as_ref().is_some_and(|w| w.upgraded)).count(),
+            "upgraded": self.ws_upgraded,
             "pings_answered": self.ws_pings,
             "fragmented_messages": fragmented,
             "close_frames": closes,
@@ -1043,6 +1046,7 @@ impl Engine {
                 return Ok(0);
             };
             w.upgraded = true;
+            self.ws_upgraded += 1;
             start = head;
             let out = &mut self.conns[i].out;
             let at = out.len();
@@ -1703,6 +1707,7 @@ mod tests {
         assert_eq!(r["transport"], "ws");
         assert_eq!(r["seated"], 1, "{r}");
         assert_eq!(r["disconnected"], 1, "{r}");
+        assert_eq!(r["websocket"]["upgraded"], 1, "{r}");
         assert_eq!(r["errors"], 0, "{r}");
         let w = &r["websocket"];
         assert_eq!(w["pings_answered"], 1, "{r}");
