@@ -14,7 +14,14 @@
 #   bus         one client per node, one sending as fast as it can: messages/s through the bus
 #   idle5000    5,000 idle joined clients over 2 nodes: RSS per connection per node; and on
 #               one node
-# Needs nats-server (Debian: apt-get install nats-server) and ports 42069, 42079 and 4222 free.
+# Needs nats-server (Debian: apt-get install nats-server) and three free ports: by default 42069
+# and 42079 (the two chatd nodes; the single node uses the first) and 4222 (NATS). Environment:
+#   CHATD_BENCH_PORTS="A B"  the nodes' chat ports instead of "42069 42079"
+#   CHATD_BENCH_NATS_PORT=N  NATS's client port instead of 4222
+#   CHATD_BIN_DIR=DIR        where chatd, chatctl and chat-bench are (default:
+#                            $CARGO_TARGET_DIR/release, else target/release)
+#   CHATD_NODE_ENV="K=V ..."  extra environment for every chatd started (e.g. MALLOC_ARENA_MAX=2)
+#   KEEP=1                   keep the work directory (configs, logs) after the run
 set -euo pipefail
 out=${1:?usage: bench/cluster.sh OUT.jsonl [LABEL] [RUNS] [CASE...]}
 label=${2:-}
@@ -22,7 +29,10 @@ runs=${3:-3}
 shift $(($# < 3 ? $# : 3))
 cases=("$@")
 [ ${#cases[@]} -eq 0 ] && cases=(fanout1000 fanout100 latency bus idle5000)
-bin=target/release
+bin=${CHATD_BIN_DIR:-${CARGO_TARGET_DIR:-target}/release}
+read -r port_a port_b <<<"${CHATD_BENCH_PORTS:-42069 42079}"
+nats_port=${CHATD_BENCH_NATS_PORT:-4222}
+node_env=${CHATD_NODE_ENV:-}
 nats=$(command -v nats-server || echo /usr/sbin/nats-server)
 [ -x "$nats" ] || { echo "needs nats-server (apt-get install nats-server)" >&2; exit 2; }
 work=$(mktemp -d /tmp/chatd-cluster-bench.XXXXXX)
@@ -52,22 +62,37 @@ node_config() {
         -e "s|^socket = .*|socket = \"$dir/admin.sock\"|" \
         -e "s|^group = .*|group = \"\"|" config/bench.toml >"$dir/chatd.toml"
     if [ "$3" = cluster ]; then
-        printf '\n[cluster]\nnats = ["nats://127.0.0.1:4222"]\nnode = "%s"\nname = "bench"\n' "$1" >>"$dir/chatd.toml"
+        printf '\n[cluster]\nnats = ["nats://127.0.0.1:%s"]\nnode = "%s"\nname = "bench"\n' "$nats_port" "$1" >>"$dir/chatd.toml"
     fi
 }
 
+# A port in the ephemeral range can be held by an outgoing connection: a previous run's client
+# that got it as its own port stays in TIME-WAIT for 60 s after closing. NATS is started again
+# every 2 s, for up to 70 s, until it can listen.
 start_nats() {
-    rm -rf "$work/js"
-    "$nats" -a 127.0.0.1 -p 4222 -js -sd "$work/js" >"$work/nats.log" 2>&1 &
-    nats_pid=$!
-    pids+=("$nats_pid")
-    wait_port 4222
+    local attempt
+    for attempt in $(seq 35); do
+        rm -rf "$work/js"
+        "$nats" -a 127.0.0.1 -p "$nats_port" -js -sd "$work/js" >"$work/nats.log" 2>&1 &
+        nats_pid=$!
+        sleep 0.3
+        if kill -0 "$nats_pid" 2>/dev/null; then
+            pids+=("$nats_pid")
+            wait_port "$nats_port"
+            return
+        fi
+        wait "$nats_pid" 2>/dev/null || true
+        [ "$attempt" = 1 ] && echo "nats-server cannot listen yet, retrying: $(tail -1 "$work/nats.log")" >&2
+        sleep 2
+    done
+    return 1
 }
 
 # start_node NAME PORT MODE: starts a node; its pid in $node_pid, once ready.
 start_node() {
     node_config "$1" "$2" "$3"
-    "$bin/chatd" --config "$work/$1/chatd.toml" 2>"$work/$1.log" &
+    # shellcheck disable=SC2086
+    env $node_env "$bin/chatd" --config "$work/$1/chatd.toml" 2>"$work/$1.log" &
     node_pid=$!
     pids+=("$node_pid")
     wait_port "$2"
@@ -107,12 +132,12 @@ for case in "${cases[@]}"; do
         load=$(cut -d' ' -f1 /proc/loadavg)
         # The cluster: NATS and two nodes.
         start_nats
-        start_node a 42069 cluster
+        start_node a "$port_a" cluster
         pid_a=$node_pid
-        start_node b 42079 cluster
+        start_node b "$port_b" cluster
         pid_b=$node_pid
-        addrs=(--addr 127.0.0.1:42069,127.0.0.1:42079)
-        [ "$case" = latency ] && addrs=(--sender-addr 127.0.0.1:42069 --addr 127.0.0.1:42079)
+        addrs=(--addr "127.0.0.1:$port_a,127.0.0.1:$port_b")
+        [ "$case" = latency ] && addrs=(--sender-addr "127.0.0.1:$port_a" --addr "127.0.0.1:$port_b")
         # shellcheck disable=SC2086
         "$bin/chat-bench" $args "${addrs[@]}" --pid "$pid_a,$pid_b" \
             --label "$label cluster2 $case run $run load $load" >>"$out" \
@@ -120,9 +145,9 @@ for case in "${cases[@]}"; do
         stop_all
         # The same case on one node, in the same run.
         if [ "$case" != latency ] && [ "$case" != bus ]; then
-            start_node single 42069 single
+            start_node single "$port_a" single
             # shellcheck disable=SC2086
-            "$bin/chat-bench" $args --addr 127.0.0.1:42069 --pid "$node_pid" \
+            "$bin/chat-bench" $args --addr "127.0.0.1:$port_a" --pid "$node_pid" \
                 --label "$label single $case run $run load $load" >>"$out" \
                 || echo "run single $case/$run exited $?" >&2
             stop_all

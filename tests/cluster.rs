@@ -1302,3 +1302,81 @@ fn cluster_a_member_who_leaves_at_once_is_seen_alike_everywhere() {
         "node a's member and node b's member saw different rooms"
     );
 }
+
+/// Threads of process `pid` now (`/proc/PID/status`).
+fn threads_of(pid: i32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Joins that wait for NATS (frozen here with SIGSTOP) hold no runtime thread each: the node
+/// keeps its thread count and answers its other members meanwhile. A client that hangs up
+/// while its join waits leaves no name behind once NATS answers.
+#[test]
+fn cluster_joins_waiting_for_nats_hold_no_threads() {
+    if !nats_present() {
+        return;
+    }
+    // Below limits.max-connections-per-ip (20), with alice and the one that hangs up.
+    const WAITING: usize = 16;
+    let nats = NatsServer::start();
+    let ds = start_nodes(&[&nats], &room_name("parked"), &["a"]);
+    let pid = ds[0].pid();
+    let mut alice = join_seated(&ds[0], "alice");
+    let before = threads_of(pid);
+
+    nats.signal(Signal::SIGSTOP);
+    let mut waiting: Vec<_> = (0..WAITING)
+        .map(|i| {
+            let mut c = ds[0].connect();
+            c.expect_prefix("*** HELLO");
+            c.send(&format!("parked{i}"));
+            c
+        })
+        .collect();
+    // One more, which hangs up while its claim is in flight.
+    let mut ghost = ds[0].connect();
+    ghost.expect_prefix("*** HELLO");
+    ghost.send("ghost");
+    // Every join above now waits for NATS (none can be answered). The node still answers a
+    // member's local command, and holds no thread per waiting join.
+    let mut most = threads_of(pid);
+    for _ in 0..10 {
+        alice.send("/who");
+        alice.expect_prefix("*** WHO 1 alice");
+        most = most.max(threads_of(pid));
+        thread::sleep(Duration::from_millis(50));
+    }
+    drop(ghost);
+    thread::sleep(Duration::from_millis(200));
+    most = most.max(threads_of(pid));
+    nats.signal(Signal::SIGCONT);
+    assert!(
+        most <= before + 4,
+        "{WAITING} joins waiting for NATS took threads: {before} before, {most} while waiting"
+    );
+
+    // Once NATS answers, every waiting join gets its answer: seated, or told NATS was too slow.
+    for (i, c) in waiting.iter_mut().enumerate() {
+        let answer = c.line();
+        assert!(
+            answer.starts_with(&format!("*** WELCOME parked{i} "))
+                || answer.starts_with("*** ERR unavailable "),
+            "parked{i}: {answer}"
+        );
+    }
+    // The name whose client hung up mid-claim is freed (claimed, seated, then left).
+    wait_for(
+        WAIT,
+        "the hung-up client's name to be free",
+        || {
+            let answer = try_name(&ds[0], "ghost");
+            answer.starts_with("*** WELCOME ghost ").then_some(())
+        },
+        || ds[0].log(),
+    );
+}

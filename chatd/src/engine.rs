@@ -8,8 +8,11 @@
 //! line once, and batching join/leave storms (room.rs).
 //!
 //! The room asks the engine to [`claim`](Engine::claim) a name before a join or rename, to
-//! [`append`](Engine::append) every event, and to [`release`](Engine::release) a name once its
-//! holder is gone; the engine delivers each appended event, in its one order, to
+//! [`join`](Engine::join) a newcomer, to [`append`](Engine::append) every other event, and to
+//! [`release`](Engine::release) a name once its holder is gone. Claims and joins may have to
+//! wait for other nodes, so they return a [`Pending`] future (ready at once in the in-process
+//! engine), which the session awaits without holding a runtime thread (session/core.rs). The
+//! engine delivers each appended event, in its one order, to
 //! [`Deliver::deliver`] of the room on every node. This module holds the vocabulary both sides
 //! speak ([`Event`], [`Delivered`], [`Newcomer`]), so the room depends on it and not the reverse. [`Local`] is the in-process engine of a single node: its
 //! order is the room lock's and it delivers at once, so a single node pays one function call for
@@ -18,6 +21,8 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt;
+use std::future::{Future, ready};
+use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
 
 use std::net::SocketAddr;
@@ -222,6 +227,11 @@ pub struct Claim<'a> {
     pub proof: Option<&'a str>,
 }
 
+/// A step an engine may finish later (a cluster waits for NATS), boxed so the trait stays
+/// object-safe; the in-process engine's are ready at once. Awaited by the session that asked,
+/// never on a runtime thread of its own.
+pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
 /// What the nodes of one room share: the order of events, and name ownership.
 pub trait Engine: Send + Sync + fmt::Debug {
     /// Claims a name for a connection, atomically. A name already the connection's is kept.
@@ -229,12 +239,23 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// reclaim after a lost connection) and returns the previous holder; no refuses with
     /// `refusal`. An engine that cannot reach its shared state says
     /// [`NameError::Unavailable`].
-    fn claim(
-        &self,
-        claim: Claim<'_>,
-        may_replace: &dyn Fn(ClientId) -> bool,
+    fn claim<'a>(
+        &'a self,
+        claim: Claim<'a>,
+        may_replace: &'a (dyn Fn(ClientId) -> bool + Sync),
         refusal: NameError,
-    ) -> Result<Option<ClientId>, NameError>;
+    ) -> Pending<'a, Result<Option<ClientId>, NameError>>;
+
+    /// Appends the join of `who` (its name claimed) and resolves once it is delivered on this
+    /// node: what delivering it did, or `None` when the engine does not know (delivered, the
+    /// room's size unknown); [`Delivered::NotDelivered`] when the join was taken back.
+    fn join<'a>(
+        &'a self,
+        room: &'a (dyn Deliver + Sync),
+        who: Newcomer<'a>,
+    ) -> Pending<'a, Option<Delivered>> {
+        Box::pin(ready(self.append(room, Event::Join(who))))
+    }
 
     /// Releases the name `key` if `holder` still holds it (a later holder keeps it).
     fn release(&self, key: &str, holder: ClientId);
@@ -245,8 +266,11 @@ pub trait Engine: Send + Sync + fmt::Debug {
     fn append(&self, room: &dyn Deliver, event: Event<'_>) -> Option<Delivered>;
 
     /// Connection `holder` was issued a reclaim token with this digest (an engine shared by
-    /// several nodes keeps it beside the holder's name, so another node can check a reclaim).
-    fn token_issued(&self, _holder: ClientId, _digest: &str) {}
+    /// several nodes keeps it beside the holder's name, so another node can check a reclaim);
+    /// resolves once it is kept.
+    fn token_issued<'a>(&'a self, _holder: ClientId, _digest: &'a str) -> Pending<'a, ()> {
+        Box::pin(ready(()))
+    }
 }
 
 /// The in-process engine of a single node: names in a map, order by the room lock.
@@ -264,8 +288,8 @@ impl Local {
     }
 }
 
-impl Engine for Local {
-    fn claim(
+impl Local {
+    fn claim_now(
         &self,
         claim: Claim<'_>,
         may_replace: &dyn Fn(ClientId) -> bool,
@@ -289,6 +313,17 @@ impl Engine for Local {
                 }
             }
         }
+    }
+}
+
+impl Engine for Local {
+    fn claim<'a>(
+        &'a self,
+        claim: Claim<'a>,
+        may_replace: &'a (dyn Fn(ClientId) -> bool + Sync),
+        refusal: NameError,
+    ) -> Pending<'a, Result<Option<ClientId>, NameError>> {
+        Box::pin(ready(self.claim_now(claim, may_replace, refusal)))
     }
 
     fn release(&self, key: &str, holder: ClientId) {
@@ -320,23 +355,23 @@ mod tests {
             proof: None,
         };
         let never = |_: ClientId| false;
-        assert_eq!(e.claim(by(1), &never, NameError::Taken), Ok(None));
-        assert_eq!(e.claim(by(1), &never, NameError::Taken), Ok(None));
+        assert_eq!(e.claim_now(by(1), &never, NameError::Taken), Ok(None));
+        assert_eq!(e.claim_now(by(1), &never, NameError::Taken), Ok(None));
         assert_eq!(
-            e.claim(by(2), &never, NameError::Taken),
+            e.claim_now(by(2), &never, NameError::Taken),
             Err(NameError::Taken)
         );
         assert_eq!(
-            e.claim(by(2), &|old| old == 1, NameError::Taken),
+            e.claim_now(by(2), &|old| old == 1, NameError::Taken),
             Ok(Some(1))
         );
         // The old holder's late release does not free the new holder's name.
         e.release("alice", 1);
         assert_eq!(
-            e.claim(by(3), &never, NameError::ReclaimRefused),
+            e.claim_now(by(3), &never, NameError::ReclaimRefused),
             Err(NameError::ReclaimRefused)
         );
         e.release("alice", 2);
-        assert_eq!(e.claim(by(3), &never, NameError::Taken), Ok(None));
+        assert_eq!(e.claim_now(by(3), &never, NameError::Taken), Ok(None));
     }
 }

@@ -295,11 +295,12 @@ impl Room {
     }
 
     /// The answer to `/token` from member `id`: its reclaim token, which the engine learns of
-    /// (a cluster keeps its digest, so the name can be reclaimed on any node).
-    pub fn token_line(&self, id: ClientId) -> Bytes {
+    /// (a cluster keeps its digest, so the name can be reclaimed on any node) before the
+    /// answer is given.
+    pub async fn token_line(&self, id: ClientId) -> Bytes {
         let (line, token) = self.reclaims.token_line(id);
         if let Some(token) = token {
-            self.engine.token_issued(id, &token.digest());
+            self.engine.token_issued(id, &token.digest()).await;
         }
         line
     }
@@ -315,12 +316,14 @@ impl Room {
 
     /// Adds a member under `name`. On success the newcomer's outbox gets `welcome` (not a room
     /// line) and then the history, atomically with the join, and everyone else gets `*** JOIN`
-    /// (at once, or in a storm's batch: see [`PRESENCE_COALESCE`]).
-    pub fn join(&self, who: Newcomer<'_>) -> Result<usize, NameError> {
+    /// (at once, or in a storm's batch: see [`PRESENCE_COALESCE`]). Ready at once on a single
+    /// node; a cluster's engine waits for NATS (the claim, then the join's round trip).
+    pub async fn join(&self, who: Newcomer<'_>) -> Result<usize, NameError> {
         self.engine
-            .claim(who.claim(), &|_| false, NameError::Taken)?;
+            .claim(who.claim(), &|_| false, NameError::Taken)
+            .await?;
         let (key, id) = (who.name.key.clone(), who.id);
-        self.seat(who, &key, id)
+        self.seat(who, &key, id).await
     }
 
     /// Like [`join`](Self::join), but when the name is held by the member whose connection
@@ -329,7 +332,7 @@ impl Room {
     /// name over in one step, so nobody can take it in between. A free name is simply joined.
     /// A wrong or malformed token is [`NameError::ReclaimRefused`], never `name-taken`, so a
     /// client can tell "this token is not (or no longer) the holder's" from other refusals.
-    pub fn reclaim(&self, who: Newcomer<'_>, token: &str) -> Result<usize, NameError> {
+    pub async fn reclaim(&self, who: Newcomer<'_>, token: &str) -> Result<usize, NameError> {
         let token = Token::from_hex(token).ok_or(NameError::ReclaimRefused)?;
         let (key, id) = (who.name.key.clone(), who.id);
         let digest = token.digest();
@@ -337,23 +340,26 @@ impl Room {
             proof: Some(&digest),
             ..who.claim()
         };
-        let replaced = self.engine.claim(
-            claim,
-            &|holder| holder != id && self.reclaims.matches(holder, &token),
-            NameError::ReclaimRefused,
-        )?;
+        let replaced = self
+            .engine
+            .claim(
+                claim,
+                &|holder| holder != id && self.reclaims.matches(holder, &token),
+                NameError::ReclaimRefused,
+            )
+            .await?;
         if let Some(holder) = replaced {
             let why = RECLAIMED_REASON;
             self.engine
                 .append(self, Event::Replaced { id: holder, why });
         }
-        self.seat(who, &key, id)
+        self.seat(who, &key, id).await
     }
 
     /// Appends the join of `who`, whose name `key` is claimed; gives the name back if the join
     /// could not be delivered.
-    fn seat(&self, who: Newcomer<'_>, key: &str, id: ClientId) -> Result<usize, NameError> {
-        match self.engine.append(self, Event::Join(who)) {
+    async fn seat(&self, who: Newcomer<'_>, key: &str, id: ClientId) -> Result<usize, NameError> {
+        match self.engine.join(self, who).await {
             Some(Delivered::Joined { users }) => Ok(users),
             None => Ok(self.len()),
             Some(other) => {
@@ -395,7 +401,7 @@ impl Room {
     }
 
     /// Renames member `id`; everyone (including the member) is told. Returns the old name.
-    pub fn rename(&self, id: ClientId, new: Name) -> Result<String, NameError> {
+    pub async fn rename(&self, id: ClientId, new: Name) -> Result<String, NameError> {
         let key = new.key.clone();
         let Some((old, addr)) = self
             .lock()
@@ -410,7 +416,9 @@ impl Room {
             addr,
             proof: None,
         };
-        self.engine.claim(claim, &|_| false, NameError::Taken)?;
+        self.engine
+            .claim(claim, &|_| false, NameError::Taken)
+            .await?;
         match self.engine.append(self, Event::Rename { id, name: new }) {
             Some(Delivered::Renamed { old }) => {
                 let old_key = chat_proto::names::lookup_key(&old);
@@ -918,6 +926,13 @@ mod tests {
     use super::*;
     use chat_proto::names::NameRules;
 
+    /// The result of a room step, which the in-process engine finishes at once.
+    fn now<T>(step: impl std::future::Future<Output = T>) -> T {
+        use futures::FutureExt;
+        step.now_or_never()
+            .unwrap_or_else(|| panic!("the in-process engine never waits"))
+    }
+
     fn name(s: &str) -> Name {
         NameRules::new(24, &[])
             .validate(s)
@@ -956,8 +971,8 @@ mod tests {
             Arc::new(Outbox::new(1 << 16)),
             Arc::new(Outbox::new(1 << 16)),
         );
-        assert_eq!(room.join(newcomer(1, name(first), a.clone())), Ok(1));
-        assert_eq!(room.join(newcomer(2, name(second), b.clone())), Ok(2));
+        assert_eq!(now(room.join(newcomer(1, name(first), a.clone()))), Ok(1));
+        assert_eq!(now(room.join(newcomer(2, name(second), b.clone()))), Ok(2));
         (room, a, b)
     }
 
@@ -990,24 +1005,27 @@ mod tests {
     fn names_are_unique_case_insensitively() {
         let room = Room::new(0);
         let o = Arc::new(Outbox::new(1024));
-        assert!(room.join(newcomer(1, name("alice"), o.clone())).is_ok());
+        assert!(now(room.join(newcomer(1, name("alice"), o.clone()))).is_ok());
         assert_eq!(
-            room.join(newcomer(2, name("ALICE"), o.clone())),
+            now(room.join(newcomer(2, name("ALICE"), o.clone()))),
             Err(NameError::Taken)
         );
-        assert_eq!(room.rename(1, name("Alice")).ok(), Some("alice".to_owned()));
+        assert_eq!(
+            now(room.rename(1, name("Alice"))).ok(),
+            Some("alice".to_owned())
+        );
     }
 
     #[test]
     fn newcomer_sees_bounded_history() {
         let room = Room::new(2);
         let a = Arc::new(Outbox::new(1 << 16));
-        assert!(room.join(newcomer(1, name("a"), a)).is_ok());
+        assert!(now(room.join(newcomer(1, name("a"), a))).is_ok());
         for t in ["one", "two", "three"] {
             room.say(1, t);
         }
         let b = Arc::new(Outbox::new(1 << 16));
-        assert!(room.join(newcomer(2, name("b"), b.clone())).is_ok());
+        assert!(now(room.join(newcomer(2, name("b"), b.clone()))).is_ok());
         let got = drained(&b);
         assert_eq!(got.len(), 2);
         assert!(got[0].starts_with("*** HISTORY ") && got[0].ends_with(" a: two"));
@@ -1021,8 +1039,8 @@ mod tests {
             Arc::new(Outbox::new(1 << 16)),
             Arc::new(Outbox::new(1 << 16)),
         );
-        assert!(room.join(newcomer(1, name("alice"), a.clone())).is_ok());
-        assert!(room.join(newcomer(2, name("bob"), b.clone())).is_ok());
+        assert!(now(room.join(newcomer(1, name("alice"), a.clone()))).is_ok());
+        assert!(now(room.join(newcomer(2, name("bob"), b.clone()))).is_ok());
         drained(&a);
         assert!(room.kick("BOB", "spam").is_ok());
         assert_eq!(drained(&b), vec!["*** KICKED spam"]);
@@ -1042,9 +1060,9 @@ mod tests {
             Arc::new(Outbox::new(64)),
             Arc::new(Outbox::new(1 << 16)),
         );
-        assert!(room.join(newcomer(1, name("a"), a)).is_ok());
-        assert!(room.join(newcomer(2, name("slow"), slow.clone())).is_ok());
-        assert!(room.join(newcomer(3, name("c"), c.clone())).is_ok());
+        assert!(now(room.join(newcomer(1, name("a"), a))).is_ok());
+        assert!(now(room.join(newcomer(2, name("slow"), slow.clone()))).is_ok());
+        assert!(now(room.join(newcomer(3, name("c"), c.clone()))).is_ok());
         drained(&c);
         for i in 0..20 {
             room.say(1, &format!("message {i}"));
@@ -1079,14 +1097,11 @@ mod tests {
     fn join_storm_is_coalesced_without_changing_what_anyone_sees() {
         let room = Room::new(0);
         let first = Arc::new(Outbox::new(1 << 16));
-        assert!(room.join(newcomer(1, name("first"), first.clone())).is_ok());
+        assert!(now(room.join(newcomer(1, name("first"), first.clone()))).is_ok());
         let outs: Vec<Arc<Outbox>> = (0..12).map(|_| Arc::new(Outbox::new(1 << 16))).collect();
         for (i, o) in outs.iter().enumerate() {
             let id = 2 + i as ClientId;
-            assert!(
-                room.join(newcomer(id, name(&format!("n{i}")), o.clone()))
-                    .is_ok()
-            );
+            assert!(now(room.join(newcomer(id, name(&format!("n{i}")), o.clone()))).is_ok());
         }
         // Twelve joins in a row, microseconds apart: the later ones wait in a batch.
         let due = room.presence_due();
@@ -1120,8 +1135,7 @@ mod tests {
         let outs: Vec<Arc<Outbox>> = (0..30).map(|_| Arc::new(Outbox::new(1 << 16))).collect();
         for (i, o) in outs.iter().enumerate() {
             assert!(
-                room.join(newcomer(i as ClientId, name(&format!("n{i}")), o.clone()))
-                    .is_ok()
+                now(room.join(newcomer(i as ClientId, name(&format!("n{i}")), o.clone()))).is_ok()
             );
         }
         room.flush_presence();
@@ -1152,7 +1166,7 @@ mod tests {
         );
         // A join flushes nothing by itself (it joins the batch); a message does.
         let late = Arc::new(Outbox::new(1 << 16));
-        assert!(room.join(newcomer(99, name("late"), late.clone())).is_ok());
+        assert!(now(room.join(newcomer(99, name("late"), late.clone()))).is_ok());
         room.say(0, "still here");
         assert_eq!(room.presence_due(), None);
         // The sender (n0) gets the batch first, but not its own message.

@@ -28,9 +28,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
@@ -373,7 +371,6 @@ fn upgrade(req: &mut Request<Incoming>, peer: SocketAddr, web: &Arc<Web>) -> Res
         }
     };
     let on_upgrade = hyper::upgrade::on(req);
-    let max_line = shared.live.load().config.limits.max_line_length.get();
     let (shared, token, transport) = (shared.clone(), web.shutdown.clone(), web.transport);
     web.tracker.spawn(async move {
         let upgraded = tokio::select! {
@@ -391,17 +388,10 @@ fn upgrade(req: &mut Request<Incoming>, peer: SocketAddr, web: &Arc<Web>) -> Res
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(crate::session::ws_config(max_line)),
-        )
-        .await;
+        let session = WsSession::new(TokioIo::new(upgraded), peer, transport, shared.clone()).await;
         debug!(%peer, transport = transport.as_str(), "WebSocket connection accepted");
         shared.activity.open_ws.fetch_add(1, Ordering::Relaxed);
-        WsSession::new(ws, peer, transport, shared.clone())
-            .run(token)
-            .await;
+        session.run(token).await;
         shared.activity.open_ws.fetch_sub(1, Ordering::Relaxed);
         drop(ticket);
     });

@@ -220,6 +220,14 @@ impl NatsServer {
         }
     }
 
+    /// Sends it `sig` (SIGSTOP freezes it with every connection open: its clients' requests
+    /// go unanswered until SIGCONT); does nothing when it is not running.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(child) = &self.child {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
+        }
+    }
+
     /// Kills it at once (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

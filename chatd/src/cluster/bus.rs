@@ -45,6 +45,9 @@ pub use async_nats::jetstream::kv::Operation;
 /// How long one event is retried before its sender is told it was not delivered.
 pub const PUBLISH_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Longest a bucket listing waits for its next entry.
+const LIST_IDLE: Duration = Duration::from_secs(5);
+
 /// An in-flight publish's acknowledgement: the stream sequence, or why there is none.
 pub type AckFuture = Pin<Box<dyn std::future::Future<Output = Result<u64>> + Send>>;
 
@@ -720,20 +723,42 @@ impl Bus {
     }
 }
 
-/// Live keys of a bucket with value and revision.
+/// Live keys of a bucket with value and revision. One ordered consumer streams the latest entry
+/// of every key, up to the bucket's last revision when the listing began: no request per key,
+/// which for the names bucket would be one round trip per member of the room.
 async fn list_bucket(store: &kv::Store) -> Result<Vec<(String, Bytes, u64)>> {
-    let mut keys = store.keys().await.map_err(|e| nerr("kv keys", e))?;
+    let info = store
+        .stream
+        .get_info()
+        .await
+        .map_err(|e| nerr("kv info", e))?;
     let mut out = Vec::new();
-    while let Some(k) = keys.next().await {
-        let k = k.map_err(|e| nerr("kv keys", e))?;
-        let entry = store
-            .entry(k.clone())
+    if info.state.messages == 0 {
+        return Ok(out);
+    }
+    let last = info.state.last_sequence;
+    let mut entries = store
+        .watch_with_history(">")
+        .await
+        .map_err(|e| nerr("kv list", e))?;
+    loop {
+        let next = tokio::time::timeout(LIST_IDLE, entries.next())
             .await
-            .map_err(|e| nerr("kv entry", e))?;
-        if let Some(entry) = entry
-            && entry.operation == kv::Operation::Put
-        {
-            out.push((k, entry.value, entry.revision));
+            .map_err(|_| nerr("kv list", "no entry in time"))?;
+        let Some(entry) = next else {
+            break;
+        };
+        let entry = entry.map_err(|e| nerr("kv list", e))?;
+        if entry.operation == kv::Operation::Put {
+            // A copy: the value shares the client's read buffer, which it would keep whole.
+            out.push((
+                entry.key,
+                Bytes::copy_from_slice(&entry.value),
+                entry.revision,
+            ));
+        }
+        if entry.delta == 0 || entry.revision >= last {
+            break;
         }
     }
     Ok(out)

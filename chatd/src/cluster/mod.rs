@@ -16,9 +16,10 @@
 //!
 //! Sessions wait on NATS only to take a name: a join claims it and then waits until its own
 //! join comes back from the stream (so what the newcomer sends next is ordered after it on every
-//! node), and `/nick` claims the new name. Everything else goes to one publisher task through a
-//! bounded queue, and a line that cannot be published within the bus's deadline is answered
-//! `*** ERR not-delivered`.
+//! node), `/nick` claims the new name and `/token` stores its digest. Those waits are futures
+//! the session awaits (`engine::Pending`): no runtime thread is held, so a join storm costs no
+//! threads. Everything else goes to one publisher task through a bounded queue, and a line that
+//! cannot be published within the bus's deadline is answered `*** ERR not-delivered`.
 
 pub mod bus;
 pub mod wire;
@@ -37,7 +38,9 @@ use tracing::{debug, info, warn};
 
 use crate::bans::{Ban, Bans, Target};
 use crate::config::ClusterConfig;
-use crate::engine::{Claim, ClientId, Deliver, Delivered, Engine, Event, Newcomer, Seq, Transport};
+use crate::engine::{
+    Claim, ClientId, Deliver, Delivered, Engine, Event, Newcomer, Pending, Seq, Transport,
+};
 use crate::outbox::Outbox;
 use crate::room::{Remote, Room};
 use chat_proto::names::{Name, NameError};
@@ -61,6 +64,11 @@ const HISTORY_SCAN: u64 = 5_000;
 
 /// How often leases are checked and dead nodes' names reaped.
 const REAP_EVERY: Duration = Duration::from_millis(500);
+
+/// How often the whole names bucket is read even when no known node died, for names whose
+/// holder's node this one never saw alive (an earlier run of a node that restarted before
+/// this one started).
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(30);
 
 /// One event on its way to the stream.
 struct Outgoing {
@@ -101,10 +109,73 @@ struct Book {
     claims: HashMap<String, (ClientId, u64)>,
     /// Digests of the reclaim tokens issued to members connected here.
     tokens: HashMap<ClientId, String>,
-    /// Members of other nodes → their identity here.
-    remote: HashMap<MemberRef, ClientId>,
-    /// And back.
-    remote_ref: HashMap<ClientId, MemberRef>,
+    /// Members of other nodes → their identity here: one small entry each, on every node, so
+    /// no allocation per member (the node's name is interned in `nodes`) and no reverse map
+    /// (only kicks and reclaims of remote members ask, and they scan).
+    remote: HashMap<RemoteRef, ClientId>,
+    /// The names of the nodes in `remote`, one allocation per node.
+    nodes: std::collections::HashSet<Arc<str>>,
+}
+
+/// A member of another node as the books key it: [`MemberRef`] with the node's name interned.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct RemoteRef {
+    node: Arc<str>,
+    boot: u64,
+    id: u64,
+}
+
+impl Book {
+    /// `who`'s key in `remote`, its node's name interned.
+    fn remote_key(&mut self, who: &MemberRef) -> RemoteRef {
+        let node = match self.nodes.get(who.node.as_str()) {
+            Some(node) => node.clone(),
+            None => {
+                let node: Arc<str> = Arc::from(who.node.as_str());
+                self.nodes.insert(node.clone());
+                node
+            }
+        };
+        RemoteRef {
+            node,
+            boot: who.boot,
+            id: who.id,
+        }
+    }
+
+    /// `who`'s identity here, if it is known.
+    fn remote_id(&self, who: &MemberRef) -> Option<ClientId> {
+        let node = self.nodes.get(who.node.as_str())?.clone();
+        let key = RemoteRef {
+            node,
+            boot: who.boot,
+            id: who.id,
+        };
+        self.remote.get(&key).copied()
+    }
+
+    /// The member of another node known here as `id`.
+    fn remote_ref(&self, id: ClientId) -> Option<MemberRef> {
+        self.remote
+            .iter()
+            .find(|(_, known)| **known == id)
+            .map(|(who, _)| MemberRef {
+                node: who.node.to_string(),
+                boot: who.boot,
+                id: who.id,
+            })
+    }
+
+    /// Forgets the member of another node `who`.
+    fn forget_remote(&mut self, who: &MemberRef) {
+        if let Some(node) = self.nodes.get(who.node.as_str()).cloned() {
+            self.remote.remove(&RemoteRef {
+                node,
+                boot: who.boot,
+                id: who.id,
+            });
+        }
+    }
 }
 
 /// What a node gives its cluster engine: the room it delivers to, and its own rules.
@@ -453,6 +524,12 @@ impl Cluster {
         // (node, boot) → (the lease's revision, when this node saw it change). A lease that
         // has not changed for node-timeout is dead, measured on this node's clock only.
         let mut seen: HashMap<(String, u64), (u64, Instant)> = HashMap::new();
+        // The names bucket holds an entry per member of the room: it is read when a run is
+        // found dead whose names no read since its death has reaped, at start, and every
+        // FULL_SCAN_EVERY; not every round (at 5,000 members that was a continuous stream of
+        // reads and allocations on every node).
+        let mut last_scan: Option<Instant> = None;
+        let mut reaped: std::collections::HashSet<(String, u64)> = Default::default();
         loop {
             tokio::time::sleep(REAP_EVERY).await;
             // Read each round: `cluster.node-timeout` changes on reload.
@@ -493,9 +570,17 @@ impl Cluster {
             nodes.sort();
             nodes.dedup();
             self.link.send_modify(|l| l.live_nodes = nodes);
+            let dead = |at: &Instant| now.duration_since(*at) >= timeout;
+            let newly_dead = seen
+                .iter()
+                .any(|(run, (_, at))| dead(at) && !reaped.contains(run));
+            if !newly_dead && last_scan.is_some_and(|t| t.elapsed() < FULL_SCAN_EVERY) {
+                continue;
+            }
             let Ok(names) = bus.names().await else {
                 continue;
             };
+            last_scan = Some(Instant::now());
             for (key, value, rev) in names {
                 let Ok(holder) = NameHolder::decode(&value) else {
                     continue;
@@ -522,6 +607,12 @@ impl Cluster {
                     );
                 }
             }
+            // Every run dead by now has had its names reaped by this read.
+            reaped = seen
+                .iter()
+                .filter(|(_, (_, at))| dead(at))
+                .map(|(run, _)| run.clone())
+                .collect();
         }
     }
 
@@ -650,8 +741,8 @@ impl Cluster {
         at: u64,
         quiet: bool,
     ) -> Option<ClientId> {
-        if let Some(id) = self.book().remote.get(who) {
-            return Some(*id);
+        if let Some(id) = self.book().remote_id(who) {
+            return Some(id);
         }
         let name = match host.validate_name(name) {
             Ok(n) => n,
@@ -661,17 +752,19 @@ impl Cluster {
             }
         };
         let id = self.next_remote.fetch_add(1, Ordering::Relaxed);
-        {
+        let node = {
             let mut book = self.book();
-            book.remote.insert(who.clone(), id);
-            book.remote_ref.insert(id, who.clone());
-        }
+            let key = book.remote_key(who);
+            let node = key.node.clone();
+            book.remote.insert(key, id);
+            node
+        };
         host.room().arrive(
             Remote {
                 id,
                 name,
                 addr,
-                node: Arc::from(who.node.as_str()),
+                node,
                 joined_at: wire::time_of(at),
             },
             quiet,
@@ -685,12 +778,12 @@ impl Cluster {
             return who.id;
         }
         let mut book = self.book();
-        if let Some(id) = book.remote.get(who) {
-            return *id;
+        if let Some(id) = book.remote_id(who) {
+            return id;
         }
         let id = self.next_remote.fetch_add(1, Ordering::Relaxed);
-        book.remote.insert(who.clone(), id);
-        book.remote_ref.insert(id, who.clone());
+        let key = book.remote_key(who);
+        book.remote.insert(key, id);
         id
     }
 
@@ -699,7 +792,7 @@ impl Cluster {
         if self.is_me(who) {
             return Some(who.id);
         }
-        self.book().remote.get(who).copied()
+        self.book().remote_id(who)
     }
 
     /// Delivers one event from the stream to this node's room.
@@ -714,7 +807,15 @@ impl Cluster {
                 at,
             } => {
                 if self.is_me(&who) {
-                    let pending = self.book().pending.remove(&who.id);
+                    let pending = {
+                        let mut book = self.book();
+                        let pending = book.pending.remove(&who.id);
+                        // A join storm's table is given back once it has drained.
+                        if book.pending.is_empty() && book.pending.capacity() > 64 {
+                            book.pending = HashMap::new();
+                        }
+                        pending
+                    };
                     let Some(p) = pending else {
                         return; // Left before its join came back: its leave follows.
                     };
@@ -846,9 +947,7 @@ impl Cluster {
         };
         host.room().deliver(event(id));
         if !self.is_me(who) {
-            let mut book = self.book();
-            book.remote.remove(who);
-            book.remote_ref.remove(&id);
+            self.book().forget_remote(who);
         }
     }
 
@@ -893,8 +992,52 @@ impl Cluster {
         });
     }
 
-    /// Runs `f` on the runtime and waits for it from synchronous code (a join or `/nick`):
-    /// the session's worker hands its other tasks to another thread meanwhile.
+    /// Books `who` as joining and publishes its join; the receiver fires once the join came
+    /// back from the stream and the member is seated here.
+    fn publish_join(&self, who: Newcomer<'_>) -> tokio::sync::oneshot::Receiver<()> {
+        let Newcomer {
+            id,
+            name,
+            addr,
+            transport,
+            outbox,
+            welcome,
+        } = who;
+        let (seated, is_seated) = tokio::sync::oneshot::channel();
+        {
+            let mut book = self.book();
+            book.local.insert(
+                id,
+                LocalMember {
+                    name: name.display.clone(),
+                    addr,
+                    outbox: outbox.clone(),
+                },
+            );
+            book.pending.insert(
+                id,
+                PendingJoin {
+                    outbox: outbox.clone(),
+                    welcome: welcome.to_vec(),
+                    seated,
+                    transport,
+                },
+            );
+        }
+        self.send(
+            WireEvent::Join {
+                who: self.me(id),
+                name: name.display,
+                addr,
+                at: wire::millis(SystemTime::now()),
+            },
+            Some(outbox),
+        );
+        is_seated
+    }
+
+    /// Runs `f` on the runtime and waits for it from synchronous code (an admin's ban): the
+    /// caller's worker hands its other tasks to another thread meanwhile.
     fn wait<F: std::future::Future>(&self, f: F) -> Option<F::Output> {
         let handle = tokio::runtime::Handle::try_current().ok()?;
         if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
@@ -907,78 +1050,112 @@ impl Cluster {
 }
 
 impl Engine for Cluster {
-    fn claim(
-        &self,
-        claim: Claim<'_>,
-        may_replace: &dyn Fn(ClientId) -> bool,
+    fn claim<'a>(
+        &'a self,
+        claim: Claim<'a>,
+        may_replace: &'a (dyn Fn(ClientId) -> bool + Sync),
         refusal: NameError,
-    ) -> Result<Option<ClientId>, NameError> {
-        let Some(bus) = self.bus.get() else {
-            return Err(NameError::Unavailable);
-        };
-        let key = wire::kv_key(&claim.name.key);
-        if self
-            .book()
-            .claims
-            .get(&key)
-            .is_some_and(|(h, _)| *h == claim.holder)
-        {
-            return Ok(None);
-        }
-        let token = self.book().tokens.get(&claim.holder).cloned();
-        let value = NameHolder {
-            who: self.me(claim.holder),
-            name: claim.name.display.clone(),
-            addr: claim.addr,
-            at: wire::millis(SystemTime::now()),
-            token,
-        }
-        .encode();
-        let proof = claim.proof.map(str::to_owned);
-        let outcome = self.wait(async {
-            match bus.claim_name(&key, value.clone()).await {
-                Ok(rev) => Ok((rev, None)),
-                Err(BusError::Taken(_)) => {
-                    // Held: handed over only to a reclaim with the holder's token. A holder
-                    // of this very run is checked against the token itself; one on another
-                    // node (or of an earlier run of this one) against the digest its node
-                    // stored beside the name.
-                    let Ok(Some((current, rev))) = bus.name(&key).await else {
-                        return Err(None);
-                    };
-                    let Ok(holder) = NameHolder::decode(&current) else {
-                        return Err(None);
-                    };
-                    let allowed = if self.is_me(&holder.who) {
-                        may_replace(holder.who.id)
-                    } else {
-                        proof.is_some() && holder.token == proof
-                    };
-                    if !allowed {
-                        return Err(None);
+    ) -> Pending<'a, Result<Option<ClientId>, NameError>> {
+        Box::pin(async move {
+            let Some(bus) = self.bus.get() else {
+                return Err(NameError::Unavailable);
+            };
+            let key = wire::kv_key(&claim.name.key);
+            let (mine, token) = {
+                let book = self.book();
+                let mine = book
+                    .claims
+                    .get(&key)
+                    .is_some_and(|(h, _)| *h == claim.holder);
+                (mine, book.tokens.get(&claim.holder).cloned())
+            };
+            if mine {
+                return Ok(None);
+            }
+            let value = NameHolder {
+                who: self.me(claim.holder),
+                name: claim.name.display.clone(),
+                addr: claim.addr,
+                at: wire::millis(SystemTime::now()),
+                token,
+            }
+            .encode();
+            let proof = claim.proof;
+            let attempt = async {
+                match bus.claim_name(&key, value.clone()).await {
+                    Ok(rev) => Ok((rev, None)),
+                    Err(BusError::Taken(_)) => {
+                        // Held: handed over only to a reclaim with the holder's token. A holder
+                        // of this very run is checked against the token itself; one on another
+                        // node (or of an earlier run of this one) against the digest its node
+                        // stored beside the name.
+                        let Ok(Some((current, rev))) = bus.name(&key).await else {
+                            return Err(None);
+                        };
+                        let Ok(holder) = NameHolder::decode(&current) else {
+                            return Err(None);
+                        };
+                        let allowed = if self.is_me(&holder.who) {
+                            may_replace(holder.who.id)
+                        } else {
+                            proof.is_some() && holder.token.as_deref() == proof
+                        };
+                        if !allowed {
+                            return Err(None);
+                        }
+                        match bus.update_name(&key, value.clone(), rev).await {
+                            Ok(new_rev) => Ok((new_rev, Some(holder.who))),
+                            Err(_) => Err(None),
+                        }
                     }
-                    match bus.update_name(&key, value.clone(), rev).await {
-                        Ok(new_rev) => Ok((new_rev, Some(holder.who))),
-                        Err(_) => Err(None),
-                    }
+                    Err(e) => Err(Some(e)),
                 }
-                Err(e) => Err(Some(e)),
+            };
+            match tokio::time::timeout(CLAIM_TIMEOUT, attempt).await {
+                Ok(Ok((rev, replaced))) => {
+                    self.book().claims.insert(key, (claim.holder, rev));
+                    // The member replaced, as this node knows it (a remote one it has not seen
+                    // gets an identity, so its replacement can still be published).
+                    Ok(replaced.map(|who| self.identity(&who)))
+                }
+                Ok(Err(None)) => Err(refusal),
+                Ok(Err(Some(e))) => {
+                    warn!(error = %e, "cannot claim a name in the cluster");
+                    Err(NameError::Unavailable)
+                }
+                Err(_) => Err(NameError::Unavailable),
             }
-        });
-        match outcome {
-            Some(Ok((rev, replaced))) => {
-                self.book().claims.insert(key, (claim.holder, rev));
-                // The member replaced, as this node knows it (a remote one it has not seen
-                // gets an identity, so its replacement can still be published).
-                Ok(replaced.map(|who| self.identity(&who)))
+        })
+    }
+
+    fn join<'a>(
+        &'a self,
+        _room: &'a (dyn Deliver + Sync),
+        who: Newcomer<'a>,
+    ) -> Pending<'a, Option<Delivered>> {
+        let id = who.id;
+        let is_seated = self.publish_join(who);
+        Box::pin(async move {
+            // The session waits until its join comes back from the stream and it is seated
+            // (a round trip to NATS), so what it sends next is ordered after its join on every
+            // node, and what it asks is answered after its welcome and history, as on a single
+            // node.
+            if let Ok(Ok(())) = tokio::time::timeout(CLAIM_TIMEOUT, is_seated).await {
+                return None;
             }
-            Some(Err(None)) => Err(refusal),
-            Some(Err(Some(e))) => {
-                warn!(error = %e, "cannot claim a name in the cluster");
-                Err(NameError::Unavailable)
-            }
-            None => Err(NameError::Unavailable),
-        }
+            // Not seated in time: take the join back everywhere, so no node keeps a member
+            // this one never seated.
+            warn!("a join was not delivered back by the cluster in time; refusing it");
+            self.send(
+                WireEvent::Leave {
+                    who: self.me(id),
+                    reason: "the room did not answer".to_owned(),
+                },
+                None,
+            );
+            self.forget_local(id);
+            Some(Delivered::NotDelivered)
+        })
     }
 
     fn release(&self, key: &str, holder: ClientId) {
@@ -1001,63 +1178,8 @@ impl Engine for Cluster {
         let at = wire::millis(SystemTime::now());
         match event {
             Event::Join(who) => {
-                let Newcomer {
-                    id,
-                    name,
-                    addr,
-                    transport,
-                    outbox,
-                    welcome,
-                } = who;
-                let (seated, is_seated) = tokio::sync::oneshot::channel();
-                {
-                    let mut book = self.book();
-                    book.local.insert(
-                        id,
-                        LocalMember {
-                            name: name.display.clone(),
-                            addr,
-                            outbox: outbox.clone(),
-                        },
-                    );
-                    book.pending.insert(
-                        id,
-                        PendingJoin {
-                            outbox: outbox.clone(),
-                            welcome: welcome.to_vec(),
-                            seated,
-                            transport,
-                        },
-                    );
-                }
-                self.send(
-                    WireEvent::Join {
-                        who: self.me(id),
-                        name: name.display,
-                        addr,
-                        at,
-                    },
-                    Some(outbox),
-                );
-                // The session waits until its join comes back from the stream and it is seated
-                // (a round trip to NATS), so what it sends next is ordered after its join on
-                // every node, and what it asks is answered after its welcome and history, as
-                // on a single node.
-                if self.wait(is_seated).is_some_and(|r| r.is_ok()) {
-                    return None;
-                }
-                // Not seated in time: take the join back everywhere, so no node keeps a member
-                // this one never seated.
-                warn!("a join was not delivered back by the cluster in time; refusing it");
-                self.send(
-                    WireEvent::Leave {
-                        who: self.me(id),
-                        reason: "the room did not answer".to_owned(),
-                    },
-                    None,
-                );
-                self.forget_local(id);
-                return Some(Delivered::NotDelivered);
+                // Delivered when it comes back from the stream; `join` is what waits for that.
+                drop(self.publish_join(who));
             }
             Event::Say { id, text } | Event::Act { id, text } => {
                 let action = matches!(event, Event::Act { .. });
@@ -1144,7 +1266,7 @@ impl Engine for Cluster {
                 let who = if self.book().local.contains_key(&id) {
                     Some(self.me(id))
                 } else {
-                    self.book().remote_ref.get(&id).cloned()
+                    self.book().remote_ref(id)
                 };
                 if let Some(who) = who {
                     self.send(
@@ -1160,7 +1282,7 @@ impl Engine for Cluster {
                 let who = if id < REMOTE_IDS {
                     Some(self.me(id))
                 } else {
-                    self.book().remote_ref.get(&id).cloned()
+                    self.book().remote_ref(id)
                 };
                 if let Some(who) = who {
                     self.send(
@@ -1184,47 +1306,50 @@ impl Engine for Cluster {
         None
     }
 
-    fn token_issued(&self, holder: ClientId, digest: &str) {
-        let digest = digest.to_owned();
-        // Every name entry this member holds gets the digest, compare-and-set on the
-        // revision this node claimed it at.
-        let updates: Vec<(String, u64, Bytes)> = {
-            let mut book = self.book();
-            book.tokens.insert(holder, digest.clone());
-            let Some(member) = book.local.get(&holder) else {
+    fn token_issued<'a>(&'a self, holder: ClientId, digest: &'a str) -> Pending<'a, ()> {
+        Box::pin(async move {
+            // Every name entry this member holds gets the digest, compare-and-set on the
+            // revision this node claimed it at.
+            let updates: Vec<(String, u64, Bytes)> = {
+                let mut book = self.book();
+                book.tokens.insert(holder, digest.to_owned());
+                let Some(member) = book.local.get(&holder) else {
+                    return;
+                };
+                let value = NameHolder {
+                    who: self.me(holder),
+                    name: member.name.clone(),
+                    addr: member.addr,
+                    at: wire::millis(SystemTime::now()),
+                    token: Some(digest.to_owned()),
+                }
+                .encode();
+                book.claims
+                    .iter()
+                    .filter(|(_, (h, _))| *h == holder)
+                    .map(|(k, (_, rev))| (k.clone(), *rev, value.clone()))
+                    .collect()
+            };
+            let Some(bus) = self.bus.get() else {
                 return;
             };
-            let value = NameHolder {
-                who: self.me(holder),
-                name: member.name.clone(),
-                addr: member.addr,
-                at: wire::millis(SystemTime::now()),
-                token: Some(digest),
-            }
-            .encode();
-            book.claims
-                .iter()
-                .filter(|(_, (h, _))| *h == holder)
-                .map(|(k, (_, rev))| (k.clone(), *rev, value.clone()))
-                .collect()
-        };
-        let Some(bus) = self.bus.get() else {
-            return;
-        };
-        for (key, rev, value) in updates {
-            match self.wait(bus.update_name(&key, value, rev)) {
-                Some(Ok(new_rev)) => {
-                    if let Some(entry) = self.book().claims.get_mut(&key)
-                        && entry.1 == rev
-                    {
-                        entry.1 = new_rev;
+            for (key, rev, value) in updates {
+                let stored =
+                    tokio::time::timeout(CLAIM_TIMEOUT, bus.update_name(&key, value, rev)).await;
+                match stored {
+                    Ok(Ok(new_rev)) => {
+                        if let Some(entry) = self.book().claims.get_mut(&key)
+                            && entry.1 == rev
+                        {
+                            entry.1 = new_rev;
+                        }
                     }
+                    _ => warn!(
+                        "cannot store a reclaim token's digest in the cluster; this name can then be reclaimed only on this node"
+                    ),
                 }
-                _ => warn!(
-                    "cannot store a reclaim token's digest in the cluster; this name can then be reclaimed only on this node"
-                ),
             }
-        }
+        })
     }
 }
 

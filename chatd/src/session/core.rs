@@ -1,14 +1,36 @@
 //! The conversation with one client, without any I/O: it takes the client's lines (already
 //! framed by the transport) and the time, and answers through the client's [`Outbox`] and the
-//! room. Naming (every line is a name attempt) → chatting → closed (the outbox is closed with a
-//! last line). Each transport (TCP in `tcp.rs`, TLS through `stream.rs`) drives one of these, so every way into the
-//! room shares one set of rules: flood limits, name rules, bans at naming, commands.
+//! room. Naming (every line is a name attempt) → joining (the name is being claimed) →
+//! chatting → closed (the outbox is closed with a last line). Each transport (TCP in `tcp.rs`,
+//! TLS through `stream.rs`) drives one of these, so every way into the room shares one set of
+//! rules: flood limits, name rules, bans at naming, commands.
+//!
+//! # What a driver must do
+//!
+//! Most lines are handled at once. A few need the engine's word, which a cluster gets from NATS
+//! (a join, `/reclaim`, `/nick`, `/token`): the conversation then *waits* on a step it keeps
+//! itself, and no runtime thread is held meanwhile. On a single node every step is finished
+//! inside [`handle_frame`](Conversation::handle_frame) and nothing waits. A driver:
+//!
+//! 1. hands no frame to [`handle_frame`](Conversation::handle_frame) while
+//!    [`is_waiting`](Conversation::is_waiting) is true: it stops reading the client (its lines
+//!    stay in the driver's decoder, in order) but keeps writing the outbox and keeps watching
+//!    for shutdown and close deadlines;
+//! 2. while waiting, awaits [`step`](Conversation::step) beside its other events (dropping that
+//!    future loses nothing) and gives what it yields to [`resume`](Conversation::resume);
+//! 3. then hands over the complete lines it already holds before reading more.
+//!
+//! A conversation dropped while it waits finishes the step on its own (a spawned task) and then
+//! leaves the room, so a claim in flight never leaves a name or member behind.
 
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::engine::{ClientId, Newcomer, Transport};
 use crate::limits::FloodWindow;
@@ -23,7 +45,28 @@ use chat_proto::protocol::{self, code, kind};
 
 enum Phase {
     Naming,
+    /// A name was accepted here and is being claimed and joined (a step is waiting).
+    Joining,
     Chatting,
+}
+
+/// A step waiting for the engine; owns everything it uses, so it can outlive its session.
+type Waiting = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// What a finished step did, for [`Conversation::resume`].
+pub struct Done(Outcome);
+
+enum Outcome {
+    /// A join or reclaim under `name`.
+    Joined {
+        result: Result<usize, NameError>,
+        name: String,
+        reclaimed: bool,
+    },
+    /// A `/nick`: (old, new) display names.
+    Renamed(Result<(String, String), RoomError>),
+    /// The answer to `/token`, once the engine keeps the token's digest.
+    Token(Bytes),
 }
 
 /// One client's side of the room, whatever carries its bytes.
@@ -44,6 +87,11 @@ pub struct Conversation {
     bucket: TokenBucket,
     /// Refused lines in the current window; too many disconnect the client.
     flood: FloodWindow,
+    /// The step being waited for, if any. Only this session's task touches it; the lock lets
+    /// [`step`](Self::step) borrow the conversation shared, beside the driver's other futures.
+    waiting: Mutex<Option<Waiting>>,
+    /// Whether `waiting` holds a step (read without the lock on every turn of the driver).
+    is_waiting: bool,
 }
 
 impl Conversation {
@@ -69,6 +117,77 @@ impl Conversation {
             leave_reason: "connection lost",
             bucket,
             flood: FloodWindow::new(std::time::Instant::now()),
+            waiting: Mutex::new(None),
+            is_waiting: false,
+        }
+    }
+
+    /// Whether a step waits for the engine: until [`resume`](Self::resume), the driver hands
+    /// over no frames (see the module's documentation).
+    pub fn is_waiting(&self) -> bool {
+        self.is_waiting
+    }
+
+    /// Resolves once the waiting step is done; give the result to [`resume`](Self::resume).
+    /// Pending forever when nothing waits. Dropping it loses nothing.
+    pub fn step(&self) -> impl Future<Output = Done> + '_ {
+        poll_fn(move |cx| {
+            let mut slot = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(step) = slot.as_mut() else {
+                return Poll::Pending;
+            };
+            let done = std::task::ready!(step.as_mut().poll(cx));
+            *slot = None;
+            Poll::Ready(done)
+        })
+    }
+
+    /// Applies what a finished step did; the driver may hand over frames again.
+    pub fn resume(&mut self, done: Done) {
+        self.is_waiting = false;
+        self.apply(done.0);
+    }
+
+    /// Runs `step` as far as it goes now: a single node's finishes here, and its outcome is
+    /// applied at once; one that waits (for NATS) is kept for the driver to await.
+    fn start(&mut self, step: impl Future<Output = Outcome> + Send + 'static) {
+        let mut step: Waiting = Box::pin(async move { Done(step.await) });
+        // Polled here with a waker that does nothing; the driver polls it again with its own
+        // (through `step`) before it sleeps, and a future heeds only its latest waker.
+        match step.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(done) => self.apply(done.0),
+            Poll::Pending => {
+                *self.waiting.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(step);
+                self.is_waiting = true;
+            }
+        }
+    }
+
+    /// The end of a step: the conversation moves on as its outcome says.
+    fn apply(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Joined {
+                result: Ok(users),
+                name,
+                reclaimed,
+            } => {
+                self.phase = Phase::Chatting;
+                info!(peer = %self.peer, user = %name, users, reclaimed, "user joined");
+                self.name = name;
+            }
+            Outcome::Joined { result: Err(e), .. } => {
+                self.phase = Phase::Naming;
+                self.name_refused(&e);
+            }
+            Outcome::Renamed(Ok((old, new))) => {
+                info!(peer = %self.peer, user = %new, old = %old, "user renamed");
+                self.name = new;
+            }
+            Outcome::Renamed(Err(RoomError::Name(e))) => self.name_refused(&e),
+            Outcome::Renamed(Err(e)) => {
+                self.reply(protocol::error_line(code::NO_SUCH_USER, &e.to_string()));
+            }
+            Outcome::Token(line) => self.reply(line),
         }
     }
 
@@ -92,7 +211,8 @@ impl Conversation {
         &self.shared
     }
 
-    /// Whether the client has not chosen a name yet (the naming deadline applies).
+    /// Whether the client has not chosen a name yet (the naming deadline applies; not while a
+    /// name it chose is being claimed).
     pub fn is_naming(&self) -> bool {
         matches!(self.phase, Phase::Naming)
     }
@@ -166,6 +286,9 @@ impl Conversation {
         if self.outbox.closed().is_none() {
             LimitCounters::bump(&self.shared.activity.lost);
         }
+        if self.is_waiting {
+            return; // Left once the step is done (see `Drop`).
+        }
         if let Some(name) = self.shared.room.leave(self.id, self.leave_reason) {
             info!(peer = %self.peer, user = %name, reason = self.leave_reason, "user left");
         }
@@ -223,6 +346,12 @@ impl Conversation {
     /// Handles one frame from the client: a name attempt while naming, then chat lines and
     /// commands. Everything it answers goes to the outbox.
     pub fn handle_frame(&mut self, frame: Frame) {
+        if self.is_waiting {
+            // A driver holds lines back while a step waits (the module's documentation); one
+            // handed over anyway cannot be answered in order.
+            debug!(peer = %self.peer, "dropping a line handed over while a step waits");
+            return;
+        }
         if self.outbox.closed().is_some() || !self.admit() {
             return;
         }
@@ -252,6 +381,7 @@ impl Conversation {
         match self.phase {
             Phase::Naming => self.choose_name(text),
             Phase::Chatting => self.chat(text),
+            Phase::Joining => {} // Not reached: no frames while a step waits.
         }
     }
 
@@ -298,28 +428,32 @@ impl Conversation {
                 .filter(|l| !l.trim().is_empty())
                 .map(|l| protocol::server_line(kind::MOTD, &protocol::sanitize(l))),
         );
-        let shown = name.display.clone();
-        let room = &self.shared.room;
-        let who = Newcomer {
-            id: self.id,
-            name,
-            addr: self.peer,
-            transport: self.transport,
-            outbox: self.outbox.clone(),
-            welcome: &welcome,
-        };
-        let joined = match token {
-            None => room.join(who),
-            Some(token) => room.reclaim(who, token),
-        };
-        match joined {
-            Ok(users) => {
-                self.phase = Phase::Chatting;
-                info!(peer = %self.peer, user = %shown, users, reclaimed = token.is_some(), "user joined");
-                self.name = shown;
+        drop(live);
+        let shared = self.shared.clone();
+        let (id, addr, transport, outbox) =
+            (self.id, self.peer, self.transport, self.outbox.clone());
+        let token = token.map(str::to_owned);
+        self.phase = Phase::Joining;
+        self.start(async move {
+            let name_shown = name.display.clone();
+            let who = Newcomer {
+                id,
+                name,
+                addr,
+                transport,
+                outbox,
+                welcome: &welcome,
+            };
+            let result = match &token {
+                None => shared.room.join(who).await,
+                Some(token) => shared.room.reclaim(who, token).await,
+            };
+            Outcome::Joined {
+                result,
+                name: name_shown,
+                reclaimed: token.is_some(),
             }
-            Err(e) => self.name_refused(&e),
-        }
+        });
     }
 
     fn name_refused(&self, e: &NameError) {
@@ -347,7 +481,10 @@ impl Conversation {
     fn chat(&mut self, line: &str) {
         let room = &self.shared.room;
         match command::parse(line) {
-            Input::Token => self.reply(room.token_line(self.id)),
+            Input::Token => {
+                let (shared, id) = (self.shared.clone(), self.id);
+                self.start(async move { Outcome::Token(shared.room.token_line(id).await) });
+            }
             Input::Blank => {}
             Input::Say(text) => room.say(self.id, &protocol::sanitize(text)),
             Input::Me(text) => room.act(self.id, &protocol::sanitize(text)),
@@ -370,24 +507,19 @@ impl Conversation {
                 }
             }
             Input::Nick(new) => {
-                let live = self.shared.live.load_full();
-                let result = live
-                    .name_rules
-                    .validate(new)
-                    .map_err(RoomError::from)
-                    .and_then(|name| {
-                        let display = name.display.clone();
-                        room.rename(self.id, name)
-                            .map(|old| (old, display))
-                            .map_err(RoomError::from)
-                    });
-                match result {
-                    Ok((old, new)) => {
-                        info!(peer = %self.peer, user = %new, old = %old, "user renamed");
-                        self.name = new;
+                let name = self.shared.live.load().name_rules.validate(new);
+                match name {
+                    Ok(name) => {
+                        let (shared, id) = (self.shared.clone(), self.id);
+                        self.start(async move {
+                            let display = name.display.clone();
+                            let result = shared.room.rename(id, name).await;
+                            Outcome::Renamed(
+                                result.map(|old| (old, display)).map_err(RoomError::from),
+                            )
+                        });
                     }
-                    Err(RoomError::Name(e)) => self.name_refused(&e),
-                    Err(e) => self.reply(protocol::error_line(code::NO_SUCH_USER, &e.to_string())),
+                    Err(e) => self.name_refused(&e),
                 }
             }
             Input::Help => {
@@ -408,10 +540,30 @@ impl Conversation {
 }
 
 /// However a conversation ends, a panic in its transport included, the member leaves the room,
-/// so no ghost member keeps a name and an outbox nobody drains.
+/// so no ghost member keeps a name and an outbox nobody drains. A step still waiting (a claim
+/// in flight) is finished first, on its own task, so what it claims is released, not lost.
 impl Drop for Conversation {
     fn drop(&mut self) {
-        self.shared.room.leave(self.id, "connection lost");
-        self.shared.room.reclaims.forget(self.id);
+        let step = self
+            .waiting
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let (shared, id, reason) = (self.shared.clone(), self.id, self.leave_reason);
+        let leave = move || {
+            if let Some(name) = shared.room.leave(id, reason) {
+                info!(user = %name, reason, "user left");
+            }
+            shared.room.reclaims.forget(id);
+        };
+        match (step, tokio::runtime::Handle::try_current()) {
+            (Some(step), Ok(runtime)) => {
+                runtime.spawn(async move {
+                    step.await;
+                    leave();
+                });
+            }
+            _ => leave(),
+        }
     }
 }

@@ -16,7 +16,7 @@ use tokio::time::{Instant, sleep_until};
 pub use self::core::Conversation;
 pub use self::stream::StreamSession;
 pub use self::tcp::Session;
-pub use self::ws::{CLOSE_CODES as WS_CLOSE_CODES, WsSession, config as ws_config};
+pub use self::ws::{CLOSE_CODES as WS_CLOSE_CODES, WsSession};
 
 // What every driver shares: how long a closing session may take, and how writes are batched.
 

@@ -201,10 +201,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamSession<S> {
                 let closing = close_deadline.is_some();
                 let flush_at = self.partial_flush_at();
                 let naming = self.talk.is_naming();
+                // While a step waits for the engine, the client's lines stay unread (core.rs).
+                let waiting = self.talk.is_waiting();
                 let wire = &mut self.wire;
                 tokio::select! {
                     _ = &mut cancelled, if !closing => self.talk.shut_down(),
-                    io = poll_fn(|cx| wire.poll_io(cx, !closing)) => match io? {
+                    io = poll_fn(|cx| wire.poll_io(cx, !closing && !waiting)) => match io? {
                         Io::Eof => {
                             // A message client's last words before closing still count.
                             if let Some(frame) = self.wire.decoder.take_partial() {
@@ -216,7 +218,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamSession<S> {
                         Io::Wrote => {}
                     },
                     _ = self.talk.outbox().ready() => {}
-                    _ = sleep_opt(flush_at), if flush_at.is_some() && !closing => {
+                    _ = sleep_opt(flush_at), if flush_at.is_some() && !closing && !waiting => {
                         if let Some(frame) = self.wire.decoder.take_partial() {
                             self.talk.handle_frame(frame);
                         }
@@ -226,6 +228,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamSession<S> {
                     }
                     _ = sleep_opt(close_deadline), if closing => {
                         return Ok(());
+                    }
+                    done = self.talk.step(), if waiting => {
+                        self.talk.resume(done);
+                        self.handle_input();
                     }
                 }
             }
@@ -238,7 +244,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamSession<S> {
         self.talk.finish();
     }
 
-    /// Handles every complete line the last read brought.
+    /// Handles every complete line the last read brought (or that waited for a step).
     fn handle_input(&mut self) {
         self.last_read = Instant::now();
         let max = self
@@ -253,7 +259,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamSession<S> {
         self.wire.decoder.set_max_len(max);
         while let Some(frame) = self.wire.decoder.next_frame() {
             self.talk.handle_frame(frame);
-            if self.talk.outbox().closed().is_some() {
+            if self.talk.outbox().closed().is_some() || self.talk.is_waiting() {
                 return;
             }
         }

@@ -105,9 +105,11 @@ impl Session {
                 let closing = close_deadline.is_some();
                 let flush_at = self.partial_flush_at();
                 let naming = self.talk.is_naming();
+                // While a step waits for the engine, the client's lines stay unread (core.rs).
+                let waiting = self.talk.is_waiting();
                 tokio::select! {
                     _ = &mut cancelled, if !closing => self.talk.shut_down(),
-                    ready = self.stream.readable(), if !closing => {
+                    ready = self.stream.readable(), if !closing && !waiting => {
                         ready?;
                         if !self.read_available()? {
                             return Ok(());
@@ -115,7 +117,7 @@ impl Session {
                     }
                     ready = self.stream.writable(), if !self.pending.is_empty() => ready?,
                     _ = self.talk.outbox().ready() => {}
-                    _ = sleep_opt(flush_at), if flush_at.is_some() && !closing => {
+                    _ = sleep_opt(flush_at), if flush_at.is_some() && !closing && !waiting => {
                         if let Some(frame) = self.decoder.take_partial() {
                             self.talk.handle_frame(frame);
                         }
@@ -125,6 +127,10 @@ impl Session {
                     }
                     _ = sleep_opt(close_deadline), if closing => {
                         return Ok(());
+                    }
+                    done = self.talk.step(), if waiting => {
+                        self.talk.resume(done);
+                        self.handle_held();
                     }
                 }
             }
@@ -186,7 +192,7 @@ impl Session {
                     }
                     while let Some(frame) = self.decoder.next_frame() {
                         self.talk.handle_frame(frame);
-                        if self.talk.outbox().closed().is_some() {
+                        if self.talk.outbox().closed().is_some() || self.talk.is_waiting() {
                             return Ok(true);
                         }
                     }
@@ -197,6 +203,16 @@ impl Session {
         }
         self.decoder.shrink_if_idle();
         Ok(true)
+    }
+
+    /// Hands over the complete lines read while a step waited, until the next one waits.
+    fn handle_held(&mut self) {
+        while !self.talk.is_waiting() && self.talk.outbox().closed().is_none() {
+            let Some(frame) = self.decoder.next_frame() else {
+                break;
+            };
+            self.talk.handle_frame(frame);
+        }
     }
 
     /// Ends a connection we chose to close (quit, kick, shutdown) politely. Closing a socket

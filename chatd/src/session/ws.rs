@@ -6,9 +6,12 @@
 //! - one task owns the socket; a single `select!` waits for "socket progressed", "outbox has
 //!   frames", "naming deadline" and "shutdown", and every WebSocket call is a `poll_*` that
 //!   either moves a whole message or registers a waker, so nothing is cancelled half-way;
-//! - the outbox is drained only once the WebSocket took and flushed the previous batch, so the
-//!   outbox's byte bound (plus one batch in tungstenite's small write buffer) bounds what a
-//!   client that stopped reading holds;
+//! - lines are written like the TCP driver writes them: straight from the outbox's shared
+//!   frames, one vectored write per batch, each line behind its own text-frame header (no copy
+//!   per recipient); tungstenite parses what the client sends and writes only control frames
+//!   (pongs, the close), which [`Tap`] holds until the frame being written is complete;
+//! - the outbox is drained only once the socket took and flushed the previous batch, so the
+//!   outbox's byte bound bounds what a client that stopped reading holds;
 //! - every end is a WebSocket close with a code saying why, after the last protocol line that
 //!   explains it: 1000 quit, 1001 shutdown, 1002/1007 malformed frames, 1003 binary, 1008
 //!   flooding (lines or pings), 1009 too long, 4000 kicked, 4001 banned, 4002 too slow a
@@ -16,6 +19,7 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,20 +27,20 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use futures::{Sink, Stream};
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::{Buf, Bytes, BytesMut};
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
-use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
-use tokio_tungstenite::tungstenite::protocol::{Message, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{Message, Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::core::Conversation;
-use super::{CLOSE_FLUSH_TIMEOUT, KEEP_QUEUE, LINGER, sleep_opt};
+use super::{CLOSE_FLUSH_TIMEOUT, KEEP_QUEUE, LINGER, MAX_IOVECS, sleep_opt};
 use crate::engine::Transport;
 use crate::outbox::Close;
 use crate::shared::{LimitCounters, Shared};
@@ -50,16 +54,16 @@ pub const MAX_PINGS: u32 = 20;
 pub const PING_WINDOW: Duration = Duration::from_secs(10);
 /// Bytes read from the socket at a time (tungstenite keeps a buffer this size per connection).
 const READ_BUFFER: usize = 1024;
-/// Output tungstenite gathers before writing to the socket (a flush writes the rest): a batch
-/// of lines goes out in few writes, and an idle connection keeps little.
-const WRITE_BUFFER: usize = 2048;
+/// The largest emptied control-frame buffer a session keeps.
+const CONTROL_KEEP: usize = 256;
 
-/// The WebSocket settings of a session whose lines are at most `max_line` bytes: small
-/// buffers, and no message or frame longer than a line.
+/// The WebSocket settings of a session whose lines are at most `max_line` bytes: a small read
+/// buffer, control frames passed on at once (lines do not go through tungstenite), and no
+/// message or frame longer than a line.
 pub fn config(max_line: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
+        .write_buffer_size(0)
         .max_message_size(Some(max_line))
         .max_frame_size(Some(max_line))
 }
@@ -114,56 +118,231 @@ enum End {
     Gone,
 }
 
+/// The socket under the WebSocket. tungstenite reads through it; what tungstenite writes
+/// (pongs, its close frame) is kept in `control` and put on the socket only between two data
+/// frames, so it never lands inside a frame the session's writer has sent half of.
+struct Tap<S> {
+    io: S,
+    /// Frames tungstenite wrote, not yet on the socket.
+    control: Vec<u8>,
+    /// The writer has sent part of a data frame: control bytes wait for its end.
+    mid_frame: bool,
+}
+
+impl<S: AsyncWrite + Unpin> Tap<S> {
+    /// Puts the control bytes on the socket; ready once they are all out.
+    fn poll_control(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.control.is_empty() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.control) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.control.drain(..n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.control.capacity() > CONTROL_KEEP {
+            self.control = Vec::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tap<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tap<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        // Bounded by what tungstenite writes on its own: a pong per ping (pings are limited
+        // to MAX_PINGS per window) and one close frame.
+        self.get_mut().control.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.mid_frame {
+            // The writer sends them once its frame is out.
+            return Poll::Ready(Ok(()));
+        }
+        match this.poll_control(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.io).poll_flush(cx),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.mid_frame {
+            match this.poll_control(cx) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+/// The header of an unmasked, final text frame of `len` payload bytes; returns its length.
+fn text_header(len: usize, out: &mut [u8; 10]) -> usize {
+    out[0] = 0x81;
+    if len < 126 {
+        out[1] = len as u8;
+        2
+    } else if let Ok(len) = u16::try_from(len) {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&len.to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+/// The payload of a queued line: the line without its `\n`.
+fn payload(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\n").unwrap_or(line)
+}
+
+/// Bytes a queued line takes on the wire as one text frame.
+fn wire_len(line: &[u8]) -> usize {
+    let len = payload(line).len();
+    text_header(len, &mut [0; 10]) + len
+}
+
 /// The WebSocket and what only I/O touches, apart from the conversation, so one future can
 /// borrow it while another waits on the conversation's outbox.
+///
+/// Lines go out like the TCP driver's: the room's shared frames are written straight from the
+/// queue with one vectored write per batch, each behind a 2-byte (4 for long lines) frame
+/// header, with no copy and no per-line allocation. tungstenite parses what the client sends
+/// and writes only control frames, through [`Tap`].
 struct Wire<S> {
-    ws: WebSocketStream<S>,
-    /// Lines taken from the outbox and not yet handed to the WebSocket (each `Bytes` one or
-    /// more encoded lines, each ending in `\n`).
+    ws: WebSocketStream<Tap<S>>,
+    /// Lines taken from the outbox and not yet on the socket, each ending in `\n` (a frame
+    /// holding several lines is split before it is sent).
     pending: VecDeque<Bytes>,
-    /// The WebSocket took messages it has not flushed to the socket yet.
+    /// Bytes of the first pending line's frame already on the socket.
+    front_sent: usize,
+    /// How many of the first pending entries are known to be single lines.
+    split: usize,
+    /// The socket took bytes it has not flushed yet (a TLS layer's records).
     unflushed: bool,
-    /// Bytes handed to the WebSocket since they were last counted.
+    /// Bytes written since they were last counted.
     sent: u64,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
     /// Whether everything taken from the outbox has left for the socket.
     fn idle(&self) -> bool {
-        self.pending.is_empty() && !self.unflushed
+        self.pending.is_empty() && !self.unflushed && self.ws.get_ref().control.is_empty()
     }
 
-    /// Hands pending lines to the WebSocket and flushes, then reads if `read`; ready once
-    /// something moved.
-    fn poll_io(&mut self, cx: &mut Context<'_>, read: bool) -> Poll<Result<Io, WsError>> {
-        let mut moved = false;
-        while !self.pending.is_empty() {
-            if !self.send_ready(cx)? {
-                break;
-            }
-            // One text message per line: a frame holds whole lines, each ending in `\n` (one
-            // without is sent as it is rather than lost).
-            let Some(frame) = self.pending.front_mut() else {
-                break;
-            };
-            let line = match frame.iter().position(|&b| b == b'\n') {
-                Some(end) if end + 1 < frame.len() => {
-                    let line = frame.slice(..end);
-                    *frame = frame.slice(end + 1..);
-                    line
-                }
-                Some(end) => {
-                    let line = frame.slice(..end);
-                    self.pending.pop_front();
-                    line
-                }
-                None => self.pending.pop_front().unwrap_or_default(),
-            };
-            self.send_line(line)?;
-            moved = true;
+    /// Makes the pending frame at `i` a single line (a frame holding several lines becomes
+    /// one entry per line; a frame without a newline is one line as it is).
+    fn split_lines(pending: &mut VecDeque<Bytes>, i: usize) {
+        let Some(frame) = pending.get_mut(i) else {
+            return;
+        };
+        let Some(end) = memchr::memchr(b'\n', frame) else {
+            return;
+        };
+        if end + 1 < frame.len() {
+            let rest = frame.split_off(end + 1);
+            pending.insert(i + 1, rest);
         }
+    }
+
+    /// Writes control frames and pending lines until the socket would block; returns
+    /// whether anything moved.
+    fn poll_write_lines(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        let mut moved = false;
+        let tap = self.ws.get_mut();
+        loop {
+            if self.front_sent == 0 && !tap.control.is_empty() {
+                match tap.poll_control(cx) {
+                    Poll::Ready(Ok(())) => {
+                        moved = true;
+                        self.unflushed = true;
+                    }
+                    Poll::Ready(Err(e)) => return Err(e),
+                    Poll::Pending => return Ok(moved),
+                }
+            }
+            if self.pending.is_empty() {
+                return Ok(moved);
+            }
+            let mut headers = [[0u8; 10]; MAX_IOVECS / 2];
+            let mut lens = [0usize; MAX_IOVECS / 2];
+            let n = self.pending.len().min(MAX_IOVECS / 2);
+            for i in 0..n {
+                if i >= self.split {
+                    Self::split_lines(&mut self.pending, i);
+                    self.split = i + 1;
+                }
+                lens[i] = text_header(payload(&self.pending[i]).len(), &mut headers[i]);
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut used = 0;
+            let mut skip = self.front_sent;
+            for (i, line) in self.pending.iter().take(n).enumerate() {
+                for part in [&headers[i][..lens[i]], payload(line)] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    slices[used] = IoSlice::new(&part[skip..]);
+                    skip = 0;
+                    used += 1;
+                }
+            }
+            let wrote = match Pin::new(&mut tap.io).poll_write_vectored(cx, &slices[..used]) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(w)) => w,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(moved),
+            };
+            moved = true;
+            self.unflushed = true;
+            self.sent += wrote as u64;
+            let mut left = wrote;
+            while left > 0 {
+                let Some(front) = self.pending.front() else {
+                    break;
+                };
+                let rest = wire_len(front) - self.front_sent;
+                if left >= rest {
+                    left -= rest;
+                    self.pending.pop_front();
+                    self.split = self.split.saturating_sub(1);
+                    self.front_sent = 0;
+                } else {
+                    self.front_sent += left;
+                    left = 0;
+                }
+            }
+            tap.mid_frame = self.front_sent > 0;
+        }
+    }
+
+    /// Writes and flushes what is pending, then reads if `read`; ready once something moved.
+    fn poll_io(&mut self, cx: &mut Context<'_>, read: bool) -> Poll<Result<Io, WsError>> {
+        let mut moved = self.poll_write_lines(cx)?;
         if self.pending.is_empty() && self.unflushed {
-            match Pin::new(&mut self.ws).poll_flush(cx) {
+            match Pin::new(&mut self.ws.get_mut().io).poll_flush(cx) {
                 Poll::Ready(Ok(())) => {
                     moved = true;
                     self.unflushed = false;
@@ -172,7 +351,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
                         self.pending = VecDeque::new();
                     }
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                 Poll::Pending => {}
             }
         }
@@ -190,26 +369,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
             Poll::Pending
         }
     }
-
-    /// Whether the WebSocket takes another message now (else a waker is registered).
-    fn send_ready(&mut self, cx: &mut Context<'_>) -> Result<bool, WsError> {
-        match Pin::new(&mut self.ws).poll_ready(cx) {
-            Poll::Ready(Ok(())) => Ok(true),
-            Poll::Ready(Err(e)) => Err(e),
-            Poll::Pending => Ok(false),
-        }
-    }
-
-    /// Hands one line to the WebSocket as a text message. The room's lines are valid UTF-8
-    /// (every line is built from checked text), so the frame is made as it is, without
-    /// checking each line again for each recipient.
-    fn send_line(&mut self, line: Bytes) -> Result<(), WsError> {
-        self.sent += line.len() as u64 + if line.len() < 126 { 2 } else { 4 };
-        let frame = Frame::message(line, OpCode::Data(Data::Text), true);
-        Pin::new(&mut self.ws).start_send(Message::Frame(frame))?;
-        self.unflushed = true;
-        Ok(())
-    }
 }
 
 /// One connected browser (or other WebSocket) client.
@@ -224,20 +383,28 @@ pub struct WsSession<S> {
     last_line: Option<Bytes>,
     /// Pings and pongs in the current window, and when the window started.
     pings: (u32, Instant),
+    /// The rest of a message whose lines were cut short by a step that waits for the engine
+    /// (a cluster's name claim): handed over once the step is done (rules in `core.rs`).
+    held: Option<Bytes>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
-    /// A session for an upgraded connection from `peer`, over `transport` (`Ws` or `Wss`).
-    pub fn new(
-        ws: WebSocketStream<S>,
-        peer: SocketAddr,
-        transport: Transport,
-        shared: Arc<Shared>,
-    ) -> Self {
+    /// A session for the upgraded connection `io` from `peer`, over `transport` (`Ws` or
+    /// `Wss`); its message and frame caps are `limits.max-line-length` now.
+    pub async fn new(io: S, peer: SocketAddr, transport: Transport, shared: Arc<Shared>) -> Self {
+        let max_line = shared.live.load().config.limits.max_line_length.get();
+        let tap = Tap {
+            io,
+            control: Vec::new(),
+            mid_frame: false,
+        };
+        let ws = WebSocketStream::from_raw_socket(tap, Role::Server, Some(config(max_line))).await;
         WsSession {
             wire: Wire {
                 ws,
                 pending: VecDeque::new(),
+                front_sent: 0,
+                split: 0,
                 unflushed: false,
                 sent: 0,
             },
@@ -245,6 +412,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
             close: None,
             last_line: None,
             pings: (0, Instant::now()),
+            held: None,
         }
     }
 
@@ -296,10 +464,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
             }
             let closing = close_deadline.is_some();
             let naming = self.talk.is_naming();
+            // While a step waits for the engine, the client's messages stay unread (core.rs).
+            let waiting = self.talk.is_waiting();
             let wire = &mut self.wire;
             tokio::select! {
                 _ = &mut cancelled, if !closing => self.talk.shut_down(),
-                io = poll_fn(|cx| wire.poll_io(cx, !closing)) => match io {
+                io = poll_fn(|cx| wire.poll_io(cx, !closing && !waiting)) => match io {
                     Ok(Io::Message(message)) => {
                         if let Some(end) = self.handle(message) {
                             break end;
@@ -318,6 +488,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
                     self.talk.name_timed_out();
                 }
                 _ = sleep_opt(close_deadline), if closing => break End::Gone,
+                done = self.talk.step(), if waiting => {
+                    self.talk.resume(done);
+                    self.handle_held();
+                }
             }
         };
         self.count_sent();
@@ -372,20 +546,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
                     self.too_long(max);
                     return None;
                 }
-                let bytes = Bytes::from(text);
-                // One line per message; a message with newlines in it is taken as the lines
-                // a TCP client sending the same text would have sent.
-                let mut lines = bytes.split(|&b| b == b'\n').peekable();
-                while let Some(line) = lines.next() {
-                    if line.is_empty() && lines.peek().is_none() && !bytes.is_empty() {
-                        break;
-                    }
-                    let line = line.strip_suffix(b"\r").unwrap_or(line);
-                    self.talk.handle_frame(Line::Line(BytesMut::from(line)));
-                    if self.talk.outbox().closed().is_some() {
-                        break;
-                    }
-                }
+                self.held = Some(Bytes::from(text));
+                self.handle_held();
             }
             Message::Binary(_) => {
                 self.refuse(
@@ -429,6 +591,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
             Message::Frame(_) => {}
         }
         None
+    }
+
+    /// Hands the lines of the held message to the conversation, until one starts a step that
+    /// waits or closes the outbox. One line per message; a message with newlines in it is
+    /// taken as the lines a TCP client sending the same text would have sent (a trailing
+    /// newline ends the last line, it does not add an empty one).
+    fn handle_held(&mut self) {
+        while !self.talk.is_waiting() && self.talk.outbox().closed().is_none() {
+            let Some(mut rest) = self.held.take() else {
+                break;
+            };
+            let line = match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    let line = rest.split_to(i);
+                    rest.advance(1);
+                    if !rest.is_empty() {
+                        self.held = Some(rest);
+                    }
+                    line
+                }
+                None => rest,
+            };
+            let line = line.strip_suffix(b"\r").unwrap_or(&line);
+            self.talk.handle_frame(Line::Line(BytesMut::from(line)));
+        }
     }
 
     /// A message longer than `limits.max-line-length`: refused with 1009.
@@ -598,6 +785,128 @@ mod tests {
         assert_eq!(code(Close::Quit, "*** ERR flooding disconnected\n"), 1008);
         assert_eq!(code(Close::Shutdown, "*** SHUTDOWN bye\n"), 1001);
         assert_eq!(close_for(&Close::Overflow, None).0, 4002);
+    }
+
+    /// A socket that takes at most `per_call` bytes per write, would block every other
+    /// write, and never has input.
+    struct Trickle {
+        out: Vec<u8>,
+        per_call: usize,
+        block: bool,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.block = !this.block;
+            if this.block {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(this.per_call);
+            this.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The frames in `wire` as (opcode byte, payload); unmasked, as a server sends them.
+    fn frames(mut wire: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while wire.len() >= 2 {
+            let (op, len7) = (wire[0], usize::from(wire[1] & 0x7f));
+            let (len, at) = match len7 {
+                126 => (usize::from(u16::from_be_bytes([wire[2], wire[3]])), 4),
+                127 => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&wire[2..10]);
+                    (usize::try_from(u64::from_be_bytes(b)).unwrap_or(0), 10)
+                }
+                n => (n, 2),
+            };
+            out.push((op, wire[at..at + len].to_vec()));
+            wire = &wire[at + len..];
+        }
+        assert!(wire.is_empty(), "trailing bytes: {wire:?}");
+        out
+    }
+
+    #[tokio::test]
+    async fn lines_become_whole_text_frames_and_control_frames_never_split_them() {
+        let tap = Tap {
+            io: Trickle {
+                out: Vec::new(),
+                per_call: 7,
+                block: false,
+            },
+            control: Vec::new(),
+            mid_frame: false,
+        };
+        let ws = WebSocketStream::from_raw_socket(tap, Role::Server, Some(config(100_000))).await;
+        let mut wire = Wire {
+            ws,
+            pending: VecDeque::new(),
+            front_sent: 0,
+            split: 0,
+            unflushed: false,
+            sent: 0,
+        };
+        let long = "x".repeat(200);
+        let huge = "y".repeat(70_000);
+        wire.pending.push_back(Bytes::from_static(b"a\n"));
+        wire.pending.push_back(Bytes::from_static(b"b\nc\n"));
+        wire.pending.push_back(Bytes::from(format!("{long}\n")));
+        wire.pending.push_back(Bytes::from(format!("{huge}\n")));
+        let pong = [0x8a, 0x02, b'h', b'i'];
+        let mut turns = 0;
+        while !wire.idle() {
+            turns += 1;
+            assert!(turns < 100_000, "the writer does not finish");
+            // A pong queued by tungstenite half-way through the first long frame.
+            if turns == 3 {
+                wire.ws.get_mut().control.extend_from_slice(&pong);
+            }
+            let _ = poll_fn(|cx| Poll::Ready(wire.poll_io(cx, false))).await;
+        }
+        let out = std::mem::take(&mut wire.ws.get_mut().io.out);
+        // Lines are counted as sent bytes; tungstenite's control frames are not.
+        assert_eq!(wire.sent, (out.len() - pong.len()) as u64);
+        let got = frames(&out);
+        let texts: Vec<Vec<u8>> = got
+            .iter()
+            .filter(|(op, _)| *op == 0x81)
+            .map(|(_, p)| p.clone())
+            .collect();
+        assert_eq!(
+            texts,
+            vec![
+                b"a".to_vec(),
+                b"b".to_vec(),
+                b"c".to_vec(),
+                long.into_bytes(),
+                huge.into_bytes()
+            ]
+        );
+        assert!(got.contains(&(0x8a, b"hi".to_vec())), "{:?}", got.len());
     }
 
     #[test]
