@@ -140,6 +140,134 @@ fn idle_mode_seats_everyone_and_reads_rss() {
     assert_eq!(r["timed_out"], false);
 }
 
+/// A bench daemon that also serves the web client (`[web]`, on an ephemeral port).
+fn bench_web_daemon() -> TestDaemon {
+    TestDaemon::start_config(
+        Config::test()
+            .no_rate_limit()
+            .set("limits", "max-connections-per-ip", "1000")
+            .set("web", "listen", r#"["127.0.0.1:0"]"#),
+    )
+}
+
+/// Runs `chat-bench MODE --websocket --addr WEB --pid PID REST` against `d`'s web listener.
+fn run_ws_bench(d: &TestDaemon, command: &str) -> (Option<i32>, Value) {
+    let (addr, pid) = (d.web_addr().to_string(), d.pid().to_string());
+    let mut words = command.split_whitespace();
+    let mut args = vec![
+        words.next().expect("a mode"),
+        "--websocket",
+        "--addr",
+        &addr,
+    ];
+    args.extend(["--pid", &pid]);
+    args.extend(words);
+    run_bench(&args)
+}
+
+#[test]
+fn fanout_over_websocket_reports_a_clean_run() {
+    let d = bench_web_daemon();
+    let (code, r) = run_ws_bench(&d, "fanout -c 6 -s 2 -d 1 --timeout 30");
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["transport"], "ws");
+    assert_eq!(r["tls"], false);
+    assert_eq!(num(&r, "seated"), 6.0, "{r}");
+    assert_eq!(num(&r, "websocket.upgraded"), 6.0, "{r}");
+    let sent = num(&r, "sent");
+    assert!(sent > 0.0, "{r}");
+    // Every message reaches every client but its sender, once, in one order for all.
+    assert_eq!(num(&r, "deliveries"), sent * 5.0, "{r}");
+    assert_eq!(num(&r, "orders_seen"), 1.0, "{r}");
+    for key in [
+        "lost",
+        "duplicated",
+        "reordered",
+        "bogus",
+        "disconnected",
+        "errors",
+    ] {
+        assert_eq!(num(&r, key), 0.0, "{key} in {r}");
+    }
+    assert_eq!(r["websocket"]["close_frames"], serde_json::json!({}), "{r}");
+    assert!(num(&r, "deliveries_per_s") > 0.0, "{r}");
+    let (p50, p99) = (num(&r, "latency_us.p50"), num(&r, "latency_us.p99"));
+    assert!(0.0 < p50 && p50 <= p99, "{r}");
+    assert_eq!(num(&r, "latency_us.samples"), sent * 5.0);
+    assert!(num(&r, "server.cpu_s") >= 0.0, "{r}");
+    assert!(num(&r, "server.rss_kib") > 0.0, "{r}");
+}
+
+#[test]
+fn idle_over_websocket_reads_rss_per_connection() {
+    let d = bench_web_daemon();
+    let (code, r) = run_ws_bench(
+        &d,
+        "idle -c 30 --join-rate 300 --settle 0.2 --hold 0.2 --timeout 30",
+    );
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["transport"], "ws");
+    assert_eq!(num(&r, "seated"), 30.0, "{r}");
+    assert_eq!(num(&r, "still_open"), 30.0, "{r}");
+    assert_eq!(num(&r, "joins_received"), 435.0, "{r}");
+    assert!(num(&r, "server.rss_kib_idle") > 0.0, "{r}");
+    assert!(r["server"]["rss_per_conn_bytes"].is_number(), "{r}");
+    assert_eq!(r["timed_out"], false);
+}
+
+#[test]
+fn fanout_over_wss_reports_a_clean_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = crate::helper::Pki::new(dir.path(), "bench web CA");
+    let (cert, key, _) = pki.leaf("web");
+    let d = TestDaemon::start_config(
+        crate::helper::Pki::config(&cert, &key)
+            .no_rate_limit()
+            .set("limits", "max-connections-per-ip", "1000")
+            .set("web", "listen", r#"["127.0.0.1:0"]"#)
+            .set("web", "tls", "true"),
+    );
+    let (addr, ca) = (d.web_addr().to_string(), pki.ca_path.display().to_string());
+    let (code, r) = run_bench(&[
+        "fanout",
+        "--websocket",
+        "--ca",
+        &ca,
+        "--addr",
+        &addr,
+        "-c",
+        "4",
+        "-s",
+        "2",
+        "-d",
+        "1",
+        "--timeout",
+        "30",
+    ]);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["transport"], "wss");
+    assert_eq!(num(&r, "seated"), 4.0, "{r}");
+    let sent = num(&r, "sent");
+    assert!(sent > 0.0, "{r}");
+    assert_eq!(num(&r, "deliveries"), sent * 3.0, "{r}");
+    for key in ["lost", "duplicated", "reordered", "errors", "disconnected"] {
+        assert_eq!(num(&r, key), 0.0, "{key} in {r}");
+    }
+}
+
+#[test]
+fn websocket_from_a_foreign_origin_is_reported_refused() {
+    let d = bench_web_daemon();
+    let (code, r) = run_ws_bench(
+        &d,
+        "idle -c 1 --origin http://evil.example --settle 0 --hold 0 --timeout 30",
+    );
+    assert_eq!(code, Some(1), "{r}");
+    assert_eq!(num(&r, "seated"), 0.0, "{r}");
+    let e = r["first_error"].as_str().unwrap_or_default();
+    assert!(e.contains("upgrade refused: HTTP/1.1 403"), "{r}");
+}
+
 #[test]
 fn refuses_non_loopback_addresses() {
     let out = Command::new(bin("chat-bench"))

@@ -16,6 +16,15 @@
 //! on readiness, plaintext through rustls's buffers), so the report compares with a plaintext
 //! run of the same case.
 //!
+//! `--websocket` speaks to chatd's web listener instead (`[web] listen`; with `--tls`, wss):
+//! each socket first upgrades with `GET /ws` and a same-origin `Origin` header (`http://` or
+//! `https://` and the address it connects to, unless `--origin` says otherwise), checks the
+//! `101` answer, then sends every protocol line as one masked text frame and takes every text
+//! frame it receives as one line, counted exactly as a line over TCP. Server pings are answered,
+//! fragmented messages reassembled, and close frames counted by code in the report's `websocket`
+//! object (the framing is in `ws.rs`). The report's `transport` says which of tcp, tls, ws and
+//! wss a run used.
+//!
 //! Several `--addr`es spread the clients over the nodes of a cluster (client i on address
 //! i mod n; `--sender-addr` puts the senders on one node), and `--pid` takes every node's pid.
 //! Every client that only receives keeps a running hash of the order it got the messages in;
@@ -34,7 +43,9 @@
 
 mod hist;
 mod procfs;
+mod ws;
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,8 +69,11 @@ const SCRATCH: usize = 256 * 1024;
 /// Connection attempts in flight at once when connecting as fast as possible; stays well below
 /// chatd's listen backlog (1024) so no SYN is dropped and retried a second later.
 const MAX_CONNECTING: usize = 128;
-/// A line longer than this without a newline means the peer is not speaking the chat protocol.
+/// A line longer than this without a newline means the peer is not speaking the chat protocol;
+/// over WebSocket, it is the longest message (and frame) accepted.
 const MAX_PARTIAL: usize = 64 * 1024;
+/// The longest WebSocket frame header (2 bytes, a 64-bit length; the server does not mask).
+const MAX_FRAME_HEADER: usize = 10;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -113,6 +127,51 @@ struct Common {
     /// With TLS, the name the certificate must be valid for (default: the address's IP).
     #[arg(long, value_name = "NAME")]
     server_name: Option<String>,
+    /// Speak WebSocket to chatd's web listener (`[web] listen`): upgrade at `--ws-path`, then
+    /// one text frame per protocol line. With --tls, wss.
+    #[arg(long)]
+    websocket: bool,
+    /// With --websocket, the path of the upgrade request.
+    #[arg(long, default_value = "/ws", value_name = "PATH")]
+    ws_path: String,
+    /// With --websocket, the Origin header to send (default: the page's own origin,
+    /// `http://ADDR` or, with TLS, `https://ADDR`, ADDR being the `Host` sent).
+    #[arg(long, value_name = "URL")]
+    origin: Option<String>,
+    /// Client i is named `b<N+i>`: a second run can join the room beside a first one that is
+    /// still connected (whose clients are b0, b1, ...) without a name clash.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    first_name: u64,
+}
+
+/// What `--websocket` needs per connection attempt, or `None` for the chat protocol over the
+/// stream itself.
+fn ws_config(c: &Common) -> Result<Option<WsSettings>, String> {
+    if !c.websocket {
+        if c.origin.is_some() {
+            return Err("--origin needs --websocket".to_owned());
+        }
+        return Ok(None);
+    }
+    if !c.ws_path.starts_with('/') || c.ws_path.contains(char::is_whitespace) {
+        return Err(format!("--ws-path {:?} is not an absolute path", c.ws_path));
+    }
+    if let Some(o) = &c.origin
+        && (o.contains(char::is_control) || o.is_empty())
+    {
+        return Err("--origin must be one non-empty line".to_owned());
+    }
+    Ok(Some(WsSettings {
+        path: c.ws_path.clone(),
+        origin: c.origin.clone(),
+    }))
+}
+
+/// The `--websocket` settings.
+struct WsSettings {
+    path: String,
+    /// The Origin header to send instead of the page's own origin.
+    origin: Option<String>,
 }
 
 /// The TLS client settings for `--tls`/`--ca`, or `None` for plaintext.
@@ -316,6 +375,40 @@ struct Conn {
     partial: Vec<u8>,
     /// Bytes waiting to be written (the name, then messages for senders).
     out: Vec<u8>,
+    /// Whether the socket is registered for write readiness (receivers drop it once their
+    /// name is out, and take it back only if a write ever has to wait).
+    write_interest: bool,
+    /// The WebSocket state of this socket under `--websocket`.
+    ws: Option<Box<WsConn>>,
+}
+
+/// One connection's side of WebSocket.
+struct WsConn {
+    /// The `Sec-WebSocket-Key` sent, which the `101` answer must hash.
+    key: String,
+    /// Whether the `101` has arrived; until then, received bytes are the response head.
+    upgraded: bool,
+    decoder: ws::Decoder,
+    /// A close frame has been received and answered: nothing more is sent.
+    closing: bool,
+}
+
+/// How a protocol line goes on the wire: newline-terminated, or one masked WebSocket text
+/// frame.
+struct Framing {
+    websocket: bool,
+    rng: ws::Rng,
+}
+
+impl Framing {
+    /// Makes the line just written at `out[start..]` (without a newline) ready to send.
+    fn finish(&mut self, out: &mut Vec<u8>, start: usize) {
+        if self.websocket {
+            ws::frame_in_place(out, start, ws::OP_TEXT, self.rng.mask());
+        } else {
+            out.push(b'\n');
+        }
+    }
 }
 
 /// Per-message bookkeeping of a fan-out run: what was sent, what each client received.
@@ -469,8 +562,8 @@ impl Fanout {
             .saturating_sub(self.sent_total)
     }
 
-    /// Appends message `seq` of sender `s` to `out`.
-    fn encode(&mut self, s: usize, now: u64, out: &mut Vec<u8>) {
+    /// Appends message `seq` of sender `s` to `out`, framed by `framing`.
+    fn encode(&mut self, s: usize, now: u64, out: &mut Vec<u8>, framing: &mut Framing) {
         let seq = self.sent[s];
         self.sent[s] += 1;
         self.sent_total += 1;
@@ -482,7 +575,7 @@ impl Fanout {
         if len < self.text_bytes {
             out.resize(start + self.text_bytes, b'.');
         }
-        out.push(b'\n');
+        framing.finish(out, start);
         self.advance(s, 1);
     }
 
@@ -521,6 +614,19 @@ struct Engine {
     first_error: Option<String>,
     other_lines: u64,
     fan: Option<Fanout>,
+    /// The number in the first client's name (`--first-name`).
+    first_name: u64,
+    /// Under `--websocket`, the upgrade's settings.
+    ws: Option<WsSettings>,
+    framing: Framing,
+    /// WebSocket: connections upgraded, pings answered, messages that came fragmented, close
+    /// frames by code (1005 when the frame had none), and the first close frame's code and
+    /// reason.
+    ws_upgraded: usize,
+    ws_pings: u64,
+    ws_fragmented: u64,
+    ws_closes: BTreeMap<u16, u64>,
+    ws_first_close: Option<String>,
 }
 
 impl Engine {
@@ -541,6 +647,8 @@ impl Engine {
                     seated: false,
                     partial: Vec::new(),
                     out: Vec::new(),
+                    write_interest: true,
+                    ws: None,
                 })
                 .collect(),
             scratch: vec![0; SCRATCH],
@@ -557,6 +665,59 @@ impl Engine {
             first_error: None,
             other_lines: 0,
             fan: None,
+            first_name: 0,
+            ws: None,
+            framing: Framing {
+                websocket: false,
+                rng: ws::Rng::seeded(),
+            },
+            ws_upgraded: 0,
+            ws_pings: 0,
+            ws_fragmented: 0,
+            ws_closes: BTreeMap::new(),
+            ws_first_close: None,
+        })
+    }
+
+    /// Switches the engine to WebSocket (before any connection is started).
+    fn set_websocket(&mut self, settings: Option<WsSettings>) {
+        self.framing.websocket = settings.is_some();
+        self.ws = settings;
+    }
+
+    /// `tcp`, `tls`, `ws` or `wss`.
+    fn transport(&self) -> &'static str {
+        match (self.ws.is_some(), self.tls.is_some()) {
+            (false, false) => "tcp",
+            (false, true) => "tls",
+            (true, false) => "ws",
+            (true, true) => "wss",
+        }
+    }
+
+    /// The report's `websocket` object (null without `--websocket`).
+    fn ws_json(&self) -> Value {
+        if self.ws.is_none() {
+            return Value::Null;
+        }
+        let closes: serde_json::Map<String, Value> = self
+            .ws_closes
+            .iter()
+            .map(|(code, n)| (code.to_string(), json!(n)))
+            .collect();
+        let fragmented = self.ws_fragmented
+            + self
+                .conns
+                .iter()
+                .filter_map(|c| c.ws.as_ref())
+                .map(|w| w.decoder.fragmented)
+                .sum::<u64>();
+        json!({
+            "upgraded": self.ws_upgraded,
+            "pings_answered": self.ws_pings,
+            "fragmented_messages": fragmented,
+            "close_frames": closes,
+            "first_close": self.ws_first_close,
         })
     }
 
@@ -679,11 +840,11 @@ impl Engine {
         if let Some(e) = stream.take_error()? {
             return Err(e);
         }
-        match stream.peer_addr() {
-            Ok(_) => {}
+        let peer = match stream.peer_addr() {
+            Ok(a) => a,
             Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(false),
             Err(e) => return Err(e),
-        }
+        };
         stream.set_nodelay(true)?;
         // A TLS receiver still writes its handshake after the name: it keeps write wake-ups
         // (edge-triggered, so they come only when a full socket drains).
@@ -693,10 +854,35 @@ impl Engine {
             self.poll
                 .registry()
                 .reregister(stream, Token(i), Interest::READABLE)?;
+            conn.write_interest = false;
         }
         conn.state = ConnState::Open;
         self.connecting -= 1;
-        let _ = writeln!(conn.out, "b{i}");
+        match &self.ws {
+            None => {
+                let _ = writeln!(conn.out, "b{}", self.first_name + i as u64);
+            }
+            // The name follows the 101 (see `ws_received`).
+            Some(settings) => {
+                let host = match &self.server_name {
+                    Some(name) => format!("{name}:{}", peer.port()),
+                    None => peer.to_string(),
+                };
+                let origin = match &settings.origin {
+                    Some(o) => o.clone(),
+                    None if conn.tls.is_some() => format!("https://{host}"),
+                    None => format!("http://{host}"),
+                };
+                let key = ws::new_key(&mut self.framing.rng);
+                ws::write_request(&mut conn.out, &host, &settings.path, &origin, &key);
+                conn.ws = Some(Box::new(WsConn {
+                    key,
+                    upgraded: false,
+                    decoder: ws::Decoder::default(),
+                    closing: false,
+                }));
+            }
+        }
         Ok(true)
     }
 
@@ -738,6 +924,21 @@ impl Engine {
             }
         };
         conn.out.drain(..done);
+        if failed.is_none() && !conn.out.is_empty() && !conn.write_interest {
+            // A receiver's write (a pong, a close reply) has to wait: it needs the wake-up.
+            match self.poll.registry().reregister(
+                stream,
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                Ok(()) => conn.write_interest = true,
+                Err(e) => {
+                    self.note_error(|| format!("reregister: {e}"));
+                    self.close(i);
+                    return;
+                }
+            }
+        }
         if let Some(e) = failed {
             self.note_error(|| e);
             self.close(i);
@@ -767,12 +968,27 @@ impl Engine {
                     let now = self.now();
                     let end = keep + n;
                     let mut start = 0;
-                    for nl in memchr::memchr_iter(b'\n', &buf[..end]) {
-                        self.line(i, &buf[start..nl], now);
-                        start = nl + 1;
+                    if self.conns[i].ws.is_some() {
+                        match self.ws_received(i, &buf[..end], now) {
+                            Ok(used) => start = used,
+                            Err(e) => {
+                                self.note_error(|| format!("client {i}: WebSocket: {e}"));
+                                self.close(i);
+                                break;
+                            }
+                        }
+                        if self.conns[i].state != ConnState::Open {
+                            break;
+                        }
+                    } else {
+                        for nl in memchr::memchr_iter(b'\n', &buf[..end]) {
+                            self.line(i, &buf[start..nl], now);
+                            start = nl + 1;
+                        }
                     }
                     let rest = &buf[start..end];
-                    if rest.len() > MAX_PARTIAL {
+                    // (The WebSocket decoder refuses longer frames before they are complete.)
+                    if rest.len() > MAX_PARTIAL + MAX_FRAME_HEADER {
                         self.note_error(|| format!("client {i}: line without newline"));
                         self.close(i);
                         break;
@@ -801,6 +1017,83 @@ impl Engine {
         self.scratch = buf;
     }
 
+    /// Handles bytes received on WebSocket connection `i` (what was left over from the last
+    /// read, then what just came): the `101` answer first, then frames. Returns how many bytes
+    /// were used; the rest is an incomplete response head or frame, kept for the next read.
+    fn ws_received(&mut self, i: usize, data: &[u8], now: u64) -> Result<usize, String> {
+        let Some(mut w) = self.conns[i].ws.take() else {
+            return Ok(data.len());
+        };
+        let result = self.ws_frames(i, &mut w, data, now);
+        if self.conns[i].state == ConnState::Open {
+            self.conns[i].ws = Some(w);
+        } else {
+            self.ws_fragmented += w.decoder.fragmented;
+        }
+        result
+    }
+
+    fn ws_frames(
+        &mut self,
+        i: usize,
+        w: &mut WsConn,
+        data: &[u8],
+        now: u64,
+    ) -> Result<usize, String> {
+        let mut start = 0;
+        if !w.upgraded {
+            let Some(head) = ws::check_response(data, &w.key)? else {
+                return Ok(0);
+            };
+            w.upgraded = true;
+            self.ws_upgraded += 1;
+            start = head;
+            let out = &mut self.conns[i].out;
+            let at = out.len();
+            let _ = write!(out, "b{}", self.first_name + i as u64);
+            self.framing.finish(out, at);
+        }
+        let mut closing = w.closing;
+        let used = w.decoder.decode(&data[start..], MAX_PARTIAL, |m| match m {
+            ws::Received::Text(line) => self.line(i, line, now),
+            ws::Received::Binary(n) => {
+                self.note_error(|| format!("client {i}: a binary message of {n} bytes"));
+            }
+            ws::Received::Ping(payload) => {
+                if !closing {
+                    let mask = self.framing.rng.mask();
+                    ws::write_frame(&mut self.conns[i].out, ws::OP_PONG, payload, mask);
+                    self.ws_pings += 1;
+                }
+            }
+            ws::Received::Pong => {}
+            ws::Received::Close(code, reason) => {
+                *self.ws_closes.entry(code.unwrap_or(1005)).or_insert(0) += 1;
+                self.ws_first_close.get_or_insert_with(|| match code {
+                    Some(c) => format!("{c} {}", String::from_utf8_lossy(reason)),
+                    None => "no code".to_owned(),
+                });
+                if !closing {
+                    // Echo the code, as RFC 6455 asks; the server then ends the connection.
+                    let code = code.map(u16::to_be_bytes);
+                    let payload: &[u8] = match &code {
+                        Some(c) => c,
+                        None => &[],
+                    };
+                    let mask = self.framing.rng.mask();
+                    ws::write_frame(&mut self.conns[i].out, ws::OP_CLOSE, payload, mask);
+                    closing = true;
+                }
+            }
+        });
+        w.closing = closing;
+        self.ws_fragmented += std::mem::take(&mut w.decoder.fragmented);
+        if !self.conns[i].out.is_empty() {
+            self.flush(i);
+        }
+        Ok(start + used?)
+    }
+
     /// Handles one received line (without its newline).
     fn line(&mut self, i: usize, line: &[u8], now: u64) {
         if let Some(rest) = line.strip_prefix(b"*** ") {
@@ -818,8 +1111,13 @@ impl Engine {
             }
             return;
         }
+        let first = self.first_name;
         match (parse_message(line), &mut self.fan) {
-            (Some((s, seq, ts)), Some(f)) => f.deliver(i, s, seq, ts, now),
+            (Some((s, seq, ts)), Some(f)) => match s.checked_sub(first) {
+                Some(s) => f.deliver(i, s as usize, seq, ts, now),
+                // A sender from outside this run (never sent by it).
+                None => f.bogus += 1,
+            },
             _ => self.other_lines += 1,
         }
     }
@@ -833,6 +1131,9 @@ impl Engine {
             let _ = self.poll.registry().deregister(&mut s);
         }
         conn.tls = None;
+        if let Some(w) = conn.ws.take() {
+            self.ws_fragmented += w.decoder.fragmented;
+        }
         conn.state = ConnState::Closed;
         conn.out = Vec::new();
         conn.partial = Vec::new();
@@ -850,15 +1151,15 @@ impl Engine {
     }
 }
 
-/// `b<sender>: <seq> <ts>...` → (sender, seq, ts).
-fn parse_message(line: &[u8]) -> Option<(usize, u64, u64)> {
+/// `b<sender>: <seq> <ts>...` → (sender's name number, seq, ts).
+fn parse_message(line: &[u8]) -> Option<(u64, u64, u64)> {
     let rest = line.strip_prefix(b"b")?;
     let (s, rest) = parse_u64(rest)?;
     let rest = rest.strip_prefix(b": ")?;
     let (seq, rest) = parse_u64(rest)?;
     let rest = rest.strip_prefix(b" ")?;
     let (ts, _) = parse_u64(rest)?;
-    Some((usize::try_from(s).ok()?, seq, ts))
+    Some((s, seq, ts))
 }
 
 /// Leading decimal digits as a number, and what follows them.
@@ -936,6 +1237,8 @@ fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
     let mut e =
         Engine::new(a.common.addr.clone(), a.clients, a.senders).map_err(|e| e.to_string())?;
     e.tls = tls_config(&a.common)?;
+    e.set_websocket(ws_config(&a.common)?);
+    e.first_name = a.common.first_name;
     e.server_name = a.common.server_name.clone();
     e.sender_addr = a.common.sender_addr;
     e.fan = Some(Fanout::new(a.clients, a.senders, a.window, a.text_bytes));
@@ -1023,6 +1326,7 @@ fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
         "mode": "fanout",
         "label": a.common.label,
         "tls": e.tls.is_some(),
+        "transport": e.transport(),
         "clients": a.clients,
         "senders": a.senders,
         "rate_per_sender": a.rate,
@@ -1045,6 +1349,7 @@ fn fanout(a: &FanoutArgs) -> Result<(Value, bool), String> {
         "errors": e.errors,
         "first_error": e.first_error,
         "other_lines": e.other_lines,
+        "websocket": e.ws_json(),
         "latency_us": {
             "samples": f.hist.count(),
             "p50": us(f.hist.quantile(0.5)),
@@ -1094,7 +1399,7 @@ fn send_round(e: &mut Engine, now: u64) {
         }
         let n = share.min(left);
         for _ in 0..n {
-            f.encode(s, now, &mut conn.out);
+            f.encode(s, now, &mut conn.out, &mut e.framing);
         }
         left -= n;
     }
@@ -1114,7 +1419,7 @@ fn send_due(e: &mut Engine, due: &mut [u64], interval: u64, now: u64) {
             continue;
         }
         while *next <= now && f.budget() > 0 {
-            f.encode(s, now, &mut conn.out);
+            f.encode(s, now, &mut conn.out, &mut e.framing);
             *next += interval;
         }
     }
@@ -1133,6 +1438,8 @@ fn idle(a: &IdleArgs) -> Result<(Value, bool), String> {
     let ticks_before = procfs::cpu_ticks();
     let mut e = Engine::new(a.common.addr.clone(), a.clients, 0).map_err(|e| e.to_string())?;
     e.tls = tls_config(&a.common)?;
+    e.set_websocket(ws_config(&a.common)?);
+    e.first_name = a.common.first_name;
     e.server_name = a.common.server_name.clone();
     let deadline = e.now() + (a.common.timeout * 1e9) as u64;
     let start = e.now();
@@ -1171,6 +1478,7 @@ fn idle(a: &IdleArgs) -> Result<(Value, bool), String> {
         "mode": "idle",
         "label": a.common.label,
         "tls": e.tls.is_some(),
+        "transport": e.transport(),
         "clients": a.clients,
         "join_rate": a.join_rate,
         "seated": e.seated,
@@ -1183,6 +1491,7 @@ fn idle(a: &IdleArgs) -> Result<(Value, bool), String> {
         "connect_failed": e.connect_failed,
         "errors": e.errors,
         "first_error": e.first_error,
+        "websocket": e.ws_json(),
         "server": server,
         "loadgen_cpu_s": round(procfs::own_cpu().as_secs_f64(), 2),
         "loadavg_1m_at_start": load,
@@ -1195,6 +1504,13 @@ fn idle(a: &IdleArgs) -> Result<(Value, bool), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lines() -> Framing {
+        Framing {
+            websocket: false,
+            rng: ws::Rng::seeded(),
+        }
+    }
 
     #[test]
     fn parses_message_lines() {
@@ -1209,7 +1525,7 @@ mod tests {
         let mut f = Fanout::new(3, 1, 0, 0);
         let mut out = Vec::new();
         for _ in 0..5 {
-            f.encode(0, 1, &mut out);
+            f.encode(0, 1, &mut out, &mut lines());
         }
         // Client 1 gets 0, 2, 1 (reordered), 2 again (duplicate); 3 and 4 are lost.
         for seq in [0, 2, 1, 2] {
@@ -1252,7 +1568,7 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(f.budget(), 4);
         for _ in 0..4 {
-            f.encode(0, 1, &mut out);
+            f.encode(0, 1, &mut out, &mut lines());
         }
         assert_eq!(f.budget(), 0);
         for seq in 0..4 {
@@ -1263,5 +1579,182 @@ mod tests {
         assert_eq!(f.budget(), 1);
         f.leave(2);
         assert_eq!(f.budget(), 4);
+    }
+
+    #[test]
+    fn websocket_messages_are_masked_text_frames_without_newline() {
+        let mut f = Fanout::new(3, 1, 0, 32);
+        let mut framing = Framing {
+            websocket: true,
+            rng: ws::Rng::seeded(),
+        };
+        let mut out = Vec::new();
+        f.encode(0, 7, &mut out, &mut framing);
+        f.encode(0, 8, &mut out, &mut framing);
+        let mut payloads = Vec::new();
+        let mut rest = &out[..];
+        while let [b0, b1, m0, m1, m2, m3, tail @ ..] = rest {
+            assert_eq!(*b0, 0x81, "final text frame");
+            assert!(b1 & 0x80 != 0, "masked");
+            let len = usize::from(b1 & 0x7F);
+            let mask = [*m0, *m1, *m2, *m3];
+            let p: Vec<u8> = tail[..len]
+                .iter()
+                .enumerate()
+                .map(|(k, b)| b ^ mask[k & 3])
+                .collect();
+            payloads.push(String::from_utf8(p).expect("text"));
+            rest = &tail[len..];
+        }
+        assert!(rest.is_empty());
+        assert_eq!(
+            payloads,
+            [
+                format!("0 7{}", ".".repeat(29)),
+                format!("1 8{}", ".".repeat(29))
+            ]
+        );
+    }
+
+    /// Reads one masked client frame with a payload under 126 bytes: (first byte, payload).
+    fn read_client_frame(s: &mut std::net::TcpStream) -> (u8, Vec<u8>) {
+        let mut h = [0u8; 6];
+        s.read_exact(&mut h).expect("frame header");
+        assert!(h[1] & 0x80 != 0, "client frames are masked");
+        let mut p = vec![0u8; usize::from(h[1] & 0x7F)];
+        s.read_exact(&mut p).expect("frame payload");
+        for (k, b) in p.iter_mut().enumerate() {
+            *b ^= h[2 + (k & 3)];
+        }
+        (h[0], p)
+    }
+
+    /// The whole client side against a scripted server: the upgrade (key, Origin), a frame
+    /// split over two writes, a fragmented welcome with a ping between its fragments (answered
+    /// with a pong), then a close frame with code 4000 (echoed, counted and reported).
+    #[test]
+    fn websocket_client_against_a_scripted_server() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let expected_origin = format!("Origin: http://{addr}\r\n");
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte).expect("request");
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8(head).expect("ascii request");
+            let key = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .expect("a key")
+                .to_owned();
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                ws::accept_for(&key)
+            );
+            let hello = b"\x81\x0b*** HELLO x";
+            let mut first = answer.into_bytes();
+            first.extend_from_slice(&hello[..3]);
+            s.write_all(&first).expect("write");
+            std::thread::sleep(Duration::from_millis(50));
+            s.write_all(&hello[3..]).expect("write");
+            let (op, name) = read_client_frame(&mut s);
+            assert_eq!((op, &name[..]), (0x81, &b"b0"[..]));
+            let mut welcome = b"\x01\x16*** WELCOME b0 you are".to_vec();
+            welcome.extend_from_slice(b"\x89\x02p1");
+            welcome.extend_from_slice(b"\x80\x0f chatting as b0");
+            s.write_all(&welcome).expect("write");
+            let (op, pong) = read_client_frame(&mut s);
+            assert_eq!((op, &pong[..]), (0x8A, &b"p1"[..]));
+            s.write_all(b"\x88\x08\x0f\xa0kicked").expect("write");
+            let (op, close) = read_client_frame(&mut s);
+            assert_eq!((op, &close[..]), (0x88, &[0x0f, 0xa0][..]));
+            head
+        });
+        let cli = Cli::try_parse_from([
+            "chat-bench",
+            "idle",
+            "--addr",
+            &addr,
+            "--websocket",
+            "-c",
+            "1",
+            "--settle",
+            "0.1",
+            "--hold",
+            "0.5",
+            "--timeout",
+            "10",
+        ])
+        .expect("arguments");
+        let Mode::Idle(a) = cli.mode else {
+            panic!("idle mode");
+        };
+        let (r, complete) = idle(&a).expect("runs");
+        let head = server.join().expect("the server's checks pass");
+        assert!(
+            head.starts_with(&format!("GET /ws HTTP/1.1\r\nHost: {addr}\r\n")),
+            "{head}"
+        );
+        assert!(head.contains(&expected_origin), "{head}");
+        assert!(!complete, "the server closed the connection: {r}");
+        assert_eq!(r["transport"], "ws");
+        assert_eq!(r["seated"], 1, "{r}");
+        assert_eq!(r["disconnected"], 1, "{r}");
+        assert_eq!(r["websocket"]["upgraded"], 1, "{r}");
+        assert_eq!(r["errors"], 0, "{r}");
+        let w = &r["websocket"];
+        assert_eq!(w["pings_answered"], 1, "{r}");
+        assert_eq!(w["fragmented_messages"], 1, "{r}");
+        assert_eq!(w["close_frames"]["4000"], 1, "{r}");
+        assert_eq!(w["first_close"], "4000 kicked", "{r}");
+    }
+
+    #[test]
+    fn websocket_refusal_is_reported_with_the_reason() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 10\r\n\r\nbad Origin");
+        });
+        let cli = Cli::try_parse_from([
+            "chat-bench",
+            "idle",
+            "--addr",
+            &addr,
+            "--websocket",
+            "--origin",
+            "http://evil",
+            "-c",
+            "1",
+            "--settle",
+            "0",
+            "--hold",
+            "0",
+            "--timeout",
+            "10",
+        ])
+        .expect("arguments");
+        let Mode::Idle(a) = cli.mode else {
+            panic!("idle mode");
+        };
+        let (r, complete) = idle(&a).expect("runs");
+        server.join().expect("server");
+        assert!(!complete);
+        assert_eq!(r["seated"], 0, "{r}");
+        assert_eq!(
+            r["first_error"],
+            "client 0: WebSocket: upgrade refused: HTTP/1.1 403 Forbidden: bad Origin",
+            "{r}"
+        );
     }
 }
