@@ -17,7 +17,10 @@
 # bench/ratios.py then prints its ratios too, so before and after are measured in one run.
 # PORT=N (42069 by default) is the port both servers listen on (127.0.0.1 only); chatd then gets
 # a copy of config/bench.toml with that port, its own admin socket and its own state directory,
-# so it never meets another chatd on this machine. Run from the repository root.
+# so it never meets another chatd on this machine. PORT=A-B picks, for every run, a port of that
+# range that no socket uses at that moment: ports above 32767 are also the kernel's ephemeral
+# ports, and another program's client connection can hold a fixed one just when a server
+# should bind it. Run from the repository root.
 set -euo pipefail
 out=${1:?usage: bench/compare.sh OUT.jsonl [PAIRS] [CASE...]}
 pairs=${2:-5}
@@ -34,13 +37,32 @@ build=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 prefix=${LABEL:-compare}
 baseline=${BASELINE:-}
 [ -z "$baseline" ] || [ -x "$baseline" ] || { echo "BASELINE=$baseline is not executable" >&2; exit 2; }
-port=${PORT:-42069}
+ports=${PORT:-42069}
 scratch=$(mktemp -d /tmp/chatd-compare.XXXXXX)
 config=$scratch/bench.toml
-sed -e "s/^listen = \[.*42069.*\]/listen = [\"127.0.0.1:$port\"]/" \
-    -e "s|^socket = \"\"|socket = \"$scratch/admin.sock\"|" \
-    -e "s|^state-dir = \"\"|state-dir = \"$scratch\"|" config/bench.toml >"$config"
-grep -q "127.0.0.1:$port" "$config" || { echo "could not set the port in $config" >&2; exit 2; }
+
+# pick_port: sets $port to PORT, or to a port of the range PORT=A-B that no socket uses now.
+pick_port() {
+    if [[ $ports != *-* ]]; then
+        port=$ports
+        return
+    fi
+    local lo=${ports%-*} hi=${ports#*-}
+    for _ in $(seq 50); do
+        port=$((lo + RANDOM % (hi - lo + 1)))
+        [ -z "$(ss -Htan "( sport = :$port )")" ] && return
+    done
+    echo "no free port in $ports" >&2
+    exit 2
+}
+
+# write_config: config/bench.toml for $port, with this run's own admin socket and state.
+write_config() {
+    sed -e "s/^listen = \[.*42069.*\]/listen = [\"127.0.0.1:$port\"]/" \
+        -e "s|^socket = \"\"|socket = \"$scratch/admin.sock\"|" \
+        -e "s|^state-dir = \"\"|state-dir = \"$scratch\"|" config/bench.toml >"$config"
+    grep -q "127.0.0.1:$port" "$config" || { echo "could not set the port in $config" >&2; exit 2; }
+}
 
 args_for() {
     case $1 in
@@ -68,6 +90,8 @@ trap cleanup EXIT
 run_one() {
     local server=$1 case=$2 pair=$3 args
     args=$(args_for "$case")
+    pick_port
+    write_config
     case $server in
     reference)
         start_reference "$bin/chat-reference" "$scratch/reference.log" "127.0.0.1:$port"
