@@ -28,11 +28,17 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::{Buf, Bytes};
+use futures::task::AtomicWaker;
 use tokio::sync::Notify;
 
 /// Longest frame a byte-queue outbox ([`Outbox::copy_small_frames`]) copies; longer frames
 /// are queued shared. Chat lines are ~30-200 bytes; presence batches and history are longer.
 pub const COPY_MAX: usize = 512;
+
+/// A drain that brings at least this many copied bytes marks a busy member, for whom the
+/// emptied buffers are kept and swapped between the outbox and the writer (no allocation per
+/// wake-up); a quieter one keeps none (no memory while idle).
+pub const BUSY_DRAIN: usize = 512;
 
 /// Smallest capacity of a byte queue's buffer once it holds anything: a greeting plus a line
 /// or two, without a reallocation per line.
@@ -62,9 +68,6 @@ struct State {
     closed: Option<Close>,
     /// Whether small frames are copied into `copied` ([`Outbox::copy_small_frames`]).
     copy: bool,
-    /// The writer waiting in [`Outbox::poll_ready`], woken by the push that makes the queue
-    /// non-empty and by a close.
-    waker: Option<Waker>,
 }
 
 impl State {
@@ -92,11 +95,6 @@ impl State {
             self.frames.push_back(Bytes::from(chunk));
         }
     }
-
-    /// Takes the waiting writer's waker, if the writer must be told about a change.
-    fn wake(&mut self) -> Option<Waker> {
-        self.waker.take()
-    }
 }
 
 /// Makes room in `buf` for `more` bytes: at least doubling (from [`MIN_BUFFER`]) to keep
@@ -119,6 +117,8 @@ pub struct ByteQueue {
     copied: Vec<u8>,
     /// How much of `copied` is already written.
     written: usize,
+    /// How many copied bytes the last drain brought (busy or quiet member).
+    last_drain: usize,
 }
 
 impl ByteQueue {
@@ -167,8 +167,9 @@ impl ByteQueue {
     }
 
     /// Once everything is written, gives back buffers grown past `frames` queue entries or
-    /// `bytes` bytes; smaller ones are kept, since the next drain hands them to the outbox
-    /// (a swap) and the room's next push to this member then needs no allocation.
+    /// `bytes` bytes, and the byte buffer of a quiet member (its last drain brought less than
+    /// [`BUSY_DRAIN`] bytes); other ones are kept, since the next drain hands them to the
+    /// outbox (a swap) and the room's next push to this member then needs no allocation.
     pub fn trim(&mut self, frames: usize, bytes: usize) {
         if !self.is_empty() {
             return;
@@ -176,7 +177,7 @@ impl ByteQueue {
         if self.frames.capacity() > frames {
             self.frames = VecDeque::new();
         }
-        if self.copied.capacity() > bytes {
+        if self.copied.capacity() > bytes || self.last_drain < BUSY_DRAIN {
             self.copied = Vec::new();
         }
     }
@@ -202,6 +203,15 @@ pub struct Outbox {
     limit: usize,
     /// Set when the waker of [`Outbox::signal_waker`] is woken; see there.
     signalled: AtomicBool,
+    /// The writer waiting in [`Outbox::poll_ready`], woken by the push that makes the queue
+    /// non-empty, by a close and by the signal. Outside the mutex, with the two flags below,
+    /// so that the writer's wait takes no lock the room's pushes need.
+    waker: AtomicWaker,
+    /// Whether the queue holds anything: set by the push into an empty queue, cleared by a
+    /// drain (both under the mutex); read without it by [`Outbox::poll_ready`].
+    queued: AtomicBool,
+    /// Whether the outbox is closed (set under the mutex, read without it).
+    is_closed: AtomicBool,
 }
 
 impl Outbox {
@@ -212,6 +222,9 @@ impl Outbox {
             notify: Notify::new(),
             limit,
             signalled: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            queued: AtomicBool::new(false),
+            is_closed: AtomicBool::new(false),
         }
     }
 
@@ -245,27 +258,30 @@ impl Outbox {
         }
         if st.bytes + frame.len() > self.limit {
             st.closed = Some(Close::Overflow);
-            let waker = st.wake();
+            self.is_closed.store(true, Ordering::Release);
             drop(st);
-            self.notify(waker);
+            self.notify();
             return false;
         }
         let first = st.is_empty();
         st.enqueue(frame, self.limit);
+        if first {
+            self.queued.store(true, Ordering::Release);
+        }
+        drop(st);
         // Only the push that makes the queue non-empty needs to wake the writer: the writer
         // drains the whole queue, so later pushes are picked up by that same drain.
-        let waker = if first { st.wake() } else { None };
-        drop(st);
         if first {
-            self.notify(waker);
+            self.notify();
         }
         true
     }
 
     /// Wakes the writer: through its waker if it waits in [`Outbox::poll_ready`], else through
     /// the `Notify` that [`Outbox::ready`] waits on (which keeps a permit if nobody waits yet).
-    fn notify(&self, waker: Option<Waker>) {
-        match waker {
+    /// Called after the flag that says why is set.
+    fn notify(&self) {
+        match self.waker.take() {
             Some(w) => w.wake(),
             None => self.notify.notify_one(),
         }
@@ -284,9 +300,9 @@ impl Outbox {
             st.enqueue(&frame, limit);
         }
         st.closed = Some(reason);
-        let waker = st.wake();
+        self.is_closed.store(true, Ordering::Release);
         drop(st);
-        self.notify(waker);
+        self.notify();
     }
 
     /// Moves every queued frame into `out` and reports whether the outbox is closed. Each
@@ -295,6 +311,7 @@ impl Outbox {
     pub fn drain_into(&self, out: &mut VecDeque<Bytes>) -> Option<Close> {
         let mut st = self.lock();
         st.bytes = 0;
+        self.queued.store(false, Ordering::Relaxed);
         st.seal();
         if out.is_empty() {
             // The usual case: hand the whole queue over (no copy), keeping `out`'s allocation
@@ -313,6 +330,7 @@ impl Outbox {
     pub fn drain_bytes(&self, out: &mut ByteQueue) -> Option<Close> {
         let mut st = self.lock();
         st.bytes = 0;
+        self.queued.store(false, Ordering::Relaxed);
         if out.is_empty() {
             std::mem::swap(&mut out.frames, &mut st.frames);
         } else {
@@ -321,15 +339,19 @@ impl Outbox {
             out.seal();
             out.frames.append(&mut st.frames);
         }
-        let none_copied = st.copied.is_empty();
+        let drained = st.copied.len();
         out.copied.clear();
         out.written = 0;
+        out.last_drain = drained;
         std::mem::swap(&mut out.copied, &mut st.copied);
-        if none_copied {
-            // Nothing was copied since the last drain: the outbox keeps the writer's emptied
-            // buffer for the next pushes, and the writer needs none. Without this an idle
-            // member would keep two (one on each side) for good.
-            out.copied = Vec::new();
+        if drained < BUSY_DRAIN {
+            // A quiet member (a few lines per wake-up, or an idle one): no spare buffer is
+            // kept for it on either side, since its next push may be minutes away; 19,000
+            // idle members would otherwise hold two small buffers each for good.
+            st.copied = Vec::new();
+            if drained == 0 {
+                out.copied = Vec::new();
+            }
         }
         st.closed.clone()
     }
@@ -351,20 +373,20 @@ impl Outbox {
 
     /// Ready once the outbox is closed, or signalled ([`Outbox::signal_waker`]), or, with
     /// `frames`, once it holds something to drain; otherwise keeps `cx`'s waker, which the next
-    /// push into the empty queue (or a close, or the signal) wakes. Unlike [`Outbox::ready`] this is level-triggered and needs no `Notify` waiter
-    /// list: one lock the push takes anyway. Meant for one writer task; a writer that waits
-    /// here must not also wait in [`Outbox::ready`] (a push wakes one of them).
+    /// push into the empty queue (or a close, or the signal) wakes. Unlike [`Outbox::ready`]
+    /// this is level-triggered and needs no `Notify` waiter list, and it takes no lock (an
+    /// atomic waker and three flags), so the writer's waits never contend with the room's
+    /// pushes for the queue's mutex. Meant for one writer task; a writer that waits here must
+    /// not also wait in [`Outbox::ready`] (a push wakes one of them).
     pub fn poll_ready(&self, cx: &mut Context<'_>, frames: bool) -> Poll<()> {
-        let mut st = self.lock();
-        if st.closed.is_some()
-            || (frames && !st.is_empty())
+        // Register first, then look: a change made after the look wakes the waker registered
+        // before it (the changing side sets its flag, then takes the waker).
+        self.waker.register(cx.waker());
+        if self.is_closed.load(Ordering::Acquire)
             || self.signalled.load(Ordering::Acquire)
+            || (frames && self.queued.load(Ordering::Acquire))
         {
             return Poll::Ready(());
-        }
-        match &mut st.waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            slot => *slot = Some(cx.waker().clone()),
         }
         Poll::Pending
     }
@@ -391,8 +413,7 @@ impl Wake for Outbox {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.signalled.store(true, Ordering::Release);
-        let waker = self.lock().wake();
-        if let Some(w) = waker {
+        if let Some(w) = self.waker.take() {
             w.wake();
         }
     }
@@ -557,27 +578,43 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_writer_keeps_at_most_one_small_buffer() {
+    fn a_quiet_member_keeps_no_buffer_and_a_busy_one_keeps_two() {
         let o = copying(1 << 16);
         let mut q = ByteQueue::default();
+        // Quiet: a greeting, written, and nothing else.
         o.push(Bytes::from_static(b"hello\n"));
         o.drain_bytes(&mut q);
         q.advance(6);
-        q.trim(8, 1024);
+        q.trim(8, 4096);
         assert!(q.is_empty());
-        // A drain that brings no copied bytes (a storm's shared batch): the outbox keeps one
-        // emptied buffer, the writer none.
+        assert_eq!((q.copied.capacity(), o.lock().copied.capacity()), (0, 0));
+        // A storm's shared batch copies nothing: still no byte buffer anywhere.
         o.push(Bytes::from(vec![b'j'; COPY_MAX + 1]));
         o.drain_bytes(&mut q);
-        assert_eq!(q.copied.capacity(), 0);
-        assert!(o.lock().copied.capacity() > 0);
+        q.advance(q.len());
+        q.trim(8, 4096);
+        assert_eq!((q.copied.capacity(), o.lock().copied.capacity()), (0, 0));
+        // Busy: every wake-up brings more than BUSY_DRAIN bytes; the two buffers are kept and
+        // swapped, so the pushes of the next rounds allocate nothing.
+        let line = Bytes::from_static(b"0123456789012345678\n");
+        let mut caps = Vec::new();
+        for _ in 0..4 {
+            for _ in 0..(BUSY_DRAIN / line.len() + 1) {
+                o.push_ref(&line);
+            }
+            o.drain_bytes(&mut q);
+            q.advance(q.len());
+            q.trim(8, 4096);
+            caps.push((q.copied.capacity(), o.lock().copied.capacity()));
+        }
+        assert!(caps[1..].iter().all(|&(w, b)| w > 0 && b > 0), "{caps:?}");
         // A burst past the kept size is given back once written.
-        for _ in 0..100 {
-            o.push(Bytes::from_static(b"0123456789012345678\n"));
+        for _ in 0..300 {
+            o.push_ref(&line);
         }
         o.drain_bytes(&mut q);
         q.advance(q.len());
-        q.trim(8, 1024);
+        q.trim(8, 4096);
         assert_eq!(q.copied.capacity(), 0);
         assert!(q.frames.capacity() <= 8);
     }
