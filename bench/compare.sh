@@ -12,7 +12,15 @@
 # CASE is one of: fanout100 fanout1000 fanout10000 latency idle19000 (default: all, in that
 # order). PAIRS defaults to 5. Builds nothing: the binaries are taken from
 # ${CARGO_TARGET_DIR:-target}/release. LABEL=TEXT is put at the start of every run's label.
-# Needs port 42069 free. Run from the repository root.
+# BASELINE=PATH adds a third server to every round, another chatd binary (e.g. the build before a
+# change, copied aside), run as server=base between the reference and chatd on the same config;
+# bench/ratios.py then prints its ratios too, so before and after are measured in one run.
+# PORT=N (42069 by default) is the port both servers listen on (127.0.0.1 only); chatd then gets
+# a copy of config/bench.toml with that port, its own admin socket and its own state directory,
+# so it never meets another chatd on this machine. PORT=A-B picks, for every run, a port of that
+# range that no socket uses at that moment: ports above 32767 are also the kernel's ephemeral
+# ports, and another program's client connection can hold a fixed one just when a server
+# should bind it. Run from the repository root.
 set -euo pipefail
 out=${1:?usage: bench/compare.sh OUT.jsonl [PAIRS] [CASE...]}
 pairs=${2:-5}
@@ -27,6 +35,34 @@ done
 . bench/lib.sh
 build=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 prefix=${LABEL:-compare}
+baseline=${BASELINE:-}
+[ -z "$baseline" ] || [ -x "$baseline" ] || { echo "BASELINE=$baseline is not executable" >&2; exit 2; }
+ports=${PORT:-42069}
+scratch=$(mktemp -d /tmp/chatd-compare.XXXXXX)
+config=$scratch/bench.toml
+
+# pick_port: sets $port to PORT, or to a port of the range PORT=A-B that no socket uses now.
+pick_port() {
+    if [[ $ports != *-* ]]; then
+        port=$ports
+        return
+    fi
+    local lo=${ports%-*} hi=${ports#*-}
+    for _ in $(seq 50); do
+        port=$((lo + RANDOM % (hi - lo + 1)))
+        [ -z "$(ss -Htan "( sport = :$port )")" ] && return
+    done
+    echo "no free port in $ports" >&2
+    exit 2
+}
+
+# write_config: config/bench.toml for $port, with this run's own admin socket and state.
+write_config() {
+    sed -e "s/^listen = \[.*42069.*\]/listen = [\"127.0.0.1:$port\"]/" \
+        -e "s|^socket = \"\"|socket = \"$scratch/admin.sock\"|" \
+        -e "s|^state-dir = \"\"|state-dir = \"$scratch\"|" config/bench.toml >"$config"
+    grep -q "127.0.0.1:$port" "$config" || { echo "could not set the port in $config" >&2; exit 2; }
+}
 
 args_for() {
     case $1 in
@@ -46,6 +82,7 @@ cleanup() {
         kill "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
     fi
+    rm -rf "$scratch"
 }
 trap cleanup EXIT
 
@@ -53,16 +90,25 @@ trap cleanup EXIT
 run_one() {
     local server=$1 case=$2 pair=$3 args
     args=$(args_for "$case")
-    if [ "$server" = reference ]; then
-        start_reference "$bin/chat-reference" /tmp/chat-reference-compare.log
+    pick_port
+    write_config
+    case $server in
+    reference)
+        start_reference "$bin/chat-reference" "$scratch/reference.log" "127.0.0.1:$port"
         server_pid=$reference_pid
-    else
-        start_bench_chatd "$bin/chatd" /tmp/chatd-compare.log
+        ;;
+    base)
+        start_bench_chatd "$baseline" "$scratch/base.log" "$config" "$port"
         server_pid=$chatd_pid
-    fi
+        ;;
+    *)
+        start_bench_chatd "$bin/chatd" "$scratch/chatd.log" "$config" "$port"
+        server_pid=$chatd_pid
+        ;;
+    esac
     local label="$prefix build=$build server=$server case=$case pair=$pair load=$(cut -d' ' -f1 /proc/loadavg)"
     # shellcheck disable=SC2086
-    "$bin/chat-bench" $args --pid "$server_pid" --label "$label" >>"$out" \
+    "$bin/chat-bench" $args --addr "127.0.0.1:$port" --pid "$server_pid" --label "$label" >>"$out" \
         || echo "$server $case pair $pair: chat-bench exited $?" >&2
     kill "$server_pid"
     wait "$server_pid" || true
@@ -73,6 +119,7 @@ for case in "${cases[@]}"; do
     args_for "$case" >/dev/null
     for pair in $(seq "$pairs"); do
         run_one reference "$case" "$pair"
+        [ -z "$baseline" ] || run_one base "$case" "$pair"
         run_one chatd "$case" "$pair"
     done
 done

@@ -21,11 +21,13 @@ start_bench_chatd() {
     wait_bench_port "${4:-42069}"
 }
 
-# Starts REFERENCE (a chat-reference binary) on 127.0.0.1:42069 in the background, its
-# stderr in LOG, and returns once it accepts; its pid is then in $reference_pid.
+# Starts REFERENCE (a chat-reference binary) on 127.0.0.1:42069 (or ADDR, the optional third
+# argument, a 127.0.0.1 address) in the background, its stderr in LOG, and returns once it
+# accepts; its pid is then in $reference_pid.
 start_reference() {
-    "$1" --listen 127.0.0.1:42069 2>"$2" &
+    local addr=${3:-127.0.0.1:42069}
+    "$1" --listen "$addr" 2>"$2" &
     # shellcheck disable=SC2034 # read by the scripts that source this file
     reference_pid=$!
-    wait_bench_port
+    wait_bench_port "${addr##*:}"
 }

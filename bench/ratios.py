@@ -7,7 +7,9 @@ Reads the chat-bench lines whose label carries `server=... case=... pair=...` (w
 bench/compare.sh; PREFIX keeps only labels starting with it) and prints, per case, the medians
 of each server, chatd's ratio to the reference (ratio of the medians, and the per-pair ratios
 it summarises), the issue's target for that ratio, and the steal time of every run, as Markdown
-tables ready for docs/performance.md.
+tables ready for docs/performance.md. Runs labelled server=base (compare.sh's BASELINE=, an
+older chatd build in the same rounds) get their own medians, their ratio to the reference, and
+chatd's ratio to them (after / before).
 
 Exit status: 1 if any run lost, duplicated, reordered or never-sent (bogus) a message, or its
 receivers saw more than one order; 0 otherwise. Timeouts, errors and dropped connections are
@@ -131,20 +133,34 @@ def main():
     bad = False
     for case in cases:
         of_case = [r for r in runs if r["_f"]["case"] == case]
-        by = {
-            s: [r for r in of_case if r["_f"]["server"] == s] for s in ("reference", "chatd")
-        }
+        # "base" (BASELINE= in compare.sh: the build before a change) is optional.
+        servers = [s for s in ("reference", "base", "chatd") if s != "base" or any(
+            r["_f"]["server"] == "base" for r in of_case)]
+        by = {s: [r for r in of_case if r["_f"]["server"] == s] for s in servers}
+        has_base = "base" in by
         mode = of_case[0].get("mode")
         metrics = FANOUT_METRICS if mode == "fanout" else IDLE_METRICS
         if case == "latency":
             metrics = [m for m in metrics if m[0] not in LATENCY_ONLY]
-        print(f"### {case} ({len(by['reference'])} reference, {len(by['chatd'])} chatd runs)\n")
-        print("| metric | reference median | chatd median | chatd / reference | per-pair ratios | target |")
-        print("|---|---|---|---|---|---|")
+        counts = ", ".join(f"{len(by[s])} {s}" for s in servers)
+        print(f"### {case} ({counts} runs)\n")
+        if has_base:
+            print("| metric | reference median | base median | base / reference | chatd median "
+                  "| chatd / reference | per-round chatd / reference | chatd / base | target |")
+            print("|---|---|---|---|---|---|---|---|---|")
+        else:
+            print("| metric | reference median | chatd median | chatd / reference | per-pair ratios | target |")
+            print("|---|---|---|---|---|---|")
         for key, name, get, target in metrics:
-            ref = median(get(r) for r in by["reference"])
-            ch = median(get(r) for r in by["chatd"])
-            ratio = ch / ref if ref and ch is not None else None
+            med = {s: median(get(r) for r in by[s]) for s in servers}
+            ref, ch = med["reference"], med["chatd"]
+
+            def ratio(a, b):
+                return a / b if b and a is not None else None
+
+            def show(x):
+                return "—" if x is None else f"**{x:.3f}**"
+
             pairs = {}
             for r in of_case:
                 pairs.setdefault(r["_f"].get("pair"), {})[r["_f"]["server"]] = get(r)
@@ -154,13 +170,17 @@ def main():
                 if p.get("reference") and p.get("chatd") is not None
             ]
             target = CASE_TARGETS.get((case, key), target)
-            print(
-                f"| {name} | {fmt(ref)} | {fmt(ch)} | "
-                f"{'—' if ratio is None else f'**{ratio:.3f}**'} | "
-                f"{', '.join(f'{x:.2f}' for x in per_pair) or '—'} | {target} |"
-            )
+            per = ", ".join(f"{x:.2f}" for x in per_pair) or "—"
+            if has_base:
+                base = med["base"]
+                print(
+                    f"| {name} | {fmt(ref)} | {fmt(base)} | {show(ratio(base, ref))} | {fmt(ch)} | "
+                    f"{show(ratio(ch, ref))} | {per} | {show(ratio(ch, base))} | {target} |"
+                )
+            else:
+                print(f"| {name} | {fmt(ref)} | {fmt(ch)} | {show(ratio(ch, ref))} | {per} | {target} |")
         print()
-        for s in ("reference", "chatd"):
+        for s in servers:
             steal = ", ".join(
                 f"{r.get('steal_pct', '—')}" for r in by[s]
             )

@@ -7,7 +7,8 @@
 //!
 //! Ordering: every broadcast is pushed into all outboxes while the room lock is held, so all
 //! members receive room lines in one global order. The lock is a std mutex held only for those
-//! pushes (each a refcount bump and a queue append); no I/O and no `.await` happen under it.
+//! pushes (each a short copy into the member's byte queue, or a refcount bump and a queue
+//! append, see `outbox`); no I/O and no `.await` happen under it.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -662,7 +663,7 @@ impl Room {
             // A push that overflows closes the outbox; the member's session sees the close,
             // counts and logs it, ends, and calls `leave`, which announces it. It stays listed
             // until then so names are not freed twice.
-            if m.outbox.as_ref().is_some_and(|o| o.push(frame.clone())) {
+            if m.outbox.as_ref().is_some_and(|o| o.push_ref(frame)) {
                 delivered += 1;
             }
         }
@@ -1083,6 +1084,68 @@ mod tests {
                     .collect::<Vec<_>>()
             })
             .collect()
+    }
+
+    /// The same room events with every outbox copying small frames (the TCP driver's way) or
+    /// none: each member must get the same bytes in the same order.
+    #[test]
+    fn copying_outboxes_get_the_same_bytes_as_sharing_ones() {
+        let script = |copy: bool| -> Vec<Vec<u8>> {
+            let room = Room::new(5);
+            let outs: Vec<Arc<Outbox>> = (0..14)
+                .map(|_| {
+                    let o = Arc::new(Outbox::new(1 << 20));
+                    if copy {
+                        o.copy_small_frames();
+                    }
+                    o
+                })
+                .collect();
+            let mut got: Vec<Vec<u8>> = vec![Vec::new(); outs.len()];
+            let take = |got: &mut Vec<Vec<u8>>| {
+                for (o, g) in outs.iter().zip(got.iter_mut()) {
+                    let mut q = crate::outbox::ByteQueue::default();
+                    o.drain_bytes(&mut q);
+                    let mut slices = [std::io::IoSlice::new(&[]); 64];
+                    let n = q.io_slices(&mut slices);
+                    g.extend(slices[..n].iter().flat_map(|s| s.iter().copied()));
+                }
+            };
+            assert!(room.join(newcomer(0, name("n0"), outs[0].clone())).is_ok());
+            room.say(0, "before anyone else");
+            room.say(0, &"long ".repeat(200));
+            // A storm: the later joins are batched into shared frames.
+            for (i, o) in outs.iter().enumerate().skip(1) {
+                let id = i as ClientId;
+                assert!(
+                    room.join(newcomer(id, name(&format!("n{i}")), o.clone()))
+                        .is_ok()
+                );
+                if i == 5 {
+                    take(&mut got);
+                }
+            }
+            room.say(3, "hello");
+            room.act(4, "waves");
+            assert!(room.private(5, "n6", "psst").is_ok());
+            take(&mut got);
+            room.say(2, &"x".repeat(crate::outbox::COPY_MAX + 20));
+            room.leave(7, "quit");
+            assert!(room.kick("n8", "spam").is_ok());
+            room.say(1, "after");
+            room.flush_presence();
+            take(&mut got);
+            got
+        };
+        let (shared, copied) = (script(false), script(true));
+        assert!(shared.iter().all(|g| !g.is_empty()));
+        for (i, (s, c)) in shared.iter().zip(&copied).enumerate() {
+            assert_eq!(
+                String::from_utf8_lossy(c),
+                String::from_utf8_lossy(s),
+                "member n{i}"
+            );
+        }
     }
 
     #[test]

@@ -30,6 +30,12 @@ const MAX_IOVECS: usize = 64;
 /// The largest emptied write queue a session keeps (in frames, 32 bytes each): enough for the
 /// usual few frames between writes, small next to a connection's ~4 KB.
 const KEEP_QUEUE: usize = 8;
+/// The largest emptied byte buffer a TCP session keeps for the next drain (see
+/// `outbox::ByteQueue::trim`): what queues up for a member of a busy room between two of its
+/// wake-ups, so that the two buffers swapped between the outbox and the writer are not
+/// allocated again on every burst (the reference server keeps 4 KiB too). A member that was
+/// busy and went quiet keeps up to two.
+const KEEP_BYTES: usize = 4096;
 /// Bytes read per wake-up.
 const READ_CHUNK: usize = 4096;
 

@@ -4,22 +4,24 @@
 //! nothing is cancelled half-way (every I/O call is a synchronous `try_*`). What the lines mean
 //! is the conversation's business (`core.rs`); this file only moves bytes and keeps time.
 
-use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Context;
 
-use bytes::{Buf, Bytes};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 
-use super::{CLOSE_FLUSH_TIMEOUT, KEEP_QUEUE, LINGER, MAX_IOVECS, READ_CHUNK, sleep_opt};
+use super::{
+    CLOSE_FLUSH_TIMEOUT, KEEP_BYTES, KEEP_QUEUE, LINGER, MAX_IOVECS, READ_CHUNK, sleep_opt,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::core::Conversation;
 use crate::engine::Transport;
-use crate::outbox::Close;
+use crate::outbox::{ByteQueue, Close};
 use crate::shared::Shared;
 use chat_proto::codec::LineDecoder;
 
@@ -29,9 +31,10 @@ pub struct Session {
     /// What the client's lines mean, and its outbox.
     talk: Conversation,
     decoder: LineDecoder,
-    /// Frames taken from the outbox but not yet fully written; the first one is advanced past
-    /// what is already on the wire (its own handle only: the bytes stay shared).
-    pending: VecDeque<Bytes>,
+    /// What was taken from the outbox but not yet written: the outbox copies small frames into
+    /// one buffer for this driver (`Outbox::copy_small_frames`), so a wake-up's lines usually go
+    /// out in one `write`.
+    pending: ByteQueue,
     last_read: Instant,
     /// Whether the first bytes are still to be checked for a PROXY protocol header, which a
     /// listener without `proxy-protocol` refuses.
@@ -42,11 +45,13 @@ impl Session {
     /// A session for an accepted connection.
     pub fn new(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) -> Self {
         let max_line = shared.live.load().config.limits.max_line_length.get();
+        let talk = Conversation::new(peer, Transport::Tcp, shared);
+        talk.outbox().copy_small_frames();
         Session {
             stream,
-            talk: Conversation::new(peer, Transport::Tcp, shared),
+            talk,
             decoder: LineDecoder::new(max_line),
-            pending: VecDeque::new(),
+            pending: ByteQueue::default(),
             last_read: Instant::now(),
             check_header: true,
         }
@@ -63,14 +68,21 @@ impl Session {
         let name_deadline =
             Instant::now() + self.talk.shared().live.load().config.limits.name_timeout;
         let mut close_deadline: Option<Instant> = None;
-        // This session's own token, waited on by one future for the whole session. Every
-        // wake-up polls it, and polling the server-wide token takes that token's locks, shared
-        // by every session on both workers: a worker that stalls holding one (preempted, or its
-        // virtual CPU descheduled) stalls the other one's writers too. A child token's locks
-        // are this session's alone; shutdown still reaches it through the parent.
+        // This session's own token, waited on by one future for the whole session. Polling
+        // the server-wide token takes that token's locks, shared by every session on both
+        // workers: a worker that stalls holding one (preempted, or its virtual CPU
+        // descheduled) stalls the other one's writers too. A child token's locks are this
+        // session's alone; shutdown still reaches it through the parent.
         let shutdown = shutdown.child_token();
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
+        // Even a child token costs two lock round trips per poll (its flag, then its `Notify`),
+        // and a `select!` branch is polled on most turns: 3-4 % of the CPU of a busy fan-out.
+        // So the token is polled outside the `select!`, with a waker that marks the outbox
+        // signalled and wakes this task through it: once at the start (which registers it),
+        // then only on a turn after that waker fired.
+        let signal = self.talk.outbox().signal_waker();
+        let mut poll_shutdown = true;
 
         let result: io::Result<()> = async {
             loop {
@@ -78,7 +90,7 @@ impl Session {
                 // before: the outbox's byte bound then also bounds `pending`, so a client that
                 // stops reading holds at most two queues' worth before its outbox overflows.
                 let closed = if self.pending.is_empty() {
-                    self.talk.outbox().drain_into(&mut self.pending)
+                    self.talk.outbox().drain_bytes(&mut self.pending)
                 } else {
                     self.talk.outbox().closed()
                 };
@@ -95,7 +107,7 @@ impl Session {
                 self.write_pending()?;
                 if close_deadline.is_some() && self.pending.is_empty() {
                     // Closing: end once the last frames still in the outbox are written too.
-                    self.talk.outbox().drain_into(&mut self.pending);
+                    self.talk.outbox().drain_bytes(&mut self.pending);
                     if self.pending.is_empty() {
                         self.linger().await;
                         return Ok(());
@@ -103,12 +115,31 @@ impl Session {
                     continue;
                 }
                 let closing = close_deadline.is_some();
+                // Taken on every turn, closing or not: a signal left set would keep
+                // `poll_ready` ready, and this loop would spin.
+                let signalled = self.talk.outbox().take_signal();
+                if !closing
+                    && (std::mem::take(&mut poll_shutdown) || signalled)
+                    && cancelled
+                        .as_mut()
+                        .poll(&mut Context::from_waker(&signal))
+                        .is_ready()
+                {
+                    self.talk.shut_down();
+                    continue;
+                }
                 let flush_at = self.partial_flush_at();
                 let naming = self.talk.is_naming();
                 // While a step waits for the engine, the client's lines stay unread (core.rs).
                 let waiting = self.talk.is_waiting();
+                // The outbox wakes this task itself (a waker kept under the lock its pushes
+                // take anyway, not a `Notify` waiter registered and removed on every turn). It
+                // is level-triggered, so it is waited on only while that can end: for new
+                // frames once `pending` is written, and for a close or the shutdown signal
+                // until closing (a closing session waits for its socket or its deadline; a
+                // closed outbox would be ready on every turn).
+                let idle = self.pending.is_empty();
                 tokio::select! {
-                    _ = &mut cancelled, if !closing => self.talk.shut_down(),
                     ready = self.stream.readable(), if !closing && !waiting => {
                         ready?;
                         if !self.read_available()? {
@@ -116,7 +147,7 @@ impl Session {
                         }
                     }
                     ready = self.stream.writable(), if !self.pending.is_empty() => ready?,
-                    _ = self.talk.outbox().ready() => {}
+                    _ = poll_fn(|cx| self.talk.outbox().poll_ready(cx, idle)), if !closing => {}
                     _ = sleep_opt(flush_at), if flush_at.is_some() && !closing && !waiting => {
                         if let Some(frame) = self.decoder.take_partial() {
                             self.talk.handle_frame(frame);
@@ -250,42 +281,30 @@ impl Session {
     fn write_pending(&mut self) -> io::Result<()> {
         while !self.pending.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut n = 0;
-            for (slot, frame) in slices.iter_mut().zip(&self.pending) {
-                *slot = IoSlice::new(frame);
-                n += 1;
-            }
-            match self.stream.try_write_vectored(&slices[..n]) {
+            let n = self.pending.io_slices(&mut slices);
+            // Usually one slice (the copied lines): a plain `write`.
+            let result = match &slices[..n] {
+                [one] => self.stream.try_write(one),
+                many => self.stream.try_write_vectored(many),
+            };
+            match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(mut wrote) => {
+                Ok(wrote) => {
                     self.talk
                         .shared()
                         .activity
                         .bytes_sent
                         .fetch_add(wrote as u64, std::sync::atomic::Ordering::Relaxed);
-                    while wrote > 0 {
-                        let Some(front) = self.pending.front_mut() else {
-                            break;
-                        };
-                        if wrote >= front.len() {
-                            wrote -= front.len();
-                            self.pending.pop_front();
-                        } else {
-                            front.advance(wrote);
-                            wrote = 0;
-                        }
-                    }
+                    self.pending.advance(wrote);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
-        // Everything is written. This queue goes back to the outbox on the next drain (a swap),
-        // so keeping a small one spares the room a queue allocation, under its lock, on the
-        // next push to this member; a queue grown by a burst is given back.
-        if self.pending.capacity() > KEEP_QUEUE {
-            self.pending = VecDeque::new();
-        }
+        // Everything is written. These buffers go back to the outbox on the next drain (a
+        // swap), so keeping small ones spares the room an allocation, under its lock, on the
+        // next push to this member; buffers grown by a burst are given back.
+        self.pending.trim(KEEP_QUEUE, KEEP_BYTES);
         Ok(())
     }
 }
