@@ -1111,16 +1111,13 @@ mod tests {
                     g.extend(slices[..n].iter().flat_map(|s| s.iter().copied()));
                 }
             };
-            assert!(room.join(newcomer(0, name("n0"), outs[0].clone())).is_ok());
+            assert!(now(room.join(newcomer(0, name("n0"), outs[0].clone()))).is_ok());
             room.say(0, "before anyone else");
             room.say(0, &"long ".repeat(200));
             // A storm: the later joins are batched into shared frames.
             for (i, o) in outs.iter().enumerate().skip(1) {
                 let id = i as ClientId;
-                assert!(
-                    room.join(newcomer(id, name(&format!("n{i}")), o.clone()))
-                        .is_ok()
-                );
+                assert!(now(room.join(newcomer(id, name(&format!("n{i}")), o.clone()))).is_ok());
                 if i == 5 {
                     take(&mut got);
                 }
