@@ -1424,15 +1424,11 @@ fn cluster_a_websocket_message_of_several_lines_waits_for_its_claim() {
         Some("webbo: hello from a browser")
     );
     // chatctl on the other node sees the browser user under its new name, on node a.
-    let v = ds[1].chatctl_json(&["list"]);
-    let users = v["response"]["users"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let users = ds[1].users();
     assert!(
         users
             .iter()
             .any(|u| u["name"] == "webbo" && u["node"] == "a"),
-        "{v}"
+        "{users:?}"
     );
 }

@@ -168,11 +168,7 @@ fn chatctl_lists_the_transport_kicks_with_4000_and_status_and_metrics_count_it()
         .find(|l| l.starts_with("wendy"))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(row.split_whitespace().any(|w| w == "ws"), "{text}");
-    let users = d.chatctl_json(&["list"]);
-    let users = users["response"]["users"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let users = d.users();
     assert!(
         users
             .iter()
@@ -477,11 +473,7 @@ fn wss_serves_the_tls_certificate_and_follows_its_rotation() {
     );
     assert_eq!(refused.err().map(|r| r.status), Some(403));
 
-    let users = d.chatctl_json(&["list"]);
-    let users = users["response"]["users"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let users = d.users();
     assert!(users.iter().any(|u| u["transport"] == "wss"), "{users:?}");
 
     // Rotation: the same files get a new certificate; a reload puts it in force.

@@ -392,6 +392,14 @@ impl TestDaemon {
         assert!(out.status.success(), "{out:?}");
         json(&out)
     }
+
+    /// The users `chatctl --json list` shows, one JSON object each (name, node, transport...).
+    pub fn users(&self) -> Vec<serde_json::Value> {
+        self.chatctl_json(&["list"])["response"]["users"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for TestDaemon {
