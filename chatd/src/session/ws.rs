@@ -6,12 +6,12 @@
 //! - one task owns the socket; a single `select!` waits for "socket progressed", "outbox has
 //!   frames", "naming deadline" and "shutdown", and every WebSocket call is a `poll_*` that
 //!   either moves a whole message or registers a waker, so nothing is cancelled half-way;
-//! - lines are written like the TCP driver writes them: straight from the outbox's shared
-//!   frames, one vectored write per batch, each line behind its own text-frame header (no copy
-//!   per recipient); tungstenite parses what the client sends and writes only control frames
-//!   (pongs, the close), which [`Tap`] holds until the frame being written is complete;
-//! - the outbox is drained only once the socket took and flushed the previous batch, so the
-//!   outbox's byte bound bounds what a client that stopped reading holds;
+//! - a drained batch of lines is encoded at once into one reusable per-session buffer, each
+//!   line behind its own text-frame header, and written from there; tungstenite parses what
+//!   the client sends and writes only control frames (pongs, the close), which [`Tap`] holds
+//!   until the frame being written is complete;
+//! - the outbox is drained only once the socket took the previous batch, so the outbox's byte
+//!   bound bounds what a client that stopped reading holds;
 //! - every end is a WebSocket close with a code saying why, after the last protocol line that
 //!   explains it: 1000 quit, 1001 shutdown, 1002/1007 malformed frames, 1003 binary, 1008
 //!   flooding (lines or pings), 1009 too long, 4000 kicked, 4001 banned, 4002 too slow a
@@ -19,7 +19,7 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::core::Conversation;
-use super::{CLOSE_FLUSH_TIMEOUT, KEEP_QUEUE, LINGER, MAX_IOVECS, sleep_opt};
+use super::{CLOSE_FLUSH_TIMEOUT, KEEP_QUEUE, LINGER, sleep_opt};
 use crate::engine::Transport;
 use crate::outbox::Close;
 use crate::shared::{LimitCounters, Shared};
@@ -212,144 +212,195 @@ fn text_header(len: usize, out: &mut [u8; 10]) -> usize {
     }
 }
 
-/// The payload of a queued line: the line without its `\n`.
-fn payload(line: &[u8]) -> &[u8] {
-    line.strip_suffix(b"\n").unwrap_or(line)
-}
-
-/// Bytes a queued line takes on the wire as one text frame.
-fn wire_len(line: &[u8]) -> usize {
-    let len = payload(line).len();
-    text_header(len, &mut [0; 10]) + len
+/// The length of the frame header starting `at` in `buf` (as [`text_header`] wrote it) and
+/// the frame's whole length; `None` if `buf` ends inside the header.
+fn frame_len(buf: &[u8], at: usize) -> Option<usize> {
+    let head = buf.get(at..)?;
+    let (hl, pl) = match head.get(1)? & 0x7f {
+        126 => (
+            4,
+            usize::from(u16::from_be_bytes([*head.get(2)?, *head.get(3)?])),
+        ),
+        127 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(head.get(2..10)?);
+            (10, usize::try_from(u64::from_be_bytes(b)).ok()?)
+        }
+        n => (2, usize::from(n)),
+    };
+    Some(hl + pl)
 }
 
 /// The WebSocket and what only I/O touches, apart from the conversation, so one future can
 /// borrow it while another waits on the conversation's outbox.
 ///
-/// Lines go out like the TCP driver's: the room's shared frames are written straight from the
-/// queue with one vectored write per batch, each behind a 2-byte (4 for long lines) frame
-/// header, with no copy and no per-line allocation. tungstenite parses what the client sends
-/// and writes only control frames, through [`Tap`].
+/// A drained batch of lines is encoded at once into one per-session buffer, each line behind
+/// its 2-byte (4 for long lines) text-frame header, and the room's shared frames are dropped
+/// right away: one copy of a few bytes per line, against the per-line frame handles, splits
+/// and iovecs a write straight from the queue needs (a profile's top cost). The buffer goes
+/// out in plain writes; a buffer grown by a burst is given back once it is out, so an idle
+/// connection keeps at most [`OUT_KEEP`] bytes of it. tungstenite parses what the client
+/// sends and writes only control frames, through [`Tap`], which go out between two frames.
 struct Wire<S> {
     ws: WebSocketStream<Tap<S>>,
-    /// Lines taken from the outbox and not yet on the socket, each ending in `\n` (a frame
-    /// holding several lines is split before it is sent).
+    /// Where the outbox's frames are drained to; emptied into `out` at once, so the next
+    /// drain is a swap of queues (see `Outbox::drain_into`).
     pending: VecDeque<Bytes>,
-    /// Bytes of the first pending line's frame already on the socket.
-    front_sent: usize,
-    /// How many of the first pending entries are known to be single lines.
-    split: usize,
+    /// The encoded batch: whole text frames, one per line.
+    out: Vec<u8>,
+    /// Bytes of `out` already on the socket.
+    out_sent: usize,
+    /// The start of a frame in `out` at or before `out_sent`; moved forward only when a
+    /// control frame waits for the end of the frame being written.
+    frame_start: usize,
     /// The socket took bytes it has not flushed yet (a TLS layer's records).
     unflushed: bool,
     /// Bytes written since they were last counted.
     sent: u64,
 }
 
+/// The largest emptied batch buffer a session keeps (see [`Wire`]).
+const OUT_KEEP: usize = 1024;
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
-    /// Whether everything taken from the outbox has left for the socket.
+    /// Whether everything taken from the outbox has left for the socket and was flushed.
     fn idle(&self) -> bool {
-        self.pending.is_empty() && !self.unflushed && self.ws.get_ref().control.is_empty()
+        self.taken() && !self.unflushed && self.ws.get_ref().control.is_empty()
     }
 
-    /// Makes the pending frame at `i` a single line (a frame holding several lines becomes
-    /// one entry per line; a frame without a newline is one line as it is).
-    fn split_lines(pending: &mut VecDeque<Bytes>, i: usize) {
-        let Some(frame) = pending.get_mut(i) else {
-            return;
-        };
-        let Some(end) = memchr::memchr(b'\n', frame) else {
-            return;
-        };
-        if end + 1 < frame.len() {
-            let rest = frame.split_off(end + 1);
-            pending.insert(i + 1, rest);
+    /// Whether the socket took every byte of the last batch, so the next one can be taken:
+    /// what a client that stopped reading holds stays bounded by one outbox's bytes.
+    fn taken(&self) -> bool {
+        self.out.is_empty() && self.pending.is_empty()
+    }
+
+    /// Encodes the drained frames into `out`: each line (a frame may hold several, each
+    /// ending in `\n`; one without a newline is a line as it is) becomes one text frame.
+    fn encode(&mut self) {
+        for frame in self.pending.drain(..) {
+            let mut rest = &frame[..];
+            loop {
+                let (line, more) = match memchr::memchr(b'\n', rest) {
+                    Some(i) => (&rest[..i], &rest[i + 1..]),
+                    None => (rest, &[][..]),
+                };
+                let mut header = [0u8; 10];
+                let hl = text_header(line.len(), &mut header);
+                self.out.extend_from_slice(&header[..hl]);
+                self.out.extend_from_slice(line);
+                if more.is_empty() {
+                    break;
+                }
+                rest = more;
+            }
+        }
+        // A queue grown by a burst is given back (see `tcp.rs`).
+        if self.pending.capacity() > KEEP_QUEUE {
+            self.pending = VecDeque::new();
         }
     }
 
-    /// Writes control frames and pending lines until the socket would block; returns
+    /// Where the frame being written ends, moving `frame_start` up to it; `None` when
+    /// `out_sent` is at a frame boundary (or `out` is malformed, which it never is).
+    fn frame_end(&mut self) -> Option<usize> {
+        while self.frame_start < self.out_sent {
+            let end = self.frame_start + frame_len(&self.out, self.frame_start)?;
+            if end > self.out_sent {
+                return Some(end.min(self.out.len()));
+            }
+            self.frame_start = end;
+        }
+        None
+    }
+
+    /// Writes control frames and the encoded batch until the socket would block; returns
     /// whether anything moved.
     fn poll_write_lines(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
         let mut moved = false;
-        let tap = self.ws.get_mut();
         loop {
-            if self.front_sent == 0 && !tap.control.is_empty() {
-                match tap.poll_control(cx) {
-                    Poll::Ready(Ok(())) => {
-                        moved = true;
-                        self.unflushed = true;
+            // A control frame waits for the end of the frame being written, then goes first.
+            let mut end = self.out.len();
+            if !self.ws.get_ref().control.is_empty() {
+                match self.frame_end() {
+                    Some(frame_end) => end = frame_end,
+                    None => {
+                        let tap = self.ws.get_mut();
+                        tap.mid_frame = false;
+                        match tap.poll_control(cx) {
+                            Poll::Ready(Ok(())) => {
+                                moved = true;
+                                self.unflushed = true;
+                            }
+                            Poll::Ready(Err(e)) => return Err(e),
+                            Poll::Pending => return Ok(moved),
+                        }
                     }
-                    Poll::Ready(Err(e)) => return Err(e),
-                    Poll::Pending => return Ok(moved),
                 }
             }
-            if self.pending.is_empty() {
+            if self.out_sent == self.out.len() {
                 return Ok(moved);
             }
-            let mut headers = [[0u8; 10]; MAX_IOVECS / 2];
-            let mut lens = [0usize; MAX_IOVECS / 2];
-            let n = self.pending.len().min(MAX_IOVECS / 2);
-            for i in 0..n {
-                if i >= self.split {
-                    Self::split_lines(&mut self.pending, i);
-                    self.split = i + 1;
-                }
-                lens[i] = text_header(payload(&self.pending[i]).len(), &mut headers[i]);
-            }
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut used = 0;
-            let mut skip = self.front_sent;
-            for (i, line) in self.pending.iter().take(n).enumerate() {
-                for part in [&headers[i][..lens[i]], payload(line)] {
-                    if skip >= part.len() {
-                        skip -= part.len();
-                        continue;
-                    }
-                    slices[used] = IoSlice::new(&part[skip..]);
-                    skip = 0;
-                    used += 1;
-                }
-            }
-            let wrote = match Pin::new(&mut tap.io).poll_write_vectored(cx, &slices[..used]) {
+            let tap = self.ws.get_mut();
+            let chunk = &self.out[self.out_sent..end];
+            let wrote = match Pin::new(&mut tap.io).poll_write(cx, chunk) {
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Poll::Ready(Ok(w)) => w,
+                Poll::Ready(Ok(w)) => w.min(chunk.len()),
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => return Ok(moved),
             };
             moved = true;
             self.unflushed = true;
             self.sent += wrote as u64;
-            let mut left = wrote;
-            while left > 0 {
-                let Some(front) = self.pending.front() else {
-                    break;
-                };
-                let rest = wire_len(front) - self.front_sent;
-                if left >= rest {
-                    left -= rest;
-                    self.pending.pop_front();
-                    self.split = self.split.saturating_sub(1);
-                    self.front_sent = 0;
-                } else {
-                    self.front_sent += left;
-                    left = 0;
+            self.out_sent += wrote;
+            if self.out_sent == self.out.len() {
+                // The batch is out: keep a small buffer for the next, give a burst's back.
+                self.out.clear();
+                self.out_sent = 0;
+                self.frame_start = 0;
+                if self.out.capacity() > OUT_KEEP {
+                    self.out = Vec::new();
                 }
+                tap.mid_frame = false;
+                return Ok(moved);
             }
-            tap.mid_frame = self.front_sent > 0;
+            // Possibly inside a frame: tungstenite's own flushes leave control frames to
+            // this writer, which sends them at the next frame boundary.
+            tap.mid_frame = true;
         }
+    }
+
+    /// Writes the rest of the frame being written, if one is half-way out, and drops what
+    /// follows it: a session ending before its batch is out (a slow reader's 4002) ends its
+    /// last frame so the close frame can follow it.
+    fn poll_finish_frame(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(end) = self.frame_end() {
+            let chunk = &self.out[self.out_sent..end];
+            match Pin::new(&mut self.ws.get_mut().io).poll_write(cx, chunk) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(w)) => {
+                    let w = w.min(chunk.len());
+                    self.out_sent += w;
+                    self.sent += w as u64;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.out = Vec::new();
+        self.out_sent = 0;
+        self.frame_start = 0;
+        self.ws.get_mut().mid_frame = false;
+        Poll::Ready(Ok(()))
     }
 
     /// Writes and flushes what is pending, then reads if `read`; ready once something moved.
     fn poll_io(&mut self, cx: &mut Context<'_>, read: bool) -> Poll<Result<Io, WsError>> {
         let mut moved = self.poll_write_lines(cx)?;
-        if self.pending.is_empty() && self.unflushed {
+        if self.out.is_empty() && self.unflushed {
             match Pin::new(&mut self.ws.get_mut().io).poll_flush(cx) {
                 Poll::Ready(Ok(())) => {
                     moved = true;
                     self.unflushed = false;
-                    // A queue grown by a burst is given back (see `tcp.rs`).
-                    if self.pending.capacity() > KEEP_QUEUE {
-                        self.pending = VecDeque::new();
-                    }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                 Poll::Pending => {}
@@ -403,8 +454,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
             wire: Wire {
                 ws,
                 pending: VecDeque::new(),
-                front_sent: 0,
-                split: 0,
+                out: Vec::new(),
+                out_sent: 0,
+                frame_start: 0,
                 unflushed: false,
                 sent: 0,
             },
@@ -428,11 +480,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
         tokio::pin!(cancelled);
 
         let end = loop {
-            // More from the outbox only once the WebSocket took and flushed the last batch.
-            let closed = if self.wire.idle() {
-                let closed = self.talk.outbox().drain_into(&mut self.wire.pending);
-                self.note_last_line(closed.as_ref());
-                closed
+            // More from the outbox as soon as the socket took the last batch.
+            let closed = if self.wire.taken() {
+                self.take_batch()
             } else {
                 self.talk.outbox().closed()
             };
@@ -451,9 +501,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
                 && self.wire.idle()
             {
                 // Closing: end once the last lines still in the outbox are sent too.
-                let closed = self.talk.outbox().drain_into(&mut self.wire.pending);
-                self.note_last_line(closed.as_ref());
-                if self.wire.pending.is_empty() {
+                self.take_batch();
+                if self.wire.out.is_empty() {
                     let (code, text) = self
                         .close
                         .take()
@@ -498,12 +547,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
         match end {
             End::Close(code, reason) => self.close_with(code, reason).await,
             End::PeerClosed => {
-                let ws = &mut self.wire.ws;
-                let _ = tokio::time::timeout(LINGER, futures::SinkExt::flush(ws)).await;
+                let wire = &mut self.wire;
+                let _ = tokio::time::timeout(LINGER, async {
+                    poll_fn(|cx| wire.poll_finish_frame(cx)).await?;
+                    futures::SinkExt::flush(&mut wire.ws).await
+                })
+                .await;
+                self.count_sent();
             }
             End::Gone => {}
         }
         self.talk.finish();
+    }
+
+    /// Drains the outbox into the wire's buffer; reports whether the outbox is closed.
+    fn take_batch(&mut self) -> Option<Close> {
+        let closed = self.talk.outbox().drain_into(&mut self.wire.pending);
+        self.note_last_line(closed.as_ref());
+        self.wire.encode();
+        closed
     }
 
     /// Adds what was handed to the WebSocket to the daemon's byte count.
@@ -686,13 +748,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
         }
     }
 
-    /// Sends the close frame, then waits (at most [`LINGER`] after it is out) for the peer's
-    /// close, so its last lines are not lost to a reset.
+    /// Ends the frame being written, sends the close frame, then waits (at most [`LINGER`]
+    /// after it is out) for the peer's close, so its last lines are not lost to a reset.
     async fn close_with(&mut self, code: u16, reason: String) {
         let frame = CloseFrame {
             code: CloseCode::from(code),
             reason: cut(&reason, 123).into(),
         };
+        let wire = &mut self.wire;
+        let finished = tokio::time::timeout(
+            CLOSE_FLUSH_TIMEOUT,
+            poll_fn(|cx| wire.poll_finish_frame(cx)),
+        )
+        .await;
+        self.count_sent();
+        if !matches!(finished, Ok(Ok(()))) {
+            return;
+        }
         let ws = &mut self.wire.ws;
         let sent = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, ws.close(Some(frame))).await;
         if !matches!(sent, Ok(Ok(()))) {
@@ -865,8 +937,9 @@ mod tests {
         let mut wire = Wire {
             ws,
             pending: VecDeque::new(),
-            front_sent: 0,
-            split: 0,
+            out: Vec::new(),
+            out_sent: 0,
+            frame_start: 0,
             unflushed: false,
             sent: 0,
         };
@@ -876,6 +949,7 @@ mod tests {
         wire.pending.push_back(Bytes::from_static(b"b\nc\n"));
         wire.pending.push_back(Bytes::from(format!("{long}\n")));
         wire.pending.push_back(Bytes::from(format!("{huge}\n")));
+        wire.encode();
         let pong = [0x8a, 0x02, b'h', b'i'];
         let mut turns = 0;
         while !wire.idle() {
