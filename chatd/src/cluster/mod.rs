@@ -24,7 +24,7 @@
 pub mod bus;
 pub mod wire;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -76,6 +76,11 @@ struct Outgoing {
     msg_id: String,
     /// Who is told if it cannot be published.
     sender: Option<Arc<Outbox>>,
+    /// Events of one lane reach the stream in the order they were queued: at most one of a
+    /// lane is in flight. A member of this node is its own lane (its id); events about no
+    /// member of this node (announcements, kicks and leaves of other nodes' members) share
+    /// lane 0.
+    lane: ClientId,
 }
 
 /// A member of this node whose join is published but not yet delivered back.
@@ -322,6 +327,10 @@ impl Cluster {
     }
 
     fn send_with_id(&self, event: WireEvent, msg_id: String, sender: Option<Arc<Outbox>>) {
+        let lane = event
+            .who()
+            .filter(|who| self.is_me(who))
+            .map_or(0, |who| who.id);
         let env = Envelope {
             v: wire::VERSION,
             from: self.node.clone(),
@@ -331,6 +340,7 @@ impl Cluster {
             payload: Bytes::from(env.encode()),
             msg_id,
             sender,
+            lane,
         };
         if let Err(e) = self.publish.try_send(out) {
             let out = match e {
@@ -439,9 +449,13 @@ impl Cluster {
         let _ = tokio::time::timeout(Duration::from_secs(2), bus.leave(&self.node)).await;
     }
 
-    /// Publishes queued events in order, many acknowledgements in flight at once; an event not
-    /// acknowledged is retried under the same message id (stored once), and one that still
-    /// fails is reported to its sender.
+    /// Publishes queued events, many acknowledgements in flight at once but at most one per
+    /// lane (see `Outgoing::lane`): a member's next line is sent only once its previous one is
+    /// acknowledged. An event not acknowledged is retried under the same message id (stored
+    /// once); if it is retried after a later event of its lane got in, it would be stored
+    /// after it (a later stream sequence), and every node would show that member's lines
+    /// swapped. One that still fails is reported to its sender, and so is every event queued
+    /// behind it in its lane (its fate is unknown, so nothing may overtake it).
     async fn publisher(self: Arc<Self>, bus: Bus) {
         let Some(mut rx) = self
             .publish_rx
@@ -451,59 +465,117 @@ impl Cluster {
         else {
             return;
         };
-        let (acks_tx, mut acks_rx) = mpsc::channel::<(bus::AckFuture, Outgoing)>(8192);
-        let acker = {
-            let bus = bus.clone();
-            tokio::spawn(async move {
-                while let Some((ack, out)) = acks_rx.recv().await {
-                    if ack.await.is_ok() {
+        // Lanes with an event in flight, and the events waiting behind it.
+        let mut busy: HashMap<ClientId, VecDeque<Outgoing>> = HashMap::new();
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        // While the link is down nothing is handed to the client (it would buffer the message
+        // and may send it after its sender was told it failed): each event waits for the link
+        // (bounded by the bus's publish deadline), and once the link has been down that long,
+        // events fail at once instead of each waiting in turn.
+        let mut down_since: Option<Instant> = None;
+        let mut open = true;
+        while open || !in_flight.is_empty() {
+            tokio::select! {
+                out = rx.recv(), if open => {
+                    let Some(out) = out else {
+                        open = false;
+                        continue;
+                    };
+                    if let Some(queue) = busy.get_mut(&out.lane) {
+                        queue.push_back(out);
                         continue;
                     }
-                    match bus.publish(out.payload.clone(), out.msg_id.clone()).await {
-                        Ok(_) => {}
-                        Err(e) => {
-                            warn!(error = %e, "a room event was not delivered to the cluster");
+                    busy.insert(out.lane, VecDeque::new());
+                    let sent = self.publish_one(&bus, out, &mut down_since).await;
+                    in_flight.push(sent);
+                }
+                Some((lane, delivered)) = in_flight.next() => {
+                    if delivered {
+                        // The link worked since it was last seen down.
+                        down_since = None;
+                    }
+                    let Some(queue) = busy.get_mut(&lane) else {
+                        continue;
+                    };
+                    if !delivered {
+                        for out in queue.drain(..) {
+                            warn!(msg_id = %out.msg_id, "an event queued behind one that was not delivered is refused");
                             not_delivered(
                                 out.sender.as_deref(),
-                                "the room's message bus did not take it",
+                                "a line before it did not reach the room",
                             );
                         }
                     }
+                    match queue.pop_front() {
+                        Some(next) => {
+                            let sent = self.publish_one(&bus, next, &mut down_since).await;
+                            in_flight.push(sent);
+                        }
+                        None => {
+                            busy.remove(&lane);
+                            if busy.is_empty() && busy.capacity() > 1024 {
+                                busy = HashMap::new();
+                            }
+                        }
+                    }
                 }
-            })
-        };
-        // While the link is down nothing is handed to the client (it would buffer the message
-        // and may send it after its sender was told it failed): each line waits for the link
-        // (bounded by the bus's publish deadline), and once the link has been down that long,
-        // lines fail at once instead of each waiting in turn.
-        let mut down_since: Option<Instant> = None;
-        while let Some(out) = rx.recv().await {
-            if bus.is_connected() {
-                down_since = None;
-                let ack = bus.send(out.payload.clone(), &out.msg_id).await;
-                if acks_tx.send((ack, out)).await.is_err() {
-                    break;
-                }
-                continue;
-            }
-            let since = *down_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= bus::PUBLISH_DEADLINE {
-                not_delivered(
-                    out.sender.as_deref(),
-                    "the room's message bus is unreachable",
-                );
-                continue;
-            }
-            if let Err(e) = bus.publish(out.payload.clone(), out.msg_id.clone()).await {
-                warn!(error = %e, "a room event was not delivered to the cluster");
-                not_delivered(
-                    out.sender.as_deref(),
-                    "the room's message bus is unreachable",
-                );
             }
         }
-        drop(acks_tx);
-        let _ = acker.await;
+    }
+
+    /// Hands `out` to the bus and returns what resolves to (its lane, whether it reached the
+    /// stream); one that does not is reported to its sender and logged.
+    async fn publish_one(
+        &self,
+        bus: &Bus,
+        out: Outgoing,
+        down_since: &mut Option<Instant>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = (ClientId, bool)> + Send>> {
+        let lane = out.lane;
+        if bus.is_connected() {
+            *down_since = None;
+            let ack = bus.send(out.payload.clone(), &out.msg_id).await;
+            let bus = bus.clone();
+            return Box::pin(async move {
+                if ack.await.is_ok() {
+                    return (lane, true);
+                }
+                match bus.publish(out.payload.clone(), out.msg_id.clone()).await {
+                    Ok(_) => (lane, true),
+                    Err(e) => {
+                        warn!(error = %e, "a room event was not delivered to the cluster");
+                        not_delivered(
+                            out.sender.as_deref(),
+                            "the room's message bus did not take it",
+                        );
+                        (lane, false)
+                    }
+                }
+            });
+        }
+        let since = *down_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= bus::PUBLISH_DEADLINE {
+            warn!(msg_id = %out.msg_id, down = ?since.elapsed(), "the room's message bus is unreachable; an event is refused");
+            not_delivered(
+                out.sender.as_deref(),
+                "the room's message bus is unreachable",
+            );
+            return Box::pin(async move { (lane, false) });
+        }
+        let bus = bus.clone();
+        Box::pin(async move {
+            match bus.publish(out.payload.clone(), out.msg_id.clone()).await {
+                Ok(_) => (lane, true),
+                Err(e) => {
+                    warn!(error = %e, "a room event was not delivered to the cluster");
+                    not_delivered(
+                        out.sender.as_deref(),
+                        "the room's message bus is unreachable",
+                    );
+                    (lane, false)
+                }
+            }
+        })
     }
 
     /// Follows the stream from `from` and delivers every event to the room.
