@@ -24,7 +24,7 @@
 pub mod bus;
 pub mod wire;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -81,6 +81,8 @@ struct Outgoing {
     /// member of this node (announcements, kicks and leaves of other nodes' members) share
     /// lane 0.
     lane: ClientId,
+    /// Its place in the queue (`Cluster::queued` when it was queued).
+    queued: u64,
 }
 
 /// A member of this node whose join is published but not yet delivered back.
@@ -225,6 +227,8 @@ pub struct Cluster {
     book: Mutex<Book>,
     /// Events published by this run (the numbering of its message ids).
     published: AtomicU64,
+    /// Events queued for the publisher so far (their `Outgoing::queued`).
+    queued: AtomicU64,
     /// The stream sequence of the last event delivered here.
     applied: AtomicU64,
     next_remote: AtomicU64,
@@ -263,6 +267,7 @@ impl Cluster {
             publish_rx: Mutex::new(Some(rx)),
             book: Mutex::new(Book::default()),
             published: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             next_remote: AtomicU64::new(REMOTE_IDS),
             link,
@@ -341,6 +346,7 @@ impl Cluster {
             msg_id,
             sender,
             lane,
+            queued: self.queued.fetch_add(1, Ordering::Relaxed) + 1,
         };
         if let Err(e) = self.publish.try_send(out) {
             let out = match e {
@@ -449,13 +455,15 @@ impl Cluster {
         let _ = tokio::time::timeout(Duration::from_secs(2), bus.leave(&self.node)).await;
     }
 
-    /// Publishes queued events, many acknowledgements in flight at once but at most one per
-    /// lane (see `Outgoing::lane`): a member's next line is sent only once its previous one is
+    /// Publishes queued events in the order they were queued, many acknowledgements in flight
+    /// at once but at most one per lane (see `Outgoing::lane`): an event whose lane has one in
+    /// flight waits (and the events queued after it wait behind it) until that one is
     /// acknowledged. An event not acknowledged is retried under the same message id (stored
-    /// once); if it is retried after a later event of its lane got in, it would be stored
-    /// after it (a later stream sequence), and every node would show that member's lines
-    /// swapped. One that still fails is reported to its sender, and so is every event queued
-    /// behind it in its lane (its fate is unknown, so nothing may overtake it).
+    /// once); were the next event of its lane already sent, the retry would be stored after it
+    /// (a later stream sequence), and every node would show that member's lines swapped. One
+    /// that still fails is reported to its sender, and so is every event of its lane queued
+    /// before that failure was known (its fate is unknown, so nothing of its lane may overtake
+    /// it).
     async fn publisher(self: Arc<Self>, bus: Bus) {
         let Some(mut rx) = self
             .publish_rx
@@ -465,8 +473,13 @@ impl Cluster {
         else {
             return;
         };
-        // Lanes with an event in flight, and the events waiting behind it.
-        let mut busy: HashMap<ClientId, VecDeque<Outgoing>> = HashMap::new();
+        // Lanes with an event in flight.
+        let mut busy: HashSet<ClientId> = HashSet::new();
+        // Lanes whose event failed: events of theirs queued up to then (by `Outgoing::queued`)
+        // are refused.
+        let mut failed: HashMap<ClientId, u64> = HashMap::new();
+        // The next event, waiting for its lane.
+        let mut head: Option<Outgoing> = None;
         let mut in_flight = futures::stream::FuturesUnordered::new();
         // While the link is down nothing is handed to the client (it would buffer the message
         // and may send it after its sender was told it failed): each event waits for the link
@@ -474,51 +487,48 @@ impl Cluster {
         // events fail at once instead of each waiting in turn.
         let mut down_since: Option<Instant> = None;
         let mut open = true;
-        while open || !in_flight.is_empty() {
-            tokio::select! {
-                out = rx.recv(), if open => {
-                    let Some(out) = out else {
-                        open = false;
-                        continue;
-                    };
-                    if let Some(queue) = busy.get_mut(&out.lane) {
-                        queue.push_back(out);
-                        continue;
-                    }
-                    busy.insert(out.lane, VecDeque::new());
+        loop {
+            if let Some(out) = head.take_if(|out| !busy.contains(&out.lane)) {
+                if failed
+                    .get(&out.lane)
+                    .is_some_and(|&upto| out.queued <= upto)
+                {
+                    warn!(msg_id = %out.msg_id, "an event queued behind one that was not delivered is refused");
+                    not_delivered(
+                        out.sender.as_deref(),
+                        "a line before it did not reach the room",
+                    );
+                } else {
+                    failed.remove(&out.lane);
+                    busy.insert(out.lane);
                     let sent = self.publish_one(&bus, out, &mut down_since).await;
                     in_flight.push(sent);
                 }
+                continue;
+            }
+            if head.is_none() && !open && in_flight.is_empty() {
+                break;
+            }
+            tokio::select! {
+                out = rx.recv(), if open && head.is_none() => match out {
+                    Some(out) => head = Some(out),
+                    None => open = false,
+                },
                 Some((lane, delivered)) = in_flight.next() => {
+                    busy.remove(&lane);
                     if delivered {
                         // The link worked since it was last seen down.
                         down_since = None;
-                    }
-                    let Some(queue) = busy.get_mut(&lane) else {
-                        continue;
-                    };
-                    if !delivered {
-                        for out in queue.drain(..) {
-                            warn!(msg_id = %out.msg_id, "an event queued behind one that was not delivered is refused");
-                            not_delivered(
-                                out.sender.as_deref(),
-                                "a line before it did not reach the room",
-                            );
+                    } else {
+                        let now = self.queued.load(Ordering::Relaxed);
+                        // Events queued longer ago than the queue holds are all handled.
+                        if failed.len() >= 1024 {
+                            failed.retain(|_, upto| *upto + PUBLISH_QUEUE as u64 >= now);
                         }
-                    }
-                    match queue.pop_front() {
-                        Some(next) => {
-                            let sent = self.publish_one(&bus, next, &mut down_since).await;
-                            in_flight.push(sent);
-                        }
-                        None => {
-                            busy.remove(&lane);
-                            if busy.is_empty() && busy.capacity() > 1024 {
-                                busy = HashMap::new();
-                            }
-                        }
+                        failed.insert(lane, now);
                     }
                 }
+                else => break,
             }
         }
     }
