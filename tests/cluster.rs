@@ -1037,8 +1037,10 @@ fn cluster_keeps_a_senders_order_when_its_nats_server_dies_mid_line() {
     );
     sb.send("line 2");
     sb.send("line 3");
+    // As long as the 3-server test allows: a node's consumer can take that long to come back
+    // after its server died.
     for (who, c) in [("ra", &mut ra), ("rb", &mut rb)] {
-        let lines = chat_lines(c, who, 3, WAIT, &ds[1].log());
+        let lines = chat_lines(c, who, 3, Duration::from_secs(30), &ds[1].log());
         assert_eq!(
             lines,
             ["sb: line 1", "sb: line 2", "sb: line 3"],
@@ -1053,8 +1055,8 @@ fn cluster_keeps_a_senders_order_when_its_nats_server_dies_mid_line() {
 }
 
 /// Lines sent while the stream's leader is frozen all go unanswered; once it is killed and
-/// another server leads, they arrive after a short pause, in order: each waits for its ack at
-/// the same time, not one after another (20 lines each waiting its own 2 s would take 40 s).
+/// another server leads, they arrive after a short pause, in order: the first one's ack is
+/// waited for once, not each line's in turn (20 lines each waiting its own 2 s take 40 s).
 #[test]
 fn cluster_lines_swallowed_by_a_dead_stream_leader_arrive_after_a_short_pause() {
     if !nats_present() {
@@ -1078,7 +1080,7 @@ fn cluster_lines_swallowed_by_a_dead_stream_leader_arrive_after_a_short_pause() 
     let want: Vec<String> = (1..=LINES).map(|i| format!("sb: line {i}")).collect();
     // The election takes a few seconds; a line's ack waits 2 s before it is retried.
     for (who, c) in [("ra", &mut ra), ("rb", &mut rb)] {
-        let lines = chat_lines(c, who, LINES, 2 * WAIT, &ds[1].log());
+        let lines = chat_lines(c, who, LINES, Duration::from_secs(30), &ds[1].log());
         assert_eq!(lines, want, "{who}: sb's lines\n{}", ds[1].log());
     }
     // Nor was the sender told that any of them was lost.
