@@ -927,6 +927,168 @@ fn cluster_survives_losing_a_nats_server_of_three() {
     );
 }
 
+/// A 3-server NATS cluster, the room replicated 3 times, nodes a and b on it, receivers `ra` on
+/// a and `rb` on b, the sender `sb` on b, and the stream's leader on another server than the one
+/// node b talks to. Returns the servers, the nodes, `[ra, rb]`, `sb`, and the index of node b's
+/// server.
+fn three_servers_leader_off_b(
+    room: &str,
+) -> (Vec<NatsServer>, Vec<TestDaemon>, [Client; 2], Client, usize) {
+    let servers = NatsServer::cluster(3);
+    let ds = {
+        let refs: Vec<&NatsServer> = servers.iter().collect();
+        let ds = TestDaemon::start_many(2, |i| {
+            cluster_config(&refs, room, ["a", "b"][i]).set("cluster", "replicas", "3")
+        });
+        for d in &ds {
+            d.wait_cluster_ready();
+        }
+        ds
+    };
+    let mut ra = ds[0].join("ra");
+    let mut rb = ds[1].join("rb");
+    let mut sb = ds[1].join("sb");
+    ra.expect_prefix("*** JOIN rb");
+    sync(&mut sb, "sb", "start", &mut [&mut ra, &mut rb]);
+    let b_port = server_port(&ds[1].cluster_status()).expect("node b's server");
+    let b_server = servers
+        .iter()
+        .position(|s| s.port == b_port)
+        .expect("node b talks to one of the servers");
+    let other = (b_server + 1) % servers.len();
+    wait_for(
+        WAIT,
+        "the stream's leader to be off node b's server",
+        || match stream_leader(&servers[other], room) {
+            Some(l) if l != servers[b_server].name => Some(()),
+            Some(_) => {
+                let _ = servers[b_server]
+                    .client()
+                    .js_api(&format!("STREAM.LEADER.STEPDOWN.CHAT_{room}"), "");
+                std::thread::sleep(Duration::from_millis(500));
+                None
+            }
+            None => None,
+        },
+        || format!("leader: {:?}", stream_leader(&servers[other], room)),
+    );
+    (servers, ds, [ra, rb], sb, b_server)
+}
+
+/// The port of the NATS server in a node's cluster status.
+fn server_port(status: &serde_json::Value) -> Option<u16> {
+    status["server"]
+        .as_str()
+        .and_then(|s| s.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+}
+
+/// The name of the room stream's leader, asked of `via`.
+fn stream_leader(via: &NatsServer, room: &str) -> Option<String> {
+    via.client()
+        .js_api(&format!("STREAM.INFO.CHAT_{room}"), "")
+        .and_then(|i| i["cluster"]["leader"].as_str().map(str::to_owned))
+}
+
+/// Reads `c`'s next `n` chat lines (announcements skipped; an error fails) within `limit`.
+fn chat_lines(c: &mut Client, who: &str, n: usize, limit: Duration, log: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + limit;
+    while lines.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(l) = line_within(c, left.max(Duration::from_millis(1))) else {
+            panic!("{who}: only {lines:?} within {limit:?}\n{log}");
+        };
+        assert!(!l.starts_with("*** ERR"), "{who}: {l}\n{log}");
+        if !l.starts_with("*** ") {
+            lines.push(l);
+        }
+    }
+    lines
+}
+
+/// A line lost with the NATS server its node is connected to, and the sender's next line sent
+/// once the node has reconnected elsewhere: the lost line is retried (same message id) and must
+/// still come before the next one, on every node. A publisher that sends the next line while
+/// the earlier one waits for its ack stores the next one first and the retried one after it.
+#[test]
+fn cluster_keeps_a_senders_order_when_its_nats_server_dies_mid_line() {
+    if !nats_present() {
+        return;
+    }
+    let room = room_name("order");
+    let (mut servers, ds, [mut ra, mut rb], mut sb, victim) = three_servers_leader_off_b(&room);
+    let victim_port = servers[victim].port;
+
+    // Line 1 goes into the frozen server's socket and dies with it.
+    servers[victim].signal(Signal::SIGSTOP);
+    sb.send("line 1");
+    std::thread::sleep(Duration::from_millis(300));
+    servers[victim].kill();
+    wait_for(
+        WAIT,
+        "node b to reconnect to another server",
+        || {
+            let c = ds[1].cluster_status();
+            (c["connected"] == true && server_port(&c).is_some_and(|p| p != victim_port))
+                .then_some(())
+        },
+        || format!("status: {}", ds[1].cluster_status()),
+    );
+    sb.send("line 2");
+    sb.send("line 3");
+    // As long as the 3-server test allows: a node's consumer can take that long to come back
+    // after its server died.
+    for (who, c) in [("ra", &mut ra), ("rb", &mut rb)] {
+        let lines = chat_lines(c, who, 3, Duration::from_secs(30), &ds[1].log());
+        assert_eq!(
+            lines,
+            ["sb: line 1", "sb: line 2", "sb: line 3"],
+            "{who}: sb's lines out of order\n{}",
+            ds[1].log()
+        );
+    }
+    // Nor was the sender told that any of them was lost.
+    sb.send("/who");
+    let seen = read_until(&mut sb, |l| l.starts_with("*** WHO "));
+    assert!(!seen.iter().any(|l| l.starts_with("*** ERR")), "{seen:?}");
+}
+
+/// Lines sent while the stream's leader is frozen all go unanswered; once it is killed and
+/// another server leads, they arrive after a short pause, in order: the first one's ack is
+/// waited for once, not each line's in turn (20 lines each waiting its own 2 s take 40 s).
+#[test]
+fn cluster_lines_swallowed_by_a_dead_stream_leader_arrive_after_a_short_pause() {
+    if !nats_present() {
+        return;
+    }
+    let room = room_name("swallow");
+    let (mut servers, ds, [mut ra, mut rb], mut sb, b_server) = three_servers_leader_off_b(&room);
+    let other = (b_server + 1) % servers.len();
+    let leader = stream_leader(&servers[other], &room).expect("a leader");
+    let victim = servers
+        .iter()
+        .position(|s| s.name == leader)
+        .expect("the leader is one of the servers");
+    const LINES: usize = 20;
+    servers[victim].signal(Signal::SIGSTOP);
+    for i in 1..=LINES {
+        sb.send(&format!("line {i}"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    servers[victim].kill();
+    let want: Vec<String> = (1..=LINES).map(|i| format!("sb: line {i}")).collect();
+    // The election takes a few seconds; a line's ack waits 2 s before it is retried.
+    for (who, c) in [("ra", &mut ra), ("rb", &mut rb)] {
+        let lines = chat_lines(c, who, LINES, Duration::from_secs(30), &ds[1].log());
+        assert_eq!(lines, want, "{who}: sb's lines\n{}", ds[1].log());
+    }
+    // Nor was the sender told that any of them was lost.
+    sb.send("/who");
+    let seen = read_until(&mut sb, |l| l.starts_with("*** WHO "));
+    assert!(!seen.iter().any(|l| l.starts_with("*** ERR")), "{seen:?}");
+}
+
 #[test]
 fn cluster_node_started_before_nats_waits_for_it() {
     if !nats_present() {

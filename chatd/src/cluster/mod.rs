@@ -24,7 +24,7 @@
 pub mod bus;
 pub mod wire;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -76,6 +76,13 @@ struct Outgoing {
     msg_id: String,
     /// Who is told if it cannot be published.
     sender: Option<Arc<Outbox>>,
+    /// Events of one lane reach the stream in the order they were queued: at most one of a
+    /// lane is in flight. A member of this node is its own lane (its id); events about no
+    /// member of this node (announcements, kicks and leaves of other nodes' members) share
+    /// lane 0.
+    lane: ClientId,
+    /// Its place in the queue (`Cluster::queued` when it was queued).
+    queued: u64,
 }
 
 /// A member of this node whose join is published but not yet delivered back.
@@ -220,6 +227,8 @@ pub struct Cluster {
     book: Mutex<Book>,
     /// Events published by this run (the numbering of its message ids).
     published: AtomicU64,
+    /// Events queued for the publisher so far (their `Outgoing::queued`).
+    queued: AtomicU64,
     /// The stream sequence of the last event delivered here.
     applied: AtomicU64,
     next_remote: AtomicU64,
@@ -258,6 +267,7 @@ impl Cluster {
             publish_rx: Mutex::new(Some(rx)),
             book: Mutex::new(Book::default()),
             published: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             next_remote: AtomicU64::new(REMOTE_IDS),
             link,
@@ -322,6 +332,10 @@ impl Cluster {
     }
 
     fn send_with_id(&self, event: WireEvent, msg_id: String, sender: Option<Arc<Outbox>>) {
+        let lane = event
+            .who()
+            .filter(|who| self.is_me(who))
+            .map_or(0, |who| who.id);
         let env = Envelope {
             v: wire::VERSION,
             from: self.node.clone(),
@@ -331,6 +345,8 @@ impl Cluster {
             payload: Bytes::from(env.encode()),
             msg_id,
             sender,
+            lane,
+            queued: self.queued.fetch_add(1, Ordering::Relaxed) + 1,
         };
         if let Err(e) = self.publish.try_send(out) {
             let out = match e {
@@ -439,9 +455,15 @@ impl Cluster {
         let _ = tokio::time::timeout(Duration::from_secs(2), bus.leave(&self.node)).await;
     }
 
-    /// Publishes queued events in order, many acknowledgements in flight at once; an event not
-    /// acknowledged is retried under the same message id (stored once), and one that still
-    /// fails is reported to its sender.
+    /// Publishes queued events in the order they were queued, many acknowledgements in flight
+    /// at once but at most one per lane (see `Outgoing::lane`): an event whose lane has one in
+    /// flight waits (and the events queued after it wait behind it) until that one is
+    /// acknowledged. An event not acknowledged is retried under the same message id (stored
+    /// once); were the next event of its lane already sent, the retry would be stored after it
+    /// (a later stream sequence), and every node would show that member's lines swapped. One
+    /// that still fails is reported to its sender, and so is every event of its lane queued
+    /// before that failure was known (its fate is unknown, so nothing of its lane may overtake
+    /// it).
     async fn publisher(self: Arc<Self>, bus: Bus) {
         let Some(mut rx) = self
             .publish_rx
@@ -451,59 +473,119 @@ impl Cluster {
         else {
             return;
         };
-        let (acks_tx, mut acks_rx) = mpsc::channel::<(bus::AckFuture, Outgoing)>(8192);
-        let acker = {
-            let bus = bus.clone();
-            tokio::spawn(async move {
-                while let Some((ack, out)) = acks_rx.recv().await {
-                    if ack.await.is_ok() {
-                        continue;
-                    }
-                    match bus.publish(out.payload.clone(), out.msg_id.clone()).await {
-                        Ok(_) => {}
-                        Err(e) => {
-                            warn!(error = %e, "a room event was not delivered to the cluster");
-                            not_delivered(
-                                out.sender.as_deref(),
-                                "the room's message bus did not take it",
-                            );
-                        }
-                    }
-                }
-            })
-        };
+        // Lanes with an event in flight.
+        let mut busy: HashSet<ClientId> = HashSet::new();
+        // Lanes whose event failed: events of theirs queued up to then (by `Outgoing::queued`)
+        // are refused.
+        let mut failed: HashMap<ClientId, u64> = HashMap::new();
+        // The next event, waiting for its lane.
+        let mut head: Option<Outgoing> = None;
+        let mut in_flight = futures::stream::FuturesUnordered::new();
         // While the link is down nothing is handed to the client (it would buffer the message
-        // and may send it after its sender was told it failed): each line waits for the link
+        // and may send it after its sender was told it failed): each event waits for the link
         // (bounded by the bus's publish deadline), and once the link has been down that long,
-        // lines fail at once instead of each waiting in turn.
+        // events fail at once instead of each waiting in turn.
         let mut down_since: Option<Instant> = None;
-        while let Some(out) = rx.recv().await {
-            if bus.is_connected() {
-                down_since = None;
-                let ack = bus.send(out.payload.clone(), &out.msg_id).await;
-                if acks_tx.send((ack, out)).await.is_err() {
-                    break;
+        let mut open = true;
+        loop {
+            if let Some(out) = head.take_if(|out| !busy.contains(&out.lane)) {
+                if failed
+                    .get(&out.lane)
+                    .is_some_and(|&upto| out.queued <= upto)
+                {
+                    warn!(msg_id = %out.msg_id, "an event queued behind one that was not delivered is refused");
+                    not_delivered(
+                        out.sender.as_deref(),
+                        "a line before it did not reach the room",
+                    );
+                } else {
+                    failed.remove(&out.lane);
+                    busy.insert(out.lane);
+                    let sent = self.publish_one(&bus, out, &mut down_since).await;
+                    in_flight.push(sent);
                 }
                 continue;
             }
-            let since = *down_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= bus::PUBLISH_DEADLINE {
-                not_delivered(
-                    out.sender.as_deref(),
-                    "the room's message bus is unreachable",
-                );
-                continue;
+            if head.is_none() && !open && in_flight.is_empty() {
+                break;
             }
-            if let Err(e) = bus.publish(out.payload.clone(), out.msg_id.clone()).await {
-                warn!(error = %e, "a room event was not delivered to the cluster");
-                not_delivered(
-                    out.sender.as_deref(),
-                    "the room's message bus is unreachable",
-                );
+            tokio::select! {
+                out = rx.recv(), if open && head.is_none() => match out {
+                    Some(out) => head = Some(out),
+                    None => open = false,
+                },
+                Some((lane, delivered)) = in_flight.next() => {
+                    busy.remove(&lane);
+                    if delivered {
+                        // The link worked since it was last seen down.
+                        down_since = None;
+                    } else {
+                        let now = self.queued.load(Ordering::Relaxed);
+                        // Events queued longer ago than the queue holds are all handled.
+                        if failed.len() >= 1024 {
+                            failed.retain(|_, upto| *upto + PUBLISH_QUEUE as u64 >= now);
+                        }
+                        failed.insert(lane, now);
+                    }
+                }
+                else => break,
             }
         }
-        drop(acks_tx);
-        let _ = acker.await;
+    }
+
+    /// Hands `out` to the bus and returns what resolves to (its lane, whether it reached the
+    /// stream); one that does not is reported to its sender and logged.
+    async fn publish_one(
+        &self,
+        bus: &Bus,
+        out: Outgoing,
+        down_since: &mut Option<Instant>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = (ClientId, bool)> + Send>> {
+        let lane = out.lane;
+        if bus.is_connected() {
+            *down_since = None;
+            let ack = bus.send(out.payload.clone(), &out.msg_id).await;
+            let bus = bus.clone();
+            return Box::pin(async move {
+                if ack.await.is_ok() {
+                    return (lane, true);
+                }
+                match bus.publish(out.payload.clone(), out.msg_id.clone()).await {
+                    Ok(_) => (lane, true),
+                    Err(e) => {
+                        warn!(error = %e, "a room event was not delivered to the cluster");
+                        not_delivered(
+                            out.sender.as_deref(),
+                            "the room's message bus did not take it",
+                        );
+                        (lane, false)
+                    }
+                }
+            });
+        }
+        let since = *down_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= bus::PUBLISH_DEADLINE {
+            warn!(msg_id = %out.msg_id, down = ?since.elapsed(), "the room's message bus is unreachable; an event is refused");
+            not_delivered(
+                out.sender.as_deref(),
+                "the room's message bus is unreachable",
+            );
+            return Box::pin(async move { (lane, false) });
+        }
+        let bus = bus.clone();
+        Box::pin(async move {
+            match bus.publish(out.payload.clone(), out.msg_id.clone()).await {
+                Ok(_) => (lane, true),
+                Err(e) => {
+                    warn!(error = %e, "a room event was not delivered to the cluster");
+                    not_delivered(
+                        out.sender.as_deref(),
+                        "the room's message bus is unreachable",
+                    );
+                    (lane, false)
+                }
+            }
+        })
     }
 
     /// Follows the stream from `from` and delivers every event to the room.
