@@ -142,13 +142,13 @@ pub struct TlsConfig {
     pub proxy_protocol: bool,
     /// Addresses and CIDR blocks of the proxies allowed to send that header.
     #[serde(default)]
-    pub trusted_proxies: Vec<crate::proxy::ProxyNet>,
+    pub trusted_proxies: Vec<crate::proxy_keys::ProxyNet>,
 }
 
 impl TlsConfig {
     /// The PROXY protocol keys of the TLS listeners.
-    pub fn proxy(&self) -> crate::proxy::Settings<'_> {
-        crate::proxy::Settings {
+    pub fn proxy(&self) -> crate::proxy_keys::Settings<'_> {
+        crate::proxy_keys::Settings {
             section: "tls",
             enabled: self.proxy_protocol,
             trusted: &self.trusted_proxies,
@@ -284,13 +284,13 @@ pub struct ServerConfig {
     /// `false` refuses connections that send one.
     pub proxy_protocol: bool,
     /// Addresses and CIDR blocks of the proxies allowed to send that header.
-    pub trusted_proxies: Vec<crate::proxy::ProxyNet>,
+    pub trusted_proxies: Vec<crate::proxy_keys::ProxyNet>,
 }
 
 impl ServerConfig {
     /// The PROXY protocol keys of the TCP listeners.
-    pub fn proxy(&self) -> crate::proxy::Settings<'_> {
-        crate::proxy::Settings {
+    pub fn proxy(&self) -> crate::proxy_keys::Settings<'_> {
+        crate::proxy_keys::Settings {
             section: "server",
             enabled: self.proxy_protocol,
             trusted: &self.trusted_proxies,

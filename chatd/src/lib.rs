@@ -17,6 +17,8 @@ pub mod memory;
 pub mod metrics;
 pub mod outbox;
 pub mod proxy;
+/// The PROXY protocol keys of a listener's config (trusted proxies), without I/O.
+pub mod proxy_keys;
 pub mod reclaim;
 pub mod room;
 pub mod server;

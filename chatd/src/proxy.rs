@@ -15,17 +15,15 @@
 //! ClientHello) is consumed. Bounds: v2 at most 16 + 65535 bytes, v1 at most 107, all within
 //! `limits.name-timeout` of the accept. Parsing is the `ppp` crate's.
 
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::bans;
+pub use crate::proxy_keys::{ProxyNet, Settings};
 use crate::shared::{LimitCounters, Shared};
 
 /// The v2 header's fixed part: the 12-byte signature, version/command, family, length.
@@ -36,70 +34,6 @@ const V2_SIGNATURE: &[u8] = ppp::v2::PROTOCOL_PREFIX;
 const V1_PREFIX: &[u8] = b"PROXY ";
 /// The longest v1 header, CRLF included (the protocol's own limit).
 const V1_MAX: usize = 107;
-
-/// One entry of `trusted-proxies`: an address (`10.0.0.1`) or a block (`10.0.0.0/8`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct ProxyNet(pub IpNet);
-
-impl TryFrom<String> for ProxyNet {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        let raw = s.trim();
-        if let Ok(ip) = raw.parse::<IpAddr>() {
-            return Ok(ProxyNet(IpNet::from(bans::canonical(ip))));
-        }
-        let net: IpNet = raw
-            .parse()
-            .map_err(|e| format!("{raw:?} is not an address or CIDR block: {e}"))?;
-        // Host bits set ("10.1.2.3/8") usually mean a typo; trusting more than written is not
-        // a guess to make silently.
-        if net.trunc() != net {
-            return Err(format!(
-                "{raw:?} has host bits set; write the block as {}",
-                net.trunc()
-            ));
-        }
-        Ok(ProxyNet(net))
-    }
-}
-
-impl From<ProxyNet> for String {
-    fn from(n: ProxyNet) -> String {
-        n.0.to_string()
-    }
-}
-
-/// A listener's PROXY protocol keys, as any config section that has them presents them.
-#[derive(Debug, Clone, Copy)]
-pub struct Settings<'a> {
-    /// The section the keys are in (`server`, `tls`), for messages.
-    pub section: &'static str,
-    /// `proxy-protocol`: every connection must start with a header.
-    pub enabled: bool,
-    /// `trusted-proxies`: who may send one.
-    pub trusted: &'a [ProxyNet],
-}
-
-impl Settings<'_> {
-    /// Checks the keys together: a listener that expects headers must trust someone.
-    pub fn check(&self) -> Result<(), String> {
-        if self.enabled && self.trusted.is_empty() {
-            return Err(format!(
-                "{0}.trusted-proxies: {0}.proxy-protocol = true needs the addresses of the \
-                 proxies (CIDR blocks) that may send the header",
-                self.section
-            ));
-        }
-        Ok(())
-    }
-
-    /// Whether `ip` may send a header (IPv4-mapped IPv6 counts as the IPv4 address).
-    pub fn trusts(&self, ip: IpAddr) -> bool {
-        let ip = bans::canonical(ip);
-        self.trusted.iter().any(|n| n.0.contains(&ip))
-    }
-}
 
 /// Why a connection on a PROXY protocol listener was not given a client address.
 #[derive(Debug, thiserror::Error)]
@@ -285,12 +219,6 @@ fn v2_client(header: &[u8]) -> Result<SocketAddr, ProxyError> {
         }
         Addresses::Unix(_) => Err(ProxyError::Unsupported("a Unix socket")),
         Addresses::Unspecified => Err(ProxyError::Unsupported("no address family")),
-    }
-}
-
-impl fmt::Display for ProxyNet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
     }
 }
 
