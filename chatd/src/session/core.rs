@@ -2,7 +2,7 @@
 //! framed by the transport) and the time, and answers through the client's [`Outbox`] and the
 //! room. Naming (every line is a name attempt) → joining (the name is being claimed) →
 //! chatting → closed (the outbox is closed with a last line). Each transport (TCP in `tcp.rs`,
-//! TLS through `stream.rs`) drives one of these, so every way into the room shares one set of
+//! TLS through `stream.rs`, WebSocket in `ws.rs`) drives one of these, so every way into the room shares one set of
 //! rules: flood limits, name rules, bans at naming, commands.
 //!
 //! # What a driver must do

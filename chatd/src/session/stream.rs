@@ -1,6 +1,6 @@
-//! A conversation's driver over any `AsyncRead + AsyncWrite` stream: TLS today (a
-//! `tokio_rustls` stream, which has no readiness API of its own to build on), a WebSocket's
-//! byte stream later. It keeps the TCP driver's properties (`tcp.rs`):
+//! A conversation's driver over any `AsyncRead + AsyncWrite` stream: TLS (a `tokio_rustls`
+//! stream, which has no readiness API of its own to build on). It keeps the TCP driver's
+//! properties (`tcp.rs`):
 //!
 //! - one task owns the stream without splitting it; a single `select!` waits for "stream
 //!   progressed", "outbox has frames", "partial line went quiet", "naming deadline" and
