@@ -550,17 +550,7 @@ impl Cluster {
                 if ack.await.is_ok() {
                     return (lane, true);
                 }
-                match bus.publish(out.payload.clone(), out.msg_id.clone()).await {
-                    Ok(_) => (lane, true),
-                    Err(e) => {
-                        warn!(error = %e, "a room event was not delivered to the cluster");
-                        not_delivered(
-                            out.sender.as_deref(),
-                            "the room's message bus did not take it",
-                        );
-                        (lane, false)
-                    }
-                }
+                publish_or_refuse(&bus, out, "the room's message bus did not take it").await
             });
         }
         let since = *down_since.get_or_insert_with(Instant::now);
@@ -574,17 +564,7 @@ impl Cluster {
         }
         let bus = bus.clone();
         Box::pin(async move {
-            match bus.publish(out.payload.clone(), out.msg_id.clone()).await {
-                Ok(_) => (lane, true),
-                Err(e) => {
-                    warn!(error = %e, "a room event was not delivered to the cluster");
-                    not_delivered(
-                        out.sender.as_deref(),
-                        "the room's message bus is unreachable",
-                    );
-                    (lane, false)
-                }
-            }
+            publish_or_refuse(&bus, out, "the room's message bus is unreachable").await
         })
     }
 
@@ -1438,6 +1418,19 @@ impl Engine for Cluster {
 /// A lease's value.
 fn lease(boot: u64) -> Bytes {
     Bytes::from(serde_json::to_vec(&Lease { boot }).unwrap_or_default())
+}
+
+/// Publishes `out` (the bus retries within its deadline); when it finally fails, logs it and
+/// tells its sender `why`. Resolves to (its lane, whether it reached the stream).
+async fn publish_or_refuse(bus: &Bus, out: Outgoing, why: &str) -> (ClientId, bool) {
+    match bus.publish(out.payload, out.msg_id).await {
+        Ok(_) => (out.lane, true),
+        Err(e) => {
+            warn!(error = %e, "a room event was not delivered to the cluster");
+            not_delivered(out.sender.as_deref(), why);
+            (out.lane, false)
+        }
+    }
 }
 
 /// Tells the sender of a line that it did not reach the room.
