@@ -263,6 +263,19 @@ struct Wire<S> {
 const OUT_KEEP: usize = 1024;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
+    /// A wire over the upgraded socket, nothing pending.
+    fn new(ws: WebSocketStream<Tap<S>>) -> Self {
+        Wire {
+            ws,
+            pending: VecDeque::new(),
+            out: Vec::new(),
+            out_sent: 0,
+            frame_start: 0,
+            unflushed: false,
+            sent: 0,
+        }
+    }
+
     /// Whether everything taken from the outbox has left for the socket and was flushed.
     fn idle(&self) -> bool {
         self.taken() && !self.unflushed && self.ws.get_ref().control.is_empty()
@@ -451,15 +464,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
         };
         let ws = WebSocketStream::from_raw_socket(tap, Role::Server, Some(config(max_line))).await;
         WsSession {
-            wire: Wire {
-                ws,
-                pending: VecDeque::new(),
-                out: Vec::new(),
-                out_sent: 0,
-                frame_start: 0,
-                unflushed: false,
-                sent: 0,
-            },
+            wire: Wire::new(ws),
             talk: Conversation::new(peer, transport, shared),
             close: None,
             last_line: None,
@@ -934,15 +939,7 @@ mod tests {
             mid_frame: false,
         };
         let ws = WebSocketStream::from_raw_socket(tap, Role::Server, Some(config(100_000))).await;
-        let mut wire = Wire {
-            ws,
-            pending: VecDeque::new(),
-            out: Vec::new(),
-            out_sent: 0,
-            frame_start: 0,
-            unflushed: false,
-            sent: 0,
-        };
+        let mut wire = Wire::new(ws);
         let long = "x".repeat(200);
         let huge = "y".repeat(70_000);
         wire.pending.push_back(Bytes::from_static(b"a\n"));
