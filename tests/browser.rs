@@ -252,6 +252,30 @@ fn browser_name_clash_then_join_and_new_messages_button() {
         );
         page.js("document.getElementById('input').value = ''; return true;")
             .await;
+        // Every line carries its time; every control has a name a screen reader announces,
+        // and the message log is announced as one.
+        assert_eq!(
+            page.js(
+                "const lines = [...document.querySelectorAll('#messages > li')]; \
+                 return lines.length > 0 && lines.every(li => { \
+                   const t = li.querySelector('time'); \
+                   return t && t.textContent.trim() !== '' && t.dateTime !== ''; });"
+            )
+            .await,
+            json!(true)
+        );
+        assert_eq!(
+            page.js(
+                "const unnamed = [...document.querySelectorAll('input, button')].filter(e => \
+                   !e.closest('[hidden]') && !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && \
+                   e.textContent.trim() === ''); \
+                 const log = document.getElementById('log'); \
+                 return [unnamed.map(e => e.id), log.getAttribute('role'), \
+                         log.getAttribute('aria-label')];"
+            )
+            .await,
+            json!([[], "log", "Messages"])
+        );
         assert_eq!(
             page.js("return document.getElementById('name-error').textContent;")
                 .await,
