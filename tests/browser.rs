@@ -659,6 +659,44 @@ fn browser_shows_markup_as_text_and_runs_nothing() {
 
 /// After chatd stops, the page says the server is gone; when chatd is back on the same port
 /// it reconnects by itself and has its name again.
+/// The brightness (0-765, the sum of red, green and blue) of a CSS `rgb(...)` colour.
+fn brightness(css: &serde_json::Value) -> u32 {
+    css.as_str()
+        .unwrap_or_default()
+        .trim_start_matches("rgba(")
+        .trim_start_matches("rgb(")
+        .trim_end_matches(')')
+        .split(',')
+        .take(3)
+        .filter_map(|c| c.trim().parse::<f32>().ok())
+        .map(|c| c as u32)
+        .sum()
+}
+
+#[test]
+fn browser_follows_the_systems_light_or_dark_setting() {
+    let Some(browser) = Browser::start() else {
+        return;
+    };
+    let d = web_daemon("");
+    let url = page_url(&d);
+    browser.run(async {
+        let colours = "const b = getComputedStyle(document.body), \
+                       i = getComputedStyle(document.getElementById('name-input')); \
+                       return [b.backgroundColor, b.color, i.backgroundColor];";
+        let light = browser.page(&url, View::Desktop(1024, 768)).await;
+        let light = light.js(colours).await;
+        let dark = browser.page(&url, View::Dark(1024, 768)).await;
+        let dark = dark.js(colours).await;
+        // Light: a light page with dark text; dark: the other way round, its fields too.
+        assert!(brightness(&light[0]) > 600, "{light}");
+        assert!(brightness(&light[1]) < 200, "{light}");
+        assert!(brightness(&dark[0]) < 200, "{dark}");
+        assert!(brightness(&dark[1]) > 500, "{dark}");
+        assert!(brightness(&dark[2]) < 300, "{dark}");
+    });
+}
+
 #[test]
 fn browser_reconnects_after_restart_with_its_name() {
     let Some(browser) = Browser::start() else {

@@ -39,6 +39,9 @@ pub enum View {
     Desktop(u32, u32),
     /// A phone (375 x 812 CSS pixels at 2x, touch), by Chromium's mobile emulation.
     Phone,
+    /// A desktop window of this many CSS pixels on a system set to dark (`--force-dark-mode`:
+    /// `prefers-color-scheme: dark`).
+    Dark(u32, u32),
 }
 
 impl Browser {
@@ -92,11 +95,12 @@ impl Browser {
                      "--disable-gpu", "--no-first-run", "--lang=en-US"],
         });
         match view {
-            View::Desktop(w, h) => {
-                options["args"]
-                    .as_array_mut()
-                    .expect("args")
-                    .push(json!(format!("--window-size={w},{h}")));
+            View::Desktop(w, h) | View::Dark(w, h) => {
+                let args = options["args"].as_array_mut().expect("args");
+                args.push(json!(format!("--window-size={w},{h}")));
+                if matches!(view, View::Dark(..)) {
+                    args.push(json!("--force-dark-mode"));
+                }
             }
             View::Phone => {
                 options["mobileEmulation"] = json!({
