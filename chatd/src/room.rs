@@ -37,6 +37,8 @@ struct Member {
     /// Where its lines go: `None` for a member connected to another node of a cluster, whose
     /// own node delivers to it.
     outbox: Option<Arc<Outbox>>,
+    /// Its place in [`State::fanout`] (members of this node only).
+    slot: usize,
     /// The node it is connected to, in a cluster; `None` for this node.
     node: Option<Arc<str>>,
     addr: SocketAddr,
@@ -111,8 +113,13 @@ struct HistoryEntry {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Members connected to this node: every fan-out walks this map, and only this one.
+    /// Members connected to this node.
     members: HashMap<ClientId, Member>,
+    /// The outboxes of `members`, packed: what every fan-out walks. A broadcast reads 16 bytes
+    /// per recipient here instead of a whole map entry (~150 bytes: name, address, times), so
+    /// at 10,000 members it streams 160 KB rather than 1.5 MB through the cache, which the
+    /// recipients' own queues and the kernel's sockets need too. `Member::slot` indexes it.
+    fanout: Vec<(ClientId, Arc<Outbox>)>,
     /// Members connected to other nodes of a cluster (no outbox here).
     remote: HashMap<ClientId, Member>,
     /// Name key → member, for uniqueness and lookups by name.
@@ -152,9 +159,26 @@ impl State {
         }
     }
 
+    /// Seats a member of this node: in the map, and its outbox in the fan-out list.
+    fn seat_local(&mut self, id: ClientId, mut member: Member, outbox: Arc<Outbox>) {
+        member.slot = self.fanout.len();
+        self.fanout.push((id, outbox));
+        self.members.insert(id, member);
+    }
+
     /// Removes member `id` wherever it is connected.
     fn take(&mut self, id: ClientId) -> Option<Member> {
-        self.members.remove(&id).or_else(|| self.remote.remove(&id))
+        let Some(member) = self.members.remove(&id) else {
+            return self.remote.remove(&id);
+        };
+        // The last outbox moves into the freed place; its member learns where it went.
+        self.fanout.swap_remove(member.slot);
+        if let Some((moved, _)) = self.fanout.get(member.slot)
+            && let Some(m) = self.members.get_mut(moved)
+        {
+            m.slot = member.slot;
+        }
+        Some(member)
     }
 }
 
@@ -532,18 +556,17 @@ impl Room {
         let joined = protocol::server_line(kind::JOIN, &format!("{} joined", name.display));
         self.presence_line(st, &joined, Some(id));
         st.by_key.insert(name.key.clone(), id);
-        st.members.insert(
-            id,
-            Member {
-                name,
-                outbox: Some(outbox),
-                node: None,
-                addr,
-                transport: Some(transport),
-                joined_at: SystemTime::now(),
-                last_active: Instant::now(),
-            },
-        );
+        let member = Member {
+            name,
+            outbox: Some(outbox.clone()),
+            slot: 0,
+            node: None,
+            addr,
+            transport: Some(transport),
+            joined_at: SystemTime::now(),
+            last_active: Instant::now(),
+        };
+        st.seat_local(id, member, outbox);
         Delivered::Joined { users: st.len() }
     }
 
@@ -638,13 +661,13 @@ impl Room {
         };
         let frame = batch.lines.freeze();
         let mut delivered = 0;
-        for (id, m) in &st.members {
+        for (id, outbox) in &st.fanout {
             let (part, lines) = match batch.newcomers.get(id) {
                 Some(&(end, count)) => (frame.slice(end..), batch.count - count),
                 None => (frame.clone(), batch.count),
             };
             // An overflowing push closes the outbox; the session handles that (see broadcast).
-            if lines > 0 && m.outbox.as_ref().is_some_and(|o| o.push(part)) {
+            if lines > 0 && outbox.push(part) {
                 delivered += lines as u64;
             }
         }
@@ -656,14 +679,14 @@ impl Room {
     /// Queues `frame` to every member but `except`, and closes the outboxes that overflow.
     fn broadcast(&self, st: &State, except: Option<ClientId>, frame: &Bytes) {
         let mut delivered = 0;
-        for (id, m) in &st.members {
+        for (id, outbox) in &st.fanout {
             if Some(*id) == except {
                 continue;
             }
             // A push that overflows closes the outbox; the member's session sees the close,
             // counts and logs it, ends, and calls `leave`, which announces it. It stays listed
             // until then so names are not freed twice.
-            if m.outbox.as_ref().is_some_and(|o| o.push_ref(frame)) {
+            if outbox.push_ref(frame) {
                 delivered += 1;
             }
         }
@@ -745,12 +768,10 @@ impl Room {
     pub fn queued_bytes(&self) -> QueuedBytes {
         let st = self.lock();
         let mut q = QueuedBytes::default();
-        for m in st.members.values() {
-            if let Some(outbox) = &m.outbox {
-                let n = outbox.queued_bytes() as u64;
-                q.total += n;
-                q.max = q.max.max(n);
-            }
+        for (_, outbox) in &st.fanout {
+            let n = outbox.queued_bytes() as u64;
+            q.total += n;
+            q.max = q.max.max(n);
         }
         q
     }
@@ -783,6 +804,7 @@ impl Room {
             Member {
                 name: who.name,
                 outbox: None,
+                slot: 0,
                 node: Some(who.node),
                 addr: who.addr,
                 transport: None,
@@ -987,6 +1009,54 @@ mod tests {
         room.leave(1, "quit");
         assert_eq!(drained(&b), vec!["*** LEAVE alice left (quit)"]);
         assert_eq!(room.leave(1, "quit"), None);
+    }
+
+    /// The packed fan-out list stays the members' outboxes, each at its member's slot, through
+    /// leaves and kicks from its start, middle and end; every broadcast reaches exactly the
+    /// members still there.
+    #[test]
+    fn fanout_list_follows_joins_leaves_and_kicks() {
+        let room = Room::new(0);
+        let outboxes: Vec<Arc<Outbox>> = (0..12).map(|_| Arc::new(Outbox::new(1 << 16))).collect();
+        for (i, o) in outboxes.iter().enumerate() {
+            let id = i as ClientId + 1;
+            now(room.join(newcomer(id, name(&format!("user{id}")), o.clone())))
+                .unwrap_or_else(|e| panic!("join {id}: {e:?}"));
+        }
+        let consistent = |room: &Room| {
+            let st = room.lock();
+            assert_eq!(st.fanout.len(), st.members.len());
+            for (slot, (id, outbox)) in st.fanout.iter().enumerate() {
+                let m = &st.members[id];
+                assert_eq!(m.slot, slot, "member {id}");
+                assert!(m.outbox.as_ref().is_some_and(|o| Arc::ptr_eq(o, outbox)));
+            }
+        };
+        consistent(&room);
+        let mut present: Vec<ClientId> = (1..=12).collect();
+        for (gone, kicked) in [(1, false), (12, true), (6, false), (2, true), (11, false)] {
+            if kicked {
+                room.kick(&format!("user{gone}"), "test")
+                    .map(|_| ())
+                    .unwrap_or_else(|e| panic!("{e:?}"));
+            } else {
+                room.leave(gone, "quit");
+            }
+            present.retain(|&id| id != gone);
+            consistent(&room);
+            let from = present[present.len() / 2];
+            room.say(from, &format!("after {gone}"));
+            for (i, o) in outboxes.iter().enumerate() {
+                let id = i as ClientId + 1;
+                let got = drained(o);
+                let heard = got.iter().any(|l| l.ends_with(&format!(": after {gone}")));
+                assert_eq!(
+                    heard,
+                    present.contains(&id) && id != from,
+                    "member {id}: {got:?}"
+                );
+            }
+        }
     }
 
     #[test]
