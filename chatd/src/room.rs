@@ -147,10 +147,10 @@ impl State {
             .members
             .iter()
             .map(|(id, m)| (*id, &*m.name.key, &*m.name.display, m.addr));
-        let remote = self.remote.ids().filter_map(|id| {
-            let m = self.remote.get(id)?;
-            Some((id, m.key, m.display, m.addr))
-        });
+        let remote = self
+            .remote
+            .iter()
+            .map(|(id, m)| (id, m.key, m.display, m.addr));
         local.chain(remote)
     }
 
@@ -762,9 +762,8 @@ impl Room {
                 },
             )
         });
-        let remote = st.remote.ids().filter_map(|id| {
-            let m = st.remote.get(id)?;
-            Some((
+        let remote = st.remote.iter().map(|(_, m)| {
+            (
                 m.key.to_owned(),
                 MemberInfo {
                     name: m.display.to_owned(),
@@ -774,7 +773,7 @@ impl Room {
                     node: Some(m.node.to_string()),
                     transport: None,
                 },
-            ))
+            )
         });
         let mut list: Vec<(String, MemberInfo)> = local.chain(remote).collect();
         drop(st);
@@ -971,6 +970,7 @@ impl Deliver for Room {
 mod tests {
     use super::*;
     use chat_proto::names::NameRules;
+    use std::net::IpAddr;
 
     /// The result of a room step, which the in-process engine finishes at once.
     fn now<T>(step: impl std::future::Future<Output = T>) -> T {
@@ -1188,6 +1188,152 @@ mod tests {
                 "member n{i}"
             );
         }
+    }
+
+    /// A member of node `node` (run 1), connection `conn`, as its node announced it.
+    fn remote<'a>(node: &'a str, conn: u64, who: &str, ip: [u8; 4]) -> Remote<'a> {
+        Remote {
+            origin: Origin {
+                node,
+                boot: 1,
+                conn,
+            },
+            name: name(who),
+            addr: SocketAddr::from((ip, 4000)),
+            joined_at: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn members_of_other_nodes_are_listed_found_renamed_and_removed() {
+        let room = Room::new(0);
+        let a = Arc::new(Outbox::new(1 << 16));
+        assert!(now(room.join(newcomer(1, name("alice"), a.clone()))).is_ok());
+        let bob = room
+            .arrive(remote("b", 7, "bob", [10, 0, 0, 2]), false)
+            .unwrap_or_else(|| panic!("bob"));
+        assert!(is_remote(bob));
+        assert_eq!(drained(&a), vec!["*** JOIN bob joined"]);
+        // Already there when this node started: seated without a line.
+        let carol = room
+            .arrive(remote("c", 7, "carol", [10, 0, 0, 3]), true)
+            .unwrap_or_else(|| panic!("carol"));
+        assert!(drained(&a).is_empty());
+        // Seen again (its message before its join): the same member, not announced twice.
+        assert_eq!(
+            room.arrive(remote("b", 7, "bob", [10, 0, 0, 2]), false),
+            Some(bob)
+        );
+        assert!(drained(&a).is_empty());
+        assert_eq!((room.len(), room.local_len()), (3, 1));
+        assert_eq!(room.names(), vec!["alice", "bob", "carol"]);
+        let origin = Origin {
+            node: "b",
+            boot: 1,
+            conn: 7,
+        };
+        assert_eq!(room.remote_id(origin), Some(bob));
+        assert_eq!(room.remote_origin(bob), Some((Arc::from("b"), 1, 7)));
+        let list = room.members();
+        assert_eq!(
+            list.iter()
+                .map(|m| (m.name.as_str(), m.node.as_deref(), m.transport))
+                .collect::<Vec<_>>(),
+            vec![
+                ("alice", None, Some(Transport::Tcp)),
+                ("bob", Some("b"), None),
+                ("carol", Some("c"), None)
+            ]
+        );
+        assert_eq!(list[1].addr, SocketAddr::from(([10, 0, 0, 2], 4000)));
+        // A private message to a member of another node: its own node delivers it.
+        assert_eq!(room.private(1, "BOB", "psst").as_deref(), Ok("bob"));
+        assert!(drained(&a).is_empty());
+        // Its messages and renames, as its node's events deliver them.
+        room.deliver(Event::Say {
+            id: bob,
+            text: "hi",
+        });
+        assert_eq!(drained(&a), vec!["bob: hi"]);
+        room.deliver(Event::Rename {
+            id: bob,
+            name: name("Robert"),
+        });
+        assert_eq!(drained(&a), vec!["*** NICK bob is now known as Robert"]);
+        assert_eq!(
+            room.private(1, "bob", "x").err(),
+            Some(RoomError::NoSuchUser("bob".into()))
+        );
+        // Kicked by name, banned by address: gone from every index.
+        assert_eq!(
+            room.kick("robert", "spam").ok(),
+            Some(("Robert".to_owned(), SocketAddr::from(([10, 0, 0, 2], 4000))))
+        );
+        assert_eq!(drained(&a), vec!["*** KICK Robert was kicked (spam)"]);
+        assert_eq!(room.remote_id(origin), None);
+        let banned = room.kick_where(|_, addr| addr.ip() == IpAddr::from([10, 0, 0, 3]), "ban");
+        assert_eq!(banned, vec!["carol"]);
+        assert_eq!(room.names(), vec!["alice"]);
+        assert_eq!(
+            room.deliver(Event::Leave {
+                id: carol,
+                reason: "x"
+            }),
+            Delivered::NoSuchMember
+        );
+    }
+
+    /// An engine that seats joins at once and keeps every other event (a cluster delivering
+    /// them later).
+    #[derive(Debug, Default)]
+    struct Later {
+        appended: Mutex<Vec<String>>,
+    }
+
+    impl Engine for Later {
+        fn claim<'a>(
+            &'a self,
+            _claim: Claim<'a>,
+            _may_replace: &'a (dyn Fn(ClientId) -> bool + Sync),
+            _refusal: NameError,
+        ) -> crate::engine::Pending<'a, Result<Option<ClientId>, NameError>> {
+            Box::pin(std::future::ready(Ok(None)))
+        }
+
+        fn release(&self, _key: &str, _holder: ClientId) {}
+
+        fn append(&self, room: &dyn Deliver, event: Event<'_>) -> Option<Delivered> {
+            if let Event::Join(_) = event {
+                return Some(room.deliver(event));
+            }
+            let mut log = self.appended.lock().unwrap_or_else(|e| e.into_inner());
+            log.push(format!("{event:?}"));
+            None
+        }
+    }
+
+    #[test]
+    fn a_leave_on_its_way_is_sent_once_however_often_it_is_asked() {
+        let engine = Arc::new(Later::default());
+        let room = Room::with_engine(0, engine.clone());
+        let a = Arc::new(Outbox::new(1 << 16));
+        assert!(now(room.join(newcomer(1, name("alice"), a))).is_ok());
+        // Quit, then the session's end, then its drop: one leave reaches the engine.
+        for _ in 0..3 {
+            assert_eq!(room.leave(1, "quit"), None);
+        }
+        let log = engine.appended.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!(log.len(), 1, "{log:?}");
+        assert!(log[0].starts_with("Leave"), "{log:?}");
+        drop(log);
+        // Still listed until the engine delivers the leave.
+        assert_eq!(room.names(), vec!["alice"]);
+        assert!(room.seated(1).is_some());
+        room.deliver(Event::Leave {
+            id: 1,
+            reason: "quit",
+        });
+        assert!(room.is_empty() && room.seated(1).is_none());
     }
 
     #[test]

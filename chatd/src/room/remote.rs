@@ -275,7 +275,11 @@ impl Remotes {
 
     /// The member `id`, as the room shows it.
     pub fn get(&self, id: ClientId) -> Option<RemoteView<'_>> {
-        let e = self.entry(self.slot(id)?)?;
+        self.view(self.entry(self.slot(id)?)?, Instant::now())
+    }
+
+    /// Entry `e` as the room shows it, its idle time measured at `now`.
+    fn view<'s>(&'s self, e: &'s Entry, now: Instant) -> Option<RemoteView<'s>> {
         let run = self.runs.get(e.run as usize)?.as_ref()?;
         let active = self.epoch + Duration::from_secs(u64::from(e.active_s));
         Some(RemoteView {
@@ -284,7 +288,21 @@ impl Remotes {
             addr: e.addr(),
             node: &run.node,
             joined_at: UNIX_EPOCH + Duration::from_millis(e.joined_ms),
-            idle: Instant::now().saturating_duration_since(active),
+            idle: now.saturating_duration_since(active),
+        })
+    }
+
+    /// Every member: its id and view.
+    pub fn iter(&self) -> impl Iterator<Item = (ClientId, RemoteView<'_>)> + '_ {
+        let now = Instant::now();
+        self.chunks.iter().enumerate().flat_map(move |(c, chunk)| {
+            chunk.iter().enumerate().filter_map(move |(i, e)| {
+                if e.run == VACANT {
+                    return None;
+                }
+                let slot = u32::try_from(c * CHUNK + i).ok()?;
+                Some((id_of(slot, e.generation), self.view(e, now)?))
+            })
         })
     }
 
@@ -293,16 +311,6 @@ impl Remotes {
         let e = self.entry(self.slot(id)?)?;
         let run = self.runs.get(e.run as usize)?.as_ref()?;
         Some((run.node.clone(), run.boot, e.conn))
-    }
-
-    /// Every member's id.
-    pub fn ids(&self) -> impl Iterator<Item = ClientId> + '_ {
-        self.chunks.iter().enumerate().flat_map(|(c, chunk)| {
-            chunk.iter().enumerate().filter_map(move |(i, e)| {
-                let slot = u32::try_from(c * CHUNK + i).ok()?;
-                (e.run != VACANT).then(|| id_of(slot, e.generation))
-            })
-        })
     }
 
     /// Seconds since the epoch, for `active_s`.
@@ -594,7 +602,7 @@ mod tests {
         assert_eq!(t.id_of(at("a", 2, 7)), None);
         assert_eq!(t.id_of(at("a", 1, 8)), None);
         assert_eq!(t.origin(bob), Some((Arc::from("b"), 2, 7)));
-        let mut ids: Vec<ClientId> = t.ids().collect();
+        let mut ids: Vec<ClientId> = t.iter().map(|(id, _)| id).collect();
         ids.sort_unstable();
         let mut want = vec![alice, bob];
         want.sort_unstable();
@@ -671,7 +679,7 @@ mod tests {
         }
         assert_eq!(t.len(), 0);
         assert!(t.chunks.is_empty() && t.runs.is_empty());
-        assert_eq!(t.ids().count(), 0);
+        assert_eq!(t.iter().count(), 0);
     }
 
     #[test]
