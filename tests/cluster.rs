@@ -1330,6 +1330,112 @@ fn cluster_nick_frees_the_old_name() {
     }
 }
 
+/// Node `d`'s `chatctl list`: (name, node) of every user, sorted by name.
+fn listed(d: &TestDaemon) -> Vec<(String, String)> {
+    let v = d.chatctl_json(&["list"]);
+    let mut users: Vec<(String, String)> = v["response"]["users"]
+        .as_array()
+        .map(|users| {
+            users
+                .iter()
+                .map(|u| {
+                    (
+                        u["name"].as_str().unwrap_or("?").to_owned(),
+                        u["node"].as_str().unwrap_or("?").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    users.sort();
+    users
+}
+
+/// A member of another node renamed, then its name reclaimed on the other node: every node's
+/// `/who`, `/msg` and `chatctl list` follow (the other node's members live in a table of
+/// their own, with their own name index).
+#[test]
+fn cluster_renames_and_reclaims_reach_the_other_nodes() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let ds = start_nodes(&[&nats], &room_name("rename"), &["a", "b"]);
+    let (a, b) = (&ds[0], &ds[1]);
+    let mut alice = join_seated(a, "alice");
+    let mut bob = join_seated(b, "bob");
+    alice.expect_prefix("*** JOIN bob");
+
+    // bob, on b, renames: a's room finds him under the new name only.
+    bob.send("/nick Robert");
+    assert_eq!(bob.line(), "*** NICK bob is now known as Robert");
+    assert_eq!(alice.line(), "*** NICK bob is now known as Robert");
+    alice.send("/who");
+    assert_eq!(alice.line(), "*** WHO 2 alice Robert");
+    alice.send("/msg ROBERT psst");
+    assert_eq!(alice.line(), "-> Robert (private): psst");
+    assert_eq!(bob.line(), "alice (private): psst");
+    alice.send("/msg bob hello?");
+    let l = alice.line();
+    assert!(l.starts_with("*** ERR no-such-user "), "{l}");
+    let both = vec![
+        ("Robert".to_owned(), "b".to_owned()),
+        ("alice".to_owned(), "a".to_owned()),
+    ];
+    assert_eq!(listed(a), both);
+    // And a kick on a finds him there by his new name (below, after the reclaim).
+
+    // alice's name reclaimed by a new connection on b: a's alice is sent off, and a's room
+    // now lists alice on b.
+    alice.send("/token");
+    let line = alice.expect_prefix("*** TOKEN ");
+    let token = line.split(' ').nth(2).unwrap_or_default().to_owned();
+    let mut back = b.connect();
+    back.expect_prefix("*** HELLO");
+    back.send(&format!("/reclaim alice {token}"));
+    let verdict = back.expect_prefix("*** ");
+    assert!(verdict.starts_with("*** WELCOME alice "), "{verdict}");
+    assert_eq!(
+        alice.expect_prefix("*** KICKED"),
+        "*** KICKED your name was reclaimed by a new connection"
+    );
+    assert!(alice.until_eof().is_empty());
+    assert_eq!(
+        bob.expect_prefix("*** LEAVE"),
+        "*** LEAVE alice left (reconnected)"
+    );
+    assert_eq!(bob.expect_prefix("*** JOIN"), "*** JOIN alice joined");
+    let moved = vec![
+        ("Robert".to_owned(), "b".to_owned()),
+        ("alice".to_owned(), "b".to_owned()),
+    ];
+    for d in [a, b] {
+        wait_for(
+            WAIT,
+            "alice to be listed on node b everywhere",
+            || (listed(d) == moved).then_some(()),
+            || format!("{:?}\n{}", listed(d), d.log()),
+        );
+    }
+    back.send("/who");
+    assert_eq!(back.expect_prefix("*** WHO"), "*** WHO 2 alice Robert");
+
+    // A kick on a reaches Robert on b, by the name a learned from the rename.
+    let out = a.chatctl(&["kick", "robert", "--reason", "renamed"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(bob.expect_prefix("*** KICKED"), "*** KICKED renamed");
+    assert_eq!(
+        back.expect_prefix("*** KICK"),
+        "*** KICK Robert was kicked (renamed)"
+    );
+    wait_for(
+        WAIT,
+        "Robert to be gone from node a's list",
+        || (listed(a) == vec![("alice".to_owned(), "b".to_owned())]).then_some(()),
+        || format!("{:?}", listed(a)),
+    );
+}
+
 #[test]
 fn cluster_a_private_message_to_nobody_is_refused_once() {
     if !nats_present() {

@@ -208,6 +208,21 @@ pub trait Deliver {
     /// Delivers one event, in the engine's order, to this node's members: the fan-out half of
     /// every room operation.
     fn deliver(&self, event: Event<'_>) -> Delivered;
+
+    /// The member of this node `id`, if it is seated: what an engine that publishes its
+    /// events needs of it, read from the room rather than kept twice.
+    fn seated(&self, id: ClientId) -> Option<Seated>;
+}
+
+/// A member of this node seated in the room, as its engine sees it.
+#[derive(Debug, Clone)]
+pub struct Seated {
+    /// Its display name.
+    pub name: String,
+    /// Its peer address.
+    pub addr: SocketAddr,
+    /// Where its lines go (an engine tells it when its line was not delivered).
+    pub outbox: Arc<Outbox>,
 }
 
 /// Position of an event in the room's one order (1 for the first).
@@ -265,10 +280,15 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// in-process engine), `None` when it is delivered later.
     fn append(&self, room: &dyn Deliver, event: Event<'_>) -> Option<Delivered>;
 
-    /// Connection `holder` was issued a reclaim token with this digest (an engine shared by
-    /// several nodes keeps it beside the holder's name, so another node can check a reclaim);
-    /// resolves once it is kept.
-    fn token_issued<'a>(&'a self, _holder: ClientId, _digest: &'a str) -> Pending<'a, ()> {
+    /// Connection `holder` of `room` was issued a reclaim token with this digest (an engine
+    /// shared by several nodes keeps it beside the holder's name, so another node can check a
+    /// reclaim); resolves once it is kept.
+    fn token_issued<'a>(
+        &'a self,
+        _room: &'a (dyn Deliver + Sync),
+        _holder: ClientId,
+        _digest: &'a str,
+    ) -> Pending<'a, ()> {
         Box::pin(ready(()))
     }
 }

@@ -19,31 +19,37 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 
 use crate::engine::{
-    Claim, ClientId, Deliver, Delivered, Engine, Event, Local, Newcomer, Transport,
+    Claim, ClientId, Deliver, Delivered, Engine, Event, Local, Newcomer, Seated, Transport,
 };
 use crate::outbox::{Close, Outbox};
 use crate::reclaim::Token;
 use chat_proto::names::{Name, NameError};
 use chat_proto::protocol::{self, kind};
 
+mod remote;
+
+use remote::Remotes;
+pub use remote::{Origin, REMOTE_IDS, is_remote};
+
 /// The `*** KICKED` reason of a member whose name a newer connection reclaimed (a WebSocket
 /// client is closed with its own code for it).
 pub const RECLAIMED_REASON: &str = "your name was reclaimed by a new connection";
 
-/// A member of the room.
+/// A member of the room connected to this node (members of other nodes of a cluster are in
+/// the compact table of `remote.rs`).
 #[derive(Debug)]
 struct Member {
     name: Name,
-    /// Where its lines go: `None` for a member connected to another node of a cluster, whose
-    /// own node delivers to it.
-    outbox: Option<Arc<Outbox>>,
-    /// Its place in [`State::fanout`] (members of this node only).
+    /// Where its lines go.
+    outbox: Arc<Outbox>,
+    /// Its place in [`State::fanout`].
     slot: usize,
-    /// The node it is connected to, in a cluster; `None` for this node.
-    node: Option<Arc<str>>,
     addr: SocketAddr,
-    /// What carries its bytes; `None` for a member of another node (not announced).
-    transport: Option<Transport>,
+    /// What carries its bytes.
+    transport: Transport,
+    /// Its leave is on its way (a cluster delivers it later): asked to leave again, it does
+    /// not leave twice.
+    leaving: bool,
     joined_at: SystemTime,
     last_active: Instant,
 }
@@ -90,15 +96,13 @@ struct PresenceBatch {
 
 /// A member connected to another node of a cluster, as that node announced it.
 #[derive(Debug, Clone)]
-pub struct Remote {
-    /// Its identity on this node (distinct from every local connection's).
-    pub id: ClientId,
+pub struct Remote<'a> {
+    /// Where it is connected: its node, the node's run and its connection there.
+    pub origin: Origin<'a>,
     /// Its name, validated here too.
     pub name: Name,
     /// Its peer address, for `chatctl list` and bans.
     pub addr: SocketAddr,
-    /// The node it is connected to.
-    pub node: Arc<str>,
     /// When it joined.
     pub joined_at: SystemTime,
 }
@@ -116,13 +120,14 @@ struct State {
     /// Members connected to this node.
     members: HashMap<ClientId, Member>,
     /// The outboxes of `members`, packed: what every fan-out walks. A broadcast reads 16 bytes
-    /// per recipient here instead of a whole map entry (~150 bytes: name, address, times), so
-    /// at 10,000 members it streams 160 KB rather than 1.5 MB through the cache, which the
+    /// per recipient here instead of a whole map entry (~130 bytes: name, address, times), so
+    /// at 10,000 members it streams 160 KB rather than 1.3 MB through the cache, which the
     /// recipients' own queues and the kernel's sockets need too. `Member::slot` indexes it.
     fanout: Vec<(ClientId, Arc<Outbox>)>,
-    /// Members connected to other nodes of a cluster (no outbox here).
-    remote: HashMap<ClientId, Member>,
-    /// Name key → member, for uniqueness and lookups by name.
+    /// Members connected to other nodes of a cluster (no outbox here), with their own index
+    /// by name.
+    remote: Remotes,
+    /// Name key → member of this node, for lookups by name.
     by_key: HashMap<String, ClientId>,
     history: VecDeque<HistoryEntry>,
     history_cap: usize,
@@ -143,42 +148,61 @@ impl State {
         self.members.len() + self.remote.len()
     }
 
-    /// Every member, on this node and on others.
-    fn everyone(&self) -> impl Iterator<Item = (&ClientId, &Member)> {
-        self.members.iter().chain(self.remote.iter())
+    /// Every member's name key, display name and address, on this node and on others.
+    fn everyone(&self) -> impl Iterator<Item = (ClientId, &str, &str, SocketAddr)> {
+        let local = self
+            .members
+            .iter()
+            .map(|(id, m)| (*id, &*m.name.key, &*m.name.display, m.addr));
+        let remote = self
+            .remote
+            .iter()
+            .map(|(id, m)| (id, m.key, m.display, m.addr));
+        local.chain(remote)
     }
 
-    fn member(&self, id: ClientId) -> Option<&Member> {
-        self.members.get(&id).or_else(|| self.remote.get(&id))
-    }
-
-    fn member_mut(&mut self, id: ClientId) -> Option<&mut Member> {
-        match self.members.get_mut(&id) {
-            Some(m) => Some(m),
-            None => self.remote.get_mut(&id),
+    /// The display name and address of member `id`, wherever it is connected.
+    fn member(&self, id: ClientId) -> Option<(&str, SocketAddr)> {
+        match self.members.get(&id) {
+            Some(m) => Some((&m.name.display, m.addr)),
+            None => self.remote.get(id).map(|m| (m.display, m.addr)),
         }
     }
 
     /// Seats a member of this node: in the map, and its outbox in the fan-out list.
-    fn seat_local(&mut self, id: ClientId, mut member: Member, outbox: Arc<Outbox>) {
+    fn seat_local(&mut self, id: ClientId, mut member: Member) {
         member.slot = self.fanout.len();
-        self.fanout.push((id, outbox));
+        self.fanout.push((id, member.outbox.clone()));
         self.members.insert(id, member);
     }
 
-    /// Removes member `id` wherever it is connected.
-    fn take(&mut self, id: ClientId) -> Option<Member> {
-        let Some(member) = self.members.remove(&id) else {
-            return self.remote.remove(&id);
-        };
-        // The last outbox moves into the freed place; its member learns where it went.
-        self.fanout.swap_remove(member.slot);
-        if let Some((moved, _)) = self.fanout.get(member.slot)
-            && let Some(m) = self.members.get_mut(moved)
-        {
-            m.slot = member.slot;
+    /// The member with name key `key`: of this node first (a name handed over between nodes
+    /// is briefly both until the old holder's removal is delivered).
+    fn by_name(&self, key: &str) -> Option<ClientId> {
+        self.by_key
+            .get(key)
+            .copied()
+            .or_else(|| self.remote.find(key))
+    }
+
+    /// Removes member `id` wherever it is connected: its name, address and (for a member of
+    /// this node) outbox.
+    fn take(&mut self, id: ClientId) -> Option<(Name, SocketAddr, Option<Arc<Outbox>>)> {
+        if let Some(m) = self.members.remove(&id) {
+            if self.by_key.get(&m.name.key) == Some(&id) {
+                self.by_key.remove(&m.name.key);
+            }
+            // The last outbox moves into the freed place; its member learns where it went.
+            self.fanout.swap_remove(m.slot);
+            if let Some((moved, _)) = self.fanout.get(m.slot)
+                && let Some(other) = self.members.get_mut(moved)
+            {
+                other.slot = m.slot;
+            }
+            return Some((m.name, m.addr, Some(m.outbox)));
         }
-        Some(member)
+        let (name, addr) = self.remote.remove(id)?;
+        Some((name, addr, None))
     }
 }
 
@@ -325,7 +349,7 @@ impl Room {
     pub async fn token_line(&self, id: ClientId) -> Bytes {
         let (line, token) = self.reclaims.token_line(id);
         if let Some(token) = token {
-            self.engine.token_issued(id, &token.digest()).await;
+            self.engine.token_issued(self, id, &token.digest()).await;
         }
         line
     }
@@ -416,8 +440,10 @@ impl Room {
         // single node; a recipient who leaves before the delivery is reported by the engine.
         let target = {
             let st = self.lock();
-            self.find(&st, to).map(|m| m.name.display.clone())?
+            let id = self.find(&st, to)?;
+            st.member(id).map(|(name, _)| name.to_owned())
         };
+        let target = target.ok_or_else(|| RoomError::NoSuchUser(to.to_owned()))?;
         match self.engine.append(self, Event::Private { from, to, text }) {
             Some(Delivered::Sent { to }) => Ok(to),
             None => Ok(target),
@@ -431,7 +457,7 @@ impl Room {
         let Some((old, addr)) = self
             .lock()
             .member(id)
-            .map(|m| (m.name.display.clone(), m.addr))
+            .map(|(name, addr)| (name.to_owned(), addr))
         else {
             return Err(NameError::Empty);
         };
@@ -460,8 +486,15 @@ impl Room {
         }
     }
 
-    /// Removes member `id` (if still present) and tells everyone else why. Idempotent.
+    /// Removes member `id` (if still present) and tells everyone else why. Idempotent: a
+    /// member whose leave is on its way (in a cluster) is not sent off twice.
     pub fn leave(&self, id: ClientId, reason: &str) -> Option<String> {
+        if let Some(m) = self.lock().members.get_mut(&id) {
+            if m.leaving {
+                return None;
+            }
+            m.leaving = true;
+        }
         match self.engine.append(self, Event::Leave { id, reason })? {
             Delivered::Removed { name, .. } => {
                 self.engine.release(&name.key, id);
@@ -483,7 +516,7 @@ impl Room {
     /// `*** KICK`. Returns the member's display name and address.
     pub fn kick(&self, name: &str, reason: &str) -> Result<(String, SocketAddr), RoomError> {
         let key = chat_proto::names::lookup_key(name);
-        let id = self.lock().by_key.get(&key).copied();
+        let id = self.lock().by_name(&key);
         id.and_then(|id| self.kick_id(id, reason))
             .ok_or_else(|| RoomError::NoSuchUser(name.to_owned()))
     }
@@ -498,8 +531,8 @@ impl Room {
         let ids: Vec<ClientId> = self
             .lock()
             .everyone()
-            .filter(|(_, m)| matches(&m.name.key, m.addr))
-            .map(|(id, _)| *id)
+            .filter(|(_, key, _, addr)| matches(key, *addr))
+            .map(|(id, ..)| id)
             .collect();
         ids.into_iter()
             .filter_map(|id| self.kick_id(id, reason).map(|(name, _)| name))
@@ -510,7 +543,7 @@ impl Room {
         let known = self
             .lock()
             .member(id)
-            .map(|m| (m.name.display.clone(), m.addr));
+            .map(|(name, addr)| (name.to_owned(), addr));
         match self.engine.append(self, Event::Kick { id, reason }) {
             Some(Delivered::Removed { name, addr }) => {
                 self.engine.release(&name.key, id);
@@ -527,14 +560,6 @@ impl Room {
         match self.engine.append(self, Event::Announce { text }) {
             Some(Delivered::Announced { recipients }) => recipients,
             _ => self.len(),
-        }
-    }
-
-    /// Drops `key` from the name index if it still points at `id` (a name handed over to a
-    /// newer member keeps its entry).
-    fn unindex(st: &mut State, key: &str, id: ClientId) {
-        if st.by_key.get(key) == Some(&id) {
-            st.by_key.remove(key);
         }
     }
 
@@ -556,31 +581,38 @@ impl Room {
         let joined = protocol::server_line(kind::JOIN, &format!("{} joined", name.display));
         self.presence_line(st, &joined, Some(id));
         st.by_key.insert(name.key.clone(), id);
-        let member = Member {
-            name,
-            outbox: Some(outbox.clone()),
-            slot: 0,
-            node: None,
-            addr,
-            transport: Some(transport),
-            joined_at: SystemTime::now(),
-            last_active: Instant::now(),
-        };
-        st.seat_local(id, member, outbox);
+        st.seat_local(
+            id,
+            Member {
+                name,
+                outbox,
+                slot: 0,
+                addr,
+                transport,
+                leaving: false,
+                joined_at: SystemTime::now(),
+                last_active: Instant::now(),
+            },
+        );
         Delivered::Joined { users: st.len() }
     }
 
     /// A message or action from member `id`, encoded by `encode` from its name.
     fn post(&self, st: &mut State, id: ClientId, encode: impl FnOnce(&str) -> Bytes) -> Delivered {
         self.send_presence(st);
-        let Some(member) = st.member_mut(id) else {
-            return Delivered::NoSuchMember;
-        };
         // One clock read for both the idle time and the fan-out latency.
         let start = Instant::now();
-        member.last_active = start;
         // Encoded once; every recipient and the history share these bytes.
-        let frame = encode(&member.name.display);
+        let frame = if let Some(member) = st.members.get_mut(&id) {
+            member.last_active = start;
+            encode(&member.name.display)
+        } else {
+            st.remote.touch(id);
+            match st.remote.get(id) {
+                Some(m) => encode(m.display),
+                None => return Delivered::NoSuchMember,
+            }
+        };
         self.broadcast(st, Some(id), &frame);
         self.counters.fanout.observe(start.elapsed());
         if st.history_cap > 0 {
@@ -695,11 +727,9 @@ impl Room {
             .fetch_add(delivered, Ordering::Relaxed);
     }
 
-    fn find<'s>(&self, st: &'s State, name: &str) -> Result<&'s Member, RoomError> {
-        let key = chat_proto::names::lookup_key(name);
-        st.by_key
-            .get(&key)
-            .and_then(|id| st.member(*id))
+    /// The member named `name` (as typed), wherever it is connected.
+    fn find(&self, st: &State, name: &str) -> Result<ClientId, RoomError> {
+        st.by_name(&chat_proto::names::lookup_key(name))
             .ok_or_else(|| RoomError::NoSuchUser(name.to_owned()))
     }
 
@@ -711,17 +741,16 @@ impl Room {
         id: ClientId,
         why: &str,
         announce: impl FnOnce(&str) -> Bytes,
-    ) -> Option<Member> {
-        let member = st.take(id)?;
-        Self::unindex(st, &member.name.key, id);
-        if let Some(outbox) = &member.outbox {
+    ) -> Option<(Name, SocketAddr)> {
+        let (name, addr, outbox) = st.take(id)?;
+        if let Some(outbox) = &outbox {
             outbox.close_with(
                 Some(protocol::server_line(kind::KICKED, why)),
                 Close::Kicked,
             );
         }
-        self.broadcast(st, None, &announce(&member.name.display));
-        Some(member)
+        self.broadcast(st, None, &announce(&name.display));
+        Some((name, addr))
     }
 
     /// Display names of everyone online, sorted case-insensitively.
@@ -731,7 +760,7 @@ impl Room {
         self.send_presence(&mut st);
         let mut names: Vec<(String, String)> = st
             .everyone()
-            .map(|(_, m)| (m.name.key.clone(), m.name.display.clone()))
+            .map(|(_, key, display, _)| (key.to_owned(), display.to_owned()))
             .collect();
         drop(st);
         names.sort();
@@ -742,22 +771,33 @@ impl Room {
     pub fn members(&self) -> Vec<MemberInfo> {
         let st = self.lock();
         let now = Instant::now();
-        let mut list: Vec<(String, MemberInfo)> = st
-            .everyone()
-            .map(|(_, m)| {
-                (
-                    m.name.key.clone(),
-                    MemberInfo {
-                        name: m.name.display.clone(),
-                        addr: m.addr,
-                        joined_at: m.joined_at,
-                        idle: now.saturating_duration_since(m.last_active),
-                        node: m.node.as_deref().map(str::to_owned),
-                        transport: m.transport,
-                    },
-                )
-            })
-            .collect();
+        let local = st.members.values().map(|m| {
+            (
+                m.name.key.clone(),
+                MemberInfo {
+                    name: m.name.display.clone(),
+                    addr: m.addr,
+                    joined_at: m.joined_at,
+                    idle: now.saturating_duration_since(m.last_active),
+                    node: None,
+                    transport: Some(m.transport),
+                },
+            )
+        });
+        let remote = st.remote.iter().map(|(_, m)| {
+            (
+                m.key.to_owned(),
+                MemberInfo {
+                    name: m.display.to_owned(),
+                    addr: m.addr,
+                    joined_at: m.joined_at,
+                    idle: m.idle,
+                    node: Some(m.node.to_string()),
+                    transport: None,
+                },
+            )
+        });
+        let mut list: Vec<(String, MemberInfo)> = local.chain(remote).collect();
         drop(st);
         list.sort_by(|a, b| a.0.cmp(&b.0));
         list.into_iter().map(|(_, m)| m).collect()
@@ -788,31 +828,30 @@ impl Room {
 
     /// Seats a member of another node, as its node's join announced: `*** JOIN` to this node's
     /// members (unless `quiet`: a member already there when this node started), and a place
-    /// in `/who`, lists and name lookups. Idempotent.
-    pub fn arrive(&self, who: Remote, quiet: bool) -> Delivered {
+    /// in `/who`, lists and name lookups. Returns its id here (ids of members of other nodes
+    /// have [`REMOTE_IDS`] set); a member already seated keeps its id and is not announced
+    /// again. `None` only if the table is full.
+    pub fn arrive(&self, who: Remote<'_>, quiet: bool) -> Option<ClientId> {
         let mut st = self.lock();
-        if st.remote.contains_key(&who.id) {
-            return Delivered::NoSuchMember;
-        }
-        if !quiet {
+        let (id, new) = st
+            .remote
+            .insert(who.origin, &who.name, who.addr, who.joined_at)?;
+        if new && !quiet {
             let joined = protocol::server_line(kind::JOIN, &format!("{} joined", who.name.display));
             self.presence_line(&mut st, &joined, None);
         }
-        st.by_key.insert(who.name.key.clone(), who.id);
-        st.remote.insert(
-            who.id,
-            Member {
-                name: who.name,
-                outbox: None,
-                slot: 0,
-                node: Some(who.node),
-                addr: who.addr,
-                transport: None,
-                joined_at: who.joined_at,
-                last_active: Instant::now(),
-            },
-        );
-        Delivered::Joined { users: st.len() }
+        Some(id)
+    }
+
+    /// The id here of the member of another node at `origin`, if it is seated.
+    pub fn remote_id(&self, origin: Origin<'_>) -> Option<ClientId> {
+        self.lock().remote.id_of(origin)
+    }
+
+    /// Where the member of another node `id` is connected: (node, the node's run, its
+    /// connection there).
+    pub fn remote_origin(&self, id: ClientId) -> Option<(Arc<str>, u64, u64)> {
+        self.lock().remote.origin(id)
     }
 
     /// A notice about this node only (its link to a cluster), to its own members at once: not
@@ -844,6 +883,16 @@ impl Room {
 }
 
 impl Deliver for Room {
+    fn seated(&self, id: ClientId) -> Option<Seated> {
+        let st = self.lock();
+        let m = st.members.get(&id)?;
+        Some(Seated {
+            name: m.name.display.clone(),
+            addr: m.addr,
+            outbox: m.outbox.clone(),
+        })
+    }
+
     /// Delivers one event, in the engine's order, to this node's members: the fan-out half of
     /// every room operation. Under the room lock: no I/O, no `.await`.
     fn deliver(&self, event: Event<'_>) -> Delivered {
@@ -855,10 +904,7 @@ impl Deliver for Room {
                 match self.evict(&mut st, id, why, |name| {
                     protocol::server_line(kind::LEAVE, &format!("{name} left (reconnected)"))
                 }) {
-                    Some(m) => Delivered::Removed {
-                        name: m.name,
-                        addr: m.addr,
-                    },
+                    Some((name, addr)) => Delivered::Removed { name, addr },
                     None => Delivered::NoSuchMember,
                 }
             }
@@ -870,67 +916,65 @@ impl Deliver for Room {
             }
             Event::Private { from, to, text } => {
                 self.send_presence(&mut st);
-                let Some(sender) = st.member(from) else {
+                let Some((sender, _)) = st.member(from) else {
                     return Delivered::NoSuchMember;
                 };
                 let Ok(target) = self.find(&st, to) else {
                     return Delivered::NoSuchMember;
                 };
                 // A recipient on another node is reached by its own node's delivery.
-                if let Some(outbox) = &target.outbox {
-                    outbox.push(protocol::private_line(&sender.name.display, text));
+                if let Some(m) = st.members.get(&target) {
+                    m.outbox.push(protocol::private_line(sender, text));
                     self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
                 }
-                Delivered::Sent {
-                    to: target.name.display.clone(),
+                match st.member(target) {
+                    Some((to, _)) => Delivered::Sent { to: to.to_owned() },
+                    None => Delivered::NoSuchMember,
                 }
             }
             Event::Rename { id, name } => {
                 self.send_presence(&mut st);
-                let Some(old) = st.member(id).map(|m| m.name.clone()) else {
+                let Some(old) = st.member(id).map(|(name, _)| name.to_owned()) else {
                     return Delivered::NoSuchMember;
                 };
                 let line = protocol::server_line(
                     kind::NICK,
-                    &format!("{} is now known as {}", old.display, name.display),
+                    &format!("{old} is now known as {}", name.display),
                 );
                 self.broadcast(&st, None, &line);
-                Self::unindex(&mut st, &old.key, id);
-                st.by_key.insert(name.key.clone(), id);
-                if let Some(m) = st.member_mut(id) {
-                    m.name = name;
+                if let Some(m) = st.members.get_mut(&id) {
+                    let old_key = std::mem::replace(&mut m.name, name.clone()).key;
+                    if st.by_key.get(&old_key) == Some(&id) {
+                        st.by_key.remove(&old_key);
+                    }
+                    st.by_key.insert(name.key, id);
+                } else {
+                    st.remote.rename(id, &name);
                 }
-                Delivered::Renamed { old: old.display }
+                Delivered::Renamed { old }
             }
             Event::Leave { id, reason } => {
-                let Some(member) = st.take(id) else {
+                let Some((name, addr, _)) = st.take(id) else {
                     return Delivered::NoSuchMember;
                 };
-                Self::unindex(&mut st, &member.name.key, id);
                 if !st.closing {
                     let line = protocol::server_line(
                         kind::LEAVE,
-                        &format!("{} left ({reason})", member.name.display),
+                        &format!("{} left ({reason})", name.display),
                     );
                     self.presence_line(&mut st, &line, None);
                 }
-                Delivered::Removed {
-                    name: member.name,
-                    addr: member.addr,
-                }
+                Delivered::Removed { name, addr }
             }
             Event::Kick { id, reason } => {
                 self.send_presence(&mut st);
-                let Some(member) = self.evict(&mut st, id, reason, |name| {
+                let Some((name, addr)) = self.evict(&mut st, id, reason, |name| {
                     protocol::server_line(kind::KICK, &format!("{name} was kicked ({reason})"))
                 }) else {
                     return Delivered::NoSuchMember;
                 };
                 self.counters.kicks.fetch_add(1, Ordering::Relaxed);
-                Delivered::Removed {
-                    name: member.name,
-                    addr: member.addr,
-                }
+                Delivered::Removed { name, addr }
             }
             Event::Announce { text } => {
                 self.send_presence(&mut st);
@@ -948,6 +992,7 @@ impl Deliver for Room {
 mod tests {
     use super::*;
     use chat_proto::names::NameRules;
+    use std::net::IpAddr;
 
     /// The result of a room step, which the in-process engine finishes at once.
     fn now<T>(step: impl std::future::Future<Output = T>) -> T {
@@ -1029,7 +1074,7 @@ mod tests {
             for (slot, (id, outbox)) in st.fanout.iter().enumerate() {
                 let m = &st.members[id];
                 assert_eq!(m.slot, slot, "member {id}");
-                assert!(m.outbox.as_ref().is_some_and(|o| Arc::ptr_eq(o, outbox)));
+                assert!(Arc::ptr_eq(&m.outbox, outbox));
             }
         };
         consistent(&room);
@@ -1213,6 +1258,152 @@ mod tests {
                 "member n{i}"
             );
         }
+    }
+
+    /// A member of node `node` (run 1), connection `conn`, as its node announced it.
+    fn remote<'a>(node: &'a str, conn: u64, who: &str, ip: [u8; 4]) -> Remote<'a> {
+        Remote {
+            origin: Origin {
+                node,
+                boot: 1,
+                conn,
+            },
+            name: name(who),
+            addr: SocketAddr::from((ip, 4000)),
+            joined_at: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn members_of_other_nodes_are_listed_found_renamed_and_removed() {
+        let room = Room::new(0);
+        let a = Arc::new(Outbox::new(1 << 16));
+        assert!(now(room.join(newcomer(1, name("alice"), a.clone()))).is_ok());
+        let bob = room
+            .arrive(remote("b", 7, "bob", [10, 0, 0, 2]), false)
+            .unwrap_or_else(|| panic!("bob"));
+        assert!(is_remote(bob));
+        assert_eq!(drained(&a), vec!["*** JOIN bob joined"]);
+        // Already there when this node started: seated without a line.
+        let carol = room
+            .arrive(remote("c", 7, "carol", [10, 0, 0, 3]), true)
+            .unwrap_or_else(|| panic!("carol"));
+        assert!(drained(&a).is_empty());
+        // Seen again (its message before its join): the same member, not announced twice.
+        assert_eq!(
+            room.arrive(remote("b", 7, "bob", [10, 0, 0, 2]), false),
+            Some(bob)
+        );
+        assert!(drained(&a).is_empty());
+        assert_eq!((room.len(), room.local_len()), (3, 1));
+        assert_eq!(room.names(), vec!["alice", "bob", "carol"]);
+        let origin = Origin {
+            node: "b",
+            boot: 1,
+            conn: 7,
+        };
+        assert_eq!(room.remote_id(origin), Some(bob));
+        assert_eq!(room.remote_origin(bob), Some((Arc::from("b"), 1, 7)));
+        let list = room.members();
+        assert_eq!(
+            list.iter()
+                .map(|m| (m.name.as_str(), m.node.as_deref(), m.transport))
+                .collect::<Vec<_>>(),
+            vec![
+                ("alice", None, Some(Transport::Tcp)),
+                ("bob", Some("b"), None),
+                ("carol", Some("c"), None)
+            ]
+        );
+        assert_eq!(list[1].addr, SocketAddr::from(([10, 0, 0, 2], 4000)));
+        // A private message to a member of another node: its own node delivers it.
+        assert_eq!(room.private(1, "BOB", "psst").as_deref(), Ok("bob"));
+        assert!(drained(&a).is_empty());
+        // Its messages and renames, as its node's events deliver them.
+        room.deliver(Event::Say {
+            id: bob,
+            text: "hi",
+        });
+        assert_eq!(drained(&a), vec!["bob: hi"]);
+        room.deliver(Event::Rename {
+            id: bob,
+            name: name("Robert"),
+        });
+        assert_eq!(drained(&a), vec!["*** NICK bob is now known as Robert"]);
+        assert_eq!(
+            room.private(1, "bob", "x").err(),
+            Some(RoomError::NoSuchUser("bob".into()))
+        );
+        // Kicked by name, banned by address: gone from every index.
+        assert_eq!(
+            room.kick("robert", "spam").ok(),
+            Some(("Robert".to_owned(), SocketAddr::from(([10, 0, 0, 2], 4000))))
+        );
+        assert_eq!(drained(&a), vec!["*** KICK Robert was kicked (spam)"]);
+        assert_eq!(room.remote_id(origin), None);
+        let banned = room.kick_where(|_, addr| addr.ip() == IpAddr::from([10, 0, 0, 3]), "ban");
+        assert_eq!(banned, vec!["carol"]);
+        assert_eq!(room.names(), vec!["alice"]);
+        assert_eq!(
+            room.deliver(Event::Leave {
+                id: carol,
+                reason: "x"
+            }),
+            Delivered::NoSuchMember
+        );
+    }
+
+    /// An engine that seats joins at once and keeps every other event (a cluster delivering
+    /// them later).
+    #[derive(Debug, Default)]
+    struct Later {
+        appended: Mutex<Vec<String>>,
+    }
+
+    impl Engine for Later {
+        fn claim<'a>(
+            &'a self,
+            _claim: Claim<'a>,
+            _may_replace: &'a (dyn Fn(ClientId) -> bool + Sync),
+            _refusal: NameError,
+        ) -> crate::engine::Pending<'a, Result<Option<ClientId>, NameError>> {
+            Box::pin(std::future::ready(Ok(None)))
+        }
+
+        fn release(&self, _key: &str, _holder: ClientId) {}
+
+        fn append(&self, room: &dyn Deliver, event: Event<'_>) -> Option<Delivered> {
+            if let Event::Join(_) = event {
+                return Some(room.deliver(event));
+            }
+            let mut log = self.appended.lock().unwrap_or_else(|e| e.into_inner());
+            log.push(format!("{event:?}"));
+            None
+        }
+    }
+
+    #[test]
+    fn a_leave_on_its_way_is_sent_once_however_often_it_is_asked() {
+        let engine = Arc::new(Later::default());
+        let room = Room::with_engine(0, engine.clone());
+        let a = Arc::new(Outbox::new(1 << 16));
+        assert!(now(room.join(newcomer(1, name("alice"), a))).is_ok());
+        // Quit, then the session's end, then its drop: one leave reaches the engine.
+        for _ in 0..3 {
+            assert_eq!(room.leave(1, "quit"), None);
+        }
+        let log = engine.appended.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!(log.len(), 1, "{log:?}");
+        assert!(log[0].starts_with("Leave"), "{log:?}");
+        drop(log);
+        // Still listed until the engine delivers the leave.
+        assert_eq!(room.names(), vec!["alice"]);
+        assert!(room.seated(1).is_some());
+        room.deliver(Event::Leave {
+            id: 1,
+            reason: "quit",
+        });
+        assert!(room.is_empty() && room.seated(1).is_none());
     }
 
     #[test]

@@ -42,7 +42,7 @@ use crate::engine::{
     Claim, ClientId, Deliver, Delivered, Engine, Event, Newcomer, Pending, Seq, Transport,
 };
 use crate::outbox::Outbox;
-use crate::room::{Remote, Room};
+use crate::room::{Origin, RECLAIMED_REASON, Remote, Room, is_remote};
 use chat_proto::names::{Name, NameError};
 use chat_proto::protocol::{self, code};
 use wire::{Envelope, Lease, MemberRef, NameHolder, WireEvent};
@@ -54,10 +54,6 @@ const PUBLISH_QUEUE: usize = 65_536;
 
 /// Longest a join or `/nick` waits for the names bucket.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Identities given to members of other nodes start here, far above this node's connection
-/// ids (which count from 1), so the two never meet.
-const REMOTE_IDS: u64 = 1 << 62;
 
 /// Most stream messages a starting node reads to find the room's recent history.
 const HISTORY_SCAN: u64 = 5_000;
@@ -96,92 +92,28 @@ struct PendingJoin {
     transport: Transport,
 }
 
-/// A member connected to this node, as the engine tracks it.
-struct LocalMember {
-    /// Its display name, as last published.
-    name: String,
-    /// Its peer address.
-    addr: SocketAddr,
-    outbox: Arc<Outbox>,
-}
-
-/// The engine's books: who is where, and which names this node holds for whom.
+/// The engine's books: which names this node holds for whom, and the joins and renames of its
+/// members on their way. Who is a member, here or on other nodes, is the room's to know
+/// (`Room::seated`, `Room::remote_id`): nothing is kept per member twice.
 #[derive(Default)]
 struct Book {
-    /// Members connected here whose leave has not been published.
-    local: HashMap<ClientId, LocalMember>,
     /// Joins published, waiting for their delivery.
     pending: HashMap<ClientId, PendingJoin>,
     /// Name keys this node holds for its members: key → (holder, revision).
     claims: HashMap<String, (ClientId, u64)>,
     /// Digests of the reclaim tokens issued to members connected here.
     tokens: HashMap<ClientId, String>,
-    /// Members of other nodes → their identity here: one small entry each, on every node, so
-    /// no allocation per member (the node's name is interned in `nodes`) and no reverse map
-    /// (only kicks and reclaims of remote members ask, and they scan).
-    remote: HashMap<RemoteRef, ClientId>,
-    /// The names of the nodes in `remote`, one allocation per node.
-    nodes: std::collections::HashSet<Arc<str>>,
+    /// Members of this node whose rename is published but not yet delivered → the new display
+    /// name, which their messages carry meanwhile.
+    renaming: HashMap<ClientId, String>,
 }
 
-/// A member of another node as the books key it: [`MemberRef`] with the node's name interned.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct RemoteRef {
-    node: Arc<str>,
-    boot: u64,
-    id: u64,
-}
-
-impl Book {
-    /// `who`'s key in `remote`, its node's name interned.
-    fn remote_key(&mut self, who: &MemberRef) -> RemoteRef {
-        let node = match self.nodes.get(who.node.as_str()) {
-            Some(node) => node.clone(),
-            None => {
-                let node: Arc<str> = Arc::from(who.node.as_str());
-                self.nodes.insert(node.clone());
-                node
-            }
-        };
-        RemoteRef {
-            node,
-            boot: who.boot,
-            id: who.id,
-        }
-    }
-
-    /// `who`'s identity here, if it is known.
-    fn remote_id(&self, who: &MemberRef) -> Option<ClientId> {
-        let node = self.nodes.get(who.node.as_str())?.clone();
-        let key = RemoteRef {
-            node,
-            boot: who.boot,
-            id: who.id,
-        };
-        self.remote.get(&key).copied()
-    }
-
-    /// The member of another node known here as `id`.
-    fn remote_ref(&self, id: ClientId) -> Option<MemberRef> {
-        self.remote
-            .iter()
-            .find(|(_, known)| **known == id)
-            .map(|(who, _)| MemberRef {
-                node: who.node.to_string(),
-                boot: who.boot,
-                id: who.id,
-            })
-    }
-
-    /// Forgets the member of another node `who`.
-    fn forget_remote(&mut self, who: &MemberRef) {
-        if let Some(node) = self.nodes.get(who.node.as_str()).cloned() {
-            self.remote.remove(&RemoteRef {
-                node,
-                boot: who.boot,
-                id: who.id,
-            });
-        }
+/// Where the member `who` is connected, as the room's table of other nodes' members keys it.
+fn origin(who: &MemberRef) -> Origin<'_> {
+    Origin {
+        node: &who.node,
+        boot: who.boot,
+        conn: who.id,
     }
 }
 
@@ -224,6 +156,8 @@ pub struct Cluster {
     publish: mpsc::Sender<Outgoing>,
     /// Taken by the publisher task when it starts.
     publish_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    /// The node's room and rules, set when it starts following the cluster (before `bus`).
+    host: OnceLock<Arc<dyn Host>>,
     book: Mutex<Book>,
     /// Events published by this run (the numbering of its message ids).
     published: AtomicU64,
@@ -231,7 +165,6 @@ pub struct Cluster {
     queued: AtomicU64,
     /// The stream sequence of the last event delivered here.
     applied: AtomicU64,
-    next_remote: AtomicU64,
     link: watch::Sender<LinkStatus>,
     /// Fires once the bus is connected, the room's history loaded and the stream followed.
     ready: tokio::sync::Notify,
@@ -265,11 +198,11 @@ impl Cluster {
             bus: OnceLock::new(),
             publish,
             publish_rx: Mutex::new(Some(rx)),
+            host: OnceLock::new(),
             book: Mutex::new(Book::default()),
             published: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             applied: AtomicU64::new(0),
-            next_remote: AtomicU64::new(REMOTE_IDS),
             link,
             ready: tokio::sync::Notify::new(),
             ready_flag: std::sync::atomic::AtomicBool::new(false),
@@ -360,6 +293,7 @@ impl Cluster {
     /// Connects, loads the room, and then follows it until `stop`: the consumer, the publisher,
     /// the lease and the link watcher. Retries the connection for as long as it takes.
     pub async fn run(self: Arc<Self>, host: Arc<dyn Host>, stop: CancellationToken) {
+        let _ = self.host.set(host.clone());
         let bus = loop {
             let credentials = (!self.config.credentials.as_os_str().is_empty())
                 .then_some(&*self.config.credentials);
@@ -803,7 +737,8 @@ impl Cluster {
         at: u64,
         quiet: bool,
     ) -> Option<ClientId> {
-        if let Some(id) = self.book().remote_id(who) {
+        let room = host.room();
+        if let Some(id) = room.remote_id(origin(who)) {
             return Some(id);
         }
         let name = match host.validate_name(name) {
@@ -813,48 +748,36 @@ impl Cluster {
                 return None;
             }
         };
-        let id = self.next_remote.fetch_add(1, Ordering::Relaxed);
-        let node = {
-            let mut book = self.book();
-            let key = book.remote_key(who);
-            let node = key.node.clone();
-            book.remote.insert(key, id);
-            node
-        };
-        host.room().arrive(
+        room.arrive(
             Remote {
-                id,
+                origin: origin(who),
                 name,
                 addr,
-                node,
                 joined_at: wire::time_of(at),
             },
             quiet,
-        );
-        Some(id)
-    }
-
-    /// This node's identity for `who`, given one if it has none yet.
-    fn identity(&self, who: &MemberRef) -> ClientId {
-        if self.is_me(who) {
-            return who.id;
-        }
-        let mut book = self.book();
-        if let Some(id) = book.remote_id(who) {
-            return id;
-        }
-        let id = self.next_remote.fetch_add(1, Ordering::Relaxed);
-        let key = book.remote_key(who);
-        book.remote.insert(key, id);
-        id
+        )
     }
 
     /// This node's identity for `who`, if it is known here.
-    fn local_id(&self, who: &MemberRef) -> Option<ClientId> {
+    fn local_id(&self, host: &dyn Host, who: &MemberRef) -> Option<ClientId> {
         if self.is_me(who) {
             return Some(who.id);
         }
-        self.book().remote_id(who)
+        host.room().remote_id(origin(who))
+    }
+
+    /// Where the member `id` of this node's room is connected, for an event about it.
+    fn member_ref(&self, id: ClientId) -> Option<MemberRef> {
+        if !is_remote(id) {
+            return Some(self.me(id));
+        }
+        let (node, boot, conn) = self.host.get()?.room().remote_origin(id)?;
+        Some(MemberRef {
+            node: node.to_string(),
+            boot,
+            id: conn,
+        })
     }
 
     /// Delivers one event from the stream to this node's room.
@@ -919,7 +842,7 @@ impl Cluster {
                 }
             }
             WireEvent::Private { who, to, text } => {
-                let Some(from) = self.local_id(&who) else {
+                let Some(from) = self.local_id(host, &who) else {
                     return;
                 };
                 let text = protocol::sanitize(&text);
@@ -928,23 +851,29 @@ impl Cluster {
                     to: &to,
                     text: &text,
                 });
-                if done == Delivered::NoSuchMember && self.is_me(&who) {
-                    let outbox = self.book().local.get(&who.id).map(|m| m.outbox.clone());
-                    if let Some(o) = outbox {
-                        o.push(protocol::error_line(
-                            code::NO_SUCH_USER,
-                            &format!(
-                                "no user named {:?} is online; your message was not delivered",
-                                protocol::sanitize(&to)
-                            ),
-                        ));
-                    }
+                if done == Delivered::NoSuchMember
+                    && self.is_me(&who)
+                    && let Some(o) = room.seated(who.id).map(|m| m.outbox)
+                {
+                    o.push(protocol::error_line(
+                        code::NO_SUCH_USER,
+                        &format!(
+                            "no user named {:?} is online; your message was not delivered",
+                            protocol::sanitize(&to)
+                        ),
+                    ));
                 }
             }
             WireEvent::Rename { who, name } => {
-                let Some(id) = self.local_id(&who) else {
+                let Some(id) = self.local_id(host, &who) else {
                     return;
                 };
+                if self.is_me(&who) {
+                    let mut book = self.book();
+                    if book.renaming.get(&who.id) == Some(&name) {
+                        book.renaming.remove(&who.id);
+                    }
+                }
                 if let Ok(name) = host.validate_name(&name) {
                     room.deliver(Event::Rename { id, name });
                 }
@@ -968,9 +897,9 @@ impl Cluster {
                     // Its name now belongs to the reclaiming connection: forget the claim
                     // without releasing it, and do not announce a leave when it closes.
                     let mut book = self.book();
-                    book.local.remove(&who.id);
                     book.pending.remove(&who.id);
                     book.tokens.remove(&who.id);
+                    book.renaming.remove(&who.id);
                     book.claims.retain(|_, (holder, _)| *holder != who.id);
                 }
             }
@@ -984,7 +913,7 @@ impl Cluster {
 
     /// The sender of a message, seated quietly if this node missed its join.
     fn sender(&self, host: &dyn Host, who: &MemberRef, name: &str, at: u64) -> Option<ClientId> {
-        match self.local_id(who) {
+        match self.local_id(host, who) {
             Some(id) => Some(id),
             None => self.seat_remote(
                 host,
@@ -997,19 +926,15 @@ impl Cluster {
         }
     }
 
-    /// Delivers the removal of `who` and forgets a remote member's identity.
+    /// Delivers the removal of `who` (the room forgets a member of another node with it).
     fn remove<'e>(
         &self,
         host: &dyn Host,
         who: &MemberRef,
         event: impl FnOnce(ClientId) -> Event<'e>,
     ) {
-        let Some(id) = self.local_id(who) else {
-            return;
-        };
-        host.room().deliver(event(id));
-        if !self.is_me(who) {
-            self.book().forget_remote(who);
+        if let Some(id) = self.local_id(host, who) {
+            host.room().deliver(event(id));
         }
     }
 
@@ -1017,8 +942,9 @@ impl Cluster {
     fn forget_local(&self, id: ClientId) {
         let released: Vec<(String, u64)> = {
             let mut book = self.book();
-            book.local.remove(&id);
             book.pending.remove(&id);
+            book.renaming.remove(&id);
+            book.tokens.remove(&id);
             let keys: Vec<String> = book
                 .claims
                 .iter()
@@ -1066,26 +992,15 @@ impl Cluster {
             welcome,
         } = who;
         let (seated, is_seated) = tokio::sync::oneshot::channel();
-        {
-            let mut book = self.book();
-            book.local.insert(
-                id,
-                LocalMember {
-                    name: name.display.clone(),
-                    addr,
-                    outbox: outbox.clone(),
-                },
-            );
-            book.pending.insert(
-                id,
-                PendingJoin {
-                    outbox: outbox.clone(),
-                    welcome: welcome.to_vec(),
-                    seated,
-                    transport,
-                },
-            );
-        }
+        self.book().pending.insert(
+            id,
+            PendingJoin {
+                outbox: outbox.clone(),
+                welcome: welcome.to_vec(),
+                seated,
+                transport,
+            },
+        );
         self.send(
             WireEvent::Join {
                 who: self.me(id),
@@ -1176,9 +1091,24 @@ impl Engine for Cluster {
             match tokio::time::timeout(CLAIM_TIMEOUT, attempt).await {
                 Ok(Ok((rev, replaced))) => {
                     self.book().claims.insert(key, (claim.holder, rev));
-                    // The member replaced, as this node knows it (a remote one it has not seen
-                    // gets an identity, so its replacement can still be published).
-                    Ok(replaced.map(|who| self.identity(&who)))
+                    match replaced {
+                        // A member of this run: the room sends it off (`Event::Replaced`).
+                        Some(who) if self.is_me(&who) => Ok(Some(who.id)),
+                        // A member of another node (or of an earlier run of this one): its
+                        // replacement is published from here, seated here or not, ahead of
+                        // the newcomer's join.
+                        Some(who) => {
+                            self.send(
+                                WireEvent::Replaced {
+                                    who,
+                                    why: RECLAIMED_REASON.to_owned(),
+                                },
+                                None,
+                            );
+                            Ok(None)
+                        }
+                        None => Ok(None),
+                    }
                 }
                 Ok(Err(None)) => Err(refusal),
                 Ok(Err(Some(e))) => {
@@ -1236,7 +1166,7 @@ impl Engine for Cluster {
         self.release_keys(released);
     }
 
-    fn append(&self, _room: &dyn Deliver, event: Event<'_>) -> Option<Delivered> {
+    fn append(&self, room: &dyn Deliver, event: Event<'_>) -> Option<Delivered> {
         let at = wire::millis(SystemTime::now());
         match event {
             Event::Join(who) => {
@@ -1245,12 +1175,12 @@ impl Engine for Cluster {
             }
             Event::Say { id, text } | Event::Act { id, text } => {
                 let action = matches!(event, Event::Act { .. });
-                let member = self
-                    .book()
-                    .local
-                    .get(&id)
-                    .map(|m| (m.name.clone(), m.outbox.clone()));
-                let (name, outbox) = member?;
+                let member = room.seated(id)?;
+                let name = match self.book().renaming.get(&id) {
+                    Some(new) => new.clone(),
+                    None => member.name,
+                };
+                let outbox = member.outbox;
                 let (who, text) = (self.me(id), text.to_owned());
                 let event = if action {
                     WireEvent::Act {
@@ -1270,7 +1200,7 @@ impl Engine for Cluster {
                 self.send(event, Some(outbox));
             }
             Event::Private { from, to, text } => {
-                let outbox = self.book().local.get(&from).map(|m| m.outbox.clone());
+                let outbox = room.seated(from).map(|m| m.outbox);
                 self.send(
                     WireEvent::Private {
                         who: self.me(from),
@@ -1281,13 +1211,8 @@ impl Engine for Cluster {
                 );
             }
             Event::Rename { id, name } => {
-                let outbox = {
-                    let mut book = self.book();
-                    book.local.get_mut(&id).map(|m| {
-                        m.name = name.display.clone();
-                        m.outbox.clone()
-                    })
-                };
+                let outbox = room.seated(id).map(|m| m.outbox);
+                self.book().renaming.insert(id, name.display.clone());
                 let new_key = wire::kv_key(&name.key);
                 self.send(
                     WireEvent::Rename {
@@ -1313,7 +1238,8 @@ impl Engine for Cluster {
                 self.release_keys(old);
             }
             Event::Leave { id, reason } => {
-                if self.book().local.contains_key(&id) {
+                // Seated, or its join on its way (the room asks once: see `Room::leave`).
+                if room.seated(id).is_some() || self.book().pending.contains_key(&id) {
                     self.send(
                         WireEvent::Leave {
                             who: self.me(id),
@@ -1325,12 +1251,7 @@ impl Engine for Cluster {
                 }
             }
             Event::Kick { id, reason } => {
-                let who = if self.book().local.contains_key(&id) {
-                    Some(self.me(id))
-                } else {
-                    self.book().remote_ref(id)
-                };
-                if let Some(who) = who {
+                if let Some(who) = self.member_ref(id) {
                     self.send(
                         WireEvent::Kick {
                             who,
@@ -1341,12 +1262,7 @@ impl Engine for Cluster {
                 }
             }
             Event::Replaced { id, why } => {
-                let who = if id < REMOTE_IDS {
-                    Some(self.me(id))
-                } else {
-                    self.book().remote_ref(id)
-                };
-                if let Some(who) = who {
+                if let Some(who) = self.member_ref(id) {
                     self.send(
                         WireEvent::Replaced {
                             who,
@@ -1368,14 +1284,20 @@ impl Engine for Cluster {
         None
     }
 
-    fn token_issued<'a>(&'a self, holder: ClientId, digest: &'a str) -> Pending<'a, ()> {
+    fn token_issued<'a>(
+        &'a self,
+        room: &'a (dyn Deliver + Sync),
+        holder: ClientId,
+        digest: &'a str,
+    ) -> Pending<'a, ()> {
         Box::pin(async move {
             // Every name entry this member holds gets the digest, compare-and-set on the
             // revision this node claimed it at.
+            let member = room.seated(holder);
             let updates: Vec<(String, u64, Bytes)> = {
                 let mut book = self.book();
                 book.tokens.insert(holder, digest.to_owned());
-                let Some(member) = book.local.get(&holder) else {
+                let Some(member) = member else {
                     return;
                 };
                 let value = NameHolder {
