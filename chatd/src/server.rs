@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::admission::{Admission, Refusal};
+use crate::admission::{Admission, Refusal, Ticket};
 use crate::session::Session;
 use crate::shared::{LimitCounters, Shared};
 use chat_proto::protocol;
@@ -209,15 +209,36 @@ fn admit(
         // Its header is read; what follows is the client's, whatever it looks like.
         session.header_read();
     }
-    let token = shutdown.clone();
-    let open = &shared.activity.open_tcp;
-    open.fetch_add(1, Ordering::Relaxed);
-    let shared = shared.clone();
-    tracker.spawn(async move {
-        session.run(token).await;
-        shared.activity.open_tcp.fetch_sub(1, Ordering::Relaxed);
-        drop(ticket);
-    });
+    let open = OpenTcp::new(shared.clone(), ticket);
+    // The session's future is the task, with nothing around it: see `Session::run`.
+    tracker.spawn(session.run(shutdown.clone(), open));
+}
+
+/// What an admitted TCP connection holds while its session runs: its admission ticket and its
+/// place in the open-connections count, both given back when the session ends (or its task is
+/// dropped).
+struct OpenTcp {
+    shared: Arc<Shared>,
+    _ticket: Ticket,
+}
+
+impl OpenTcp {
+    fn new(shared: Arc<Shared>, ticket: Ticket) -> Self {
+        shared.activity.open_tcp.fetch_add(1, Ordering::Relaxed);
+        OpenTcp {
+            shared,
+            _ticket: ticket,
+        }
+    }
+}
+
+impl Drop for OpenTcp {
+    fn drop(&mut self) {
+        self.shared
+            .activity
+            .open_tcp
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Low latency (no Nagle) and keepalive, so half-open peers are found and their slots freed.

@@ -4,18 +4,18 @@
 //! nothing is cancelled half-way (every I/O call is a synchronous `try_*`). What the lines mean
 //! is the conversation's business (`core.rs`); this file only moves bytes and keeps time.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Context;
+use std::task::{Context, Poll};
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, Sleep, sleep_until};
 
-use super::{
-    CLOSE_FLUSH_TIMEOUT, KEEP_BYTES, KEEP_QUEUE, LINGER, MAX_IOVECS, READ_CHUNK, sleep_opt,
-};
+use super::{CLOSE_FLUSH_TIMEOUT, KEEP_BYTES, KEEP_QUEUE, LINGER, MAX_IOVECS, READ_CHUNK};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -24,6 +24,25 @@ use crate::engine::Transport;
 use crate::outbox::{ByteQueue, Close};
 use crate::shared::Shared;
 use chat_proto::codec::LineDecoder;
+
+/// Which deadline a session's one timer is set for.
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    /// A message client's partial line went quiet (`server.partial-line-flush`).
+    PartialLine,
+    /// No name in time (`limits.name-timeout`).
+    Naming,
+    /// A closing session's flush took too long ([`CLOSE_FLUSH_TIMEOUT`]).
+    Close,
+}
+
+/// Polls the session's timer; pending forever without one.
+fn poll_timer(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> Poll<()> {
+    match timer {
+        Some(sleep) => sleep.as_mut().poll(cx),
+        None => Poll::Pending,
+    }
+}
 
 /// One connected TCP client.
 pub struct Session {
@@ -62,8 +81,34 @@ impl Session {
         self.check_header = false;
     }
 
-    /// Runs the session to its end. Never panics on peer input; I/O errors end the session.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    /// Runs the session to its end, then drops `held` (what the connection holds while it
+    /// lasts: its admission ticket, the open-connections count). Never panics on peer input;
+    /// I/O errors end the session.
+    ///
+    /// A plain function returning an `async move` block, not an `async fn`: an `async fn` keeps
+    /// its by-value arguments twice in its future (as passed, and moved into the body), and a
+    /// wrapper `async` block that calls it keeps a third copy, while an idle connection's whole
+    /// cost is mostly this future. `held` is taken here for the same reason: awaiting this in
+    /// another `async` block to drop it afterwards would copy the whole future once more.
+    /// `sizes::idle_session_task_is_small` holds the future's size down.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep `self` twice in its future (see above)"
+    )]
+    pub fn run<H: Send + 'static>(
+        mut self,
+        shutdown: CancellationToken,
+        held: H,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            self.drive(shutdown).await;
+            self.talk.finish();
+            drop(held);
+        }
+    }
+
+    /// The session's loop, until the connection ends (an error is logged here).
+    async fn drive(&mut self, shutdown: CancellationToken) {
         self.talk.greet();
         let name_deadline =
             Instant::now() + self.talk.shared().live.load().config.limits.name_timeout;
@@ -83,6 +128,10 @@ impl Session {
         // then only on a turn after that waker fired.
         let signal = self.talk.outbox().signal_waker();
         let mut poll_shutdown = true;
+        // The session's one timer, set for the nearest deadline that applies (naming, a quiet
+        // partial line, closing). Boxed, and there only while a deadline applies: a chatting
+        // member, idle or busy, has none, and its future keeps no room for one.
+        let mut timer: Option<Pin<Box<Sleep>>> = None;
 
         let result: io::Result<()> = async {
             loop {
@@ -109,7 +158,9 @@ impl Session {
                     // Closing: end once the last frames still in the outbox are written too.
                     self.talk.outbox().drain_bytes(&mut self.pending);
                     if self.pending.is_empty() {
-                        self.linger().await;
+                        // Boxed: its read buffer and timer would otherwise be part of every
+                        // session's future for its whole life, and it runs once, at the end.
+                        Box::pin(self.linger()).await;
                         return Ok(());
                     }
                     continue;
@@ -128,10 +179,36 @@ impl Session {
                     self.talk.shut_down();
                     continue;
                 }
-                let flush_at = self.partial_flush_at();
-                let naming = self.talk.is_naming();
                 // While a step waits for the engine, the client's lines stay unread (core.rs).
                 let waiting = self.talk.is_waiting();
+                // One timer for the nearest of this turn's deadlines.
+                let due = if closing {
+                    close_deadline.map(|at| (at, Timer::Close))
+                } else {
+                    let flush = self
+                        .partial_flush_at()
+                        .filter(|_| !waiting)
+                        .map(|at| (at, Timer::PartialLine));
+                    let naming = self
+                        .talk
+                        .is_naming()
+                        .then_some((name_deadline, Timer::Naming));
+                    flush.into_iter().chain(naming).min_by_key(|&(at, _)| at)
+                };
+                let which = match due {
+                    Some((at, which)) => {
+                        match timer.as_mut() {
+                            Some(sleep) if sleep.deadline() == at => {}
+                            Some(sleep) => sleep.as_mut().reset(at),
+                            None => timer = Some(Box::pin(sleep_until(at))),
+                        }
+                        Some(which)
+                    }
+                    None => {
+                        timer = None;
+                        None
+                    }
+                };
                 // The outbox wakes this task itself (a waker kept under the lock its pushes
                 // take anyway, not a `Notify` waiter registered and removed on every turn). It
                 // is level-triggered, so it is waited on only while that can end: for new
@@ -139,25 +216,36 @@ impl Session {
                 // until closing (a closing session waits for its socket or its deadline; a
                 // closed outbox would be ready on every turn).
                 let idle = self.pending.is_empty();
+                // One readiness wait for both directions: reading unless closing or waiting,
+                // writing while output is pending.
+                let reading = !closing && !waiting;
+                let interest = match (reading, idle) {
+                    (true, true) => Some(Interest::READABLE),
+                    (true, false) => Some(Interest::READABLE | Interest::WRITABLE),
+                    (false, false) => Some(Interest::WRITABLE),
+                    (false, true) => None,
+                };
                 tokio::select! {
-                    ready = self.stream.readable(), if !closing && !waiting => {
-                        ready?;
-                        if !self.read_available()? {
+                    ready = self.stream.ready(interest.unwrap_or(Interest::READABLE)), if interest.is_some() => {
+                        // Writable: the next turn writes. Readable (or the peer's end of
+                        // file, or an error, which the read reports): read now.
+                        let ready = ready?;
+                        if reading && ready.is_readable() && !self.read_available()? {
                             return Ok(());
                         }
                     }
-                    ready = self.stream.writable(), if !self.pending.is_empty() => ready?,
                     _ = poll_fn(|cx| self.talk.outbox().poll_ready(cx, idle)), if !closing => {}
-                    _ = sleep_opt(flush_at), if flush_at.is_some() && !closing && !waiting => {
-                        if let Some(frame) = self.decoder.take_partial() {
-                            self.talk.handle_frame(frame);
+                    _ = poll_fn(|cx| poll_timer(&mut timer, cx)), if which.is_some() => {
+                        match which {
+                            Some(Timer::Close) => return Ok(()),
+                            Some(Timer::PartialLine) => {
+                                if let Some(frame) = self.decoder.take_partial() {
+                                    self.talk.handle_frame(frame);
+                                }
+                            }
+                            Some(Timer::Naming) => self.talk.name_timed_out(),
+                            None => {}
                         }
-                    }
-                    _ = sleep_opt(Some(name_deadline)), if naming && !closing => {
-                        self.talk.name_timed_out();
-                    }
-                    _ = sleep_opt(close_deadline), if closing => {
-                        return Ok(());
                     }
                     done = self.talk.step(), if waiting => {
                         self.talk.resume(done);
@@ -171,7 +259,6 @@ impl Session {
         if let Err(e) = result {
             debug!(peer = %self.talk.peer(), user = %self.talk.name(), error = %e, "connection error");
         }
-        self.talk.finish();
     }
 
     /// When the pending partial line of a message client is taken as complete.
@@ -306,5 +393,49 @@ impl Session {
         // next push to this member; buffers grown by a burst are given back.
         self.pending.trim(KEEP_QUEUE, KEEP_BYTES);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod sizes {
+    use super::*;
+    use crate::config::Config;
+
+    /// An idle connection costs little more than its task, which holds this future inline: a
+    /// guard against making it large again (a buffer, a timer or an awaited call kept across
+    /// the session's wait; see `Session::run`). About 2.3 KB before this guard, with the
+    /// wrapper that spawned it 2.7 KB.
+    #[test]
+    fn idle_session_task_is_small() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("runtime: {e}"));
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            let shared = Arc::new(Shared::for_test(dir.path(), Config::default()));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .unwrap_or_else(|e| panic!("bind: {e}"));
+            let addr = listener
+                .local_addr()
+                .unwrap_or_else(|e| panic!("address: {e}"));
+            let _client = TcpStream::connect(addr)
+                .await
+                .unwrap_or_else(|e| panic!("connect: {e}"));
+            let (stream, peer) = listener
+                .accept()
+                .await
+                .unwrap_or_else(|e| panic!("accept: {e}"));
+            let session = Session::new(stream, peer, shared);
+            let held = [0u64; 5]; // the size of what the listener hands over (`OpenTcp`)
+            let task = session.run(CancellationToken::new(), held);
+            let size = std::mem::size_of_val(&task);
+            eprintln!(
+                "session {} B, its task's future {size} B",
+                std::mem::size_of::<Session>()
+            );
+            assert!(size <= 1024, "the TCP session's future is {size} bytes");
+        });
     }
 }
