@@ -815,6 +815,19 @@ fn cluster_survives_its_nats_server_restarting() {
     }
 }
 
+/// Node `node` of `room` on a 3-server NATS cluster: everything replicated 3 times, and the
+/// default node timeout: a dead server's leader elections (4-9 s) stop lease refreshes for
+/// longer than the 2 s of `cluster_config`, and the nodes would reap each other's users.
+fn three_server_config(
+    servers: &[&NatsServer],
+    room: &str,
+    node: &str,
+) -> crate::helper::config::Config {
+    cluster_config(servers, room, node)
+        .set("cluster", "replicas", "3")
+        .set_str("cluster", "node-timeout", "10s")
+}
+
 #[test]
 fn cluster_survives_losing_a_nats_server_of_three() {
     if !nats_present() {
@@ -824,9 +837,7 @@ fn cluster_survives_losing_a_nats_server_of_three() {
     let room = room_name("nats3");
     let ds = {
         let refs: Vec<&NatsServer> = servers.iter().collect();
-        let ds = TestDaemon::start_many(2, |i| {
-            cluster_config(&refs, &room, ["a", "b"][i]).set("cluster", "replicas", "3")
-        });
+        let ds = TestDaemon::start_many(2, |i| three_server_config(&refs, &room, ["a", "b"][i]));
         for d in &ds {
             d.wait_cluster_ready();
         }
@@ -867,7 +878,9 @@ fn cluster_survives_losing_a_nats_server_of_three() {
         .collect();
     go.wait();
     std::thread::sleep(Duration::from_millis(600));
+    let killed = Instant::now();
     servers[victim].kill();
+    let back = stream_back(&servers, victim, &room);
     let senders: Vec<Client> = senders
         .into_iter()
         .map(|t| t.join().expect("sender"))
@@ -887,14 +900,17 @@ fn cluster_survives_losing_a_nats_server_of_three() {
     };
     for (who, r) in [("ra", &mut ra), ("rb", &mut rb)] {
         let mut lines: Vec<String> = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Every line is sent by now (or waits in its node's publisher for the stream).
+        let deadline = back + PAUSE;
         while lines.len() < 2 * LINES {
             let left = deadline.saturating_duration_since(Instant::now());
             let Some(l) = line_within(r, left.max(Duration::from_millis(1))) else {
                 panic!(
-                    "{who}: {} of {} lines 30 s after the kill of {leader}: {lines:?}\n{}",
+                    "{who}: {} of {} lines {PAUSE:?} after the stream took writes again \
+                     ({:?} after the kill of {leader}): {lines:?}\n{}",
                     lines.len(),
                     2 * LINES,
+                    back - killed,
                     warnings()
                 );
             };
@@ -937,9 +953,7 @@ fn three_servers_leader_off_b(
     let servers = NatsServer::cluster(3);
     let ds = {
         let refs: Vec<&NatsServer> = servers.iter().collect();
-        let ds = TestDaemon::start_many(2, |i| {
-            cluster_config(&refs, room, ["a", "b"][i]).set("cluster", "replicas", "3")
-        });
+        let ds = TestDaemon::start_many(2, |i| three_server_config(&refs, room, ["a", "b"][i]));
         for d in &ds {
             d.wait_cluster_ready();
         }
@@ -990,6 +1004,82 @@ fn stream_leader(via: &NatsServer, room: &str) -> Option<String> {
         .and_then(|i| i["cluster"]["leader"].as_str().map(str::to_owned))
 }
 
+/// Longest a node's users wait for the room after one NATS server of three died, counted from
+/// when the room's stream takes writes again. When the dead server led the stream, the
+/// stream's own leader election comes first (4-9 s on nats-server 2.9, not chatd's to shorten);
+/// otherwise the stream never stopped. Generous for a loaded 2-core box: a node reads the
+/// stream directly after 1 s without deliveries, and pulls again after 2 s without heartbeat.
+const PAUSE: Duration = Duration::from_secs(5);
+
+/// When the room's stream takes writes again after `servers[victim]` died: the first time a
+/// survivor names a stream leader other than the dead server (at once if it did not lead).
+fn stream_back(servers: &[NatsServer], victim: usize, room: &str) -> Instant {
+    let survivor = &servers[(victim + 1) % servers.len()];
+    let dead = &servers[victim].name;
+    wait_for(
+        Duration::from_secs(30),
+        "the room's stream to have a leader again",
+        || match stream_leader(survivor, room) {
+            Some(l) if l != *dead => Some(Instant::now()),
+            _ => {
+                std::thread::sleep(Duration::from_millis(50));
+                None
+            }
+        },
+        || survivor.log(),
+    )
+}
+
+/// The name of node `node`'s consumer of the room's stream, asked of `via`.
+fn consumer_of(via: &NatsServer, room: &str, node: &str) -> Option<String> {
+    let names = via
+        .client()
+        .js_api(&format!("CONSUMER.NAMES.CHAT_{room}"), "")?;
+    let prefix = format!("sub_{node}_");
+    names["consumers"]
+        .as_array()?
+        .iter()
+        .filter_map(|n| n.as_str())
+        .find(|n| n.starts_with(&prefix))
+        .map(str::to_owned)
+}
+
+/// The leader of the room stream's consumer `consumer`, asked of `via`.
+fn consumer_leader(via: &NatsServer, room: &str, consumer: &str) -> Option<String> {
+    via.client()
+        .js_api(&format!("CONSUMER.INFO.CHAT_{room}.{consumer}"), "")
+        .and_then(|i| i["cluster"]["leader"].as_str().map(str::to_owned))
+}
+
+/// Reads `c`'s chat lines (announcements skipped, an error fails) in a thread until one is
+/// `last` or `limit` passes; returns the client and every line with when it arrived.
+fn read_timed(
+    mut c: Client,
+    last: String,
+    limit: Duration,
+) -> thread::JoinHandle<(Client, Vec<(Instant, String)>)> {
+    thread::spawn(move || {
+        let deadline = Instant::now() + limit;
+        let mut lines = Vec::new();
+        while Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(l) = line_within(&mut c, left.max(Duration::from_millis(1))) else {
+                break;
+            };
+            assert!(!l.starts_with("*** ERR"), "{l}");
+            if l.starts_with("*** ") {
+                continue;
+            }
+            let done = l == last;
+            lines.push((Instant::now(), l));
+            if done {
+                break;
+            }
+        }
+        (c, lines)
+    })
+}
+
 /// Reads `c`'s next `n` chat lines (announcements skipped; an error fails) within `limit`.
 fn chat_lines(c: &mut Client, who: &str, n: usize, limit: Duration, log: &str) -> Vec<String> {
     let mut lines = Vec::new();
@@ -1037,10 +1127,10 @@ fn cluster_keeps_a_senders_order_when_its_nats_server_dies_mid_line() {
     );
     sb.send("line 2");
     sb.send("line 3");
-    // As long as the 3-server test allows: a node's consumer can take that long to come back
-    // after its server died.
+    let back = stream_back(&servers, victim, &room);
     for (who, c) in [("ra", &mut ra), ("rb", &mut rb)] {
-        let lines = chat_lines(c, who, 3, Duration::from_secs(30), &ds[1].log());
+        let limit = (back + PAUSE).saturating_duration_since(Instant::now());
+        let lines = chat_lines(c, who, 3, limit, &ds[1].log());
         assert_eq!(
             lines,
             ["sb: line 1", "sb: line 2", "sb: line 3"],
@@ -1077,16 +1167,210 @@ fn cluster_lines_swallowed_by_a_dead_stream_leader_arrive_after_a_short_pause() 
     }
     std::thread::sleep(Duration::from_millis(500));
     servers[victim].kill();
+    let back = stream_back(&servers, victim, &room);
     let want: Vec<String> = (1..=LINES).map(|i| format!("sb: line {i}")).collect();
-    // The election takes a few seconds; a line's ack waits 2 s before it is retried.
+    // The first line's ack waits 2 s before it is retried, once; the rest follow at once.
     for (who, c) in [("ra", &mut ra), ("rb", &mut rb)] {
-        let lines = chat_lines(c, who, LINES, Duration::from_secs(30), &ds[1].log());
+        let limit = (back + PAUSE).saturating_duration_since(Instant::now());
+        let lines = chat_lines(c, who, LINES, limit, &ds[1].log());
         assert_eq!(lines, want, "{who}: sb's lines\n{}", ds[1].log());
     }
     // Nor was the sender told that any of them was lost.
     sb.send("/who");
     let seen = read_until(&mut sb, |l| l.starts_with("*** WHO "));
     assert!(!seen.iter().any(|l| l.starts_with("*** ERR")), "{seen:?}");
+}
+
+/// Node b's consumer lost its leader with the NATS server that also led the JetStream meta
+/// group, the stream led elsewhere: the placement that stalled node b for 5-9 s while the
+/// stream took writes all along (its consumer had no leader until its election, its pull died
+/// with the server, and a new consumer cannot be created without a meta leader). Node b must
+/// read the stream directly meanwhile.
+#[test]
+fn cluster_a_node_follows_the_room_while_its_consumer_and_the_meta_group_elect_leaders() {
+    if !nats_present() {
+        return;
+    }
+    lose_a_leading_server("meta", Victim::MetaLeader);
+}
+
+/// Node b's NATS server led the room's stream and node b's consumer, and dies while a user on
+/// node a chats: node b reconnects elsewhere, the stream elects a leader (4-9 s, the server's
+/// own election), and node b's users see the room again within `PAUSE` of that.
+#[test]
+fn cluster_a_node_whose_nats_server_led_the_stream_and_its_consumer_resumes_at_once() {
+    if !nats_present() {
+        return;
+    }
+    lose_a_leading_server("led", Victim::NodeBsServer);
+}
+
+/// Which server `lose_a_leading_server` kills.
+#[derive(Clone, Copy, Debug)]
+enum Victim {
+    /// Node b's own server, made to lead the stream and node b's consumer.
+    NodeBsServer,
+    /// The JetStream meta leader, made to lead node b's consumer but not the stream.
+    MetaLeader,
+}
+
+/// The server the servers' logs last named as the JetStream meta leader (the leader cannot
+/// be moved without the system account, so the tests find it instead).
+fn meta_leader(servers: &[NatsServer]) -> Option<usize> {
+    let mut latest: Option<(String, usize)> = None;
+    for (i, s) in servers.iter().enumerate() {
+        for line in s.log().lines() {
+            // "[pid] 2026/12/05 15:39:16.761436 [INF] JetStream cluster new metadata leader: n1/c"
+            let Some(stamp) = line.split(" [").next().and_then(|l| l.split_once("] ")) else {
+                continue;
+            };
+            let leader = if line.contains("Self is new JetStream cluster metadata leader") {
+                Some(i)
+            } else if let Some((_, name)) = line.split_once("new metadata leader: ") {
+                let name = name.split('/').next().unwrap_or_default();
+                servers.iter().position(|s| s.name == name)
+            } else {
+                None
+            };
+            if let Some(leader) = leader
+                && latest.as_ref().is_none_or(|(at, _)| stamp.1 >= at.as_str())
+            {
+                latest = Some((stamp.1.to_owned(), leader));
+            }
+        }
+    }
+    latest.map(|(_, i)| i)
+}
+
+/// Places the leaders as `victim` says, kills that server while a user on node a chats every
+/// 50 ms, and holds both nodes to `PAUSE` after the stream takes writes again, every line once
+/// and in order, and no sender told of a lost line.
+fn lose_a_leading_server(base: &str, victim: Victim) {
+    let room = room_name(base);
+    let (mut servers, ds, [mut ra, mut rb], mut sb, b_server) = three_servers_leader_off_b(&room);
+    let mut sa = ds[0].join("sa");
+    sync(&mut sa, "sa", "start", &mut [&mut ra, &mut rb]);
+    let dead = match victim {
+        Victim::NodeBsServer => b_server,
+        Victim::MetaLeader => meta_leader(&servers).expect("a meta leader in the servers' logs"),
+    };
+    let stream_on_dead = matches!(victim, Victim::NodeBsServer);
+    // Each step-down hands a leadership to another server, at random.
+    let target = servers[dead].name.clone();
+    let other = (dead + 1) % servers.len();
+    let placing = Instant::now();
+    wait_for(
+        Duration::from_secs(60),
+        &format!("the leaders placed for {victim:?}"),
+        || {
+            let consumer = consumer_of(&servers[other], &room, "b")?;
+            let stream = stream_leader(&servers[other], &room)?;
+            let led = consumer_leader(&servers[other], &room, &consumer)?;
+            let stream_ok = (stream == target) == stream_on_dead;
+            if stream_ok && led == target {
+                return Some(());
+            }
+            let mut c = servers[other].client();
+            if !stream_ok {
+                let _ = c.js_api(&format!("STREAM.LEADER.STEPDOWN.CHAT_{room}"), "");
+            }
+            if led != target {
+                let _ = c.js_api(
+                    &format!("CONSUMER.LEADER.STEPDOWN.CHAT_{room}.{consumer}"),
+                    "",
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            None
+        },
+        || ds[1].log(),
+    );
+    if let Victim::MetaLeader = victim {
+        assert_eq!(meta_leader(&servers), Some(dead), "the meta leader moved");
+    }
+    eprintln!(
+        "{victim:?}: killing {target} (node b talks to {}), leaders placed in {:?}",
+        servers[b_server].name,
+        placing.elapsed()
+    );
+    sync(&mut sa, "sa", "placed", &mut [&mut ra, &mut rb]);
+
+    // sa chats every 50 ms from before the kill until well after the stream is back.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sa.send(&format!("line {i}"));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            sa.send("end");
+            (sa, i)
+        })
+    };
+    let limit = Duration::from_secs(60);
+    let readers = [ra, rb].map(|c| read_timed(c, "sa: end".to_owned(), limit));
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    servers[dead].kill();
+    let back = stream_back(&servers, dead, &room);
+    // Long enough after the stream is back to see whether each node followed it.
+    std::thread::sleep(PAUSE + Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut sa, sent) = sender.join().expect("sender");
+    let want: Vec<String> = (0..sent)
+        .map(|i| format!("sa: line {i}"))
+        .chain(["sa: end".to_owned()])
+        .collect();
+    // Neither sender was told that a line was lost (its lines' fate first: a refused line is
+    // missing below too).
+    for (who, c, d) in [("sa", &mut sa, &ds[0]), ("sb", &mut sb, &ds[1])] {
+        c.send("/who");
+        let seen = read_until(c, |l| l.starts_with("*** WHO "));
+        let refused: Vec<&String> = seen.iter().filter(|l| l.starts_with("*** ERR")).collect();
+        assert!(
+            refused.is_empty(),
+            "{who} was told: {refused:?}\n{}",
+            d.log()
+        );
+    }
+    for ((who, d), reader) in [("ra", &ds[0]), ("rb", &ds[1])].into_iter().zip(readers) {
+        let (_, lines) = reader.join().expect("reader");
+        let seen: Vec<&String> = lines.iter().map(|(_, l)| l).collect();
+        if seen != want.iter().collect::<Vec<_>>() {
+            let missing: Vec<&String> = want.iter().filter(|l| !seen.contains(l)).collect();
+            let twice: Vec<&&String> = seen.iter().filter(|l| count_in(&seen, l) > 1).collect();
+            panic!(
+                "{who}: {} lines of {}; missing {missing:?}; more than once {twice:?}; \
+                 last {:?}\n{}",
+                seen.len(),
+                want.len(),
+                seen.last(),
+                d.log()
+            );
+        }
+        // The first line to arrive once the stream takes writes again.
+        let next = lines.iter().map(|(at, _)| *at).find(|at| *at >= back);
+        let pause = next.map(|at| at - back);
+        eprintln!(
+            "{who}: stream back {:?} after the kill, next line {pause:?} after that",
+            back - killed
+        );
+        assert!(
+            pause.is_some_and(|p| p <= PAUSE),
+            "{who}: next line {pause:?} after the stream took writes again ({:?} after the \
+             kill), more than {PAUSE:?}\n{}",
+            back - killed,
+            d.log()
+        );
+    }
+}
+
+/// How many of `lines` are `line`.
+fn count_in(lines: &[&String], line: &String) -> usize {
+    lines.iter().filter(|l| **l == line).count()
 }
 
 #[test]

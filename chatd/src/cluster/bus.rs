@@ -14,17 +14,28 @@
 //! `Context::create_key_value` fails (account-info parse error), so buckets are created by
 //! creating their `KV_<bucket>` stream by hand and then opening them with `get_key_value`.
 //!
-//! Delivery: `subscribe_from` drives an ephemeral pull consumer (ack none) and checks the
-//! consumer sequence of every delivery, like an "ordered consumer" but under our control:
-//! any error, any consumer-sequence gap, or being idle while the stream's last sequence is
-//! ahead of what we applied makes it throw the consumer away and create a new one at
-//! `last applied + 1`. Anything at or below the last applied sequence is dropped, so the caller
-//! sees each stream message exactly once and in order.
+//! Delivery: `subscribe_from` drives a durable, replicated pull consumer (ack none) and checks
+//! the consumer sequence of every delivery, like an "ordered consumer" but under our control.
+//! Anything at or below the last applied sequence is dropped, so the caller sees each stream
+//! message exactly once and in order. When a NATS server dies, three things keep the room
+//! moving (docs/cluster.md, "Failures"):
+//!
+//! * a pull whose heartbeat stops (its consumer's leader died with it) or that no leader takes
+//!   is issued again on the same consumer ("resuming the pull"), so the consumer delivers as
+//!   soon as its new leader is elected;
+//! * whenever the consumer has been quiet for `watchdog_idle`, the stream's messages after the
+//!   last applied one are read directly by sequence, which any replica answers without a
+//!   leader ("resuming from the stream directly"); a consumer-sequence gap (deliveries lost
+//!   with a dying server) is filled the same way;
+//! * a consumer that stays behind for `watchdog_checks` such rounds, a gap that cannot be
+//!   filled, or a consumer error, replaces the consumer with a new one at `last applied + 1`
+//!   ("recreating").
 //!
 //! Publishing: every message carries a `Nats-Msg-Id`; retries reuse it, so the stream's
 //! duplicate window (default 2 min) stores it only once even if the first attempt had in fact
 //! been stored before its ack was lost.
 
+use std::convert::Infallible;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -141,10 +152,11 @@ pub struct BusConfig {
     pub publish_attempt_timeout: Duration,
     /// Max publish acks in flight on this connection (publishers wait beyond it).
     pub max_ack_inflight: usize,
-    /// Subscriber watchdog: idle time after which the stream's last sequence is checked.
+    /// Subscriber: how long the consumer may deliver nothing before the stream is read
+    /// directly for what it may be holding back (one idle round).
     pub watchdog_idle: Duration,
-    /// Consecutive idle checks seeing the (healthy) stream ahead before the consumer is
-    /// recreated.
+    /// Consecutive idle rounds that found messages the consumer had not delivered before the
+    /// consumer is recreated (meanwhile the room follows the stream by direct reads).
     pub watchdog_checks: u32,
     /// Durable (replicated) subscriber consumers instead of R1 ephemeral ones: after a
     /// fail-over a durable consumer comes back by itself, while creating a new ephemeral one
@@ -170,7 +182,7 @@ impl BusConfig {
             publish_attempt_timeout: Duration::from_secs(2),
             max_ack_inflight: 20_000,
             watchdog_idle: Duration::from_secs(1),
-            watchdog_checks: 2,
+            watchdog_checks: 5,
             sub_durable: true,
         }
     }
@@ -864,6 +876,10 @@ pub struct SubStats {
     pub last_applied: AtomicU64,
     /// Messages lost to the stream's own limits (stream seq jumped with no consumer gap).
     pub skipped_by_limits: AtomicU64,
+    /// Pulls issued again on the same consumer (no heartbeat, or no leader took the pull).
+    pub resumes: AtomicU64,
+    /// Messages read from the stream directly while the consumer was behind or had lost them.
+    pub read_directly: AtomicU64,
 }
 
 /// Stream of `Delivered` returned by `Bus::subscribe_from`. Stops its task when dropped.
@@ -893,111 +909,246 @@ impl Stream for Subscription {
     }
 }
 
+/// Idle heartbeat the server is asked for while a pull waits. async-nats reports a missed one
+/// after twice this without any traffic, and that is how a pull lost with its server (the
+/// consumer's leader, or the server this client talked to) is noticed: async-nats itself pulls
+/// again only at the pull's expiry + 5 s, and not at all while its reconnect handling is still
+/// asking a leaderless consumer for its info.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Lifetime of one pull request: the server then ends it and the client pulls again.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// Longest one consumer creation may take; meanwhile the stream is read directly.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest one direct read of a stream message may take.
+const DIRECT_GET_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Most messages one catch-up reads before the consumer is looked at again.
+const CATCH_UP_MAX: u64 = 4096;
+
+/// Direct reads in flight at once during a catch-up.
+const CATCH_UP_PARALLEL: u64 = 32;
+
+/// Why a pull on a consumer ended.
 enum Restart {
+    /// The consumer is unusable (deleted, a malformed delivery, ...): create a new one.
     Error(String),
+    /// A delivery was lost and could not be read from the stream instead: create a new one.
     Gap,
+    /// The consumer stayed behind the stream for `watchdog_checks` idle rounds: create a new
+    /// one.
     Watchdog,
+    /// The pull went silent (no heartbeat) or no consumer leader took it: pull again on the
+    /// same consumer.
+    Resume(String),
 }
 
-async fn sub_loop(bus: Bus, mut applied: u64, tx: mpsc::Sender<Delivered>, stats: Arc<SubStats>) {
-    let idle = bus.cfg.watchdog_idle;
-    let mut backoff = Duration::from_millis(100);
-    let mut old: Option<String> = None;
-    loop {
-        // Best effort: remove the consumer we are abandoning (it would time out anyway).
-        if let Some(name) = old.take() {
-            let s = bus.stream.clone();
-            tokio::spawn(async move {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(2), s.delete_consumer(&name)).await;
-            });
+/// The subscriber dropped its end of the subscription.
+struct Closed;
+
+/// The state of one subscription: what it has handed over so far and where to.
+struct Follower {
+    bus: Bus,
+    tx: mpsc::Sender<Delivered>,
+    stats: Arc<SubStats>,
+    /// Last stream sequence handed to the subscriber; nothing at or below it is handed again.
+    applied: u64,
+}
+
+async fn sub_loop(bus: Bus, applied: u64, tx: mpsc::Sender<Delivered>, stats: Arc<SubStats>) {
+    let mut f = Follower {
+        bus,
+        tx,
+        stats,
+        applied,
+    };
+    let mut current = None;
+    let Err(Closed) = f.follow(&mut current).await;
+    // Nobody reads any more: remove the consumer rather than leave it to its inactivity timer.
+    if let Some(name) = current {
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), f.bus.stream.delete_consumer(&name)).await;
+    }
+}
+
+impl Follower {
+    /// Hands `d` to the subscriber.
+    async fn deliver(&mut self, d: Delivered) -> Result<(), Closed> {
+        let seq = d.seq;
+        self.tx.send(d).await.map_err(|_| Closed)?;
+        self.applied = seq;
+        self.stats.last_applied.store(seq, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads the stream's messages after `applied` by sequence, up to `upto` or the first
+    /// sequence that no replica answers for (not stored yet, or not reachable), and hands them
+    /// over. Every replica answers a direct get (the stream allows them), so this needs
+    /// neither the consumer nor any leader: it keeps the room moving while the consumer waits
+    /// for a leader election. Returns how many it handed over.
+    async fn catch_up(&mut self, upto: u64) -> Result<u64, Closed> {
+        let start = self.applied;
+        while self.applied < upto {
+            let from = self.applied + 1;
+            // One read first: the usual answer is that there is nothing new.
+            let width = if self.applied == start {
+                1
+            } else {
+                CATCH_UP_PARALLEL
+            };
+            let to = from.saturating_add(width - 1).min(upto);
+            let stream = self.bus.stream.clone();
+            let mut reads = futures::stream::iter(from..=to)
+                .map(|seq| direct_get(stream.clone(), seq))
+                .buffered(CATCH_UP_PARALLEL as usize);
+            let mut complete = true;
+            while let Some(read) = reads.next().await {
+                match read {
+                    Some(d) if d.seq == self.applied + 1 => self.deliver(d).await?,
+                    _ => {
+                        complete = false;
+                        break;
+                    }
+                }
+            }
+            if !complete {
+                break;
+            }
         }
-        let durable = bus.cfg.sub_durable;
-        // Unique per subscription: a node's run never resumes another run's consumer.
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros());
-        let cname = format!(
-            "sub_{}_{started:x}",
-            bus.cfg
-                .node
-                .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
-        );
-        let ccfg = consumer::pull::Config {
-            // Durable (replicated like the stream) survives the loss of its server; an
-            // ephemeral one is R1 and must be recreated after a fail-over, which needs the meta
-            // leader and was seen to time out repeatedly for 5-30 s (see NOTES.md).
-            durable_name: durable.then(|| cname.clone()),
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: applied + 1,
-            },
-            ack_policy: consumer::AckPolicy::None,
-            // Abandoned consumers (node died) are removed by the server after this.
-            inactive_threshold: Duration::from_secs(if durable { 120 } else { 30 }),
-            memory_storage: !durable,
-            num_replicas: if durable { bus.cfg.replicas } else { 1 },
-            ..Default::default()
-        };
-        let created =
-            tokio::time::timeout(Duration::from_secs(3), bus.stream.create_consumer(ccfg)).await;
-        let consumer = match created {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                info!(node = %bus.cfg.node, "subscriber: create consumer: {e}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
+        let read = self.applied - start;
+        self.stats.read_directly.fetch_add(read, Ordering::Relaxed);
+        Ok(read)
+    }
+
+    /// One idle round: the consumer delivered nothing for `watchdog_idle`. Reads whatever the
+    /// stream has beyond `applied`; `behind` counts the consecutive rounds that found some.
+    /// Returns whether the consumer has been behind long enough to be replaced.
+    async fn idle_round(&mut self, consumer: &str, behind: &mut u32) -> Result<bool, Closed> {
+        let read = self.catch_up(self.applied + CATCH_UP_MAX).await?;
+        if read == 0 {
+            *behind = 0;
+            return Ok(false);
+        }
+        *behind += 1;
+        let node = &self.bus.cfg.node;
+        if *behind == 1 {
+            info!(%node, %consumer, read, applied = self.applied, "subscriber: the consumer is behind the stream; resuming from the stream directly until it catches up");
+        } else {
+            debug!(%node, %consumer, read, applied = self.applied, rounds = *behind, "subscriber: still reading the stream directly");
+        }
+        Ok(*behind >= self.bus.cfg.watchdog_checks)
+    }
+
+    /// Follows the stream for as long as the subscriber reads; see the module docs.
+    async fn follow(&mut self, current: &mut Option<String>) -> Result<Infallible, Closed> {
+        let idle = self.bus.cfg.watchdog_idle;
+        let durable = self.bus.cfg.sub_durable;
+        let node = self.bus.cfg.node.clone();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            // Best effort: remove the consumer we are abandoning (it would time out anyway).
+            if let Some(name) = current.take() {
+                let s = self.bus.stream.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), s.delete_consumer(&name))
+                        .await;
+                });
             }
-            Err(_) => {
-                info!(node = %bus.cfg.node, "subscriber: create consumer timed out");
-                continue;
-            }
-        };
-        let name = consumer.cached_info().name.clone();
-        stats.consumers.fetch_add(1, Ordering::Relaxed);
-        info!(node = %bus.cfg.node, consumer = %name, from = applied + 1, "subscriber: consumer created");
-        let msgs = consumer
-            .stream()
-            .max_messages_per_batch(1000)
-            .expires(Duration::from_secs(5))
-            .heartbeat(Duration::from_secs(2))
-            .messages()
-            .await;
-        let mut msgs = match msgs {
-            Ok(m) => m,
-            Err(e) => {
-                info!(node = %bus.cfg.node, "subscriber: consumer messages(): {e}");
-                old = Some(name);
-                tokio::time::sleep(backoff).await;
-                continue;
-            }
-        };
-        let mut expect_cseq = 1u64;
-        let mut suspect_since: Option<u64> = None; // applied value when first seen lagging
-        let mut lag_checks = 0u32;
-        let why = loop {
-            match tokio::time::timeout(idle, msgs.next()).await {
-                Ok(Some(Ok(m))) => {
+            let consumer = self.create_consumer(&node, durable, idle).await?;
+            let name = consumer.cached_info().name.clone();
+            *current = Some(name.clone());
+            self.stats.consumers.fetch_add(1, Ordering::Relaxed);
+            info!(%node, consumer = %name, from = self.applied + 1, "subscriber: consumer created");
+            let mut expect_cseq = 1u64;
+            let mut behind = 0u32;
+            let mut resumes = 0u32;
+            let why = 'pulls: loop {
+                let msgs = consumer
+                    .stream()
+                    .max_messages_per_batch(1000)
+                    .expires(PULL_EXPIRES)
+                    .heartbeat(PULL_HEARTBEAT)
+                    .messages()
+                    .await;
+                let mut msgs = match msgs {
+                    Ok(m) => m,
+                    Err(e) => break 'pulls Restart::Error(format!("messages(): {e}")),
+                };
+                let why = loop {
+                    let m = match tokio::time::timeout(idle, msgs.next()).await {
+                        Ok(Some(Ok(m))) => m,
+                        Ok(Some(Err(e))) => {
+                            use consumer::pull::MessagesErrorKind as K;
+                            match e.kind() {
+                                // A durable consumer outlives its leader: pull again once one
+                                // is elected (an ephemeral one died with its server).
+                                K::MissingHeartbeat if durable => {
+                                    break Restart::Resume(format!(
+                                        "no heartbeat for {:?}",
+                                        PULL_HEARTBEAT * 2
+                                    ));
+                                }
+                                K::NoResponders if durable => {
+                                    break Restart::Resume(
+                                        "no leader took the pull request".into(),
+                                    );
+                                }
+                                // async-nats pulls again by itself after these; the heartbeat
+                                // and the idle rounds decide.
+                                K::Pull | K::Other if durable => {
+                                    debug!(%node, "subscriber: {e} (waiting)");
+                                    continue;
+                                }
+                                _ => break Restart::Error(e.to_string()),
+                            }
+                        }
+                        Ok(None) => break Restart::Error("message stream ended".into()),
+                        Err(_) => {
+                            if self.tx.is_closed() {
+                                return Err(Closed);
+                            }
+                            if self.idle_round(&name, &mut behind).await? {
+                                break Restart::Watchdog;
+                            }
+                            continue;
+                        }
+                    };
+                    behind = 0;
+                    resumes = 0;
                     let (sseq, cseq) = match m.info() {
                         Ok(i) => (i.stream_sequence, i.consumer_sequence),
                         Err(e) => break Restart::Error(format!("bad reply subject: {e}")),
                     };
-                    if cseq != expect_cseq {
+                    if cseq > expect_cseq && sseq > self.applied + 1 {
+                        // Deliveries were lost (with a dying server): read what they held
+                        // from the stream; only if that fails is the consumer replaced.
+                        self.catch_up(sseq - 1).await?;
+                        if self.applied + 1 < sseq {
+                            break Restart::Gap;
+                        }
+                        debug!(%node, consumer = %name, expected = expect_cseq, got = cseq, "subscriber: lost deliveries read from the stream");
+                    } else if cseq < expect_cseq && sseq > self.applied {
+                        // Delivered again or skipped ahead with nothing to show for it: the
+                        // consumer's count no longer tells whether anything is missing.
                         break Restart::Gap;
                     }
-                    expect_cseq += 1;
-                    if sseq <= applied {
-                        stats.dropped_dups.fetch_add(1, Ordering::Relaxed);
+                    // Redeliveries (a new leader replaying what we have) are dropped below.
+                    expect_cseq = cseq + 1;
+                    if sseq <= self.applied {
+                        self.stats.dropped_dups.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    if sseq > applied + 1 {
-                        // Consumer sequence is contiguous, so the stream itself has no
-                        // messages in between (removed by limits / deleted).
-                        stats
+                    if sseq > self.applied + 1 {
+                        // The consumer's sequence is contiguous and its previous delivery was
+                        // at or below `applied`, so the stream itself has nothing in between
+                        // (removed by its limits).
+                        self.stats
                             .skipped_by_limits
-                            .fetch_add(sseq - applied - 1, Ordering::Relaxed);
+                            .fetch_add(sseq - self.applied - 1, Ordering::Relaxed);
                         warn!(
-                            from = applied + 1,
+                            from = self.applied + 1,
                             to = sseq - 1,
                             "messages no longer in the stream"
                         );
@@ -1007,92 +1158,124 @@ async fn sub_loop(bus: Bus, mut applied: u64, tx: mpsc::Sender<Delivered>, stats
                         .as_ref()
                         .and_then(|h| h.get("Nats-Msg-Id"))
                         .map(|v| v.as_str().to_string());
-                    let d = Delivered {
+                    self.deliver(Delivered {
                         seq: sseq,
                         payload: m.payload.clone(),
                         msg_id,
-                    };
-                    if tx.send(d).await.is_err() {
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(2),
-                            bus.stream.delete_consumer(&name),
-                        )
-                        .await;
-                        return;
-                    }
-                    applied = sseq;
-                    stats.last_applied.store(applied, Ordering::Relaxed);
+                    })
+                    .await?;
                     backoff = Duration::from_millis(100);
-                    suspect_since = None;
-                }
-                Ok(Some(Err(e))) => {
-                    use consumer::pull::MessagesErrorKind as K;
-                    match e.kind() {
-                        // The pull stream re-issues its pull itself; a durable consumer comes
-                        // back after a fail-over, so only note it. The watchdog decides.
-                        K::MissingHeartbeat | K::Pull | K::Other if durable => {
-                            debug!(node = %bus.cfg.node, "subscriber: {e} (waiting)");
-                            stats.errors.fetch_add(1, Ordering::Relaxed);
+                };
+                match why {
+                    Restart::Resume(reason) => {
+                        resumes += 1;
+                        self.stats.resumes.fetch_add(1, Ordering::Relaxed);
+                        info!(%node, consumer = %name, applied = self.applied, "subscriber: {reason}; resuming the pull");
+                        // The room keeps moving while the consumer has no leader; a pull no
+                        // leader takes fails at once, so the next one waits a little.
+                        if self.idle_round(&name, &mut behind).await? {
+                            break 'pulls Restart::Watchdog;
                         }
-                        _ => break Restart::Error(e.to_string()),
-                    }
-                }
-                Ok(None) => break Restart::Error("message stream ended".into()),
-                Err(_) => {
-                    // Idle: is the stream ahead of us? Only a *healthy* stream (info answered)
-                    // that stays ahead for `watchdog_checks` idle periods without any progress
-                    // triggers a recreation; while the stream itself is unavailable (election),
-                    // recreating could not work anyway.
-                    if tx.is_closed() {
-                        return;
-                    }
-                    let last =
-                        match tokio::time::timeout(Duration::from_secs(2), bus.stream.get_info())
-                            .await
-                        {
-                            Ok(Ok(i)) => Some(i.state.last_sequence),
-                            _ => None,
-                        };
-                    match last {
-                        Some(last) if last > applied => {
-                            lag_checks = if suspect_since == Some(applied) {
-                                lag_checks + 1
-                            } else {
-                                1
-                            };
-                            suspect_since = Some(applied);
-                            if lag_checks >= bus.cfg.watchdog_checks {
-                                break Restart::Watchdog;
-                            }
+                        if resumes > 1 {
+                            tokio::time::sleep(Duration::from_millis(250) * resumes.min(4)).await;
                         }
-                        Some(_) => {
-                            suspect_since = None;
-                            lag_checks = 0;
-                        }
-                        None => {}
                     }
+                    other => break 'pulls other,
                 }
+            };
+            match &why {
+                Restart::Error(e) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    info!(%node, applied = self.applied, "subscriber: consumer error ({e}); recreating");
+                }
+                Restart::Gap => {
+                    self.stats.gaps.fetch_add(1, Ordering::Relaxed);
+                    info!(%node, applied = self.applied, "subscriber: consumer sequence gap; recreating");
+                }
+                Restart::Watchdog => {
+                    self.stats.watchdog_fires.fetch_add(1, Ordering::Relaxed);
+                    info!(%node, applied = self.applied, "subscriber: consumer behind the stream for {} idle rounds; recreating", self.bus.cfg.watchdog_checks);
+                }
+                Restart::Resume(_) => {}
             }
-        };
-        match &why {
-            Restart::Error(e) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                info!(node = %bus.cfg.node, applied, "subscriber: consumer error ({e}); recreating");
-            }
-            Restart::Gap => {
-                stats.gaps.fetch_add(1, Ordering::Relaxed);
-                info!(node = %bus.cfg.node, applied, "subscriber: consumer sequence gap; recreating");
-            }
-            Restart::Watchdog => {
-                stats.watchdog_fires.fetch_add(1, Ordering::Relaxed);
-                info!(node = %bus.cfg.node, applied, "subscriber: idle while stream is ahead; recreating");
+            if matches!(why, Restart::Error(_)) {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
-        old = Some(name);
-        if matches!(why, Restart::Error(_)) {
+    }
+
+    /// Creates this subscription's consumer at `applied + 1`, retrying until it exists; the
+    /// stream is read directly meanwhile (creating one needs the meta leader, which may be in
+    /// an election).
+    async fn create_consumer(
+        &mut self,
+        node: &str,
+        durable: bool,
+        idle: Duration,
+    ) -> Result<consumer::PullConsumer, Closed> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            // Unique per consumer: a node's run never resumes another run's consumer.
+            let started = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros());
+            let cname = format!(
+                "sub_{}_{started:x}",
+                node.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
+            );
+            let ccfg = consumer::pull::Config {
+                // Durable (replicated like the stream) survives the loss of its server; an
+                // ephemeral one is R1 and must be recreated after a fail-over, which needs the
+                // meta leader and was seen to time out repeatedly for 5-30 s.
+                durable_name: durable.then(|| cname.clone()),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: self.applied + 1,
+                },
+                ack_policy: consumer::AckPolicy::None,
+                // Abandoned consumers (node died) are removed by the server after this.
+                inactive_threshold: Duration::from_secs(if durable { 120 } else { 30 }),
+                memory_storage: !durable,
+                num_replicas: if durable { self.bus.cfg.replicas } else { 1 },
+                ..Default::default()
+            };
+            let stream = self.bus.stream.clone();
+            let mut create = std::pin::pin!(tokio::time::timeout(
+                CREATE_TIMEOUT,
+                stream.create_consumer(ccfg)
+            ));
+            let mut behind = 0u32;
+            let created = loop {
+                tokio::select! {
+                    created = &mut create => break created,
+                    _ = tokio::time::sleep(idle) => {
+                        if self.tx.is_closed() {
+                            return Err(Closed);
+                        }
+                        self.idle_round("(being created)", &mut behind).await?;
+                    }
+                }
+            };
+            match created {
+                Ok(Ok(c)) => return Ok(c),
+                Ok(Err(e)) => info!(%node, "subscriber: create consumer: {e}"),
+                Err(_) => info!(%node, "subscriber: create consumer timed out"),
+            }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
+    }
+}
+
+/// Stream message `seq` read from any replica, if one answers with it in time.
+async fn direct_get(stream: stream::Stream, seq: u64) -> Option<Delivered> {
+    match tokio::time::timeout(DIRECT_GET_TIMEOUT, stream.direct_get(seq)).await {
+        Ok(Ok(m)) => Some(Delivered {
+            seq: m.sequence,
+            msg_id: m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()),
+            payload: m.payload,
+        }),
+        Ok(Err(_)) | Err(_) => None,
     }
 }
 
