@@ -24,13 +24,13 @@
 pub mod bus;
 pub mod wire;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -66,19 +66,67 @@ const REAP_EVERY: Duration = Duration::from_millis(500);
 /// this one started).
 const FULL_SCAN_EVERY: Duration = Duration::from_secs(30);
 
-/// One event on its way to the stream.
+/// One stream message on its way: an event, or a batch of one lane's events.
 struct Outgoing {
+    /// The event's JSON, or a batch's, one per line (`wire::decode_message`).
     payload: Bytes,
+    /// A batch goes under its first event's id: an id no other message had, and the same one
+    /// if it is retried.
     msg_id: String,
     /// Who is told if it cannot be published.
     sender: Option<Arc<Outbox>>,
-    /// Events of one lane reach the stream in the order they were queued: at most one of a
-    /// lane is in flight. A member of this node is its own lane (its id); events about no
+    /// The senders of a batch's later events, each told too.
+    also: Vec<Option<Arc<Outbox>>>,
+    /// Published alone, never in a batch: its message id is derived from what it says (the
+    /// reaped leave of a dead node's user, which every survivor may publish), so that the
+    /// stream keeps one copy; in a batch under another id, or heading one, it would not.
+    solo: bool,
+    /// Events of one lane reach the stream in the order they were queued: at most one message
+    /// of a lane is in flight. A member of this node is its own lane (its id); events about no
     /// member of this node (announcements, kicks and leaves of other nodes' members) share
     /// lane 0.
     lane: ClientId,
-    /// Its place in the queue (`Cluster::queued` when it was queued).
+    /// Its place in the queue (`Cluster::queued` when its last event was queued).
     queued: u64,
+}
+
+impl Outgoing {
+    /// How many events it carries.
+    fn events(&self) -> usize {
+        1 + self.also.len()
+    }
+
+    /// The events of `queue` (one lane's, in order) that fit one stream message, as one.
+    fn batch(queue: &mut VecDeque<Outgoing>) -> Option<Outgoing> {
+        let mut first = queue.pop_front()?;
+        if first.solo || queue.is_empty() {
+            return Some(first);
+        }
+        let mut payload = BytesMut::from(&first.payload[..]);
+        while let Some(next) = queue.front() {
+            if next.solo
+                || first.events() >= wire::MAX_BATCH
+                || payload.len() + 1 + next.payload.len() > wire::MAX_MESSAGE
+            {
+                break;
+            }
+            let Some(next) = queue.pop_front() else { break };
+            payload.put_u8(b'\n');
+            payload.extend_from_slice(&next.payload);
+            first.also.push(next.sender);
+            first.queued = next.queued;
+        }
+        first.payload = payload.freeze();
+        Some(first)
+    }
+
+    /// Tells every sender of its events that they did not reach the room, and why.
+    fn refuse(&self, why: &str) {
+        not_delivered(self.sender.as_deref(), why);
+        for sender in &self.also {
+            not_delivered(sender.as_deref(), why);
+        }
+    }
 }
 
 /// A member of this node whose join is published but not yet delivered back.
@@ -163,6 +211,8 @@ pub struct Cluster {
     published: AtomicU64,
     /// Events queued for the publisher so far (their `Outgoing::queued`).
     queued: AtomicU64,
+    /// Events queued and not yet acknowledged or refused (a stop waits for them).
+    unpublished: AtomicUsize,
     /// The stream sequence of the last event delivered here.
     applied: AtomicU64,
     link: watch::Sender<LinkStatus>,
@@ -202,6 +252,7 @@ impl Cluster {
             book: Mutex::new(Book::default()),
             published: AtomicU64::new(0),
             queued: AtomicU64::new(0),
+            unpublished: AtomicUsize::new(0),
             applied: AtomicU64::new(0),
             link,
             ready: tokio::sync::Notify::new(),
@@ -261,10 +312,17 @@ impl Cluster {
     fn send(&self, event: WireEvent, sender: Option<Arc<Outbox>>) {
         let n = self.published.fetch_add(1, Ordering::Relaxed);
         let msg_id = format!("{}.{}.{n}", self.node, self.boot);
-        self.send_with_id(event, msg_id, sender);
+        self.send_with_id(event, msg_id, sender, false);
     }
 
-    fn send_with_id(&self, event: WireEvent, msg_id: String, sender: Option<Arc<Outbox>>) {
+    /// Queues `event` under `msg_id`; a `solo` event is never batched (see `Outgoing::solo`).
+    fn send_with_id(
+        &self,
+        event: WireEvent,
+        msg_id: String,
+        sender: Option<Arc<Outbox>>,
+        solo: bool,
+    ) {
         let lane = event
             .who()
             .filter(|who| self.is_me(who))
@@ -278,15 +336,19 @@ impl Cluster {
             payload: Bytes::from(env.encode()),
             msg_id,
             sender,
+            also: Vec::new(),
+            solo,
             lane,
             queued: self.queued.fetch_add(1, Ordering::Relaxed) + 1,
         };
+        self.unpublished.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.publish.try_send(out) {
             let out = match e {
                 mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => o,
             };
             warn!("cluster publish queue full; refusing a line");
-            not_delivered(out.sender.as_deref(), "the room is overloaded");
+            out.refuse("the room is overloaded");
+            self.unpublished.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -380,7 +442,7 @@ impl Cluster {
         bans.abort();
         // Let the leaves of this node's members (queued as sessions closed) reach the stream.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while self.publish.capacity() < PUBLISH_QUEUE {
+            while self.unpublished.load(Ordering::Relaxed) > 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
@@ -390,14 +452,15 @@ impl Cluster {
     }
 
     /// Publishes queued events in the order they were queued, many acknowledgements in flight
-    /// at once but at most one per lane (see `Outgoing::lane`): an event whose lane has one in
-    /// flight waits (and the events queued after it wait behind it) until that one is
-    /// acknowledged. An event not acknowledged is retried under the same message id (stored
-    /// once); were the next event of its lane already sent, the retry would be stored after it
-    /// (a later stream sequence), and every node would show that member's lines swapped. One
-    /// that still fails is reported to its sender, and so is every event of its lane queued
-    /// before that failure was known (its fate is unknown, so nothing of its lane may overtake
-    /// it).
+    /// at once but at most one message per lane (see `Outgoing::lane`): the events of a lane
+    /// queued while its message is in flight wait (others go on), and once it is acknowledged
+    /// they go together, as one message (`Outgoing::batch`): a member who sends faster than a
+    /// round trip to the stream costs one publish per round trip, not one per line. A message
+    /// not acknowledged is retried under the same message id (stored once); were the next one
+    /// of its lane already sent, the retry would be stored after it (a later stream sequence),
+    /// and every node would show that member's lines swapped. One that still fails is reported
+    /// to its senders, and so is every event of its lane queued before that failure was known
+    /// (its fate is unknown, so nothing of its lane may overtake it).
     async fn publisher(self: Arc<Self>, bus: Bus) {
         let Some(mut rx) = self
             .publish_rx
@@ -407,53 +470,62 @@ impl Cluster {
         else {
             return;
         };
-        // Lanes with an event in flight.
-        let mut busy: HashSet<ClientId> = HashSet::new();
-        // Lanes whose event failed: events of theirs queued up to then (by `Outgoing::queued`)
-        // are refused.
+        // Lanes with a message in flight → their events queued behind it, in order.
+        let mut busy: HashMap<ClientId, VecDeque<Outgoing>> = HashMap::new();
+        // Events in `busy`'s queues: at most a publish queue's worth is taken in.
+        let mut waiting = 0usize;
+        // Lanes whose message failed: events of theirs queued up to then (by
+        // `Outgoing::queued`) are refused.
         let mut failed: HashMap<ClientId, u64> = HashMap::new();
-        // The next event, waiting for its lane.
-        let mut head: Option<Outgoing> = None;
         let mut in_flight = futures::stream::FuturesUnordered::new();
         // While the link is down nothing is handed to the client (it would buffer the message
-        // and may send it after its sender was told it failed): each event waits for the link
-        // (bounded by the bus's publish deadline), and once the link has been down that long,
-        // events fail at once instead of each waiting in turn.
+        // and may send it after its sender was told it failed): each message waits for the
+        // link (bounded by the bus's publish deadline), and once the link has been down that
+        // long, messages fail at once instead of each waiting in turn.
         let mut down_since: Option<Instant> = None;
         let mut open = true;
+        let behind = "a line before it did not reach the room";
         loop {
-            if let Some(out) = head.take_if(|out| !busy.contains(&out.lane)) {
-                if failed
-                    .get(&out.lane)
-                    .is_some_and(|&upto| out.queued <= upto)
-                {
-                    warn!(msg_id = %out.msg_id, "an event queued behind one that was not delivered is refused");
-                    not_delivered(
-                        out.sender.as_deref(),
-                        "a line before it did not reach the room",
-                    );
-                } else {
-                    failed.remove(&out.lane);
-                    busy.insert(out.lane);
-                    let sent = self.publish_one(&bus, out, &mut down_since).await;
-                    in_flight.push(sent);
-                }
-                continue;
-            }
-            if head.is_none() && !open && in_flight.is_empty() {
-                break;
-            }
+            // The message to hand to the bus after this turn (not inside `select!`, which
+            // borrows `in_flight`).
+            let mut next: Option<Outgoing> = None;
             tokio::select! {
-                out = rx.recv(), if open && head.is_none() => match out {
-                    Some(out) => head = Some(out),
+                out = rx.recv(), if open && waiting < PUBLISH_QUEUE => match out {
+                    Some(out) if failed.get(&out.lane).is_some_and(|&upto| out.queued <= upto) => {
+                        warn!(msg_id = %out.msg_id, "an event queued behind one that was not delivered is refused");
+                        out.refuse(behind);
+                        self.unpublished.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    Some(out) => match busy.get_mut(&out.lane) {
+                        Some(queue) => {
+                            queue.push_back(out);
+                            waiting += 1;
+                        }
+                        None => {
+                            failed.remove(&out.lane);
+                            busy.insert(out.lane, VecDeque::new());
+                            next = Some(out);
+                        }
+                    },
                     None => open = false,
                 },
-                Some((lane, delivered)) = in_flight.next() => {
-                    busy.remove(&lane);
+                Some((lane, events, delivered)) = in_flight.next() => {
+                    self.unpublished.fetch_sub(events, Ordering::Relaxed);
+                    let mut queue = busy.remove(&lane).unwrap_or_default();
+                    waiting -= queue.len();
                     if delivered {
                         // The link worked since it was last seen down.
                         down_since = None;
+                        next = Outgoing::batch(&mut queue);
+                        if next.is_some() {
+                            waiting += queue.len();
+                            busy.insert(lane, queue);
+                        }
                     } else {
+                        for out in queue {
+                            out.refuse(behind);
+                            self.unpublished.fetch_sub(out.events(), Ordering::Relaxed);
+                        }
                         let now = self.queued.load(Ordering::Relaxed);
                         // Events queued longer ago than the queue holds are all handled.
                         if failed.len() >= 1024 {
@@ -463,6 +535,10 @@ impl Cluster {
                     }
                 }
                 else => break,
+            }
+            if let Some(out) = next {
+                let sent = self.publish_one(&bus, out, &mut down_since).await;
+                in_flight.push(sent);
             }
         }
     }
@@ -474,15 +550,16 @@ impl Cluster {
         bus: &Bus,
         out: Outgoing,
         down_since: &mut Option<Instant>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = (ClientId, bool)> + Send>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = (ClientId, usize, bool)> + Send>> {
         let lane = out.lane;
+        let events = out.events();
         if bus.is_connected() {
             *down_since = None;
             let ack = bus.send(out.payload.clone(), &out.msg_id).await;
             let bus = bus.clone();
             return Box::pin(async move {
                 if ack.await.is_ok() {
-                    return (lane, true);
+                    return (lane, events, true);
                 }
                 publish_or_refuse(&bus, out, "the room's message bus did not take it").await
             });
@@ -490,11 +567,8 @@ impl Cluster {
         let since = *down_since.get_or_insert_with(Instant::now);
         if since.elapsed() >= bus::PUBLISH_DEADLINE {
             warn!(msg_id = %out.msg_id, down = ?since.elapsed(), "the room's message bus is unreachable; an event is refused");
-            not_delivered(
-                out.sender.as_deref(),
-                "the room's message bus is unreachable",
-            );
-            return Box::pin(async move { (lane, false) });
+            out.refuse("the room's message bus is unreachable");
+            return Box::pin(async move { (lane, events, false) });
         }
         let bus = bus.clone();
         Box::pin(async move {
@@ -506,9 +580,11 @@ impl Cluster {
     async fn consume(self: Arc<Self>, host: Arc<dyn Host>, bus: Bus, from: Seq) {
         let mut sub = bus.subscribe_from(from);
         while let Some(d) = sub.next().await {
-            match Envelope::decode(&d.payload) {
-                Ok(env) => self.apply(&*host, env),
-                Err(e) => warn!(seq = d.seq, error = %e, "skipping a stream message"),
+            for event in wire::decode_message(&d.payload) {
+                match event {
+                    Ok(env) => self.apply(&*host, env),
+                    Err(e) => warn!(seq = d.seq, error = %e, "skipping a stream message"),
+                }
             }
             self.applied.store(d.seq, Ordering::Release);
         }
@@ -600,6 +676,7 @@ impl Cluster {
                         },
                         msg_id,
                         None,
+                        true,
                     );
                 }
             }
@@ -710,9 +787,13 @@ impl Cluster {
 
     /// Remembers one stream message for newcomers, if it is a message or an action.
     fn remember(&self, room: &Room, payload: &[u8]) {
-        let Ok(env) = Envelope::decode(payload) else {
-            return;
-        };
+        for env in wire::decode_message(payload).flatten() {
+            self.remember_event(room, &env);
+        }
+    }
+
+    /// Remembers one event for newcomers, if it is a message or an action.
+    fn remember_event(&self, room: &Room, env: &Envelope) {
         let (line, at) = match &env.event {
             WireEvent::Say { name, text, at, .. } => (
                 protocol::chat_line(&protocol::sanitize(name), &protocol::sanitize(text)),
@@ -1343,14 +1424,15 @@ fn lease(boot: u64) -> Bytes {
 }
 
 /// Publishes `out` (the bus retries within its deadline); when it finally fails, logs it and
-/// tells its sender `why`. Resolves to (its lane, whether it reached the stream).
-async fn publish_or_refuse(bus: &Bus, out: Outgoing, why: &str) -> (ClientId, bool) {
-    match bus.publish(out.payload, out.msg_id).await {
-        Ok(_) => (out.lane, true),
+/// tells its senders `why`. Resolves to (its lane, its events, whether it reached the stream).
+async fn publish_or_refuse(bus: &Bus, out: Outgoing, why: &str) -> (ClientId, usize, bool) {
+    let events = out.events();
+    match bus.publish(out.payload.clone(), out.msg_id.clone()).await {
+        Ok(_) => (out.lane, events, true),
         Err(e) => {
-            warn!(error = %e, "a room event was not delivered to the cluster");
-            not_delivered(out.sender.as_deref(), why);
-            (out.lane, false)
+            warn!(error = %e, events, "a room event was not delivered to the cluster");
+            out.refuse(why);
+            (out.lane, events, false)
         }
     }
 }
@@ -1362,5 +1444,69 @@ fn not_delivered(sender: Option<&Outbox>, why: &str) {
             code::NOT_DELIVERED,
             &format!("your last line was not delivered: {why}; send it again"),
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(text: &str, solo: bool, sender: Option<Arc<Outbox>>) -> Outgoing {
+        Outgoing {
+            payload: Bytes::from(text.to_owned()),
+            msg_id: format!("id-{text}"),
+            sender,
+            also: Vec::new(),
+            solo,
+            lane: 1,
+            queued: 0,
+        }
+    }
+
+    fn texts(out: &Outgoing) -> Vec<String> {
+        out.payload
+            .split(|&b| b == b'\n')
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect()
+    }
+
+    /// A lane's queued events go as one message under the first one's id, in order, within
+    /// the wire's bounds; an event with a derived id (`solo`) always goes alone.
+    #[test]
+    fn a_lanes_queue_is_batched_in_order_within_bounds() {
+        let outbox = Arc::new(Outbox::new(1 << 16));
+        let mut queue: VecDeque<Outgoing> = ["a", "b", "c"]
+            .into_iter()
+            .map(|t| event(t, false, Some(outbox.clone())))
+            .collect();
+        queue.push_back(event("reap", true, None));
+        queue.push_back(event("d", false, None));
+        let first = Outgoing::batch(&mut queue).unwrap_or_else(|| panic!("nothing batched"));
+        assert_eq!(texts(&first), ["a", "b", "c"]);
+        assert_eq!((first.msg_id.as_str(), first.events()), ("id-a", 3));
+        let solo = Outgoing::batch(&mut queue).unwrap_or_else(|| panic!("no solo"));
+        assert_eq!((texts(&solo), solo.events()), (vec!["reap".to_owned()], 1));
+        let last = Outgoing::batch(&mut queue).unwrap_or_else(|| panic!("no last"));
+        assert_eq!(texts(&last), ["d"]);
+        assert!(Outgoing::batch(&mut queue).is_none());
+
+        // Every sender of a refused batch is told.
+        first.refuse("test");
+        let mut told = VecDeque::new();
+        outbox.drain_into(&mut told);
+        assert_eq!(told.len(), 3);
+
+        // Never more than MAX_BATCH events or MAX_MESSAGE bytes in one message.
+        let mut queue: VecDeque<Outgoing> = (0..wire::MAX_BATCH + 5)
+            .map(|i| event(&i.to_string(), false, None))
+            .collect();
+        let full = Outgoing::batch(&mut queue).unwrap_or_else(|| panic!("nothing"));
+        assert_eq!(full.events(), wire::MAX_BATCH);
+        assert_eq!(queue.len(), 5);
+        let big = "x".repeat(wire::MAX_MESSAGE / 3);
+        let mut queue: VecDeque<Outgoing> = (0..4).map(|_| event(&big, false, None)).collect();
+        let some = Outgoing::batch(&mut queue).unwrap_or_else(|| panic!("nothing"));
+        assert!(some.payload.len() <= wire::MAX_MESSAGE);
+        assert_eq!((some.events(), queue.len()), (2, 2));
     }
 }

@@ -1,5 +1,6 @@
-//! Room events as they travel between the nodes of a cluster: one JSON object per stream
-//! message (docs/cluster.md has the schema). What a node reads here is untrusted input like a
+//! Room events as they travel between the nodes of a cluster: one JSON object per event, and
+//! one event or a batch of them (one per line) per stream message (docs/cluster.md has the
+//! schema). What a node reads here is untrusted input like a
 //! socket's: the size is capped before parsing, every field is bounded, names are validated
 //! again by the reader's own name rules and texts are sanitised again before anyone sees them.
 
@@ -15,6 +16,32 @@ pub const VERSION: u8 = 1;
 
 /// Largest stream message a node reads, in bytes.
 pub const MAX_MESSAGE: usize = 256 * 1024;
+
+/// Most events one stream message carries: a publishing node sends the events of one of its
+/// members that queued up while that member's previous event was on its way as one message.
+pub const MAX_BATCH: usize = 256;
+
+/// The events of one stream message, in order: one JSON object per line. Bounded before
+/// parsing: a message over [`MAX_MESSAGE`] yields one error and nothing else, and a message
+/// of more than [`MAX_BATCH`] lines yields its first [`MAX_BATCH`] events and then one error.
+pub fn decode_message(bytes: &[u8]) -> impl Iterator<Item = Result<Envelope, WireError>> + '_ {
+    let too_large = bytes.len() > MAX_MESSAGE;
+    let refused = too_large.then_some(Err(WireError::TooLarge(bytes.len())));
+    let events = (!too_large)
+        .then(|| bytes.split(|&b| b == b'\n'))
+        .into_iter()
+        .flatten()
+        .take(MAX_BATCH + 1)
+        .enumerate()
+        .map(|(i, part)| {
+            if i == MAX_BATCH {
+                Err(WireError::Invalid("more events than a batch holds"))
+            } else {
+                Envelope::decode(part)
+            }
+        });
+    refused.into_iter().chain(events)
+}
 
 /// Longest text (message, reason, notice) a node accepts from the bus, in bytes.
 const MAX_TEXT: usize = 64 * 1024;
@@ -361,6 +388,51 @@ mod tests {
             Envelope::decode(long.as_bytes()),
             Err(WireError::Invalid("text"))
         );
+    }
+
+    #[test]
+    fn batches_decode_in_order_and_are_bounded() {
+        let envs: Vec<Envelope> = (0..3)
+            .map(|i| Envelope {
+                v: VERSION,
+                from: "a".into(),
+                event: WireEvent::Say {
+                    who: who(),
+                    name: "alice".into(),
+                    text: format!("line {i}"),
+                    at: 1,
+                },
+            })
+            .collect();
+        // One event: exactly what a single-event message always was.
+        let one = envs[0].encode();
+        let got: Vec<_> = decode_message(&one).collect();
+        assert_eq!(got, vec![Ok(envs[0].clone())]);
+        // Several, one per line, in order; a bad line is an error in its place, not the end.
+        let mut batch = Vec::new();
+        for (i, env) in envs.iter().enumerate() {
+            if i > 0 {
+                batch.push(b'\n');
+            }
+            batch.extend_from_slice(&env.encode());
+            if i == 0 {
+                batch.extend_from_slice(b"\nnot json");
+            }
+        }
+        let got: Vec<_> = decode_message(&batch).collect();
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[0], Ok(envs[0].clone()));
+        assert!(matches!(got[1], Err(WireError::Malformed(_))));
+        assert_eq!(got[2..], [Ok(envs[1].clone()), Ok(envs[2].clone())]);
+        // Too large: one error, nothing parsed.
+        let huge = vec![b'\n'; MAX_MESSAGE + 1];
+        let got: Vec<_> = decode_message(&huge).collect();
+        assert_eq!(got, vec![Err(WireError::TooLarge(MAX_MESSAGE + 1))]);
+        // Too many lines: the first MAX_BATCH, then one error.
+        let many = vec![b'\n'; 10 * MAX_BATCH];
+        let got: Vec<_> = decode_message(&many).collect();
+        assert_eq!(got.len(), MAX_BATCH + 1);
+        assert!(matches!(got[MAX_BATCH], Err(WireError::Invalid(_))));
     }
 
     #[test]
