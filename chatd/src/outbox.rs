@@ -117,6 +117,24 @@ fn grow_within(buf: &mut Vec<u8>, more: usize, limit: usize) {
     buf.reserve_exact(target - buf.len());
 }
 
+/// Drops the first `n` bytes of `frames` (they were written), whole frames and then part of
+/// the next; returns how many of the `n` were past the last frame.
+pub fn advance_frames(frames: &mut VecDeque<Bytes>, mut n: usize) -> usize {
+    while n > 0 {
+        let Some(front) = frames.front_mut() else {
+            break;
+        };
+        if n >= front.len() {
+            n -= front.len();
+            frames.pop_front();
+        } else {
+            front.advance(n);
+            n = 0;
+        }
+    }
+    n
+}
+
 /// What a byte-queue writer holds between [`Outbox::drain_bytes`] and the socket: shared frames,
 /// then copied bytes, in the order they were queued, with what is already written removed.
 #[derive(Debug, Default)]
@@ -154,19 +172,10 @@ impl ByteQueue {
     }
 
     /// Drops the first `n` bytes (they were written).
-    pub fn advance(&mut self, mut n: usize) {
-        while n > 0 {
-            let Some(front) = self.frames.front_mut() else {
-                self.written = (self.written + n).min(self.copied.len());
-                break;
-            };
-            if n >= front.len() {
-                n -= front.len();
-                self.frames.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
-            }
+    pub fn advance(&mut self, n: usize) {
+        let rest = advance_frames(&mut self.frames, n);
+        if rest > 0 {
+            self.written = (self.written + rest).min(self.copied.len());
         }
         if self.frames.is_empty() && self.written == self.copied.len() {
             self.copied.clear();

@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
@@ -75,21 +75,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
             }
             match Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..n]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(mut wrote)) => {
+                Poll::Ready(Ok(wrote)) => {
                     moved = true;
                     self.unflushed = true;
-                    while wrote > 0 {
-                        let Some(front) = self.pending.front_mut() else {
-                            break;
-                        };
-                        if wrote >= front.len() {
-                            wrote -= front.len();
-                            self.pending.pop_front();
-                        } else {
-                            front.advance(wrote);
-                            wrote = 0;
-                        }
-                    }
+                    crate::outbox::advance_frames(&mut self.pending, wrote);
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => break,
