@@ -35,16 +35,6 @@ use tokio::sync::Notify;
 /// are queued shared. Chat lines are ~30-200 bytes; presence batches and history are longer.
 pub const COPY_MAX: usize = 512;
 
-/// A drain that brings at least this many copied bytes marks a busy member, for whom the
-/// emptied buffers are kept and swapped between the outbox and the writer (no allocation per
-/// wake-up); one whose drain brought none (only shared frames: a storm's batches, history)
-/// keeps none. Any copied line counts: with a threshold of 512 bytes, a member whose writer
-/// keeps up (a few lines per wake-up, which a quiet machine gives at 1,000 members) gave its
-/// buffers back after every write and the room grew a new one from 128 bytes, under its lock,
-/// on the next push: 7-10 % of the CPU of a 1,000-member fan-out. The price is up to two small
-/// buffers (~400 bytes) kept by an idle member that was last sent a line.
-pub const BUSY_DRAIN: usize = 1;
-
 /// The largest byte buffer a busy member keeps between wake-ups (see [`ByteQueue::trim`]).
 pub const KEEP_MAX: usize = 64 * 1024;
 
@@ -143,7 +133,7 @@ pub struct ByteQueue {
     copied: Vec<u8>,
     /// How much of `copied` is already written.
     written: usize,
-    /// How many copied bytes the last drain brought (busy or quiet member).
+    /// How many copied bytes the last drain brought (none: the member keeps no buffer).
     last_drain: usize,
 }
 
@@ -184,7 +174,7 @@ impl ByteQueue {
     }
 
     /// Once everything is written, gives back buffers grown past `frames` queue entries, the
-    /// byte buffer of a quiet member (its last drain brought less than [`BUSY_DRAIN`] bytes),
+    /// byte buffer of a member whose last drain brought no copied bytes,
     /// and a byte buffer larger than both `bytes` and twice what the last drain brought (or
     /// than [`KEEP_MAX`]); other ones are kept, since the next drain hands them to the outbox
     /// (a swap) and the room's next push to this member then needs no allocation. A busy
@@ -200,7 +190,7 @@ impl ByteQueue {
             self.frames = VecDeque::new();
         }
         let keep = bytes.max(2 * self.last_drain).min(KEEP_MAX);
-        if self.copied.capacity() > keep || self.last_drain < BUSY_DRAIN {
+        if self.copied.capacity() > keep || self.last_drain == 0 {
             self.copied = Vec::new();
         }
     }
@@ -367,14 +357,17 @@ impl Outbox {
         out.written = 0;
         out.last_drain = drained;
         std::mem::swap(&mut out.copied, &mut st.copied);
-        if drained < BUSY_DRAIN {
-            // A quiet member (a few lines per wake-up, or an idle one): no spare buffer is
-            // kept for it on either side, since its next push may be minutes away; 19,000
-            // idle members would otherwise hold two small buffers each for good.
+        if drained == 0 {
+            // Nothing was copied (only shared frames: a storm's batches, history): no byte
+            // buffer is kept on either side. Any copied line keeps both, swapped between the
+            // outbox and the writer: with a threshold of 512 bytes, a member whose writer
+            // keeps up (a few lines per wake-up, as a quiet machine gives at 1,000 members)
+            // gave them back after every write and the room grew a new one from 128 bytes,
+            // under its lock, on the next push (7-10 % of a 1,000-member fan-out's CPU). The
+            // price is up to two small buffers (~400 bytes) kept by an idle member that was
+            // last sent a line.
             st.copied = Vec::new();
-            if drained == 0 {
-                out.copied = Vec::new();
-            }
+            out.copied = Vec::new();
         }
         st.closed.clone()
     }
@@ -620,14 +613,12 @@ mod tests {
         q.advance(q.len());
         q.trim(8, 4096);
         assert_eq!((q.copied.capacity(), o.lock().copied.capacity()), (0, 0));
-        // Busy: every wake-up brings more than BUSY_DRAIN bytes; the two buffers are kept and
+        // Busy: every wake-up brings a copied line; the two buffers are kept and
         // swapped, so the pushes of the next rounds allocate nothing.
         let line = Bytes::from_static(b"0123456789012345678\n");
         let mut caps = Vec::new();
         for _ in 0..4 {
-            for _ in 0..(BUSY_DRAIN / line.len() + 1) {
-                o.push_ref(&line);
-            }
+            o.push_ref(&line);
             o.drain_bytes(&mut q);
             q.advance(q.len());
             q.trim(8, 4096);
@@ -648,9 +639,7 @@ mod tests {
         // ...and given back once they bring much less: two wake-ups later (the buffers swap
         // at each drain) neither side holds more than 4 KiB.
         for _ in 0..2 {
-            for _ in 0..(BUSY_DRAIN / line.len() + 1) {
-                o.push_ref(&line);
-            }
+            o.push_ref(&line);
             o.drain_bytes(&mut q);
             q.advance(q.len());
             q.trim(8, 4096);

@@ -33,8 +33,8 @@ const KEEP_QUEUE: usize = 8;
 /// The largest emptied byte buffer a TCP session keeps for the next drain (see
 /// `outbox::ByteQueue::trim`): what queues up for a member of a busy room between two of its
 /// wake-ups, so that the two buffers swapped between the outbox and the writer are not
-/// allocated again on every burst (the reference server keeps 4 KiB too). A member that was
-/// busy and went quiet keeps up to two.
+/// allocated again on every burst (the reference server keeps 4 KiB too). A member whose
+/// wake-ups bring more keeps up to twice its last drain (`outbox::KEEP_MAX` at most).
 const KEEP_BYTES: usize = 4096;
 /// Bytes read per wake-up.
 const READ_CHUNK: usize = 4096;
