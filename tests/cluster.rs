@@ -1614,6 +1614,42 @@ fn cluster_nick_frees_the_old_name() {
     }
 }
 
+/// A user who hangs up on one node and comes straight back through another (or renames and
+/// someone takes the old name at once) finds the name free: the entry's deletion is a round
+/// trip behind the leave, and a claim that meets a holder on its way out waits for it instead
+/// of refusing. Raced many times, since one round rarely loses the race.
+#[test]
+fn cluster_a_name_given_up_is_free_at_once_on_every_node() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let ds = start_nodes(&[&nats], &room_name("hop"), &["a", "b"]);
+    for i in 0..12 {
+        let (here, there) = (&ds[i % 2], &ds[(i + 1) % 2]);
+        let name = format!("hop{i}");
+        drop(here.join(&name));
+        let answer = try_name(there, &name);
+        assert!(
+            answer.starts_with(&format!("*** WELCOME {name} ")),
+            "round {i}: {answer}"
+        );
+        let mut c = here.join(&format!("nick{i}"));
+        c.send(&format!("/nick renamed{i}"));
+        c.expect_prefix("*** NICK");
+        for d in [here, there] {
+            let answer = try_name(d, &format!("nick{i}"));
+            assert!(answer.starts_with("*** WELCOME"), "round {i}: {answer}");
+        }
+    }
+    // A name held by someone who stays is still refused, from either node.
+    let _stays = ds[0].join("stays");
+    for d in &ds {
+        let answer = try_name(d, "stays");
+        assert!(answer.starts_with("*** ERR name-taken"), "{answer}");
+    }
+}
+
 /// Node `d`'s `chatctl list`: (name, node) of every user, sorted by name.
 fn listed(d: &TestDaemon) -> Vec<(String, String)> {
     let v = d.chatctl_json(&["list"]);

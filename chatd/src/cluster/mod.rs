@@ -55,6 +55,14 @@ const PUBLISH_QUEUE: usize = 65_536;
 /// Longest a join or `/nick` waits for the names bucket.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a claim that meets a name on its way out (its holder left or renamed a moment ago,
+/// here or on another node) waits for the entry's deletion before refusing. A name held by
+/// someone who stays is refused after this on other nodes.
+const RELEASE_GRACE: Duration = Duration::from_millis(500);
+
+/// How often a waiting claim reads the entry again.
+const RELEASE_POLL: Duration = Duration::from_millis(20);
+
 /// Most stream messages a starting node reads to find the room's recent history.
 const HISTORY_SCAN: u64 = 5_000;
 
@@ -1094,6 +1102,23 @@ impl Cluster {
         is_seated
     }
 
+    /// Whether the name entry `key`, held at `rev`, is deleted or changes hands before
+    /// `deadline`: read again every [`RELEASE_POLL`] (a read is one request, where a watch
+    /// would create a consumer on every server of the bucket).
+    async fn released_within(&self, bus: &Bus, key: &str, rev: u64, deadline: Instant) -> bool {
+        loop {
+            if Instant::now() + RELEASE_POLL > deadline {
+                return false;
+            }
+            tokio::time::sleep(RELEASE_POLL).await;
+            match bus.name(key).await {
+                Ok(Some((_, now))) if now == rev => {}
+                Ok(_) => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
     /// Runs `f` on the runtime and waits for it from synchronous code (an admin's ban): the
     /// caller's worker hands its other tasks to another thread meanwhile.
     fn wait<F: std::future::Future>(&self, f: F) -> Option<F::Output> {
@@ -1140,33 +1165,50 @@ impl Engine for Cluster {
             .encode();
             let proof = claim.proof;
             let attempt = async {
-                match bus.claim_name(&key, value.clone()).await {
-                    Ok(rev) => Ok((rev, None)),
-                    Err(BusError::Taken(_)) => {
-                        // Held: handed over only to a reclaim with the holder's token. A holder
-                        // of this very run is checked against the token itself; one on another
-                        // node (or of an earlier run of this one) against the digest its node
-                        // stored beside the name.
-                        let Ok(Some((current, rev))) = bus.name(&key).await else {
-                            return Err(None);
-                        };
-                        let Ok(holder) = NameHolder::decode(&current) else {
-                            return Err(None);
-                        };
-                        let allowed = if self.is_me(&holder.who) {
-                            may_replace(holder.who.id)
-                        } else {
-                            proof.is_some() && holder.token.as_deref() == proof
-                        };
-                        if !allowed {
-                            return Err(None);
-                        }
-                        match bus.update_name(&key, value.clone(), rev).await {
+                let deadline = Instant::now() + RELEASE_GRACE;
+                loop {
+                    match bus.claim_name(&key, value.clone()).await {
+                        Ok(rev) => return Ok((rev, None)),
+                        Err(BusError::Taken(_)) => {}
+                        Err(e) => return Err(Some(e)),
+                    }
+                    // Held: handed over only to a reclaim with the holder's token. A holder
+                    // of this very run is checked against the token itself; one on another
+                    // node (or of an earlier run of this one) against the digest its node
+                    // stored beside the name.
+                    let (current, rev) = match bus.name(&key).await {
+                        Ok(Some(held)) => held,
+                        // Released since: claim it again.
+                        Ok(None) if Instant::now() < deadline => continue,
+                        _ => return Err(None),
+                    };
+                    let Ok(holder) = NameHolder::decode(&current) else {
+                        return Err(None);
+                    };
+                    let mine = self.is_me(&holder.who);
+                    let allowed = if mine {
+                        may_replace(holder.who.id)
+                    } else {
+                        proof.is_some() && holder.token.as_deref() == proof
+                    };
+                    if allowed {
+                        return match bus.update_name(&key, value.clone(), rev).await {
                             Ok(new_rev) => Ok((new_rev, Some(holder.who))),
                             Err(_) => Err(None),
-                        }
+                        };
                     }
-                    Err(e) => Err(Some(e)),
+                    // Not ours to take, but perhaps on its way out: a name is deleted a round
+                    // trip after its holder leaves or renames, and someone who hangs up on one
+                    // node and comes straight back through another must not find it taken.
+                    // A holder this node still books is live: refused at once.
+                    let leaving = if mine {
+                        !self.book().claims.contains_key(&key)
+                    } else {
+                        true
+                    };
+                    if !leaving || !self.released_within(bus, &key, rev, deadline).await {
+                        return Err(None);
+                    }
                 }
             };
             match tokio::time::timeout(CLAIM_TIMEOUT, attempt).await {
