@@ -68,7 +68,7 @@ pub async fn run(
     }
     if let Some(tls) = &shared.tls {
         for listener in tls_listeners {
-            tracker.spawn(tls::accept_loop(
+            tracker.spawn(tls::listener::accept_loop(
                 listener,
                 tls.clone(),
                 shared.clone(),
