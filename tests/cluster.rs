@@ -1840,6 +1840,36 @@ fn cluster_log_says_why_it_waits_for_nats() {
     );
 }
 
+/// A node-timeout shorter than a NATS leader election is allowed (these tests use 2 s) but
+/// logged as a risk, once; the default 10 s is not.
+#[test]
+fn cluster_a_node_timeout_shorter_than_an_election_is_warned_about_once() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let room = room_name("nto");
+    let warning = "cluster.node-timeout is shorter than a NATS leader election";
+    let short = start_nodes(&[&nats], &room, &["a"]);
+    short[0].wait_log(warning);
+    let long = TestDaemon::with(cluster_config(&[&nats], &room, "b").set_str(
+        "cluster",
+        "node-timeout",
+        "10s",
+    ))
+    .start();
+    long.wait_cluster_ready();
+    // Once a sees b's lease, b has been through its lease rounds' first check.
+    wait_live(&[&short[0], &long], &["a", "b"]);
+    assert!(!long.log().contains(warning), "{}", long.log());
+    assert_eq!(
+        short[0].log().matches(warning).count(),
+        1,
+        "{}",
+        short[0].log()
+    );
+}
+
 #[test]
 fn cluster_a_new_node_refuses_banned_names_at_once() {
     if !nats_present() {

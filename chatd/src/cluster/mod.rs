@@ -55,6 +55,10 @@ const PUBLISH_QUEUE: usize = 65_536;
 /// Longest a join or `/nick` waits for the names bucket.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Below this, a `cluster.node-timeout` can run out during a NATS leader election (4-9 s with
+/// nats-server 2.9), when no node refreshes its lease: it is allowed, and warned about.
+const ELECTION_BOUND: Duration = Duration::from_secs(10);
+
 /// How long a claim that meets a name on its way out (its holder left or renamed a moment ago,
 /// here or on another node) waits for the entry's deletion before refusing. A name held by
 /// someone who stays is refused after this on other nodes.
@@ -610,10 +614,18 @@ impl Cluster {
         // reads and allocations on every node).
         let mut last_scan: Option<Instant> = None;
         let mut reaped: std::collections::HashSet<(String, u64)> = Default::default();
+        let mut warned_for = None;
         loop {
-            tokio::time::sleep(REAP_EVERY).await;
             // Read each round: `cluster.node-timeout` changes on reload.
             let timeout = host.node_timeout().unwrap_or(self.config.node_timeout);
+            if timeout < ELECTION_BOUND && warned_for != Some(timeout) {
+                warn!(
+                    node_timeout = ?timeout,
+                    "cluster.node-timeout is shorter than a NATS leader election (4-9 s): while one runs no lease is refreshed, and the nodes may take each other's users for gone; 10s or more is safe"
+                );
+            }
+            warned_for = Some(timeout);
+            tokio::time::sleep(REAP_EVERY).await;
             let beat = (timeout / 4).max(Duration::from_millis(250));
             if last_beat.elapsed() >= beat {
                 match bus.heartbeat(&self.node, lease(self.boot)).await {
