@@ -1999,6 +1999,52 @@ fn cluster_joins_waiting_for_nats_hold_no_threads() {
     );
 }
 
+/// A ban or a kick made on one node reaches a WebSocket user of another with its own close
+/// code (4001 ban, 4000 kick), carried by the event, whatever the reason's text says.
+#[test]
+fn cluster_a_websocket_user_of_another_node_is_told_ban_from_kick() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let room = room_name("wsban");
+    let ds = TestDaemon::start_many(2, |i| {
+        cluster_config(&[&nats], &room, ["a", "b"][i]).set("web", "listen", "[\"127.0.0.1:0\"]")
+    });
+    for d in &ds {
+        d.wait_cluster_ready();
+    }
+    let mut kicked = crate::helper::web::join(ds[1].web_addr(), "kicked");
+    let mut banned = crate::helper::web::join(ds[1].web_addr(), "banned");
+    let mut watcher = join_seated(&ds[0], "watcher");
+    wait_for(
+        WAIT,
+        "node a to list both WebSocket users",
+        || {
+            let names: Vec<String> = listed(&ds[0]).into_iter().map(|(n, _)| n).collect();
+            (names.contains(&"kicked".to_owned()) && names.contains(&"banned".to_owned()))
+                .then_some(())
+        },
+        || format!("{:?}", listed(&ds[0])),
+    );
+    let reason = "banned words in the topic";
+    let out = ds[0].chatctl(&["kick", "kicked", "--reason", reason]);
+    assert!(out.status.success(), "{out:?}");
+    kicked.expect_prefix("*** KICKED");
+    assert_eq!(
+        crate::helper::web::closed_with(&mut kicked),
+        (4000, reason.to_owned())
+    );
+    let out = ds[0].chatctl(&["ban", "banned", "--reason", "spam"]);
+    assert!(out.status.success(), "{out:?}");
+    let line = banned.expect_prefix("*** KICKED");
+    let (code, why) = crate::helper::web::closed_with(&mut banned);
+    assert_eq!(code, 4001, "{line} / {why}");
+    assert!(why.contains("spam"), "{why}");
+    watcher.expect_prefix("*** KICK kicked");
+    watcher.expect_prefix("*** KICK banned");
+}
+
 #[test]
 fn cluster_a_websocket_message_of_several_lines_waits_for_its_claim() {
     if !nats_present() {

@@ -157,6 +157,9 @@ pub enum Event<'a> {
         id: ClientId,
         /// Why, as announced.
         reason: &'a str,
+        /// Whether a ban sends it away (its client is told so apart from a kick, e.g. by a
+        /// WebSocket close code, which must not be read from the free-text reason).
+        ban: bool,
     },
     /// A notice from the operators to every member.
     Announce {

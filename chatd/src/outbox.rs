@@ -49,6 +49,10 @@ pub enum Close {
     Quit,
     /// An admin kicked the client.
     Kicked,
+    /// An admin banned the client while it was online.
+    Banned,
+    /// Its name was reclaimed by a new connection (with the reclaim token).
+    Replaced,
     /// The client did not read and its queue exceeded the limit.
     Overflow,
     /// The server is shutting down.

@@ -517,12 +517,12 @@ impl Room {
     pub fn kick(&self, name: &str, reason: &str) -> Result<(String, SocketAddr), RoomError> {
         let key = chat_proto::names::lookup_key(name);
         let id = self.lock().by_name(&key);
-        id.and_then(|id| self.kick_id(id, reason))
+        id.and_then(|id| self.kick_id(id, reason, false))
             .ok_or_else(|| RoomError::NoSuchUser(name.to_owned()))
     }
 
-    /// Kicks every member for whom `matches(key, addr)` holds (a ban); returns the display
-    /// names of those kicked.
+    /// Sends away, as banned, every member for whom `matches(key, addr)` holds; returns the
+    /// display names of those sent away.
     pub fn kick_where(
         &self,
         matches: impl Fn(&str, SocketAddr) -> bool,
@@ -535,16 +535,16 @@ impl Room {
             .map(|(id, ..)| id)
             .collect();
         ids.into_iter()
-            .filter_map(|id| self.kick_id(id, reason).map(|(name, _)| name))
+            .filter_map(|id| self.kick_id(id, reason, true).map(|(name, _)| name))
             .collect()
     }
 
-    fn kick_id(&self, id: ClientId, reason: &str) -> Option<(String, SocketAddr)> {
+    fn kick_id(&self, id: ClientId, reason: &str, ban: bool) -> Option<(String, SocketAddr)> {
         let known = self
             .lock()
             .member(id)
             .map(|(name, addr)| (name.to_owned(), addr));
-        match self.engine.append(self, Event::Kick { id, reason }) {
+        match self.engine.append(self, Event::Kick { id, reason, ban }) {
             Some(Delivered::Removed { name, addr }) => {
                 self.engine.release(&name.key, id);
                 Some((name.display, addr))
@@ -733,21 +733,19 @@ impl Room {
             .ok_or_else(|| RoomError::NoSuchUser(name.to_owned()))
     }
 
-    /// Removes member `id` against their will: they get `*** KICKED <why>` as their last line,
-    /// everyone else the line `announce` builds from their name.
+    /// Removes member `id` against their will: they get `*** KICKED <why>` as their last line
+    /// and their outbox is closed as `close`, everyone else gets the line `announce` builds
+    /// from their name.
     fn evict(
         &self,
         st: &mut State,
-        id: ClientId,
+        (id, close): (ClientId, Close),
         why: &str,
         announce: impl FnOnce(&str) -> Bytes,
     ) -> Option<(Name, SocketAddr)> {
         let (name, addr, outbox) = st.take(id)?;
         if let Some(outbox) = &outbox {
-            outbox.close_with(
-                Some(protocol::server_line(kind::KICKED, why)),
-                Close::Kicked,
-            );
+            outbox.close_with(Some(protocol::server_line(kind::KICKED, why)), close);
         }
         self.broadcast(st, None, &announce(&name.display));
         Some((name, addr))
@@ -901,7 +899,7 @@ impl Deliver for Room {
             Event::Join(who) => self.join_locked(&mut st, who),
             Event::Replaced { id, why } => {
                 self.send_presence(&mut st);
-                match self.evict(&mut st, id, why, |name| {
+                match self.evict(&mut st, (id, Close::Replaced), why, |name| {
                     protocol::server_line(kind::LEAVE, &format!("{name} left (reconnected)"))
                 }) {
                     Some((name, addr)) => Delivered::Removed { name, addr },
@@ -966,9 +964,10 @@ impl Deliver for Room {
                 }
                 Delivered::Removed { name, addr }
             }
-            Event::Kick { id, reason } => {
+            Event::Kick { id, reason, ban } => {
                 self.send_presence(&mut st);
-                let Some((name, addr)) = self.evict(&mut st, id, reason, |name| {
+                let close = if ban { Close::Banned } else { Close::Kicked };
+                let Some((name, addr)) = self.evict(&mut st, (id, close), reason, |name| {
                     protocol::server_line(kind::KICK, &format!("{name} was kicked ({reason})"))
                 }) else {
                     return Delivered::NoSuchMember;
@@ -1166,6 +1165,14 @@ mod tests {
             room.kick("bob", "x").err(),
             Some(RoomError::NoSuchUser("bob".into()))
         );
+        // A ban's kick closes the outbox as a ban: a transport tells the two apart by that,
+        // not by the reason's text.
+        assert_eq!(
+            room.kick_where(|key, _| key == "alice", "spam"),
+            vec!["alice"]
+        );
+        assert_eq!(drained(&a), vec!["*** KICKED spam"]);
+        assert_eq!(a.closed(), Some(Close::Banned));
     }
 
     #[test]

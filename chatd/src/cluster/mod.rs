@@ -983,10 +983,11 @@ impl Cluster {
                 id,
                 reason: &reason,
             }),
-            WireEvent::Kick { who, reason } => {
+            WireEvent::Kick { who, reason, ban } => {
                 self.remove(host, &who, |id| Event::Kick {
                     id,
                     reason: &reason,
+                    ban,
                 });
                 if self.is_me(&who) {
                     self.forget_local(who.id);
@@ -1385,12 +1386,13 @@ impl Engine for Cluster {
                     self.forget_local(id);
                 }
             }
-            Event::Kick { id, reason } => {
+            Event::Kick { id, reason, ban } => {
                 if let Some(who) = self.member_ref(id) {
                     self.send(
                         WireEvent::Kick {
                             who,
                             reason: reason.to_owned(),
+                            ban,
                         },
                         None,
                     );

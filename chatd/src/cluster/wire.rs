@@ -143,6 +143,9 @@ pub enum WireEvent {
         who: MemberRef,
         /// Why.
         reason: String,
+        /// Sent away by a ban (written only when true; absent in events of older nodes).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        ban: bool,
     },
     /// A notice from the operators.
     Announce {
@@ -351,6 +354,16 @@ mod tests {
             WireEvent::Announce {
                 text: "maintenance".into(),
             },
+            WireEvent::Kick {
+                who: who(),
+                reason: "spam".into(),
+                ban: false,
+            },
+            WireEvent::Kick {
+                who: who(),
+                reason: "banned permanently: spam".into(),
+                ban: true,
+            },
         ];
         for event in events {
             let env = Envelope {
@@ -360,6 +373,26 @@ mod tests {
             };
             assert_eq!(Envelope::decode(&env.encode()), Ok(env));
         }
+    }
+
+    #[test]
+    fn a_kick_says_ban_only_when_it_is_one() {
+        let kick = |ban| Envelope {
+            v: VERSION,
+            from: "a".into(),
+            event: WireEvent::Kick {
+                who: who(),
+                reason: "r".into(),
+                ban,
+            },
+        };
+        let plain = String::from_utf8(kick(false).encode()).unwrap_or_default();
+        assert!(!plain.contains("\"ban\""), "{plain}");
+        let banned = String::from_utf8(kick(true).encode()).unwrap_or_default();
+        assert!(banned.contains("\"ban\":true"), "{banned}");
+        // A kick written without the field (by a node before it) is a plain kick.
+        let old = plain.replace(",\"ban\":false", "");
+        assert_eq!(Envelope::decode(old.as_bytes()), Ok(kick(false)));
     }
 
     #[test]

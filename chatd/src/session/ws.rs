@@ -797,16 +797,12 @@ fn close_for(reason: &Close, last: Option<&[u8]>) -> (u16, String) {
     match reason {
         Close::Shutdown => (1001, "server stopping".to_owned()),
         Close::Overflow => (close_code::TOO_SLOW, "too slow".to_owned()),
-        Close::Kicked => {
-            let why = after(&kicked).unwrap_or_default();
-            if why.starts_with(crate::room::RECLAIMED_REASON) {
-                (close_code::RECLAIMED, why)
-            } else if why.starts_with("banned") {
-                (close_code::BANNED, why)
-            } else {
-                (close_code::KICKED, why)
-            }
-        }
+        // The code comes from why the room sent the member away, never from the reason's
+        // text, which an operator writes.
+        Close::Kicked => (close_code::KICKED, after(&kicked).unwrap_or_default()),
+        Close::Banned => (close_code::BANNED, after(&kicked).unwrap_or_default()),
+        Close::Replaced => (close_code::RECLAIMED, after(&kicked).unwrap_or_default()),
+        // The session's own last words: the protocol's error codes, not free text.
         Close::Quit => {
             if let Some(why) = after(&err(code::NAME_TIMEOUT)) {
                 (close_code::NAME_TIMEOUT, why)
@@ -847,14 +843,26 @@ mod tests {
         );
         assert_eq!(
             code(
-                Close::Kicked,
+                Close::Replaced,
                 "*** KICKED your name was reclaimed by a new connection\n"
             ),
             4004
         );
         assert_eq!(
-            code(Close::Kicked, "*** KICKED banned for 1h: spam\n"),
+            code(Close::Banned, "*** KICKED banned for 1h: spam\n"),
             4001
+        );
+        // An operator's reason that reads like a ban or a reclaim is still a kick.
+        assert_eq!(
+            code(Close::Kicked, "*** KICKED banned words in your nick\n"),
+            4000
+        );
+        assert_eq!(
+            code(
+                Close::Kicked,
+                "*** KICKED your name was reclaimed by a new connection (joke)\n"
+            ),
+            4000
         );
         assert_eq!(code(Close::Quit, "*** BYE goodbye\n"), 1000);
         assert_eq!(code(Close::Quit, "*** ERR name-timeout too late\n"), 4003);
