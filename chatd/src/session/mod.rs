@@ -39,6 +39,34 @@ const KEEP_BYTES: usize = 4096;
 /// Bytes read per wake-up.
 const READ_CHUNK: usize = 4096;
 
+/// Which deadline a session's one timer is set for.
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    /// A message client's partial line went quiet (`server.partial-line-flush`).
+    PartialLine,
+    /// No name in time (`limits.name-timeout`).
+    Naming,
+    /// A closing session's flush took too long ([`CLOSE_FLUSH_TIMEOUT`]).
+    Close,
+}
+
+impl Timer {
+    /// The nearest deadline that applies: the close's while closing, else a quiet partial
+    /// line's (unless a step waits) or the naming deadline's, whichever comes first.
+    fn next(
+        close: Option<Instant>,
+        partial: Option<Instant>,
+        naming: Option<Instant>,
+    ) -> Option<(Instant, Timer)> {
+        if let Some(at) = close {
+            return Some((at, Timer::Close));
+        }
+        let partial = partial.map(|at| (at, Timer::PartialLine));
+        let naming = naming.map(|at| (at, Timer::Naming));
+        partial.into_iter().chain(naming).min_by_key(|&(at, _)| at)
+    }
+}
+
 /// Sleeps until `at`, or forever without a deadline. `select!` builds the future of every
 /// branch on each turn, disabled ones included, and a `Sleep` built there costs a clock read
 /// and a clone of the runtime handle even when it is never polled; this costs nothing until

@@ -14,7 +14,7 @@
 //! - partial-line flush, naming deadline, `*** SHUTDOWN`, a bounded close flush and linger.
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -25,7 +25,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
-use super::{CLOSE_FLUSH_TIMEOUT, KEEP_QUEUE, LINGER, MAX_IOVECS, READ_CHUNK, sleep_opt};
+use super::{CLOSE_FLUSH_TIMEOUT, KEEP_QUEUE, LINGER, MAX_IOVECS, READ_CHUNK, Timer, sleep_opt};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -150,87 +150,103 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamSession<S> {
     }
 
     /// Runs the session to its end. Never panics on peer input; I/O errors end the session.
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        self.talk.greet();
-        let name_deadline =
-            Instant::now() + self.talk.shared().live.load().config.limits.name_timeout;
-        let mut close_deadline: Option<Instant> = None;
-        // This session's own token (why: see `tcp.rs`).
-        let shutdown = shutdown.child_token();
-        let cancelled = shutdown.cancelled();
-        tokio::pin!(cancelled);
+    ///
+    /// A plain function returning an `async move` block, not an `async fn`, for the reason
+    /// `tcp::Session::run` gives: an `async fn` keeps `self` twice in its future, and a
+    /// connected member's task is mostly this future.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep `self` twice in its future (see above)"
+    )]
+    pub fn run(mut self, shutdown: CancellationToken) -> impl Future<Output = ()> {
+        async move {
+            self.talk.greet();
+            let name_deadline =
+                Instant::now() + self.talk.shared().live.load().config.limits.name_timeout;
+            let mut close_deadline: Option<Instant> = None;
+            // This session's own token (why: see `tcp.rs`).
+            let shutdown = shutdown.child_token();
+            let cancelled = shutdown.cancelled();
+            tokio::pin!(cancelled);
 
-        let result: io::Result<()> = async {
-            loop {
-                // More from the outbox only once the stream took and flushed the last batch.
-                let closed = if self.wire.idle() {
-                    self.talk.outbox().drain_into(&mut self.wire.pending)
-                } else {
-                    self.talk.outbox().closed()
-                };
-                match closed {
-                    Some(Close::Overflow) => {
-                        self.talk.overflowed();
-                        return Ok(());
-                    }
-                    Some(_) if close_deadline.is_none() => {
-                        close_deadline = Some(Instant::now() + CLOSE_FLUSH_TIMEOUT);
-                    }
-                    _ => {}
-                }
-                if close_deadline.is_some() && self.wire.idle() {
-                    // Closing: end once the last frames still in the outbox are written too.
-                    self.talk.outbox().drain_into(&mut self.wire.pending);
-                    if self.wire.pending.is_empty() {
-                        self.linger().await;
-                        return Ok(());
-                    }
-                    continue;
-                }
-                let closing = close_deadline.is_some();
-                let flush_at = self.partial_flush_at();
-                let naming = self.talk.is_naming();
-                // While a step waits for the engine, the client's lines stay unread (core.rs).
-                let waiting = self.talk.is_waiting();
-                let wire = &mut self.wire;
-                tokio::select! {
-                    _ = &mut cancelled, if !closing => self.talk.shut_down(),
-                    io = poll_fn(|cx| wire.poll_io(cx, !closing && !waiting)) => match io? {
-                        Io::Eof => {
-                            // A message client's last words before closing still count.
-                            if let Some(frame) = self.wire.decoder.take_partial() {
-                                self.talk.handle_frame(frame);
-                            }
+            let result: io::Result<()> = async {
+                loop {
+                    // More from the outbox only once the stream took and flushed the last batch.
+                    let closed = if self.wire.idle() {
+                        self.talk.outbox().drain_into(&mut self.wire.pending)
+                    } else {
+                        self.talk.outbox().closed()
+                    };
+                    match closed {
+                        Some(Close::Overflow) => {
+                            self.talk.overflowed();
                             return Ok(());
                         }
-                        Io::Read => self.handle_input(),
-                        Io::Wrote => {}
-                    },
-                    _ = self.talk.outbox().ready() => {}
-                    _ = sleep_opt(flush_at), if flush_at.is_some() && !closing && !waiting => {
-                        if let Some(frame) = self.wire.decoder.take_partial() {
-                            self.talk.handle_frame(frame);
+                        Some(_) if close_deadline.is_none() => {
+                            close_deadline = Some(Instant::now() + CLOSE_FLUSH_TIMEOUT);
                         }
+                        _ => {}
                     }
-                    _ = sleep_opt(Some(name_deadline)), if naming && !closing => {
-                        self.talk.name_timed_out();
+                    if close_deadline.is_some() && self.wire.idle() {
+                        // Closing: end once the last frames still in the outbox are written too.
+                        self.talk.outbox().drain_into(&mut self.wire.pending);
+                        if self.wire.pending.is_empty() {
+                            // Boxed: its read buffer would otherwise be part of every session's
+                            // future for its whole life, and it runs once, at the end.
+                            Box::pin(self.linger()).await;
+                            return Ok(());
+                        }
+                        continue;
                     }
-                    _ = sleep_opt(close_deadline), if closing => {
-                        return Ok(());
-                    }
-                    done = self.talk.step(), if waiting => {
-                        self.talk.resume(done);
-                        self.handle_input();
+                    let closing = close_deadline.is_some();
+                    // While a step waits for the engine, the client's lines stay unread (core.rs).
+                    let waiting = self.talk.is_waiting();
+                    // One timer, for the nearest deadline that applies (one `Sleep` in the future
+                    // instead of three).
+                    let due = Timer::next(
+                        close_deadline,
+                        self.partial_flush_at().filter(|_| !waiting),
+                        self.talk.is_naming().then_some(name_deadline),
+                    );
+                    let wire = &mut self.wire;
+                    tokio::select! {
+                        _ = &mut cancelled, if !closing => self.talk.shut_down(),
+                        io = poll_fn(|cx| wire.poll_io(cx, !closing && !waiting)) => match io? {
+                            Io::Eof => {
+                                // A message client's last words before closing still count.
+                                if let Some(frame) = self.wire.decoder.take_partial() {
+                                    self.talk.handle_frame(frame);
+                                }
+                                return Ok(());
+                            }
+                            Io::Read => self.handle_input(),
+                            Io::Wrote => {}
+                        },
+                        _ = self.talk.outbox().ready() => {}
+                        _ = sleep_opt(due.map(|(at, _)| at)), if due.is_some() => match due {
+                            Some((_, Timer::Close)) => return Ok(()),
+                            Some((_, Timer::PartialLine)) => {
+                                if let Some(frame) = self.wire.decoder.take_partial() {
+                                    self.talk.handle_frame(frame);
+                                }
+                            }
+                            Some((_, Timer::Naming)) => self.talk.name_timed_out(),
+                            None => {}
+                        },
+                        done = self.talk.step(), if waiting => {
+                            self.talk.resume(done);
+                            self.handle_input();
+                        }
                     }
                 }
             }
-        }
-        .await;
+            .await;
 
-        if let Err(e) = result {
-            debug!(peer = %self.talk.peer(), user = %self.talk.name(), error = %e, "connection error");
+            if let Err(e) = result {
+                debug!(peer = %self.talk.peer(), user = %self.talk.name(), error = %e, "connection error");
+            }
+            self.talk.finish();
         }
-        self.talk.finish();
     }
 
     /// Handles every complete line the last read brought (or that waited for a step).

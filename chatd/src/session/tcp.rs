@@ -15,7 +15,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep, sleep_until};
 
-use super::{CLOSE_FLUSH_TIMEOUT, KEEP_BYTES, KEEP_QUEUE, LINGER, MAX_IOVECS, READ_CHUNK};
+use super::{CLOSE_FLUSH_TIMEOUT, KEEP_BYTES, KEEP_QUEUE, LINGER, MAX_IOVECS, READ_CHUNK, Timer};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -24,17 +24,6 @@ use crate::engine::Transport;
 use crate::outbox::{ByteQueue, Close};
 use crate::shared::Shared;
 use chat_proto::codec::LineDecoder;
-
-/// Which deadline a session's one timer is set for.
-#[derive(Debug, Clone, Copy)]
-enum Timer {
-    /// A message client's partial line went quiet (`server.partial-line-flush`).
-    PartialLine,
-    /// No name in time (`limits.name-timeout`).
-    Naming,
-    /// A closing session's flush took too long ([`CLOSE_FLUSH_TIMEOUT`]).
-    Close,
-}
 
 /// Polls the session's timer; pending forever without one.
 fn poll_timer(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> Poll<()> {
@@ -182,19 +171,11 @@ impl Session {
                 // While a step waits for the engine, the client's lines stay unread (core.rs).
                 let waiting = self.talk.is_waiting();
                 // One timer for the nearest of this turn's deadlines.
-                let due = if closing {
-                    close_deadline.map(|at| (at, Timer::Close))
-                } else {
-                    let flush = self
-                        .partial_flush_at()
-                        .filter(|_| !waiting)
-                        .map(|at| (at, Timer::PartialLine));
-                    let naming = self
-                        .talk
-                        .is_naming()
-                        .then_some((name_deadline, Timer::Naming));
-                    flush.into_iter().chain(naming).min_by_key(|&(at, _)| at)
-                };
+                let due = Timer::next(
+                    close_deadline,
+                    self.partial_flush_at().filter(|_| !waiting),
+                    self.talk.is_naming().then_some(name_deadline),
+                );
                 let which = match due {
                     Some((at, which)) => {
                         match timer.as_mut() {
