@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use tokio::time::{Instant, sleep_until};
 
+use chat_proto::codec::LineDecoder;
+
 pub use self::core::Conversation;
 pub use self::stream::StreamSession;
 pub use self::tcp::Session;
@@ -64,6 +66,21 @@ impl Timer {
         let partial = partial.map(|at| (at, Timer::PartialLine));
         let naming = naming.map(|at| (at, Timer::Naming));
         partial.into_iter().chain(naming).min_by_key(|&(at, _)| at)
+    }
+
+    /// Does what this deadline's passing means for a session reading through `decoder`;
+    /// `true` when the session ends (its close took too long).
+    fn fire(self, decoder: &mut LineDecoder, talk: &mut Conversation) -> bool {
+        match self {
+            Timer::Close => return true,
+            Timer::PartialLine => {
+                if let Some(frame) = decoder.take_partial() {
+                    talk.handle_frame(frame);
+                }
+            }
+            Timer::Naming => talk.name_timed_out(),
+        }
+        false
     }
 }
 

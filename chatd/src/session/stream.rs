@@ -223,16 +223,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamSession<S> {
                             Io::Wrote => {}
                         },
                         _ = self.talk.outbox().ready() => {}
-                        _ = sleep_opt(due.map(|(at, _)| at)), if due.is_some() => match due {
-                            Some((_, Timer::Close)) => return Ok(()),
-                            Some((_, Timer::PartialLine)) => {
-                                if let Some(frame) = self.wire.decoder.take_partial() {
-                                    self.talk.handle_frame(frame);
-                                }
+                        _ = sleep_opt(due.map(|(at, _)| at)), if due.is_some() => {
+                            if due.is_some_and(|(_, w)| w.fire(&mut self.wire.decoder, &mut self.talk)) {
+                                return Ok(());
                             }
-                            Some((_, Timer::Naming)) => self.talk.name_timed_out(),
-                            None => {}
-                        },
+                        }
                         done = self.talk.step(), if waiting => {
                             self.talk.resume(done);
                             self.handle_input();

@@ -217,15 +217,8 @@ impl Session {
                     }
                     _ = poll_fn(|cx| self.talk.outbox().poll_ready(cx, idle)), if !closing => {}
                     _ = poll_fn(|cx| poll_timer(&mut timer, cx)), if which.is_some() => {
-                        match which {
-                            Some(Timer::Close) => return Ok(()),
-                            Some(Timer::PartialLine) => {
-                                if let Some(frame) = self.decoder.take_partial() {
-                                    self.talk.handle_frame(frame);
-                                }
-                            }
-                            Some(Timer::Naming) => self.talk.name_timed_out(),
-                            None => {}
+                        if which.is_some_and(|w| w.fire(&mut self.decoder, &mut self.talk)) {
+                            return Ok(());
                         }
                     }
                     done = self.talk.step(), if waiting => {
