@@ -739,7 +739,8 @@ impl Room {
     fn evict(
         &self,
         st: &mut State,
-        (id, close): (ClientId, Close),
+        id: ClientId,
+        close: Close,
         why: &str,
         announce: impl FnOnce(&str) -> Bytes,
     ) -> Option<(Name, SocketAddr)> {
@@ -899,7 +900,7 @@ impl Deliver for Room {
             Event::Join(who) => self.join_locked(&mut st, who),
             Event::Replaced { id, why } => {
                 self.send_presence(&mut st);
-                match self.evict(&mut st, (id, Close::Replaced), why, |name| {
+                match self.evict(&mut st, id, Close::Replaced, why, |name| {
                     protocol::server_line(kind::LEAVE, &format!("{name} left (reconnected)"))
                 }) {
                     Some((name, addr)) => Delivered::Removed { name, addr },
@@ -967,7 +968,7 @@ impl Deliver for Room {
             Event::Kick { id, reason, ban } => {
                 self.send_presence(&mut st);
                 let close = if ban { Close::Banned } else { Close::Kicked };
-                let Some((name, addr)) = self.evict(&mut st, (id, close), reason, |name| {
+                let Some((name, addr)) = self.evict(&mut st, id, close, reason, |name| {
                     protocol::server_line(kind::KICK, &format!("{name} was kicked ({reason})"))
                 }) else {
                     return Delivered::NoSuchMember;

@@ -1214,11 +1214,7 @@ impl Engine for Cluster {
                     // trip after its holder leaves or renames, and someone who hangs up on one
                     // node and comes straight back through another must not find it taken.
                     // A holder this node still books is live: refused at once.
-                    let leaving = if mine {
-                        !self.book().claims.contains_key(&key)
-                    } else {
-                        true
-                    };
+                    let leaving = !mine || !self.book().claims.contains_key(&key);
                     if !leaving || !self.released_within(bus, &key, rev, deadline).await {
                         return Err(None);
                     }
