@@ -106,6 +106,107 @@ fn every_receiver_sees_messages_in_the_same_order() {
 }
 
 #[test]
+fn lines_sent_together_reach_everyone_as_if_sent_one_by_one() {
+    // chatd gives the chat lines of one read to the room together (one push per recipient for
+    // up to 512 bytes of them, not one per line). One write here holds more than that, with an
+    // action, an empty line, a line longer than a frame, a control character, a private message
+    // and a rename among the messages: everyone else must get each line, in the order sent,
+    // the private message and the rename exactly where they were sent, and the history must
+    // keep each line on its own.
+    let d = TestDaemon::start(&format!("{NO_RATE_LIMIT}[room]\nhistory = 100\n"));
+    let mut bob = d.join("bob");
+    let mut carol = d.join("carol");
+    bob.expect_prefix("*** JOIN carol");
+    let mut alice = d.join("alice");
+    bob.expect_prefix("*** JOIN alice");
+    carol.expect_prefix("*** JOIN alice");
+
+    let long = "x".repeat(700);
+    let mut raw: Vec<String> = (0..20)
+        .map(|k| format!("message {k} of the burst"))
+        .collect();
+    let mut seen: Vec<String> = raw.iter().map(|l| format!("alice: {l}")).collect();
+    for (line, shown) in [
+        ("/me waves".to_owned(), Some("* alice waves".to_owned())),
+        (String::new(), None),
+        (long.clone(), Some(format!("alice: {long}"))),
+        ("tab\there".to_owned(), Some("alice: tab here".to_owned())),
+        ("/msg bob psst".to_owned(), None),
+        (
+            "after the private one".to_owned(),
+            Some("alice: after the private one".to_owned()),
+        ),
+        (
+            "/nick alicia".to_owned(),
+            Some("*** NICK alice is now known as alicia".to_owned()),
+        ),
+        (
+            "said as alicia".to_owned(),
+            Some("alicia: said as alicia".to_owned()),
+        ),
+        (
+            "/me waves again".to_owned(),
+            Some("* alicia waves again".to_owned()),
+        ),
+    ] {
+        raw.push(line);
+        seen.extend(shown);
+    }
+    let burst: String = raw.iter().map(|l| format!("{l}\n")).collect();
+    assert!(burst.len() > 2 * 512, "more than two frames' worth");
+    alice.send_raw(burst.as_bytes());
+
+    let got: Vec<String> = (0..seen.len()).map(|_| carol.line()).collect();
+    assert_eq!(got, seen);
+    let private = seen
+        .iter()
+        .position(|l| l == "alice: tab here")
+        .map_or(0, |i| i + 1);
+    let mut bobs = seen.clone();
+    bobs.insert(private, "alice (private): psst".to_owned());
+    let got: Vec<String> = (0..bobs.len()).map(|_| bob.line()).collect();
+    assert_eq!(got, bobs);
+    // The sender gets none of its own lines back, only the private message's echo and the
+    // rename's answer.
+    alice.send("/who");
+    let mut own = Vec::new();
+    loop {
+        let l = alice.line();
+        if l.starts_with("*** WHO ") {
+            break;
+        }
+        own.push(l);
+    }
+    assert!(
+        own.iter()
+            .all(|l| !l.starts_with("alice: ") && !l.starts_with("alicia: ")),
+        "{own:?}"
+    );
+    assert!(own.iter().any(|l| l == "-> bob (private): psst"), "{own:?}");
+
+    // A newcomer's history holds each chat line on its own, in order (not the rename).
+    let mut dave = d.enter("dave");
+    dave.send("/who");
+    let mut history = Vec::new();
+    loop {
+        let l = dave.line();
+        if l.starts_with("*** WHO ") {
+            break;
+        }
+        if let Some(rest) = l.strip_prefix("*** HISTORY ") {
+            let (_when, line) = rest.split_once(' ').unwrap_or_default();
+            history.push(line.to_owned());
+        }
+    }
+    let chat: Vec<String> = seen
+        .into_iter()
+        .filter(|l| !l.starts_with("*** "))
+        .collect();
+    assert_eq!(history, chat);
+    assert_eq!(carol.line(), "*** JOIN dave joined");
+}
+
+#[test]
 fn a_mass_disconnect_is_announced_once_each_in_one_order() {
     // Enough clients dropping at once to make a leave storm, whose announcements the room
     // batches: every watcher must still get each leave exactly once, in one order, with nothing

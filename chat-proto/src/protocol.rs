@@ -207,6 +207,22 @@ pub fn action_line(name: &str, text: &str) -> Bytes {
     frame(&["* ", name, " ", text])
 }
 
+/// Appends a message (`NAME: text`) or, with `action`, an action (`* NAME text`) to `buf`,
+/// newline included: the bytes [`chat_line`] and [`action_line`] make, for a buffer that holds
+/// several lines (a member's lines that arrived together are encoded into one).
+pub fn put_said_line(buf: &mut BytesMut, name: &str, action: bool, text: &str) {
+    let parts: [&str; 4] = if action {
+        ["* ", name, " ", text]
+    } else {
+        ["", name, ": ", text]
+    };
+    buf.reserve(parts.iter().map(|p| p.len()).sum::<usize>() + 1);
+    for p in parts {
+        buf.put_slice(p.as_bytes());
+    }
+    buf.put_u8(b'\n');
+}
+
 /// `NAME (private): text`, as the recipient sees it.
 pub fn private_line(from: &str, text: &str) -> Bytes {
     frame(&[from, PRIVATE, text])
@@ -653,6 +669,11 @@ mod tests {
     fn encodes_each_shape() {
         assert_eq!(s(&chat_line("alice", "hi")), "alice: hi\n");
         assert_eq!(s(&action_line("alice", "waves")), "* alice waves\n");
+        let mut both = BytesMut::new();
+        put_said_line(&mut both, "alice", false, "hi");
+        put_said_line(&mut both, "alice", true, "waves");
+        let one_by_one = [chat_line("alice", "hi"), action_line("alice", "waves")].concat();
+        assert_eq!(&both[..], &one_by_one[..]);
         assert_eq!(
             s(&server_line(kind::JOIN, "bob joined")),
             "*** JOIN bob joined\n"

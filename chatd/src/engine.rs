@@ -168,6 +168,66 @@ pub enum Event<'a> {
     },
 }
 
+/// Consecutive messages and actions of one member that arrived together (the complete lines of
+/// one read), kept in order until they are appended as consecutive [`Event::Say`] and
+/// [`Event::Act`] events ([`Engine::append_said`]). A single node fans them out as one frame
+/// per recipient instead of one per line: a recipient's queue is then locked, bound-checked and
+/// woken once for the lines of a read, not once for each (docs/performance.md).
+#[derive(Debug, Default)]
+pub struct Said {
+    /// The lines' texts, one after another (sanitised, so none holds a newline).
+    text: String,
+    /// Per line: whether it is an action (`/me`), and where its text ends in `text`.
+    lines: Vec<(bool, usize)>,
+}
+
+impl Said {
+    /// The longest `text` kept between two batches: a member who once sent a long burst does
+    /// not keep its buffer (a usual batch is a few hundred bytes).
+    const KEEP: usize = 4096;
+
+    /// Adds a message (or, with `action`, a `/me` action) after the ones held.
+    pub fn push(&mut self, action: bool, text: &str) {
+        self.text.push_str(text);
+        self.lines.push((action, self.text.len()));
+    }
+
+    /// Lines held.
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    /// Whether no line is held.
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    /// Bytes of text held.
+    pub fn text_len(&self) -> usize {
+        self.text.len()
+    }
+
+    /// The lines held, in order: (whether it is an action, its text).
+    pub fn iter(&self) -> impl Iterator<Item = (bool, &str)> + Clone + '_ {
+        let mut start = 0;
+        self.lines.iter().map(move |&(action, end)| {
+            let text = self.text.get(start..end).unwrap_or_default();
+            start = end;
+            (action, text)
+        })
+    }
+
+    /// Forgets the lines held (they were appended), keeping small buffers for the next ones.
+    pub fn clear(&mut self) {
+        if self.text.capacity() > Self::KEEP {
+            *self = Said::default();
+        } else {
+            self.text.clear();
+            self.lines.clear();
+        }
+    }
+}
+
 /// What delivering one event did on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivered {
@@ -211,6 +271,10 @@ pub trait Deliver {
     /// Delivers one event, in the engine's order, to this node's members: the fan-out half of
     /// every room operation.
     fn deliver(&self, event: Event<'_>) -> Delivered;
+
+    /// Delivers `said`'s lines, all from member `id`, as consecutive messages and actions: what
+    /// delivering each as its own [`Event::Say`] or [`Event::Act`] would do, in one step.
+    fn deliver_said(&self, id: ClientId, said: &Said) -> Delivered;
 
     /// The member of this node `id`, if it is seated: what an engine that publishes its
     /// events needs of it, read from the room rather than kept twice.
@@ -282,6 +346,20 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// room. Returns what delivering it did on this node when that happened at once (an
     /// in-process engine), `None` when it is delivered later.
     fn append(&self, room: &dyn Deliver, event: Event<'_>) -> Option<Delivered>;
+
+    /// Appends `said`'s lines, all from member `id`, as consecutive [`Event::Say`] and
+    /// [`Event::Act`] events (one after the other here; an engine that orders by one lock may
+    /// deliver them together, [`Deliver::deliver_said`]).
+    fn append_said(&self, room: &dyn Deliver, id: ClientId, said: &Said) {
+        for (action, text) in said.iter() {
+            let event = if action {
+                Event::Act { id, text }
+            } else {
+                Event::Say { id, text }
+            };
+            self.append(room, event);
+        }
+    }
 
     /// Connection `holder` of `room` was issued a reclaim token with this digest (an engine
     /// shared by several nodes keeps it beside the holder's name, so another node can check a
@@ -358,6 +436,12 @@ impl Engine for Local {
 
     fn append(&self, room: &dyn Deliver, event: Event<'_>) -> Option<Delivered> {
         Some(room.deliver(event))
+    }
+
+    /// The room lock orders a single node's events, so lines appended together are delivered
+    /// together: consecutive in every member's queue, with nothing between them.
+    fn append_said(&self, room: &dyn Deliver, id: ClientId, said: &Said) {
+        room.deliver_said(id, said);
     }
 }
 

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 
 use crate::engine::{
-    Claim, ClientId, Deliver, Delivered, Engine, Event, Local, Newcomer, Seated, Transport,
+    Claim, ClientId, Deliver, Delivered, Engine, Event, Local, Newcomer, Said, Seated, Transport,
 };
-use crate::outbox::{Close, Outbox};
+use crate::outbox::{COPY_MAX, Close, Outbox};
 use crate::reclaim::Token;
 use chat_proto::names::{Name, NameError};
 use chat_proto::protocol::{self, kind};
@@ -428,6 +428,15 @@ impl Room {
         self.engine.append(self, Event::Say { id, text });
     }
 
+    /// Messages and actions from member `id` that arrived together, in order (each text
+    /// already sanitised): everyone else gets them one after the other, with nothing between.
+    pub fn say_all(&self, id: ClientId, said: &Said) {
+        self.counters
+            .messages
+            .fetch_add(said.len() as u64, Ordering::Relaxed);
+        self.engine.append_said(self, id, said);
+    }
+
     /// An action (`/me`) from member `id`.
     pub fn act(&self, id: ClientId, text: &str) {
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
@@ -597,32 +606,79 @@ impl Room {
         Delivered::Joined { users: st.len() }
     }
 
-    /// A message or action from member `id`, encoded by `encode` from its name.
-    fn post(&self, st: &mut State, id: ClientId, encode: impl FnOnce(&str) -> Bytes) -> Delivered {
+    /// Messages and actions from member `id` (`(is_action, text)`, in order): encoded once,
+    /// one after the other in one buffer, and fanned out in frames of whole lines of at most
+    /// [`COPY_MAX`] bytes, so that a recipient's byte queue copies each (a longer frame is
+    /// queued shared, which costs every recipient a reference-count round trip on it). One
+    /// line is one frame, as it always was; the lines of one read take one push per
+    /// recipient instead of one per line. Each line is kept in the history on its own.
+    fn post<'t>(
+        &self,
+        st: &mut State,
+        id: ClientId,
+        lines: impl Iterator<Item = (bool, &'t str)> + Clone,
+    ) -> Delivered {
         self.send_presence(st);
         // One clock read for both the idle time and the fan-out latency.
         let start = Instant::now();
         // Encoded once; every recipient and the history share these bytes.
-        let frame = if let Some(member) = st.members.get_mut(&id) {
-            member.last_active = start;
-            encode(&member.name.display)
-        } else {
-            st.remote.touch(id);
-            match st.remote.get(id) {
-                Some(m) => encode(m.display),
-                None => return Delivered::NoSuchMember,
+        let all = {
+            let name = if let Some(member) = st.members.get_mut(&id) {
+                member.last_active = start;
+                member.name.display.as_str()
+            } else {
+                st.remote.touch(id);
+                match st.remote.get(id) {
+                    Some(m) => m.display,
+                    None => return Delivered::NoSuchMember,
+                }
+            };
+            let size = lines
+                .clone()
+                .map(|(_, text)| name.len() + text.len() + 4)
+                .sum();
+            let mut buf = BytesMut::with_capacity(size);
+            for (action, text) in lines {
+                protocol::put_said_line(&mut buf, name, action, text);
             }
+            buf.freeze()
         };
-        self.broadcast(st, Some(id), &frame);
+        // Whole lines up to COPY_MAX bytes per frame (a longer line is a frame of its own).
+        let (mut from, mut to, mut count, mut total) = (0, 0, 0u64, 0usize);
+        for end in memchr::memchr_iter(b'\n', &all).map(|i| i + 1) {
+            if count > 0 && end - from > COPY_MAX {
+                self.broadcast_lines(st, Some(id), &all.slice(from..to), count);
+                (from, count) = (to, 0);
+            }
+            (to, count, total) = (end, count + 1, total + 1);
+        }
+        match (from, count) {
+            (_, 0) => {}
+            (0, _) => self.broadcast_lines(st, Some(id), &all, count),
+            _ => self.broadcast_lines(st, Some(id), &all.slice(from..to), count),
+        }
         self.counters.fanout.observe(start.elapsed());
         if st.history_cap > 0 {
-            if st.history.len() == st.history_cap {
-                st.history.pop_front();
+            let at = SystemTime::now();
+            // Only the lines the history keeps are cut out of the buffer.
+            let skip = total.saturating_sub(st.history_cap);
+            let mut remember = |line: Bytes| {
+                if st.history.len() == st.history_cap {
+                    st.history.pop_front();
+                }
+                st.history.push_back(HistoryEntry { at, line });
+            };
+            if total == 1 {
+                remember(all);
+            } else {
+                let mut start = 0;
+                for (k, end) in memchr::memchr_iter(b'\n', &all).map(|i| i + 1).enumerate() {
+                    if k >= skip {
+                        remember(all.slice(start..end));
+                    }
+                    start = end;
+                }
             }
-            st.history.push_back(HistoryEntry {
-                at: SystemTime::now(),
-                line: frame,
-            });
         }
         Delivered::Posted
     }
@@ -708,8 +764,15 @@ impl Room {
             .fetch_add(delivered, Ordering::Relaxed);
     }
 
-    /// Queues `frame` to every member but `except`, and closes the outboxes that overflow.
+    /// Queues the one-line `frame` to every member but `except`, and closes the outboxes that
+    /// overflow.
     fn broadcast(&self, st: &State, except: Option<ClientId>, frame: &Bytes) {
+        self.broadcast_lines(st, except, frame, 1);
+    }
+
+    /// Queues `frame`, which holds `lines` lines, to every member but `except`, and closes the
+    /// outboxes that overflow (a frame is queued whole or not at all).
+    fn broadcast_lines(&self, st: &State, except: Option<ClientId>, frame: &Bytes, lines: u64) {
         let mut delivered = 0;
         for (id, outbox) in &st.fanout {
             if Some(*id) == except {
@@ -719,7 +782,7 @@ impl Room {
             // counts and logs it, ends, and calls `leave`, which announces it. It stays listed
             // until then so names are not freed twice.
             if outbox.push_ref(frame) {
-                delivered += 1;
+                delivered += lines;
             }
         }
         self.counters
@@ -892,6 +955,14 @@ impl Deliver for Room {
         })
     }
 
+    fn deliver_said(&self, id: ClientId, said: &Said) -> Delivered {
+        if said.is_empty() {
+            return Delivered::Posted;
+        }
+        let mut st = self.lock();
+        self.post(&mut st, id, said.iter())
+    }
+
     /// Delivers one event, in the engine's order, to this node's members: the fan-out half of
     /// every room operation. Under the room lock: no I/O, no `.await`.
     fn deliver(&self, event: Event<'_>) -> Delivered {
@@ -907,12 +978,8 @@ impl Deliver for Room {
                     None => Delivered::NoSuchMember,
                 }
             }
-            Event::Say { id, text } => {
-                self.post(&mut st, id, |name| protocol::chat_line(name, text))
-            }
-            Event::Act { id, text } => {
-                self.post(&mut st, id, |name| protocol::action_line(name, text))
-            }
+            Event::Say { id, text } => self.post(&mut st, id, std::iter::once((false, text))),
+            Event::Act { id, text } => self.post(&mut st, id, std::iter::once((true, text))),
             Event::Private { from, to, text } => {
                 self.send_presence(&mut st);
                 let Some((sender, _)) = st.member(from) else {
@@ -1193,6 +1260,85 @@ mod tests {
         }
         assert_eq!(slow.closed(), Some(Close::Overflow));
         assert_eq!(drained(&c).len(), 20);
+    }
+
+    #[test]
+    fn lines_said_together_go_out_in_frames_of_whole_lines_and_each_is_remembered() {
+        let room = Room::new(3);
+        let (a, b, c) = (
+            Arc::new(Outbox::new(1 << 16)),
+            Arc::new(Outbox::new(1 << 16)),
+            Arc::new(Outbox::new(1 << 16)),
+        );
+        c.copy_small_frames();
+        for (id, who, o) in [(1, "alice", &a), (2, "bob", &b), (3, "carol", &c)] {
+            assert!(now(room.join(newcomer(id, name(who), o.clone()))).is_ok());
+        }
+        drained(&a);
+        drained(&b);
+        drained(&c);
+        let before = room.counters.deliveries.load(Ordering::Relaxed);
+        let long = "y".repeat(COPY_MAX);
+        let mut said = Said::default();
+        let mut want = Vec::new();
+        for k in 0..12 {
+            let text = format!("line {k} of a burst, long enough to fill a frame in ten");
+            let action = k == 4;
+            said.push(action, &text);
+            want.push(if action {
+                format!("* alice {text}")
+            } else {
+                format!("alice: {text}")
+            });
+            if k == 7 {
+                said.push(false, &long);
+                want.push(format!("alice: {long}"));
+            }
+        }
+        room.say_all(1, &said);
+
+        // One line after the other, as if said one by one, in frames of whole lines of at
+        // most COPY_MAX bytes (a longer line alone): fewer frames than lines.
+        let mut frames = VecDeque::new();
+        b.drain_into(&mut frames);
+        let joined: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        let one_by_one: String = want.iter().map(|l| format!("{l}\n")).collect();
+        assert_eq!(String::from_utf8_lossy(&joined), one_by_one);
+        assert!(frames.len() < want.len() / 2, "{} frames", frames.len());
+        for f in &frames {
+            assert!(f.ends_with(b"\n"));
+            let lines = f.iter().filter(|&&b| b == b'\n').count();
+            assert!(
+                f.len() <= COPY_MAX || lines == 1,
+                "{} bytes, {lines} lines",
+                f.len()
+            );
+        }
+        // A copying outbox gets the same lines; the sender none.
+        assert_eq!(lines(&c), want);
+        assert!(drained(&a).is_empty());
+        assert_eq!(
+            room.counters.deliveries.load(Ordering::Relaxed) - before,
+            2 * want.len() as u64
+        );
+        // The history keeps the last lines, each on its own.
+        let d = Arc::new(Outbox::new(1 << 16));
+        assert!(now(room.join(newcomer(4, name("dave"), d.clone()))).is_ok());
+        let history: Vec<String> = lines(&d)
+            .into_iter()
+            .filter_map(|l| {
+                Some(
+                    l.strip_prefix("*** HISTORY ")?
+                        .split_once(' ')?
+                        .1
+                        .to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(history, want[want.len() - 3..]);
+        // Nothing said, nothing sent.
+        room.say_all(1, &Said::default());
+        assert!(drained(&b).iter().all(|l| l.starts_with("*** JOIN dave")));
     }
 
     /// Every line of every queued frame (a join-storm frame holds several).

@@ -32,7 +32,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
-use crate::engine::{ClientId, Newcomer, Transport};
+use crate::engine::{ClientId, Newcomer, Said, Transport};
 use crate::limits::FloodWindow;
 use crate::outbox::{Close, Outbox};
 use crate::room::RoomError;
@@ -92,7 +92,15 @@ pub struct Conversation {
     waiting: Mutex<Option<Waiting>>,
     /// Whether `waiting` holds a step (read without the lock on every turn of the driver).
     is_waiting: bool,
+    /// Chat lines handled but not yet given to the room: consecutive messages and actions of
+    /// one batch of frames ([`handle_frames`](Self::handle_frames)), given to the room together
+    /// before anything else happens. Empty whenever a public method returns.
+    said: Said,
 }
+
+/// Text held in [`Conversation::said`] past which it goes to the room without waiting for the
+/// end of the batch: about what one read brings.
+const SAID_FLUSH: usize = 4096;
 
 impl Conversation {
     /// A new conversation with the client at `peer`, reached over `transport`; its outbox is
@@ -119,6 +127,7 @@ impl Conversation {
             flood: FloodWindow::new(std::time::Instant::now()),
             waiting: Mutex::new(None),
             is_waiting: false,
+            said: Said::default(),
         }
     }
 
@@ -346,6 +355,34 @@ impl Conversation {
     /// Handles one frame from the client: a name attempt while naming, then chat lines and
     /// commands. Everything it answers goes to the outbox.
     pub fn handle_frame(&mut self, frame: Frame) {
+        self.take_frame(frame);
+        self.flush_said();
+    }
+
+    /// Handles the frames `next` gives, in order, like [`handle_frame`](Self::handle_frame),
+    /// until it gives none, the outbox closes or a step waits (the frames not taken stay with
+    /// the driver). Consecutive chat lines among them reach the room together: one fan-out,
+    /// in which every other member gets them one after the other, as if sent one by one.
+    pub fn handle_frames(&mut self, mut next: impl FnMut() -> Option<Frame>) {
+        while let Some(frame) = next() {
+            self.take_frame(frame);
+            if self.is_waiting || self.outbox.closed().is_some() {
+                break;
+            }
+        }
+        self.flush_said();
+    }
+
+    /// Gives the chat lines held to the room.
+    fn flush_said(&mut self) {
+        if !self.said.is_empty() {
+            self.shared.room.say_all(self.id, &self.said);
+            self.said.clear();
+        }
+    }
+
+    /// [`handle_frame`](Self::handle_frame) without giving the chat lines to the room yet.
+    fn take_frame(&mut self, frame: Frame) {
         if self.is_waiting {
             // A driver holds lines back while a step waits (the module's documentation); one
             // handed over anyway cannot be answered in order.
@@ -471,6 +508,8 @@ impl Conversation {
     /// Ends the session on the server's side: `last` is the client's final line, and the room
     /// is told at once rather than when the socket is finally closed.
     fn leave_now(&mut self, reason: &'static str, last: Bytes) {
+        // Lines taken before the one that ends the session are said before the leave.
+        self.flush_said();
         self.leave_reason = reason;
         self.outbox.close_with(Some(last), Close::Quit);
         if let Some(name) = self.shared.room.leave(self.id, reason) {
@@ -479,15 +518,28 @@ impl Conversation {
     }
 
     fn chat(&mut self, line: &str) {
+        let input = command::parse(line);
+        match input {
+            Input::Say(text) | Input::Me(text) => {
+                let action = matches!(input, Input::Me(_));
+                self.said.push(action, &protocol::sanitize(text));
+                if self.said.text_len() >= SAID_FLUSH {
+                    self.flush_said();
+                }
+                return;
+            }
+            Input::Blank => return,
+            // Anything else happens after the lines before it reached the room: a private
+            // message, a rename or a quit is never seen before them.
+            _ => self.flush_said(),
+        }
         let room = &self.shared.room;
-        match command::parse(line) {
+        match input {
             Input::Token => {
                 let (shared, id) = (self.shared.clone(), self.id);
                 self.start(async move { Outcome::Token(shared.room.token_line(id).await) });
             }
-            Input::Blank => {}
-            Input::Say(text) => room.say(self.id, &protocol::sanitize(text)),
-            Input::Me(text) => room.act(self.id, &protocol::sanitize(text)),
+            Input::Blank | Input::Say(_) | Input::Me(_) => {} // Taken above.
             Input::Quit => self.quit(),
             Input::Who => {
                 let names = room.names();

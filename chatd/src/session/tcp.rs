@@ -282,11 +282,11 @@ impl Session {
                         self.talk.unexpected_proxy_header("server");
                         return Ok(false);
                     }
-                    while let Some(frame) = self.decoder.next_frame() {
-                        self.talk.handle_frame(frame);
-                        if self.talk.outbox().closed().is_some() || self.talk.is_waiting() {
-                            return Ok(true);
-                        }
+                    // The read's complete lines, its chat lines given to the room together.
+                    let decoder = &mut self.decoder;
+                    self.talk.handle_frames(|| decoder.next_frame());
+                    if self.talk.outbox().closed().is_some() || self.talk.is_waiting() {
+                        return Ok(true);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -299,12 +299,11 @@ impl Session {
 
     /// Hands over the complete lines read while a step waited, until the next one waits.
     fn handle_held(&mut self) {
-        while !self.talk.is_waiting() && self.talk.outbox().closed().is_none() {
-            let Some(frame) = self.decoder.next_frame() else {
-                break;
-            };
-            self.talk.handle_frame(frame);
+        if self.talk.is_waiting() || self.talk.outbox().closed().is_some() {
+            return;
         }
+        let decoder = &mut self.decoder;
+        self.talk.handle_frames(|| decoder.next_frame());
     }
 
     /// Ends a connection we chose to close (quit, kick, shutdown) politely. Closing a socket
