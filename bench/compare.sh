@@ -9,8 +9,10 @@
 #   cargo build --release --bin chatd --bin chat-bench --bin chat-reference
 #   bench/compare.sh OUT.jsonl [PAIRS] [CASE...]
 #
-# CASE is one of: fanout100 fanout1000 fanout10000 latency idle19000 (default: all, in that
-# order). PAIRS defaults to 5. Builds nothing: the binaries are taken from
+# CASE is one of: fanout100 fanout1000 fanout10000 latency idle19000 single1000 (default: all,
+# in that order). single1000 is fanout1000 with at most 5 messages in flight, so that a sender's
+# read holds about one line: what a line costs fanned out alone (chatd gives the lines of one
+# read to the room together, which the other fan-out cases profit from). PAIRS defaults to 5. Builds nothing: the binaries are taken from
 # ${CARGO_TARGET_DIR:-target}/release. LABEL=TEXT is put at the start of every run's label.
 # BASELINE=PATH adds a third server to every round, another chatd binary (e.g. the build before a
 # change, copied aside), run as server=base between the reference and chatd on the same config;
@@ -26,7 +28,7 @@ out=${1:?usage: bench/compare.sh OUT.jsonl [PAIRS] [CASE...]}
 pairs=${2:-5}
 shift $(($# < 2 ? $# : 2))
 cases=("$@")
-[ ${#cases[@]} -eq 0 ] && cases=(fanout100 fanout1000 fanout10000 latency idle19000)
+[ ${#cases[@]} -eq 0 ] && cases=(fanout100 fanout1000 fanout10000 latency idle19000 single1000)
 bin=${CARGO_TARGET_DIR:-target}/release
 for b in chatd chat-bench chat-reference; do
     [ -x "$bin/$b" ] || { echo "no $bin/$b: cargo build --release --bin $b first" >&2; exit 2; }
@@ -71,6 +73,7 @@ args_for() {
     # Seating 10,000 clients delivers 50 million join lines before the 10 s of sending start.
     fanout10000) echo "fanout -c 10000 -s 2 -d 10 --timeout 300" ;;
     latency) echo "fanout -c 100 -s 10 --rate 100 -d 10" ;;
+    single1000) echo "fanout -c 1000 -s 5 -d 10 --window 5" ;;
     idle19000) echo "idle -c 19000 --join-rate 1000 --timeout 600" ;;
     *) echo "unknown case $1" >&2; exit 2 ;;
     esac

@@ -276,7 +276,7 @@ pub struct ActivityStats {
     pub queued_bytes: u64,
     /// Bytes queued in the fullest outbox now.
     pub max_queued_bytes: u64,
-    /// Room messages whose fan-out was timed.
+    /// Fan-outs timed: one per room message, or per batch of chat lines one read brought.
     pub fanout_count: u64,
     /// Total time those fan-outs took, in microseconds.
     pub fanout_micros: u64,

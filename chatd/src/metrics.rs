@@ -198,7 +198,7 @@ impl Collector for Numbers {
         let count = buckets.iter().map(|(_, n)| n).sum();
         e.encode_descriptor(
             "chatd_fanout_duration_seconds",
-            "Time to push one room message to every member's queue, per message.",
+            "Time to push one room message (or the chat lines of one read of a member, sent together) to every member's queue, per fan-out.",
             None,
             MetricType::Histogram,
         )?
