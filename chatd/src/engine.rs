@@ -182,9 +182,11 @@ pub struct Said {
 }
 
 impl Said {
-    /// The longest `text` kept between two batches: a member who once sent a long burst does
-    /// not keep its buffer (a usual batch is a few hundred bytes).
+    /// The longest `text`, and the most line entries, kept between two batches: a member who
+    /// once sent a long burst (or thousands of one-letter lines) does not keep its buffers; a
+    /// usual batch is a few lines, a few hundred bytes.
     const KEEP: usize = 4096;
+    const KEEP_LINES: usize = 64;
 
     /// Adds a message (or, with `action`, a `/me` action) after the ones held.
     pub fn push(&mut self, action: bool, text: &str) {
@@ -219,7 +221,7 @@ impl Said {
 
     /// Forgets the lines held (they were appended), keeping small buffers for the next ones.
     pub fn clear(&mut self) {
-        if self.text.capacity() > Self::KEEP {
+        if self.text.capacity() > Self::KEEP || self.lines.capacity() > Self::KEEP_LINES {
             *self = Said::default();
         } else {
             self.text.clear();
@@ -448,6 +450,34 @@ impl Engine for Local {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn said_gives_its_lines_back_in_order_and_keeps_only_small_buffers() {
+        let mut said = Said::default();
+        said.push(false, "hi");
+        said.push(true, "waves");
+        said.push(false, "");
+        said.push(false, "bye");
+        let lines: Vec<_> = said.iter().collect();
+        assert_eq!(
+            lines,
+            [(false, "hi"), (true, "waves"), (false, ""), (false, "bye")]
+        );
+        assert_eq!((said.len(), said.text_len()), (4, 10));
+        said.clear();
+        assert!(said.is_empty() && said.iter().next().is_none());
+        // A usual batch's buffers are kept for the next one...
+        assert!(said.text.capacity() > 0 && said.lines.capacity() > 0);
+        // ...a burst's are not, however it grew them.
+        for _ in 0..1000 {
+            said.push(false, "x");
+        }
+        said.clear();
+        assert_eq!((said.text.capacity(), said.lines.capacity()), (0, 0));
+        said.push(false, &"y".repeat(5000));
+        said.clear();
+        assert_eq!(said.text.capacity(), 0);
+    }
 
     #[test]
     fn a_name_has_one_holder_until_released_or_handed_over() {

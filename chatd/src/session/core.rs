@@ -20,6 +20,11 @@
 //!    future loses nothing) and gives what it yields to [`resume`](Conversation::resume);
 //! 3. then hands over the complete lines it already holds before reading more.
 //!
+//! A driver with several complete lines at once (one read's) hands them over with
+//! [`handle_frames`](Conversation::handle_frames), so that their chat lines reach the room
+//! together (one push per recipient for a frame of them, not one per line); one at a time,
+//! [`handle_frame`](Conversation::handle_frame) does the same for a single line.
+//!
 //! A conversation dropped while it waits finishes the step on its own (a spawned task) and then
 //! leaves the room, so a claim in flight never leaves a name or member behind.
 
