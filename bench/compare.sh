@@ -12,8 +12,8 @@
 # CASE is one of: fanout100 fanout1000 fanout10000 latency idle19000 single1000 (default: all,
 # in that order). single1000 is fanout1000 with at most 5 messages in flight, so that a sender's
 # read holds about one line: what a line costs fanned out alone (chatd gives the lines of one
-# read to the room together, which the other fan-out cases profit from). PAIRS defaults to 5. Builds nothing: the binaries are taken from
-# ${CARGO_TARGET_DIR:-target}/release. LABEL=TEXT is put at the start of every run's label.
+# read to the room together, which the other fan-out cases profit from). PAIRS defaults to 5.
+# Builds nothing: the binaries are taken from ${CARGO_TARGET_DIR:-target}/release. LABEL=TEXT is put at the start of every run's label.
 # BASELINE=PATH adds a third server to every round, another chatd binary (e.g. the build before a
 # change, copied aside), run as server=base between the reference and chatd on the same config;
 # bench/ratios.py then prints its ratios too, so before and after are measured in one run.
@@ -22,7 +22,12 @@
 # so it never meets another chatd on this machine. PORT=A-B picks, for every run, a port of that
 # range that no socket uses at that moment: ports above 32767 are also the kernel's ephemeral
 # ports, and another program's client connection can hold a fixed one just when a server
-# should bind it. Run from the repository root.
+# should bind it; so take a range below them, e.g. PORT=20000-29999 (with 48000-48999, one chatd
+# of a 90-run comparison had exited before its load began, connection refused; its log went
+# with the scratch directory, and a port taken in between is the likely cause). A server that
+# exits on its own is now reported with its status, its log kept beside OUT, and the other runs
+# go on.
+# Run from the repository root.
 set -euo pipefail
 out=${1:?usage: bench/compare.sh OUT.jsonl [PAIRS] [CASE...]}
 pairs=${2:-5}
@@ -110,11 +115,29 @@ run_one() {
         ;;
     esac
     local label="$prefix build=$build server=$server case=$case pair=$pair load=$(cut -d' ' -f1 /proc/loadavg)"
+    if ! kill -0 "$server_pid" 2>/dev/null; then
+        server_gone "$server" "$case" "$pair" "before the load (this run is skipped)"
+        return
+    fi
     # shellcheck disable=SC2086
     "$bin/chat-bench" $args --addr "127.0.0.1:$port" --pid "$server_pid" --label "$label" >>"$out" \
         || echo "$server $case pair $pair: chat-bench exited $?" >&2
-    kill "$server_pid"
-    wait "$server_pid" || true
+    if kill "$server_pid" 2>/dev/null; then
+        wait "$server_pid" || true
+    else
+        server_gone "$server" "$case" "$pair" "during the load"
+    fi
+    server_pid=
+}
+
+# server_gone SERVER CASE PAIR WHEN: the server exited on its own; says how, and keeps its log
+# beside OUT (the scratch directory goes at the end), so that one bad run does not end the rest.
+server_gone() {
+    local status=0 keep=${out%.jsonl}.$1-$2-$3.log
+    wait "$server_pid" || status=$?
+    cp "$scratch/$1.log" "$keep" 2>/dev/null || true
+    echo "$1 $2 pair $3: the server exited (status $status) $4; its log: $keep" >&2
+    tail -n 5 "$keep" >&2 2>/dev/null || true
     server_pid=
 }
 
