@@ -1,7 +1,8 @@
 //! The chatroom: who is in it, their names, recent history, and fan-out.
 //!
-//! This is the room's whole interface: events come in as method calls (`join`, `say`, `leave`,
-//! `kick`, ...) and every effect goes out as encoded frames pushed into members' [`Outbox`]es.
+//! This is the room's whole interface: events come in as method calls (`join`, `say_all`,
+//! `leave`, `kick`, ...) and every effect goes out as encoded frames pushed into members'
+//! [`Outbox`]es.
 //! The room never touches a socket, so a message bus or another protocol can drive it or listen
 //! to it by being one more caller or one more outbox.
 //!
@@ -422,7 +423,9 @@ impl Room {
         }
     }
 
-    /// A message from member `id` to everyone else; `text` must already be sanitised.
+    /// A message from member `id` to everyone else; `text` must already be sanitised. (The
+    /// daemon's sessions say through [`Room::say_all`]; this is the one-line event, for tests.)
+    #[cfg(test)]
     pub fn say(&self, id: ClientId, text: &str) {
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
         self.engine.append(self, Event::Say { id, text });
@@ -437,7 +440,8 @@ impl Room {
         self.engine.append_said(self, id, said);
     }
 
-    /// An action (`/me`) from member `id`.
+    /// An action (`/me`) from member `id` (for tests, as [`Room::say`]).
+    #[cfg(test)]
     pub fn act(&self, id: ClientId, text: &str) {
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
         self.engine.append(self, Event::Act { id, text });
