@@ -1336,19 +1336,31 @@ fn lose_a_leading_server(base: &str, victim: Victim) {
             d.log()
         );
     }
-    for ((who, d), reader) in [("ra", &ds[0]), ("rb", &ds[1])].into_iter().zip(readers) {
-        let (_, lines) = reader.join().expect("reader");
+    let results: Vec<_> = readers
+        .into_iter()
+        .map(|r| r.join().expect("reader").1)
+        .collect();
+    // Both readers' counts first: lines missing on both nodes were not stored (the sender's
+    // node did not publish them), on one node only they were not delivered there.
+    let counts: Vec<String> = ["ra", "rb"]
+        .iter()
+        .zip(&results)
+        .map(|(who, lines)| format!("{who} got {} of {}", lines.len(), want.len()))
+        .collect();
+    for ((who, d), lines) in [("ra", &ds[0]), ("rb", &ds[1])].into_iter().zip(&results) {
         let seen: Vec<&String> = lines.iter().map(|(_, l)| l).collect();
         if seen != want.iter().collect::<Vec<_>>() {
             let missing: Vec<&String> = want.iter().filter(|l| !seen.contains(l)).collect();
             let twice: Vec<&&String> = seen.iter().filter(|l| count_in(&seen, l) > 1).collect();
             panic!(
                 "{who}: {} lines of {}; missing {missing:?}; more than once {twice:?}; \
-                 last {:?}\n{}",
+                 last {:?} ({})\n--- node a:\n{}\n--- node b:\n{}",
                 seen.len(),
                 want.len(),
                 seen.last(),
-                d.log()
+                counts.join(", "),
+                ds[0].log(),
+                ds[1].log()
             );
         }
         // The first line to arrive once the stream takes writes again.
