@@ -23,7 +23,8 @@
 //! * a pull whose heartbeat stops (its consumer's leader died with it) or that no leader takes
 //!   is issued again on the same consumer ("resuming the pull"), so the consumer delivers as
 //!   soon as its new leader is elected;
-//! * whenever the consumer has been quiet for `watchdog_idle`, the stream's messages after the
+//! * whenever the consumer has been quiet for `watchdog_idle` (nothing delivered; errors the
+//!   pull recovers from by itself do not count), the stream's messages after the
 //!   last applied one are read directly by sequence, which any replica answers without a
 //!   leader ("resuming from the stream directly"); a consumer-sequence gap (deliveries lost
 //!   with a dying server) is filled the same way;
@@ -1076,8 +1077,13 @@ impl Follower {
                     Ok(m) => m,
                     Err(e) => break 'pulls Restart::Error(format!("messages(): {e}")),
                 };
+                // The next idle round is due `idle` after the last delivery or round, whatever
+                // the pull reports meanwhile: errors it recovers from by itself (`continue`
+                // below) must not put the round off, or a pull that kept reporting them would
+                // never let this node read the stream directly, and its room would stop.
+                let mut quiet_until = tokio::time::Instant::now() + idle;
                 let why = loop {
-                    let m = match tokio::time::timeout(idle, msgs.next()).await {
+                    let m = match tokio::time::timeout_at(quiet_until, msgs.next()).await {
                         Ok(Some(Ok(m))) => m,
                         Ok(Some(Err(e))) => {
                             use consumer::pull::MessagesErrorKind as K;
@@ -1112,9 +1118,11 @@ impl Follower {
                             if self.idle_round(&name, &mut behind).await? {
                                 break Restart::Watchdog;
                             }
+                            quiet_until = tokio::time::Instant::now() + idle;
                             continue;
                         }
                     };
+                    quiet_until = tokio::time::Instant::now() + idle;
                     behind = 0;
                     resumes = 0;
                     let (sseq, cseq) = match m.info() {
