@@ -365,17 +365,22 @@ impl Conversation {
     }
 
     /// Handles the frames `next` gives, in order, like [`handle_frame`](Self::handle_frame),
-    /// until it gives none, the outbox closes or a step waits (the frames not taken stay with
-    /// the driver). Consecutive chat lines among them reach the room together: one fan-out,
-    /// in which every other member gets them one after the other, as if sent one by one.
-    pub fn handle_frames(&mut self, mut next: impl FnMut() -> Option<Frame>) {
-        while let Some(frame) = next() {
-            self.take_frame(frame);
+    /// until it gives none, the outbox closes or a step waits; returns `true` in the last two
+    /// cases, when the driver must stop handing frames over (those not taken stay with it).
+    /// Consecutive chat lines among them reach the room together: one fan-out, in which every
+    /// other member gets them one after the other, as if sent one by one.
+    pub fn handle_frames(&mut self, mut next: impl FnMut() -> Option<Frame>) -> bool {
+        let stopped = loop {
             if self.is_waiting || self.outbox.closed().is_some() {
-                break;
+                break true;
             }
-        }
+            let Some(frame) = next() else {
+                break false;
+            };
+            self.take_frame(frame);
+        };
         self.flush_said();
+        stopped
     }
 
     /// Gives the chat lines held to the room.

@@ -257,13 +257,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamSession<S> {
             .max_line_length
             .get();
         self.wire.decoder.set_max_len(max);
-        if self.talk.outbox().closed().is_some() || self.talk.is_waiting() {
-            return;
-        }
         // The complete lines, their chat lines given to the room together.
         let decoder = &mut self.wire.decoder;
-        self.talk.handle_frames(|| decoder.next_frame());
-        if self.talk.outbox().closed().is_some() || self.talk.is_waiting() {
+        if self.talk.handle_frames(|| decoder.next_frame()) {
             return;
         }
         self.wire.decoder.shrink_if_idle();

@@ -284,8 +284,7 @@ impl Session {
                     }
                     // The read's complete lines, its chat lines given to the room together.
                     let decoder = &mut self.decoder;
-                    self.talk.handle_frames(|| decoder.next_frame());
-                    if self.talk.outbox().closed().is_some() || self.talk.is_waiting() {
+                    if self.talk.handle_frames(|| decoder.next_frame()) {
                         return Ok(true);
                     }
                 }
@@ -299,9 +298,6 @@ impl Session {
 
     /// Hands over the complete lines read while a step waited, until the next one waits.
     fn handle_held(&mut self) {
-        if self.talk.is_waiting() || self.talk.outbox().closed().is_some() {
-            return;
-        }
         let decoder = &mut self.decoder;
         self.talk.handle_frames(|| decoder.next_frame());
     }

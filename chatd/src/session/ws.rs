@@ -663,26 +663,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
     /// Hands the lines of the held message to the conversation, until one starts a step that
     /// waits or closes the outbox. One line per message; a message with newlines in it is
     /// taken as the lines a TCP client sending the same text would have sent (a trailing
-    /// newline ends the last line, it does not add an empty one).
+    /// newline ends the last line, it does not add an empty one), its chat lines given to the
+    /// room together as a TCP read's are.
     fn handle_held(&mut self) {
-        while !self.talk.is_waiting() && self.talk.outbox().closed().is_none() {
-            let Some(mut rest) = self.held.take() else {
-                break;
-            };
+        let held = &mut self.held;
+        self.talk.handle_frames(|| {
+            let mut rest = held.take()?;
             let line = match rest.iter().position(|&b| b == b'\n') {
                 Some(i) => {
                     let line = rest.split_to(i);
                     rest.advance(1);
                     if !rest.is_empty() {
-                        self.held = Some(rest);
+                        *held = Some(rest);
                     }
                     line
                 }
                 None => rest,
             };
             let line = line.strip_suffix(b"\r").unwrap_or(&line);
-            self.talk.handle_frame(Line::Line(BytesMut::from(line)));
-        }
+            Some(Line::Line(BytesMut::from(line)))
+        });
     }
 
     /// A message longer than `limits.max-line-length`: refused with 1009.
