@@ -231,8 +231,9 @@ impl Conversation {
         matches!(self.phase, Phase::Naming)
     }
 
-    /// The first line a client gets.
-    pub fn greet(&self) {
+    /// The first line a client gets; returns when it must have chosen a name by
+    /// (`limits.name-timeout` from now).
+    pub fn greet(&self) -> std::time::Instant {
         self.reply(protocol::server_line(
             kind::HELLO,
             &format!(
@@ -240,6 +241,7 @@ impl Conversation {
                 env!("CARGO_PKG_VERSION")
             ),
         ));
+        std::time::Instant::now() + self.shared.live.load().config.limits.name_timeout
     }
 
     /// The naming deadline passed without a name.

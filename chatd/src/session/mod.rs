@@ -15,6 +15,8 @@ use tokio::time::{Instant, sleep_until};
 
 use chat_proto::codec::LineDecoder;
 
+use crate::outbox::Close;
+
 pub use self::core::Conversation;
 pub use self::stream::StreamSession;
 pub use self::tcp::Session;
@@ -40,6 +42,27 @@ const KEEP_QUEUE: usize = 8;
 const KEEP_BYTES: usize = 4096;
 /// Bytes read per wake-up.
 const READ_CHUNK: usize = 4096;
+
+/// What a driver does with its outbox's close, at the top of every turn: an overflow ends the
+/// session at once (`true`; the conversation counts and logs it), any other close starts the
+/// flush deadline ([`CLOSE_FLUSH_TIMEOUT`]) the first time it is seen.
+fn on_close(
+    closed: Option<&Close>,
+    talk: &mut Conversation,
+    deadline: &mut Option<Instant>,
+) -> bool {
+    match closed {
+        Some(Close::Overflow) => {
+            talk.overflowed();
+            true
+        }
+        Some(_) => {
+            deadline.get_or_insert_with(|| Instant::now() + CLOSE_FLUSH_TIMEOUT);
+            false
+        }
+        None => false,
+    }
+}
 
 /// Which deadline a session's one timer is set for.
 #[derive(Debug, Clone, Copy)]

@@ -25,13 +25,12 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
-use super::{CLOSE_FLUSH_TIMEOUT, KEEP_QUEUE, LINGER, MAX_IOVECS, READ_CHUNK, Timer, sleep_opt};
+use super::{KEEP_QUEUE, LINGER, MAX_IOVECS, READ_CHUNK, Timer, on_close, sleep_opt};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::core::Conversation;
 use crate::engine::Transport;
-use crate::outbox::Close;
 use crate::shared::Shared;
 use chat_proto::codec::LineDecoder;
 
@@ -160,9 +159,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamSession<S> {
     )]
     pub fn run(mut self, shutdown: CancellationToken) -> impl Future<Output = ()> {
         async move {
-            self.talk.greet();
-            let name_deadline =
-                Instant::now() + self.talk.shared().live.load().config.limits.name_timeout;
+            let name_deadline: Instant = self.talk.greet().into();
             let mut close_deadline: Option<Instant> = None;
             // This session's own token (why: see `tcp.rs`).
             let shutdown = shutdown.child_token();
@@ -177,15 +174,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamSession<S> {
                     } else {
                         self.talk.outbox().closed()
                     };
-                    match closed {
-                        Some(Close::Overflow) => {
-                            self.talk.overflowed();
-                            return Ok(());
-                        }
-                        Some(_) if close_deadline.is_none() => {
-                            close_deadline = Some(Instant::now() + CLOSE_FLUSH_TIMEOUT);
-                        }
-                        _ => {}
+                    if on_close(closed.as_ref(), &mut self.talk, &mut close_deadline) {
+                        return Ok(());
                     }
                     if close_deadline.is_some() && self.wire.idle() {
                         // Closing: end once the last frames still in the outbox are written too.

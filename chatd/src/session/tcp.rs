@@ -15,13 +15,13 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep, sleep_until};
 
-use super::{CLOSE_FLUSH_TIMEOUT, KEEP_BYTES, KEEP_QUEUE, LINGER, MAX_IOVECS, READ_CHUNK, Timer};
+use super::{KEEP_BYTES, KEEP_QUEUE, LINGER, MAX_IOVECS, READ_CHUNK, Timer, on_close};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::core::Conversation;
 use crate::engine::Transport;
-use crate::outbox::{ByteQueue, Close};
+use crate::outbox::ByteQueue;
 use crate::shared::Shared;
 use chat_proto::codec::LineDecoder;
 
@@ -98,9 +98,7 @@ impl Session {
 
     /// The session's loop, until the connection ends (an error is logged here).
     async fn drive(&mut self, shutdown: CancellationToken) {
-        self.talk.greet();
-        let name_deadline =
-            Instant::now() + self.talk.shared().live.load().config.limits.name_timeout;
+        let name_deadline: Instant = self.talk.greet().into();
         let mut close_deadline: Option<Instant> = None;
         // This session's own token, waited on by one future for the whole session. Polling
         // the server-wide token takes that token's locks, shared by every session on both
@@ -132,15 +130,8 @@ impl Session {
                 } else {
                     self.talk.outbox().closed()
                 };
-                match closed {
-                    Some(Close::Overflow) => {
-                        self.talk.overflowed();
-                        return Ok(());
-                    }
-                    Some(_) if close_deadline.is_none() => {
-                        close_deadline = Some(Instant::now() + CLOSE_FLUSH_TIMEOUT);
-                    }
-                    _ => {}
+                if on_close(closed.as_ref(), &mut self.talk, &mut close_deadline) {
+                    return Ok(());
                 }
                 self.write_pending()?;
                 if close_deadline.is_some() && self.pending.is_empty() {

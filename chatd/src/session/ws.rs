@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::core::Conversation;
-use super::{CLOSE_FLUSH_TIMEOUT, KEEP_QUEUE, LINGER, sleep_opt};
+use super::{CLOSE_FLUSH_TIMEOUT, KEEP_QUEUE, LINGER, on_close, sleep_opt};
 use crate::engine::Transport;
 use crate::outbox::Close;
 use crate::shared::{LimitCounters, Shared};
@@ -475,9 +475,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
 
     /// Runs the session to its end. Never panics on peer input; I/O errors end the session.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        self.talk.greet();
-        let name_deadline =
-            Instant::now() + self.talk.shared().live.load().config.limits.name_timeout;
+        let name_deadline: Instant = self.talk.greet().into();
         let mut close_deadline: Option<Instant> = None;
         // This session's own token (why: see `tcp.rs`).
         let shutdown = shutdown.child_token();
@@ -492,15 +490,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSession<S> {
                 self.talk.outbox().closed()
             };
             self.count_sent();
-            match closed {
-                Some(Close::Overflow) => {
-                    self.talk.overflowed();
-                    break End::Close(close_code::TOO_SLOW, "too slow: send queue full".into());
-                }
-                Some(_) if close_deadline.is_none() => {
-                    close_deadline = Some(Instant::now() + CLOSE_FLUSH_TIMEOUT);
-                }
-                _ => {}
+            if on_close(closed.as_ref(), &mut self.talk, &mut close_deadline) {
+                break End::Close(close_code::TOO_SLOW, "too slow: send queue full".into());
             }
             if let Some(reason) = &closed
                 && self.wire.idle()
