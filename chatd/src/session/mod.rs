@@ -117,3 +117,27 @@ async fn sleep_opt(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+/// A TCP connection accepted on an ephemeral loopback port: (the accepted side, its peer
+/// address, the client side to keep open), for tests that build a session over it.
+#[cfg(test)]
+pub(crate) async fn accepted_tcp() -> (
+    tokio::net::TcpStream,
+    std::net::SocketAddr,
+    tokio::net::TcpStream,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("address: {e}"));
+    let client = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    let (stream, peer) = listener
+        .accept()
+        .await
+        .unwrap_or_else(|e| panic!("accept: {e}"));
+    (stream, peer, client)
+}

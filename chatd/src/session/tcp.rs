@@ -365,37 +365,19 @@ mod sizes {
     /// guard against making it large again (a buffer, a timer or an awaited call kept across
     /// the session's wait; see `Session::run`). About 2.3 KB before this guard, with the
     /// wrapper that spawned it 2.7 KB.
-    #[test]
-    fn idle_session_task_is_small() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap_or_else(|e| panic!("runtime: {e}"));
-        runtime.block_on(async {
-            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-            let shared = Arc::new(Shared::for_test(dir.path(), Config::default()));
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .unwrap_or_else(|e| panic!("bind: {e}"));
-            let addr = listener
-                .local_addr()
-                .unwrap_or_else(|e| panic!("address: {e}"));
-            let _client = TcpStream::connect(addr)
-                .await
-                .unwrap_or_else(|e| panic!("connect: {e}"));
-            let (stream, peer) = listener
-                .accept()
-                .await
-                .unwrap_or_else(|e| panic!("accept: {e}"));
-            let session = Session::new(stream, peer, shared);
-            let held = [0u64; 5]; // the size of what the listener hands over (`OpenTcp`)
-            let task = session.run(CancellationToken::new(), held);
-            let size = std::mem::size_of_val(&task);
-            eprintln!(
-                "session {} B, its task's future {size} B",
-                std::mem::size_of::<Session>()
-            );
-            assert!(size <= 1024, "the TCP session's future is {size} bytes");
-        });
+    #[tokio::test]
+    async fn idle_session_task_is_small() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let shared = Arc::new(Shared::for_test(dir.path(), Config::default()));
+        let (stream, peer, _client) = crate::session::accepted_tcp().await;
+        let session = Session::new(stream, peer, shared);
+        let held = [0u64; 5]; // the size of what the listener hands over (`OpenTcp`)
+        let task = session.run(CancellationToken::new(), held);
+        let size = std::mem::size_of_val(&task);
+        eprintln!(
+            "session {} B, its task's future {size} B",
+            std::mem::size_of::<Session>()
+        );
+        assert!(size <= 1024, "the TCP session's future is {size} bytes");
     }
 }

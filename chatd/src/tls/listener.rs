@@ -188,60 +188,47 @@ mod sizes {
     /// session's box: a guard against making them large again (the handshake's state, the
     /// stream kept twice, a buffer or timers kept for the session's whole life). Before: one
     /// 6,056-byte future (debug build); after: 200 bytes and a box of about 2,000 (release).
-    #[test]
-    fn a_tls_connection_task_is_small() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap_or_else(|e| panic!("runtime: {e}"));
-        runtime.block_on(async {
-            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-            let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
-                .unwrap_or_else(|e| panic!("certificate: {e}"));
-            let (certificate, private_key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
-            std::fs::write(&certificate, made.cert.pem()).unwrap_or_else(|e| panic!("{e}"));
-            std::fs::write(&private_key, made.signing_key.serialize_pem())
-                .unwrap_or_else(|e| panic!("{e}"));
-            let config = TlsConfig {
-                listen: Vec::new(),
-                certificate,
-                private_key,
-                proxy_protocol: false,
-                trusted_proxies: Vec::new(),
-            };
-            let tls = Arc::new(Tls::new(&config).unwrap_or_else(|e| panic!("{e}")));
-            let shared = Arc::new(Shared::for_test(dir.path(), Config::default()));
-            let admission = Arc::new(Admission::new(shared.clone()));
-            let listener = TcpListener::bind("127.0.0.1:0")
-                .await
-                .unwrap_or_else(|e| panic!("bind: {e}"));
-            let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-            let _client = TcpStream::connect(addr)
-                .await
-                .unwrap_or_else(|e| panic!("connect: {e}"));
-            let (stream, peer) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
-            let task = connection(
-                stream,
-                peer,
-                tls,
-                shared.clone(),
-                admission,
-                CancellationToken::new(),
-            );
-            let size = std::mem::size_of_val(&task);
-            // What the session's own box holds, over an in-memory stream in place of TLS's.
-            let (ours, _theirs) = tokio::io::duplex(64);
-            let session = StreamSession::new(ours, peer, Transport::Tls, shared)
-                .run(CancellationToken::new());
-            let boxed = std::mem::size_of_val(&session)
-                - std::mem::size_of::<tokio::io::DuplexStream>()
-                + std::mem::size_of::<TlsStream<TcpStream>>();
-            eprintln!("TLS connection task {size} B, its session's box about {boxed} B");
-            assert!(size <= 512, "the TLS connection's future is {size} bytes");
-            assert!(
-                boxed <= 2_560,
-                "the TLS session's future is about {boxed} bytes"
-            );
-        });
+    #[tokio::test]
+    async fn a_tls_connection_task_is_small() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+            .unwrap_or_else(|e| panic!("certificate: {e}"));
+        let (certificate, private_key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&certificate, made.cert.pem()).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&private_key, made.signing_key.serialize_pem())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let config = TlsConfig {
+            listen: Vec::new(),
+            certificate,
+            private_key,
+            proxy_protocol: false,
+            trusted_proxies: Vec::new(),
+        };
+        let tls = Arc::new(Tls::new(&config).unwrap_or_else(|e| panic!("{e}")));
+        let shared = Arc::new(Shared::for_test(dir.path(), Config::default()));
+        let admission = Arc::new(Admission::new(shared.clone()));
+        let (stream, peer, _client) = crate::session::accepted_tcp().await;
+        let task = connection(
+            stream,
+            peer,
+            tls,
+            shared.clone(),
+            admission,
+            CancellationToken::new(),
+        );
+        let size = std::mem::size_of_val(&task);
+        // What the session's own box holds, over an in-memory stream in place of TLS's.
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let session =
+            StreamSession::new(ours, peer, Transport::Tls, shared).run(CancellationToken::new());
+        let boxed = std::mem::size_of_val(&session)
+            - std::mem::size_of::<tokio::io::DuplexStream>()
+            + std::mem::size_of::<TlsStream<TcpStream>>();
+        eprintln!("TLS connection task {size} B, its session's box about {boxed} B");
+        assert!(size <= 512, "the TLS connection's future is {size} bytes");
+        assert!(
+            boxed <= 2_560,
+            "the TLS session's future is about {boxed} bytes"
+        );
     }
 }
