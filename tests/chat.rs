@@ -169,14 +169,7 @@ fn lines_sent_together_reach_everyone_as_if_sent_one_by_one() {
     // The sender gets none of its own lines back, only the private message's echo and the
     // rename's answer.
     alice.send("/who");
-    let mut own = Vec::new();
-    loop {
-        let l = alice.line();
-        if l.starts_with("*** WHO ") {
-            break;
-        }
-        own.push(l);
-    }
+    let own = alice.lines_until(|l| l.starts_with("*** WHO "));
     assert!(
         own.iter()
             .all(|l| !l.starts_with("alice: ") && !l.starts_with("alicia: ")),
@@ -187,17 +180,12 @@ fn lines_sent_together_reach_everyone_as_if_sent_one_by_one() {
     // A newcomer's history holds each chat line on its own, in order (not the rename).
     let mut dave = d.enter("dave");
     dave.send("/who");
-    let mut history = Vec::new();
-    loop {
-        let l = dave.line();
-        if l.starts_with("*** WHO ") {
-            break;
-        }
-        if let Some(rest) = l.strip_prefix("*** HISTORY ") {
-            let (_when, line) = rest.split_once(' ').unwrap_or_default();
-            history.push(line.to_owned());
-        }
-    }
+    let history: Vec<String> = dave
+        .lines_until(|l| l.starts_with("*** WHO "))
+        .iter()
+        .filter_map(|l| l.strip_prefix("*** HISTORY ")?.split_once(' '))
+        .map(|(_when, line)| line.to_owned())
+        .collect();
     let chat: Vec<String> = seen
         .into_iter()
         .filter(|l| !l.starts_with("*** "))

@@ -53,23 +53,6 @@ fn wait_live(ds: &[&TestDaemon], nodes: &[&str]) {
     }
 }
 
-/// Reads lines until one satisfies `done`; returns every line read, that one last.
-fn read_until(c: &mut Client, done: impl Fn(&str) -> bool) -> Vec<String> {
-    let mut seen = Vec::new();
-    loop {
-        match c.try_line() {
-            Some(l) => {
-                let last = done(&l);
-                seen.push(l);
-                if last {
-                    return seen;
-                }
-            }
-            None => panic!("connection closed; saw {seen:?}"),
-        }
-    }
-}
-
 /// `from` (named `name`) says `tag`; every one of `to` reads up to it. Returns what each read
 /// before it (the tag's line not included).
 fn sync(from: &mut Client, name: &str, tag: &str, to: &mut [&mut Client]) -> Vec<Vec<String>> {
@@ -77,7 +60,7 @@ fn sync(from: &mut Client, name: &str, tag: &str, to: &mut [&mut Client]) -> Vec
     let want = format!("{name}: {tag}");
     to.iter_mut()
         .map(|c| {
-            let mut lines = read_until(c, |l| l == want);
+            let mut lines = c.lines_until(|l| l == want);
             lines.pop();
             lines
         })
@@ -562,7 +545,7 @@ fn history_on(d: &TestDaemon, name: &str, witness: &mut Client) -> Vec<(String, 
     witness.expect_prefix(&format!("*** JOIN {name}"));
     witness.send(&format!("/msg {name} that was all"));
     witness.expect_prefix(&format!("-> {name} (private)"));
-    read_until(&mut c, |l| l.ends_with("(private): that was all"))
+    c.lines_until(|l| l.ends_with("(private): that was all"))
         .into_iter()
         .filter_map(|l| {
             let rest = l.strip_prefix("*** HISTORY ")?;
@@ -662,7 +645,7 @@ fn cluster_a_killed_node_s_users_leave_once() {
     let killed = Instant::now();
     // Chat goes on at once.
     alice.send("right after the kill");
-    let seen = read_until(&mut bob, |l| l == "alice: right after the kill");
+    let seen = bob.lines_until(|l| l == "alice: right after the kill");
     assert!(
         killed.elapsed() < Duration::from_secs(2),
         "a line took {:?} after the kill: {seen:?}",
@@ -731,7 +714,7 @@ fn nats_outage() -> Outage {
         ("bob", &mut bob),
         ("carol", &mut carol),
     ] {
-        seen.insert(who, read_until(c, |l| l.starts_with(degraded)));
+        seen.insert(who, c.lines_until(|l| l.starts_with(degraded)));
     }
 
     // A line sent while NATS is down: not lost silently.
@@ -755,7 +738,7 @@ fn nats_outage() -> Outage {
     ] {
         seen.get_mut(who)
             .expect("seen")
-            .extend(read_until(c, |l| l.starts_with(back)));
+            .extend(c.lines_until(|l| l.starts_with(back)));
     }
     for d in &ds {
         d.wait_cluster_ready();
@@ -933,7 +916,7 @@ fn cluster_survives_losing_a_nats_server_of_three() {
     // No sender was told a line was lost.
     for mut s in senders {
         s.send("/who");
-        let lines = read_until(&mut s, |l| l.starts_with("*** WHO "));
+        let lines = s.lines_until(|l| l.starts_with("*** WHO "));
         assert!(!lines.iter().any(|l| l.starts_with("*** ERR")), "{lines:?}");
     }
     let after = sync(&mut ra, "ra", "end", &mut [&mut rb]);
@@ -1140,7 +1123,7 @@ fn cluster_keeps_a_senders_order_when_its_nats_server_dies_mid_line() {
     }
     // Nor was the sender told that any of them was lost.
     sb.send("/who");
-    let seen = read_until(&mut sb, |l| l.starts_with("*** WHO "));
+    let seen = sb.lines_until(|l| l.starts_with("*** WHO "));
     assert!(!seen.iter().any(|l| l.starts_with("*** ERR")), "{seen:?}");
 }
 
@@ -1177,7 +1160,7 @@ fn cluster_lines_swallowed_by_a_dead_stream_leader_arrive_after_a_short_pause() 
     }
     // Nor was the sender told that any of them was lost.
     sb.send("/who");
-    let seen = read_until(&mut sb, |l| l.starts_with("*** WHO "));
+    let seen = sb.lines_until(|l| l.starts_with("*** WHO "));
     assert!(!seen.iter().any(|l| l.starts_with("*** ERR")), "{seen:?}");
 }
 
@@ -1328,7 +1311,7 @@ fn lose_a_leading_server(base: &str, victim: Victim) {
     // missing below too).
     for (who, c, d) in [("sa", &mut sa, &ds[0]), ("sb", &mut sb, &ds[1])] {
         c.send("/who");
-        let seen = read_until(c, |l| l.starts_with("*** WHO "));
+        let seen = c.lines_until(|l| l.starts_with("*** WHO "));
         let refused: Vec<&String> = seen.iter().filter(|l| l.starts_with("*** ERR")).collect();
         assert!(
             refused.is_empty(),
@@ -1600,9 +1583,7 @@ fn cluster_nick_right_after_joining_works() {
     let mut c = ds[0].connect();
     c.expect_prefix("*** HELLO");
     c.send_raw(b"xx\n/nick yy\n");
-    let lines = read_until(&mut c, |l| {
-        l.starts_with("*** NICK") || l.starts_with("*** ERR")
-    });
+    let lines = c.lines_until(|l| l.starts_with("*** NICK") || l.starts_with("*** ERR"));
     assert_eq!(
         lines.last().map(String::as_str),
         Some("*** NICK xx is now known as yy"),
@@ -1797,7 +1778,7 @@ fn cluster_a_newcomer_gets_history_before_answers() {
     let mut c = ds[0].connect();
     c.expect_prefix("*** HELLO");
     c.send_raw(b"newcomer\n/who\n");
-    let lines = read_until(&mut c, |l| l.starts_with("*** WHO "));
+    let lines = c.lines_until(|l| l.starts_with("*** WHO "));
     assert!(
         lines.iter().any(|l| l.ends_with(" alice: hello")),
         "history before the answer: {lines:?}"
@@ -2011,6 +1992,17 @@ fn cluster_joins_waiting_for_nats_hold_no_threads() {
     );
 }
 
+/// Nodes a and b of `room`, each with a web listener too, once both follow the cluster.
+fn web_nodes(nats: &NatsServer, room: &str) -> Vec<TestDaemon> {
+    let ds = TestDaemon::start_many(2, |i| {
+        cluster_config(&[nats], room, ["a", "b"][i]).set("web", "listen", "[\"127.0.0.1:0\"]")
+    });
+    for d in &ds {
+        d.wait_cluster_ready();
+    }
+    ds
+}
+
 /// A ban or a kick made on one node reaches a WebSocket user of another with its own close
 /// code (4001 ban, 4000 kick), carried by the event, whatever the reason's text says.
 #[test]
@@ -2020,12 +2012,7 @@ fn cluster_a_websocket_user_of_another_node_is_told_ban_from_kick() {
     }
     let nats = NatsServer::start();
     let room = room_name("wsban");
-    let ds = TestDaemon::start_many(2, |i| {
-        cluster_config(&[&nats], &room, ["a", "b"][i]).set("web", "listen", "[\"127.0.0.1:0\"]")
-    });
-    for d in &ds {
-        d.wait_cluster_ready();
-    }
+    let ds = web_nodes(&nats, &room);
     let mut kicked = crate::helper::web::join(ds[1].web_addr(), "kicked");
     let mut banned = crate::helper::web::join(ds[1].web_addr(), "banned");
     let mut watcher = join_seated(&ds[0], "watcher");
@@ -2064,12 +2051,7 @@ fn cluster_a_websocket_message_of_several_lines_waits_for_its_claim() {
     }
     let nats = NatsServer::start();
     let room = room_name("wsheld");
-    let ds = TestDaemon::start_many(2, |i| {
-        cluster_config(&[&nats], &room, ["a", "b"][i]).set("web", "listen", "[\"127.0.0.1:0\"]")
-    });
-    for d in &ds {
-        d.wait_cluster_ready();
-    }
+    let ds = web_nodes(&nats, &room);
     let mut watcher = join_seated(&ds[1], "watcher");
     // A name, a /nick and a line in one WebSocket message: the name's claim waits for NATS,
     // and the lines after it must wait with it, neither lost nor handled before the join.
@@ -2086,7 +2068,7 @@ fn cluster_a_websocket_message_of_several_lines_waits_for_its_claim() {
     thread::sleep(Duration::from_millis(300));
     nats.signal(Signal::SIGCONT);
     w.expect_prefix("*** WELCOME webby");
-    let lines = read_until(&mut watcher, |l| l.starts_with("webbo: "));
+    let lines = watcher.lines_until(|l| l.starts_with("webbo: "));
     let joined = lines.iter().position(|l| l == "*** JOIN webby joined");
     let renamed = lines
         .iter()

@@ -151,6 +151,24 @@ impl<S: Read + Write> Client<S> {
         got
     }
 
+    /// Reads lines until one satisfies `done`; returns every line read, that one last. Panics
+    /// on timeout or if the server closes first.
+    pub fn lines_until(&mut self, done: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            match self.try_line() {
+                Some(l) => {
+                    let last = done(&l);
+                    seen.push(l);
+                    if last {
+                        return seen;
+                    }
+                }
+                None => panic!("connection closed; saw {seen:?}"),
+            }
+        }
+    }
+
     /// Reads until EOF and returns the remaining lines; panics on timeout.
     pub fn until_eof(&mut self) -> Vec<String> {
         let mut out = Vec::new();
