@@ -144,6 +144,18 @@ struct State {
 }
 
 impl State {
+    /// Keeps `line` as the newest history entry, dropping the oldest past the cap (none kept
+    /// when history is off).
+    fn remember(&mut self, at: SystemTime, line: Bytes) {
+        if self.history_cap == 0 {
+            return;
+        }
+        if self.history.len() == self.history_cap {
+            self.history.pop_front();
+        }
+        self.history.push_back(HistoryEntry { at, line });
+    }
+
     /// Members on this node and on others.
     fn len(&self) -> usize {
         self.members.len() + self.remote.len()
@@ -666,19 +678,13 @@ impl Room {
             let at = SystemTime::now();
             // Only the lines the history keeps are cut out of the buffer.
             let skip = total.saturating_sub(st.history_cap);
-            let mut remember = |line: Bytes| {
-                if st.history.len() == st.history_cap {
-                    st.history.pop_front();
-                }
-                st.history.push_back(HistoryEntry { at, line });
-            };
             if total == 1 {
-                remember(all);
+                st.remember(at, all);
             } else {
                 let mut start = 0;
                 for (k, end) in memchr::memchr_iter(b'\n', &all).map(|i| i + 1).enumerate() {
                     if k >= skip {
-                        remember(all.slice(start..end));
+                        st.remember(at, all.slice(start..end));
                     }
                     start = end;
                 }
@@ -932,14 +938,7 @@ impl Room {
     /// Remembers a message delivered before this node started (a cluster's recent history),
     /// for newcomers; no member is sent anything.
     pub fn remember(&self, at: SystemTime, line: Bytes) {
-        let mut st = self.lock();
-        if st.history_cap == 0 {
-            return;
-        }
-        if st.history.len() == st.history_cap {
-            st.history.pop_front();
-        }
-        st.history.push_back(HistoryEntry { at, line });
+        self.lock().remember(at, line);
     }
 
     /// Whether nobody is in the room.
