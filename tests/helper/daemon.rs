@@ -402,11 +402,29 @@ impl TestDaemon {
     }
 }
 
+/// Lines of a daemon's log a failing test prints (its end: what led up to the failure).
+const LOG_TAIL: usize = 80;
+
 impl Drop for TestDaemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // A test that panics drops its daemons while unwinding: their logs go with the
+        // failure's report (the harness shows what the test printed), so a failure seen once,
+        // under CI's load, can still be read afterwards.
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let from = lines.len().saturating_sub(LOG_TAIL);
+            eprintln!(
+                "---- log of the chatd on {} (last {} of {} lines)\n{}",
+                self.addr,
+                lines.len() - from,
+                lines.len(),
+                lines[from..].join("\n")
+            );
         }
     }
 }
