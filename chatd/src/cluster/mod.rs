@@ -10,8 +10,10 @@
 //!   rename claims with KV `create` (atomic: one winner), a reclaim hands over with
 //!   compare-and-set, a leave deletes with the revision it claimed.
 //! - **Liveness**: each node refreshes its lease in `chat_<room>_nodes`; a node whose lease has
-//!   not changed for `cluster.node-timeout` is dead, and the first survivor to delete one of its
-//!   names (compare-and-set again) publishes that member's leave, so it is announced once.
+//!   not changed for `cluster.node-timeout` is dead. Each survivor that finds one of its names
+//!   publishes that member's leave under a message id derived from the member (the stream keeps
+//!   one copy), and then deletes the name (compare-and-set again); either step that fails is
+//!   tried again at the next scan, so the leave is announced once and never lost.
 //! - **History**: a starting node reads the stream's last messages for newcomers.
 //!
 //! Sessions wait on NATS only to take a name: a join claims it and then waits until its own
@@ -24,7 +26,7 @@
 pub mod bus;
 pub mod wire;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -73,6 +75,9 @@ const HISTORY_SCAN: u64 = 5_000;
 /// How often leases are checked and dead nodes' names reaped.
 const REAP_EVERY: Duration = Duration::from_millis(500);
 
+/// Names of dead nodes reaped at once (each a publish and a delete).
+const REAP_PARALLEL: usize = 32;
+
 /// How often the whole names bucket is read even when no known node died, for names whose
 /// holder's node this one never saw alive (an earlier run of a node that restarted before
 /// this one started).
@@ -89,10 +94,6 @@ struct Outgoing {
     sender: Option<Arc<Outbox>>,
     /// The senders of a batch's later events, each told too.
     also: Vec<Option<Arc<Outbox>>>,
-    /// Published alone, never in a batch: its message id is derived from what it says (the
-    /// reaped leave of a dead node's user, which every survivor may publish), so that the
-    /// stream keeps one copy; in a batch under another id, or heading one, it would not.
-    solo: bool,
     /// Events of one lane reach the stream in the order they were queued: at most one message
     /// of a lane is in flight. A member of this node is its own lane (its id); events about no
     /// member of this node (announcements, kicks and leaves of other nodes' members) share
@@ -111,13 +112,12 @@ impl Outgoing {
     /// The events of `queue` (one lane's, in order) that fit one stream message, as one.
     fn batch(queue: &mut VecDeque<Outgoing>) -> Option<Outgoing> {
         let mut first = queue.pop_front()?;
-        if first.solo || queue.is_empty() {
+        if queue.is_empty() {
             return Some(first);
         }
         let mut payload = BytesMut::from(&first.payload[..]);
         while let Some(next) = queue.front() {
-            if next.solo
-                || first.events() >= wire::MAX_BATCH
+            if first.events() >= wire::MAX_BATCH
                 || payload.len() + 1 + next.payload.len() > wire::MAX_MESSAGE
             {
                 break;
@@ -324,17 +324,6 @@ impl Cluster {
     fn send(&self, event: WireEvent, sender: Option<Arc<Outbox>>) {
         let n = self.published.fetch_add(1, Ordering::Relaxed);
         let msg_id = format!("{}.{}.{n}", self.node, self.boot);
-        self.send_with_id(event, msg_id, sender, false);
-    }
-
-    /// Queues `event` under `msg_id`; a `solo` event is never batched (see `Outgoing::solo`).
-    fn send_with_id(
-        &self,
-        event: WireEvent,
-        msg_id: String,
-        sender: Option<Arc<Outbox>>,
-        solo: bool,
-    ) {
         let lane = event
             .who()
             .filter(|who| self.is_me(who))
@@ -349,7 +338,6 @@ impl Cluster {
             msg_id,
             sender,
             also: Vec::new(),
-            solo,
             lane,
             queued: self.queued.fetch_add(1, Ordering::Relaxed) + 1,
         };
@@ -440,7 +428,8 @@ impl Cluster {
         let _ = self.bus.set(bus.clone());
         let consumer = tokio::spawn(self.clone().consume(host.clone(), bus.clone(), start + 1));
         let publisher = tokio::spawn(self.clone().publisher(bus.clone()));
-        let leases = tokio::spawn(self.clone().leases(host.clone(), bus.clone()));
+        let heartbeat = tokio::spawn(self.clone().heartbeat(host.clone(), bus.clone()));
+        let reaper = tokio::spawn(self.clone().reaper(host.clone(), bus.clone()));
         let link = tokio::spawn(self.clone().watch_link(host.clone(), bus.clone()));
         let bans = tokio::spawn(self.clone().follow_bans(host.clone(), bus.clone()));
         self.link.send_modify(|l| l.waiting = None);
@@ -449,7 +438,11 @@ impl Cluster {
         info!(node = %self.node, room = %self.config.name.0, position = start, "following the cluster's room");
         stop.cancelled().await;
         consumer.abort();
-        leases.abort();
+        reaper.abort();
+        // No lease refresh may follow the lease's removal below: a put already sent reaches
+        // the server before the delete (one connection keeps its order).
+        heartbeat.abort();
+        let _ = heartbeat.await;
         link.abort();
         bans.abort();
         // Let the leaves of this node's members (queued as sessions closed) reach the stream.
@@ -602,21 +595,35 @@ impl Cluster {
         }
     }
 
-    /// Keeps this node's lease fresh, and reaps the names of nodes whose lease stopped.
-    async fn leases(self: Arc<Self>, host: Arc<dyn Host>, bus: Bus) {
-        let mut last_beat = Instant::now();
+    /// Keeps this node's lease fresh: a put every quarter of the node timeout, on a task of its
+    /// own, so that nothing else the cluster waits for (a slow listing, a reap of many names)
+    /// delays it and makes this node look dead to the others.
+    async fn heartbeat(self: Arc<Self>, host: Arc<dyn Host>, bus: Bus) {
+        loop {
+            // Read each round: `cluster.node-timeout` changes on reload.
+            let timeout = host.node_timeout().unwrap_or(self.config.node_timeout);
+            let beat = (timeout / 4).max(Duration::from_millis(250));
+            let next = tokio::time::Instant::now() + beat;
+            if let Err(e) = bus.heartbeat(&self.node, lease(self.boot)).await {
+                debug!(error = %e, "lease refresh failed");
+            }
+            tokio::time::sleep_until(next).await;
+        }
+    }
+
+    /// Watches the other nodes' leases, and reaps the names of nodes whose lease stopped.
+    async fn reaper(self: Arc<Self>, host: Arc<dyn Host>, bus: Bus) {
         // (node, boot) → (the lease's revision, when this node saw it change). A lease that
         // has not changed for node-timeout is dead, measured on this node's clock only.
         let mut seen: HashMap<(String, u64), (u64, Instant)> = HashMap::new();
-        // The names bucket holds an entry per member of the room: it is read when a run is
-        // found dead whose names no read since its death has reaped, at start, and every
+        // The names bucket holds an entry per member of the room: it is read while a dead run
+        // has names no read since its death has finished reaping, at start, and every
         // FULL_SCAN_EVERY; not every round (at 5,000 members that was a continuous stream of
         // reads and allocations on every node).
         let mut last_scan: Option<Instant> = None;
-        let mut reaped: std::collections::HashSet<(String, u64)> = Default::default();
+        let mut reaped: HashSet<(String, u64)> = HashSet::new();
         let mut warned_for = None;
         loop {
-            // Read each round: `cluster.node-timeout` changes on reload.
             let timeout = host.node_timeout().unwrap_or(self.config.node_timeout);
             if timeout < ELECTION_BOUND && warned_for != Some(timeout) {
                 warn!(
@@ -626,13 +633,6 @@ impl Cluster {
             }
             warned_for = Some(timeout);
             tokio::time::sleep(REAP_EVERY).await;
-            let beat = (timeout / 4).max(Duration::from_millis(250));
-            if last_beat.elapsed() >= beat {
-                match bus.heartbeat(&self.node, lease(self.boot)).await {
-                    Ok(_) => last_beat = Instant::now(),
-                    Err(e) => debug!(error = %e, "lease refresh failed"),
-                }
-            }
             let Ok(leases) = bus.leases().await else {
                 continue;
             };
@@ -646,13 +646,6 @@ impl Cluster {
                     *entry = (rev, now);
                 }
             }
-            let live = |who: &MemberRef, seen: &mut HashMap<(String, u64), (u64, Instant)>| {
-                if who.node == self.node && who.boot == self.boot {
-                    return true;
-                }
-                let e = seen.entry((who.node.clone(), who.boot)).or_insert((0, now));
-                now.duration_since(e.1) < timeout
-            };
             let mut nodes: Vec<String> = seen
                 .iter()
                 .filter(|(_, (_, at))| now.duration_since(*at) < timeout)
@@ -663,49 +656,87 @@ impl Cluster {
             nodes.dedup();
             self.link.send_modify(|l| l.live_nodes = nodes);
             let dead = |at: &Instant| now.duration_since(*at) >= timeout;
-            let newly_dead = seen
+            let unreaped = seen
                 .iter()
                 .any(|(run, (_, at))| dead(at) && !reaped.contains(run));
-            if !newly_dead && last_scan.is_some_and(|t| t.elapsed() < FULL_SCAN_EVERY) {
+            if !unreaped && last_scan.is_some_and(|t| t.elapsed() < FULL_SCAN_EVERY) {
                 continue;
             }
             let Ok(names) = bus.names().await else {
                 continue;
             };
             last_scan = Some(Instant::now());
+            let mut gone = Vec::new();
             for (key, value, rev) in names {
                 let Ok(holder) = NameHolder::decode(&value) else {
                     continue;
                 };
-                if live(&holder.who, &mut seen) {
+                let who = &holder.who;
+                if who.node == self.node && who.boot == self.boot {
                     continue;
                 }
-                // Whoever deletes the name first announces the leave; the message id makes a
-                // second announcement impossible even if two survivors race past the delete.
-                if let Ok(true) = bus.release_name(&key, rev).await {
-                    info!(user = %holder.name, node = %holder.who.node, "a dead node's user leaves");
-                    let msg_id = format!(
-                        "reap.{}.{}.{}",
-                        holder.who.node, holder.who.boot, holder.who.id
-                    );
-                    let reason = format!("node {} lost", holder.who.node);
-                    self.send_with_id(
-                        WireEvent::Leave {
-                            who: holder.who,
-                            reason,
-                        },
-                        msg_id,
-                        None,
-                        true,
-                    );
+                // A run this node never saw is given a node-timeout from now to show a lease.
+                let (_, at) = seen.entry((who.node.clone(), who.boot)).or_insert((0, now));
+                if dead(at) {
+                    gone.push((key, holder, rev));
                 }
             }
-            // Every run dead by now has had its names reaped by this read.
+            // Runs with a name whose leave or release failed this time: read again next round.
+            let unfinished: HashSet<(String, u64)> = futures::stream::iter(gone)
+                .map(|(key, holder, rev)| {
+                    let (this, bus) = (&self, &bus);
+                    async move {
+                        let run = (holder.who.node.clone(), holder.who.boot);
+                        let done = this.reap(bus, &key, holder, rev).await;
+                        (!done).then_some(run)
+                    }
+                })
+                .buffer_unordered(REAP_PARALLEL)
+                .filter_map(std::future::ready)
+                .collect()
+                .await;
             reaped = seen
                 .iter()
-                .filter(|(_, (_, at))| dead(at))
+                .filter(|(run, (_, at))| dead(at) && !unfinished.contains(*run))
                 .map(|(run, _)| run.clone())
                 .collect();
+        }
+    }
+
+    /// Announces that `holder`, a user of a dead node, left, then frees its name (if still at
+    /// `rev`); true once both are done, false if either failed (the next scan tries again).
+    /// The leave goes first, under a message id derived from who left: every survivor may
+    /// publish it and the stream keeps one copy, and a failure of either step is simply tried
+    /// again. Freeing the name first would lose the leave for good if its publish then failed,
+    /// since no later scan would find the name.
+    async fn reap(&self, bus: &Bus, key: &str, holder: NameHolder, rev: u64) -> bool {
+        let msg_id = format!(
+            "reap.{}.{}.{}",
+            holder.who.node, holder.who.boot, holder.who.id
+        );
+        let env = Envelope {
+            v: wire::VERSION,
+            from: self.node.clone(),
+            event: WireEvent::Leave {
+                reason: format!("node {} lost", holder.who.node),
+                who: holder.who.clone(),
+            },
+        };
+        if let Err(e) = bus.publish(Bytes::from(env.encode()), msg_id).await {
+            warn!(user = %holder.name, node = %holder.who.node, error = %e, "a dead node's user's leave was not published; trying again");
+            return false;
+        }
+        match bus.release_name(key, rev).await {
+            Ok(true) => {
+                info!(user = %holder.name, node = %holder.who.node, "a dead node's user leaves");
+                true
+            }
+            // Freed (or taken) by another survivor, which published the same leave.
+            Ok(false) => true,
+            Err(e) => {
+                warn!(user = %holder.name, node = %holder.who.node, error = %e, "a dead node's user's name was not freed; trying again");
+                false
+            }
         }
     }
 
@@ -1503,13 +1534,12 @@ fn not_delivered(sender: Option<&Outbox>, why: &str) {
 mod tests {
     use super::*;
 
-    fn event(text: &str, solo: bool, sender: Option<Arc<Outbox>>) -> Outgoing {
+    fn event(text: &str, sender: Option<Arc<Outbox>>) -> Outgoing {
         Outgoing {
             payload: Bytes::from(text.to_owned()),
             msg_id: format!("id-{text}"),
             sender,
             also: Vec::new(),
-            solo,
             lane: 1,
             queued: 0,
         }
@@ -1523,23 +1553,17 @@ mod tests {
     }
 
     /// A lane's queued events go as one message under the first one's id, in order, within
-    /// the wire's bounds; an event with a derived id (`solo`) always goes alone.
+    /// the wire's bounds.
     #[test]
     fn a_lanes_queue_is_batched_in_order_within_bounds() {
         let outbox = Arc::new(Outbox::new(1 << 16));
         let mut queue: VecDeque<Outgoing> = ["a", "b", "c"]
             .into_iter()
-            .map(|t| event(t, false, Some(outbox.clone())))
+            .map(|t| event(t, Some(outbox.clone())))
             .collect();
-        queue.push_back(event("reap", true, None));
-        queue.push_back(event("d", false, None));
         let first = Outgoing::batch(&mut queue).unwrap_or_else(|| panic!("nothing batched"));
         assert_eq!(texts(&first), ["a", "b", "c"]);
         assert_eq!((first.msg_id.as_str(), first.events()), ("id-a", 3));
-        let solo = Outgoing::batch(&mut queue).unwrap_or_else(|| panic!("no solo"));
-        assert_eq!((texts(&solo), solo.events()), (vec!["reap".to_owned()], 1));
-        let last = Outgoing::batch(&mut queue).unwrap_or_else(|| panic!("no last"));
-        assert_eq!(texts(&last), ["d"]);
         assert!(Outgoing::batch(&mut queue).is_none());
 
         // Every sender of a refused batch is told.
@@ -1550,13 +1574,13 @@ mod tests {
 
         // Never more than MAX_BATCH events or MAX_MESSAGE bytes in one message.
         let mut queue: VecDeque<Outgoing> = (0..wire::MAX_BATCH + 5)
-            .map(|i| event(&i.to_string(), false, None))
+            .map(|i| event(&i.to_string(), None))
             .collect();
         let full = Outgoing::batch(&mut queue).unwrap_or_else(|| panic!("nothing"));
         assert_eq!(full.events(), wire::MAX_BATCH);
         assert_eq!(queue.len(), 5);
         let big = "x".repeat(wire::MAX_MESSAGE / 3);
-        let mut queue: VecDeque<Outgoing> = (0..4).map(|_| event(&big, false, None)).collect();
+        let mut queue: VecDeque<Outgoing> = (0..4).map(|_| event(&big, None)).collect();
         let some = Outgoing::batch(&mut queue).unwrap_or_else(|| panic!("nothing"));
         assert!(some.payload.len() <= wire::MAX_MESSAGE);
         assert_eq!((some.events(), queue.len()), (2, 2));
