@@ -71,6 +71,18 @@ impl NatsServer {
     /// Starts `n` servers as one NATS cluster with JetStream; returns once every one accepts
     /// clients and JetStream (its meta leader) answers on each.
     pub fn cluster(n: usize) -> Vec<NatsServer> {
+        // A port was free when picked; if something took one since, start them all again.
+        for attempt in 0.. {
+            match NatsServer::try_cluster(n) {
+                Ok(servers) => return servers,
+                Err(log) if attempt < 3 => eprintln!("a NATS cluster did not start, again: {log}"),
+                Err(log) => panic!("{log}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn try_cluster(n: usize) -> Result<Vec<NatsServer>, String> {
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let mut servers: Vec<NatsServer> = (0..n)
             .map(|i| {
@@ -94,13 +106,13 @@ impl NatsServer {
         }
         for s in &mut servers {
             if let Err(log) = s.wait_listening() {
-                panic!("cluster member {} did not start:\n{log}", s.name);
+                return Err(format!("cluster member {} did not start:\n{log}", s.name));
             }
         }
         for s in &servers {
             s.wait_jetstream(ELECTION);
         }
-        servers
+        Ok(servers)
     }
 
     fn new(name: String, port: u16, args: Vec<String>) -> NatsServer {

@@ -190,8 +190,30 @@ pub fn agreed_order<S: Read + Write>(receivers: &mut [Client<S>], n: usize) -> V
     orders.into_iter().next().unwrap_or_default()
 }
 
-/// A loopback port nothing listens on (bound, noted, closed).
+/// A loopback port nothing listens on (bound, noted, closed), for a server a test starts
+/// later. It is picked below the kernel's ephemeral range: a port from that range (what
+/// binding port 0 gives) can be handed to another test's listener or outgoing connection
+/// between the pick and its use, and now and then was (a NATS route that could not bind).
+/// Below the range only another pick could take it, and the picks of one run never repeat.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static PICKED: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let span = low.saturating_sub(1024).min(12_000);
+    // Runs side by side (two checkouts, a bench) start at different places.
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let n = PICKED.fetch_add(1, Ordering::Relaxed);
+        let Ok(port) = u16::try_from(low - span + start.wrapping_add(n) % span.max(1)) else {
+            break;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
 }
