@@ -26,8 +26,10 @@
 //! * whenever the consumer has been quiet for `watchdog_idle` (nothing delivered; errors the
 //!   pull recovers from by itself do not count), the stream's messages after the
 //!   last applied one are read directly by sequence, which any replica answers without a
-//!   leader ("resuming from the stream directly"); a consumer-sequence gap (deliveries lost
-//!   with a dying server) is filled the same way;
+//!   leader ("resuming from a replica directly"), or, when the replicas have nothing, from the
+//!   stream's leader if its last sequence is beyond ("resuming from the stream's leader"): a
+//!   lagging replica must not hide what the stream has; a consumer-sequence gap (deliveries
+//!   lost with a dying server) is filled from the replicas the same way;
 //! * a consumer that stays behind for `watchdog_checks` such rounds, a gap that cannot be
 //!   filled, or a consumer error, replaces the consumer with a new one at `last applied + 1`
 //!   ("recreating").
@@ -985,11 +987,11 @@ impl Follower {
     }
 
     /// Reads the stream's messages after `applied` by sequence, up to `upto` or the first
-    /// sequence that no replica answers for (not stored yet, or not reachable), and hands them
-    /// over. Every replica answers a direct get (the stream allows them), so this needs
-    /// neither the consumer nor any leader: it keeps the room moving while the consumer waits
-    /// for a leader election. Returns how many it handed over.
-    async fn catch_up(&mut self, upto: u64) -> Result<u64, Closed> {
+    /// sequence that is not answered (not stored yet, or not reachable), and hands them over.
+    /// From `Source::Replica`, every replica answers (the stream allows direct gets), so this
+    /// needs neither the consumer nor any leader: it keeps the room moving while the consumer
+    /// waits for a leader election. Returns how many it handed over.
+    async fn catch_up(&mut self, upto: u64, source: Source) -> Result<u64, Closed> {
         let start = self.applied;
         while self.applied < upto {
             let from = self.applied + 1;
@@ -1002,7 +1004,7 @@ impl Follower {
             let to = from.saturating_add(width - 1).min(upto);
             let stream = self.bus.stream.clone();
             let mut reads = futures::stream::iter(from..=to)
-                .map(|seq| direct_get(stream.clone(), seq))
+                .map(|seq| source.get(stream.clone(), seq))
                 .buffered(CATCH_UP_PARALLEL as usize);
             let mut complete = true;
             while let Some(read) = reads.next().await {
@@ -1026,8 +1028,29 @@ impl Follower {
     /// One idle round: the consumer delivered nothing for `watchdog_idle`. Reads whatever the
     /// stream has beyond `applied`; `behind` counts the consecutive rounds that found some.
     /// Returns whether the consumer has been behind long enough to be replaced.
+    ///
+    /// The replica that answers a direct read is usually the one on this node's server, which
+    /// after a server's loss may lag behind the stream for as long as the consumer's own
+    /// leader does (both read the store of a replica); then both say "nothing new" while the
+    /// room goes on without this node. So when the replicas have nothing, the stream's leader
+    /// is asked for its last sequence, and what it has beyond `applied` is read from it.
     async fn idle_round(&mut self, consumer: &str, behind: &mut u32) -> Result<bool, Closed> {
-        let read = self.catch_up(self.applied + CATCH_UP_MAX).await?;
+        let upto = self.applied + CATCH_UP_MAX;
+        let mut read = self.catch_up(upto, Source::Replica).await?;
+        let mut from = "a replica";
+        if read == 0 {
+            let last = tokio::time::timeout(DIRECT_GET_TIMEOUT, self.bus.stream.get_info()).await;
+            match last {
+                Ok(Ok(info)) if info.state.last_sequence > self.applied => {
+                    let upto = upto.min(info.state.last_sequence);
+                    read = self.catch_up(upto, Source::Leader).await?;
+                    from = "the stream's leader";
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => debug!(node = %self.bus.cfg.node, "subscriber: stream info: {e}"),
+                Err(_) => debug!(node = %self.bus.cfg.node, "subscriber: stream info timed out"),
+            }
+        }
         if read == 0 {
             *behind = 0;
             return Ok(false);
@@ -1035,9 +1058,9 @@ impl Follower {
         *behind += 1;
         let node = &self.bus.cfg.node;
         if *behind == 1 {
-            info!(%node, %consumer, read, applied = self.applied, "subscriber: the consumer is behind the stream; resuming from the stream directly until it catches up");
+            info!(%node, %consumer, read, applied = self.applied, "subscriber: the consumer is behind the stream; resuming from {from} directly until it catches up");
         } else {
-            debug!(%node, %consumer, read, applied = self.applied, rounds = *behind, "subscriber: still reading the stream directly");
+            debug!(%node, %consumer, read, applied = self.applied, rounds = *behind, "subscriber: still reading the stream directly from {from}");
         }
         Ok(*behind >= self.bus.cfg.watchdog_checks)
     }
@@ -1066,16 +1089,22 @@ impl Follower {
             let mut behind = 0u32;
             let mut resumes = 0u32;
             let why = 'pulls: loop {
-                let msgs = consumer
-                    .stream()
-                    .max_messages_per_batch(1000)
-                    .expires(PULL_EXPIRES)
-                    .heartbeat(PULL_HEARTBEAT)
-                    .messages()
-                    .await;
+                // Bounded like every wait here: starting a pull subscribes through the client,
+                // which waits while the client cannot take commands (reconnecting, say).
+                let msgs = tokio::time::timeout(
+                    CREATE_TIMEOUT,
+                    consumer
+                        .stream()
+                        .max_messages_per_batch(1000)
+                        .expires(PULL_EXPIRES)
+                        .heartbeat(PULL_HEARTBEAT)
+                        .messages(),
+                )
+                .await;
                 let mut msgs = match msgs {
-                    Ok(m) => m,
-                    Err(e) => break 'pulls Restart::Error(format!("messages(): {e}")),
+                    Ok(Ok(m)) => m,
+                    Ok(Err(e)) => break 'pulls Restart::Error(format!("messages(): {e}")),
+                    Err(_) => break 'pulls Restart::Error("messages(): timed out".into()),
                 };
                 // The next idle round is due `idle` after the last delivery or round, whatever
                 // the pull reports meanwhile: errors it recovers from by itself (`continue`
@@ -1132,7 +1161,7 @@ impl Follower {
                     if cseq > expect_cseq && sseq > self.applied + 1 {
                         // Deliveries were lost (with a dying server): read what they held
                         // from the stream; only if that fails is the consumer replaced.
-                        self.catch_up(sseq - 1).await?;
+                        self.catch_up(sseq - 1, Source::Replica).await?;
                         if self.applied + 1 < sseq {
                             break Restart::Gap;
                         }
@@ -1275,15 +1304,33 @@ impl Follower {
     }
 }
 
-/// Stream message `seq` read from any replica, if one answers with it in time.
-async fn direct_get(stream: stream::Stream, seq: u64) -> Option<Delivered> {
-    match tokio::time::timeout(DIRECT_GET_TIMEOUT, stream.direct_get(seq)).await {
-        Ok(Ok(m)) => Some(Delivered {
+/// Where a catch-up reads the stream's messages from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// Any replica (a direct get): needs no leader, but a lagging replica has less.
+    Replica,
+    /// The stream's leader: has everything stored, when there is one.
+    Leader,
+}
+
+impl Source {
+    /// Stream message `seq`, if it is answered in time.
+    async fn get(self, stream: stream::Stream, seq: u64) -> Option<Delivered> {
+        let read = async {
+            match self {
+                Source::Replica => stream.direct_get(seq).await.ok(),
+                Source::Leader => stream.get_raw_message(seq).await.ok(),
+            }
+        };
+        let m = tokio::time::timeout(DIRECT_GET_TIMEOUT, read)
+            .await
+            .ok()
+            .flatten()?;
+        Some(Delivered {
             seq: m.sequence,
             msg_id: m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()),
             payload: m.payload,
-        }),
-        Ok(Err(_)) | Err(_) => None,
+        })
     }
 }
 

@@ -36,7 +36,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::bans::{Ban, Bans, Target};
 use crate::config::ClusterConfig;
@@ -593,6 +593,9 @@ impl Cluster {
             }
             self.applied.store(d.seq, Ordering::Release);
         }
+        // The subscription ends only with its task (a panic): this node no longer follows
+        // the room, which must not go unsaid.
+        error!("the room's subscription ended; this node no longer delivers the room's events");
     }
 
     /// Keeps this node's lease fresh: a put every quarter of the node timeout, on a task of its
@@ -633,8 +636,12 @@ impl Cluster {
             }
             warned_for = Some(timeout);
             tokio::time::sleep(REAP_EVERY).await;
-            let Ok(leases) = bus.leases().await else {
-                continue;
+            let leases = match bus.leases().await {
+                Ok(leases) => leases,
+                Err(e) => {
+                    debug!(error = %e, "cannot read the nodes' leases");
+                    continue;
+                }
             };
             let now = Instant::now();
             for (node, value, rev) in leases {
@@ -662,8 +669,12 @@ impl Cluster {
             if !unreaped && last_scan.is_some_and(|t| t.elapsed() < FULL_SCAN_EVERY) {
                 continue;
             }
-            let Ok(names) = bus.names().await else {
-                continue;
+            let names = match bus.names().await {
+                Ok(names) => names,
+                Err(e) => {
+                    debug!(error = %e, "cannot read the room's names");
+                    continue;
+                }
             };
             last_scan = Some(Instant::now());
             let mut gone = Vec::new();
