@@ -684,6 +684,72 @@ fn cluster_a_killed_node_s_users_leave_once() {
     let _dave = ds[1].join("dave");
 }
 
+/// A survivor that cannot publish to the room (its NATS user may not: here a permission, in
+/// life a failing link) leaves a dead node's users to one that can: each is announced once.
+/// When a survivor deleted a name before publishing its leave, such a survivor won the race for
+/// some names and their leaves were lost; now a name is deleted only once its leave is stored.
+#[test]
+fn cluster_a_survivor_that_cannot_publish_does_not_swallow_a_dead_node_s_leaves() {
+    if !nats_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        "authorization {\n  users = [\n    {user: full, password: full-pass}\n    \
+         {user: mute, password: mute-pass, permissions: {publish: {deny: [\"chat.>\"]}}}\n  ]\n}\n",
+    )
+    .expect("write nats.conf");
+    let nats = NatsServer::start_with_auth(&["-c", &conf.display().to_string()]);
+    let room = room_name("mute");
+    let creds = |user: &str| {
+        let path = dir.path().join(user);
+        std::fs::write(&path, format!("{user}:{user}-pass\n")).expect("write credentials");
+        path.display().to_string()
+    };
+    let (full, mute) = (creds("full"), creds("mute"));
+    let ds = TestDaemon::start_many(3, |i| {
+        let user = if i == 1 { &mute } else { &full };
+        cluster_config(&[&nats], &room, ["a", "b", "c"][i]).set_str("cluster", "credentials", user)
+    });
+    for d in &ds {
+        d.wait_cluster_ready();
+    }
+    let mut ds = ds;
+    let mut alice = ds[0].join("alice");
+    let gone = ["carol", "dave", "erin", "frank"];
+    let _theirs: Vec<Client> = gone.iter().map(|n| ds[2].join(n)).collect();
+    for who in gone {
+        alice.expect_prefix(&format!("*** JOIN {who}"));
+    }
+    wait_live(&[&ds[0], &ds[1], &ds[2]], &["a", "b", "c"]);
+
+    ds[2].kill();
+    let killed = Instant::now();
+    let leaves: Vec<String> = gone
+        .iter()
+        .map(|n| format!("*** LEAVE {n} left (node c lost)"))
+        .collect();
+    let mut seen = Vec::new();
+    while !leaves.iter().all(|l| seen.contains(l)) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(2 + 8),
+            "not every leave within node-timeout + 8 s: {seen:?}\nnode b (cannot publish):\n{}",
+            ds[1].log()
+        );
+        seen.extend(line_within(&mut alice, Duration::from_millis(500)));
+    }
+    // A second announcement would follow within the reaper's next rounds.
+    thread::sleep(Duration::from_secs(1));
+    alice.send("/who");
+    seen.extend(alice.lines_until(|l| l.starts_with("*** WHO ")));
+    for l in &leaves {
+        assert_eq!(count(&seen, l), 1, "{l:?} not once: {seen:?}");
+    }
+    assert_eq!(seen.last().map(String::as_str), Some("*** WHO 1 alice"));
+}
+
 /// What the members saw of a NATS outage: the lines each of alice, bob (another node) and
 /// carol (alice's node) read from NATS's stop until after a line sent once it was back, and
 /// whether alice's line sent during the outage was answered `*** ERR not-delivered`.
@@ -1958,7 +2024,9 @@ fn cluster_joins_waiting_for_nats_hold_no_threads() {
     let mut most = threads_of(pid);
     for _ in 0..10 {
         alice.send("/who");
-        alice.expect_prefix("*** WHO 1 alice");
+        // Any count: a join whose claim and delivery NATS had taken before the stop was seated
+        // (seen once under load), and one may yet be.
+        alice.expect_prefix("*** WHO ");
         most = most.max(threads_of(pid));
         thread::sleep(Duration::from_millis(50));
     }
