@@ -1193,6 +1193,47 @@ fn cluster_keeps_a_senders_order_when_its_nats_server_dies_mid_line() {
     assert!(!seen.iter().any(|l| l.starts_with("*** ERR")), "{seen:?}");
 }
 
+/// A NATS server that hangs (SIGSTOP: its connections stay open and silent, as over a cut
+/// cable) is given up by the node talking to it within three pings, and the node goes on
+/// through another server: its users are told the room is degraded and then back, and chat
+/// goes both ways again. With the client's default pings this took three minutes.
+#[test]
+fn cluster_a_node_whose_nats_server_hangs_moves_to_another_within_seconds() {
+    if !nats_present() {
+        return;
+    }
+    let room = room_name("hang");
+    let (servers, ds, [mut ra, mut rb], mut sb, b_server) = three_servers_leader_off_b(&room);
+    servers[b_server].signal(Signal::SIGSTOP);
+    let frozen = Instant::now();
+    // Three pings of 3 s, a reconnect, and a loaded machine's slack; far below 3 minutes.
+    let bound = Duration::from_secs(25);
+    let mut seen = Vec::new();
+    for notice in [
+        "*** NOTICE the room is degraded: ",
+        "*** NOTICE the room is back: ",
+    ] {
+        while !seen.iter().any(|l: &String| l.starts_with(notice)) {
+            assert!(
+                frozen.elapsed() < bound,
+                "no {notice:?} within {bound:?} of the freeze: {seen:?}\nnode b:\n{}",
+                ds[1].log()
+            );
+            seen.extend(line_within(&mut rb, Duration::from_millis(500)));
+        }
+    }
+    let moved = server_port(&ds[1].cluster_status());
+    assert!(
+        moved.is_some() && moved != Some(servers[b_server].port),
+        "node b is still on the frozen server: {}\n{}",
+        ds[1].cluster_status(),
+        ds[1].log()
+    );
+    sync(&mut sb, "sb", "after the freeze", &mut [&mut ra, &mut rb]);
+    sync(&mut ra, "ra", "and back", &mut [&mut rb, &mut sb]);
+    servers[b_server].signal(Signal::SIGCONT);
+}
+
 /// Lines sent while the stream's leader is frozen all go unanswered; once it is killed and
 /// another server leads, they arrive after a short pause, in order: the first one's ack is
 /// waited for once, not each line's in turn (20 lines each waiting its own 2 s take 40 s).

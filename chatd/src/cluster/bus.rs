@@ -62,6 +62,14 @@ pub const PUBLISH_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest a bucket listing waits for its next entry.
 const LIST_IDLE: Duration = Duration::from_secs(5);
 
+/// How long the client waits, after the last thing its server sent, before it pings. The
+/// client gives a connection up when a third ping is due with two unanswered, so a server that
+/// hangs, or a link that goes silent without a reset, is left for another server after about
+/// three of these (async-nats's default, 60 s, made that three minutes, all the while the
+/// node's users waited). A live server is never quiet that long: the pull's heartbeat arrives
+/// every second.
+const PING_INTERVAL: Duration = Duration::from_secs(3);
+
 /// An in-flight publish's acknowledgement: the stream sequence, or why there is none.
 pub type AckFuture = Pin<Box<dyn std::future::Future<Output = Result<u64>> + Send>>;
 
@@ -331,6 +339,7 @@ impl Bus {
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(2))
+            .ping_interval(PING_INTERVAL)
             // Bound the back-off between reconnect attempts (default grows to 4 s+).
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((100 * attempts as u64).min(1000))
@@ -352,6 +361,8 @@ impl Bus {
             let state_tx = state_tx.clone();
             let node = cfg.node.clone();
             AbortOnDrop(tokio::spawn(async move {
+                // The connection whose server's INFO was read last (a server's id for it).
+                let mut read_for = None;
                 // Also poll once in case the first Connected event raced the subscription.
                 loop {
                     let ev = tokio::time::timeout(Duration::from_secs(1), ev_rx.recv()).await;
@@ -360,11 +371,23 @@ impl Bus {
                         Ok(Some(ev)) => Some(ev),
                         Err(_) => None,
                     };
+                    if matches!(ev, Some(async_nats::Event::Connected)) {
+                        // async-nats reports a reconnection before it stores the new server's
+                        // INFO: wait (briefly) for the new connection's, or the status and the
+                        // "back" notice would name the server just left.
+                        let deadline = Instant::now() + Duration::from_secs(1);
+                        while read_for == Some(client.server_info().client_id)
+                            && Instant::now() < deadline
+                        {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    }
                     let connected = matches!(
                         client.connection_state(),
                         async_nats::connection::State::Connected
                     );
                     let info = client.server_info();
+                    read_for = Some(info.client_id);
                     state_tx.send_modify(|s| {
                         if matches!(ev, Some(async_nats::Event::Connected)) {
                             s.connects += 1;
