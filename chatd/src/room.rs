@@ -638,7 +638,7 @@ impl Room {
         // One clock read for both the idle time and the fan-out latency.
         let start = Instant::now();
         // Encoded once; every recipient and the history share these bytes.
-        let all = {
+        let (all, total) = {
             let name = if let Some(member) = st.members.get_mut(&id) {
                 member.last_active = start;
                 member.name.display.as_str()
@@ -649,47 +649,42 @@ impl Room {
                     None => return Delivered::NoSuchMember,
                 }
             };
-            let size = lines
-                .clone()
-                .map(|(_, text)| name.len() + text.len() + 4)
-                .sum();
+            let (size, total) = lines.clone().fold((0, 0usize), |(size, n), (_, text)| {
+                (size + name.len() + text.len() + 4, n + 1)
+            });
             let mut buf = BytesMut::with_capacity(size);
             for (action, text) in lines {
                 protocol::put_said_line(&mut buf, name, action, text);
             }
-            buf.freeze()
+            (buf.freeze(), total)
         };
-        // Whole lines up to COPY_MAX bytes per frame (a longer line is a frame of its own).
-        let (mut from, mut to, mut count, mut total) = (0, 0, 0u64, 0usize);
-        for end in memchr::memchr_iter(b'\n', &all).map(|i| i + 1) {
-            if count > 0 && end - from > COPY_MAX {
-                self.broadcast_lines(st, Some(id), &all.slice(from..to), count);
-                (from, count) = (to, 0);
+        // The history keeps its last `history_cap` lines, each on its own (a slice of `all`).
+        let keep_from = if st.history_cap > 0 {
+            total.saturating_sub(st.history_cap)
+        } else {
+            total
+        };
+        let at = (keep_from < total).then(SystemTime::now);
+        // Whole lines up to COPY_MAX bytes per frame (a longer line is a frame of its own):
+        // `frame` is where the frame being gathered starts, `line` where the next line does.
+        let (mut frame, mut line, mut count) = (0, 0, 0u64);
+        for (k, end) in memchr::memchr_iter(b'\n', &all).map(|i| i + 1).enumerate() {
+            if count > 0 && end - frame > COPY_MAX {
+                self.broadcast_lines(st, Some(id), &all.slice(frame..line), count);
+                (frame, count) = (line, 0);
             }
-            (to, count, total) = (end, count + 1, total + 1);
+            count += 1;
+            if let Some(at) = at
+                && k >= keep_from
+            {
+                st.remember(at, all.slice(line..end));
+            }
+            line = end;
         }
-        match (from, count) {
-            (_, 0) => {}
-            (0, _) => self.broadcast_lines(st, Some(id), &all, count),
-            _ => self.broadcast_lines(st, Some(id), &all.slice(from..to), count),
+        if count > 0 {
+            self.broadcast_lines(st, Some(id), &all.slice(frame..line), count);
         }
         self.counters.fanout.observe(start.elapsed());
-        if st.history_cap > 0 {
-            let at = SystemTime::now();
-            // Only the lines the history keeps are cut out of the buffer.
-            let skip = total.saturating_sub(st.history_cap);
-            if total == 1 {
-                st.remember(at, all);
-            } else {
-                let mut start = 0;
-                for (k, end) in memchr::memchr_iter(b'\n', &all).map(|i| i + 1).enumerate() {
-                    if k >= skip {
-                        st.remember(at, all.slice(start..end));
-                    }
-                    start = end;
-                }
-            }
-        }
         Delivered::Posted
     }
 
