@@ -385,6 +385,15 @@ impl Conversation {
         stopped
     }
 
+    /// Holds a chat line (or, with `action`, a `/me`) for the room, which gets it with the
+    /// others of its batch, or at once past [`SAID_FLUSH`].
+    fn hold_said(&mut self, action: bool, text: &str) {
+        self.said.push(action, &protocol::sanitize(text));
+        if self.said.text_len() >= SAID_FLUSH {
+            self.flush_said();
+        }
+    }
+
     /// Gives the chat lines held to the room.
     fn flush_said(&mut self) {
         if !self.said.is_empty() {
@@ -531,27 +540,20 @@ impl Conversation {
 
     fn chat(&mut self, line: &str) {
         let input = command::parse(line);
-        match input {
-            Input::Say(text) | Input::Me(text) => {
-                let action = matches!(input, Input::Me(_));
-                self.said.push(action, &protocol::sanitize(text));
-                if self.said.text_len() >= SAID_FLUSH {
-                    self.flush_said();
-                }
-                return;
-            }
-            Input::Blank => return,
-            // Anything else happens after the lines before it reached the room: a private
-            // message, a rename or a quit is never seen before them.
-            _ => self.flush_said(),
+        // Anything but a chat line happens after the lines before it reached the room: a
+        // private message, a rename or a quit is never seen before them.
+        if !matches!(input, Input::Say(_) | Input::Me(_) | Input::Blank) {
+            self.flush_said();
         }
         let room = &self.shared.room;
         match input {
+            Input::Say(text) => self.hold_said(false, text),
+            Input::Me(text) => self.hold_said(true, text),
+            Input::Blank => {}
             Input::Token => {
                 let (shared, id) = (self.shared.clone(), self.id);
                 self.start(async move { Outcome::Token(shared.room.token_line(id).await) });
             }
-            Input::Blank | Input::Say(_) | Input::Me(_) => {} // Taken above.
             Input::Quit => self.quit(),
             Input::Who => {
                 let names = room.names();
