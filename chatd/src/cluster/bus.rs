@@ -219,8 +219,15 @@ pub struct Delivered {
     pub seq: u64,
     /// The message.
     pub payload: Bytes,
-    /// The Nats-Msg-Id it was published with, if any.
-    pub msg_id: Option<String>,
+}
+
+impl From<async_nats::jetstream::message::StreamMessage> for Delivered {
+    fn from(m: async_nats::jetstream::message::StreamMessage) -> Delivered {
+        Delivered {
+            seq: m.sequence,
+            payload: m.payload,
+        }
+    }
 }
 
 /// The chat-room bus. Cheap to clone (all handles are shared).
@@ -633,11 +640,7 @@ impl Bus {
                 let stream = stream.clone();
                 async move {
                     match stream.get_raw_message(seq).await {
-                        Ok(m) => Some(Delivered {
-                            seq: m.sequence,
-                            msg_id: m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()),
-                            payload: m.payload,
-                        }),
+                        Ok(m) => Some(Delivered::from(m)),
                         Err(e) => {
                             // Deleted / aged out between the info and the get.
                             debug!(seq, "history get: {e}");
@@ -1213,15 +1216,9 @@ impl Follower {
                             "messages no longer in the stream"
                         );
                     }
-                    let msg_id = m
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get("Nats-Msg-Id"))
-                        .map(|v| v.as_str().to_string());
                     self.deliver(Delivered {
                         seq: sseq,
                         payload: m.payload.clone(),
-                        msg_id,
                     })
                     .await?;
                     backoff = Duration::from_millis(100);
@@ -1347,13 +1344,8 @@ impl Source {
         };
         let m = tokio::time::timeout(DIRECT_GET_TIMEOUT, read)
             .await
-            .ok()
-            .flatten()?;
-        Some(Delivered {
-            seq: m.sequence,
-            msg_id: m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()),
-            payload: m.payload,
-        })
+            .ok()??;
+        Some(Delivered::from(m))
     }
 }
 
