@@ -320,6 +320,16 @@ impl Cluster {
         who.node == self.node && who.boot == self.boot
     }
 
+    /// `event` as this node puts it on the stream.
+    fn encode(&self, event: WireEvent) -> Bytes {
+        let env = Envelope {
+            v: wire::VERSION,
+            from: self.node.clone(),
+            event,
+        };
+        Bytes::from(env.encode())
+    }
+
     /// Queues `event` for the stream; when the queue is full the sender is told at once.
     fn send(&self, event: WireEvent, sender: Option<Arc<Outbox>>) {
         let n = self.published.fetch_add(1, Ordering::Relaxed);
@@ -328,13 +338,8 @@ impl Cluster {
             .who()
             .filter(|who| self.is_me(who))
             .map_or(0, |who| who.id);
-        let env = Envelope {
-            v: wire::VERSION,
-            from: self.node.clone(),
-            event,
-        };
         let out = Outgoing {
-            payload: Bytes::from(env.encode()),
+            payload: self.encode(event),
             msg_id,
             sender,
             also: Vec::new(),
@@ -683,7 +688,7 @@ impl Cluster {
                     continue;
                 };
                 let who = &holder.who;
-                if who.node == self.node && who.boot == self.boot {
+                if self.is_me(who) {
                     continue;
                 }
                 // A run this node never saw is given a node-timeout from now to show a lease.
@@ -725,15 +730,11 @@ impl Cluster {
             "reap.{}.{}.{}",
             holder.who.node, holder.who.boot, holder.who.id
         );
-        let env = Envelope {
-            v: wire::VERSION,
-            from: self.node.clone(),
-            event: WireEvent::Leave {
-                reason: format!("node {} lost", holder.who.node),
-                who: holder.who.clone(),
-            },
-        };
-        if let Err(e) = bus.publish(Bytes::from(env.encode()), msg_id).await {
+        let leave = self.encode(WireEvent::Leave {
+            reason: format!("node {} lost", holder.who.node),
+            who: holder.who.clone(),
+        });
+        if let Err(e) = bus.publish(leave, msg_id).await {
             warn!(user = %holder.name, node = %holder.who.node, error = %e, "a dead node's user's leave was not published; trying again");
             return false;
         }
