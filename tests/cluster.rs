@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
+use crate::helper::config::Config;
 use crate::helper::nats::{cluster_config, room_name};
 use crate::helper::{Client, NatsServer, TestDaemon, WAIT, require, wait_for, wait_until};
 
@@ -22,7 +23,12 @@ fn nats_present() -> bool {
 /// Starts a chatd node for each of `nodes` in `room` on `nats`; returns once every one
 /// follows the room.
 fn start_nodes(nats: &[&NatsServer], room: &str, nodes: &[&str]) -> Vec<TestDaemon> {
-    let ds = TestDaemon::start_many(nodes.len(), |i| cluster_config(nats, room, nodes[i]));
+    start_ready(nodes.len(), |i| cluster_config(nats, room, nodes[i]))
+}
+
+/// Starts `n` chatd nodes, node `i` on `config(i)`; returns once every one follows the room.
+fn start_ready(n: usize, config: impl FnMut(usize) -> Config) -> Vec<TestDaemon> {
+    let ds = TestDaemon::start_many(n, config);
     for d in &ds {
         d.wait_cluster_ready();
     }
@@ -569,13 +575,9 @@ fn history_scenario(late: bool) {
     let nats = NatsServer::start();
     let room = room_name("history");
     let start = |nodes: &[&str]| {
-        let ds = TestDaemon::start_many(nodes.len(), |i| {
+        start_ready(nodes.len(), |i| {
             cluster_config(&[&nats], &room, nodes[i]).set("room", "history", "3")
-        });
-        for d in &ds {
-            d.wait_cluster_ready();
-        }
-        ds
+        })
     };
     let ds = start(&["a", "b"]);
     let mut alice = ds[0].join("alice");
@@ -709,14 +711,10 @@ fn cluster_a_survivor_that_cannot_publish_does_not_swallow_a_dead_node_s_leaves(
         path.display().to_string()
     };
     let (full, mute) = (creds("full"), creds("mute"));
-    let ds = TestDaemon::start_many(3, |i| {
+    let mut ds = start_ready(3, |i| {
         let user = if i == 1 { &mute } else { &full };
         cluster_config(&[&nats], &room, ["a", "b", "c"][i]).set_str("cluster", "credentials", user)
     });
-    for d in &ds {
-        d.wait_cluster_ready();
-    }
-    let mut ds = ds;
     let mut alice = ds[0].join("alice");
     let gone = ["carol", "dave", "erin", "frank"];
     let _theirs: Vec<Client> = gone.iter().map(|n| ds[2].join(n)).collect();
@@ -867,11 +865,7 @@ fn cluster_survives_its_nats_server_restarting() {
 /// Node `node` of `room` on a 3-server NATS cluster: everything replicated 3 times, and the
 /// default node timeout: a dead server's leader elections (4-9 s) stop lease refreshes for
 /// longer than the 2 s of `cluster_config`, and the nodes would reap each other's users.
-fn three_server_config(
-    servers: &[&NatsServer],
-    room: &str,
-    node: &str,
-) -> crate::helper::config::Config {
+fn three_server_config(servers: &[&NatsServer], room: &str, node: &str) -> Config {
     cluster_config(servers, room, node)
         .set("cluster", "replicas", "3")
         .set_str("cluster", "node-timeout", "10s")
@@ -884,14 +878,8 @@ fn cluster_survives_losing_a_nats_server_of_three() {
     }
     let mut servers = NatsServer::cluster(3);
     let room = room_name("nats3");
-    let ds = {
-        let refs: Vec<&NatsServer> = servers.iter().collect();
-        let ds = TestDaemon::start_many(2, |i| three_server_config(&refs, &room, ["a", "b"][i]));
-        for d in &ds {
-            d.wait_cluster_ready();
-        }
-        ds
-    };
+    let refs: Vec<&NatsServer> = servers.iter().collect();
+    let ds = start_ready(2, |i| three_server_config(&refs, &room, ["a", "b"][i]));
     let mut ra = ds[0].join("ra");
     let mut rb = ds[1].join("rb");
     ra.expect_prefix("*** JOIN rb");
@@ -1000,14 +988,8 @@ fn three_servers_leader_off_b(
     room: &str,
 ) -> (Vec<NatsServer>, Vec<TestDaemon>, [Client; 2], Client, usize) {
     let servers = NatsServer::cluster(3);
-    let ds = {
-        let refs: Vec<&NatsServer> = servers.iter().collect();
-        let ds = TestDaemon::start_many(2, |i| three_server_config(&refs, room, ["a", "b"][i]));
-        for d in &ds {
-            d.wait_cluster_ready();
-        }
-        ds
-    };
+    let refs: Vec<&NatsServer> = servers.iter().collect();
+    let ds = start_ready(2, |i| three_server_config(&refs, room, ["a", "b"][i]));
     let mut ra = ds[0].join("ra");
     let mut rb = ds[1].join("rb");
     let mut sb = ds[1].join("sb");
@@ -2103,13 +2085,9 @@ fn cluster_joins_waiting_for_nats_hold_no_threads() {
 
 /// Nodes a and b of `room`, each with a web listener too, once both follow the cluster.
 fn web_nodes(nats: &NatsServer, room: &str) -> Vec<TestDaemon> {
-    let ds = TestDaemon::start_many(2, |i| {
+    start_ready(2, |i| {
         cluster_config(&[nats], room, ["a", "b"][i]).set("web", "listen", "[\"127.0.0.1:0\"]")
-    });
-    for d in &ds {
-        d.wait_cluster_ready();
-    }
-    ds
+    })
 }
 
 /// A ban or a kick made on one node reaches a WebSocket user of another with its own close
