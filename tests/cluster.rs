@@ -1216,6 +1216,78 @@ fn cluster_a_node_whose_nats_server_hangs_moves_to_another_within_seconds() {
     servers[b_server].signal(Signal::SIGCONT);
 }
 
+/// A node that stops answering the cluster for longer than `cluster.node-timeout` (here its
+/// process is frozen: a stalled VM; a partition looks the same to the others) is taken for
+/// dead: the other node announces its users' leaves and frees their names, while the users
+/// are still connected to it. When it is back, a user still connected joins again everywhere
+/// and is told so; one whose name someone took meanwhile is told it is lost and closed; and
+/// chat goes both ways again. Before, both stayed seated on their own node only, hearing the
+/// room but unseen by it.
+#[test]
+fn cluster_users_of_a_node_taken_for_dead_join_again_or_are_told_when_it_is_back() {
+    if !nats_present() {
+        return;
+    }
+    let nats = NatsServer::start();
+    let ds = start_nodes(&[&nats], &room_name("cutoff"), &["a", "b"]);
+    let mut ra = ds[0].join("ra");
+    let mut rb = ds[1].join("rb");
+    let mut sb = ds[1].join("sb");
+    ra.expect_prefix("*** JOIN sb");
+    sync(&mut sb, "sb", "start", &mut [&mut ra, &mut rb]);
+    wait_live(&[&ds[0], &ds[1]], &["a", "b"]);
+
+    ds[1].signal(Signal::SIGSTOP);
+    let frozen = Instant::now();
+    let bound = Duration::from_secs(20);
+    let mut gone = Vec::new();
+    while gone.len() < 2 {
+        assert!(
+            frozen.elapsed() < bound,
+            "node b's users not taken for gone within {bound:?}: {gone:?}\n{}",
+            ds[0].log()
+        );
+        if let Some(l) = line_within(&mut ra, Duration::from_millis(500)) {
+            assert!(!l.starts_with("*** ERR"), "{l}");
+            if l.starts_with("*** LEAVE ") {
+                gone.push(l);
+            }
+        }
+    }
+    gone.sort();
+    assert_eq!(
+        gone,
+        [
+            "*** LEAVE rb left (node b lost)",
+            "*** LEAVE sb left (node b lost)"
+        ]
+    );
+    // rb's name is free: someone else takes it while node b is away.
+    let mut rb2 = ds[0].join("rb");
+    ds[1].signal(Signal::SIGCONT);
+
+    // sb is back in the room, and told so; ra sees it join again.
+    let told = sb.expect_prefix("*** NOTICE this server was cut off");
+    assert!(told.contains("you are back in the room"), "{told}");
+    ra.expect_prefix("*** JOIN sb");
+    // rb lost its name: told why, and closed; sb sees it go.
+    let last = rb.until_eof();
+    assert!(
+        last.iter()
+            .any(|l| l.starts_with("*** ERR unavailable ")
+                && l.contains("your name is no longer yours")),
+        "rb: {last:?}\n{}",
+        ds[1].log()
+    );
+    // The room goes on both ways, and both nodes see the same members.
+    sync(&mut sb, "sb", "back", &mut [&mut ra, &mut rb2]);
+    sync(&mut rb2, "rb", "hello", &mut [&mut ra, &mut sb]);
+    for c in [&mut ra, &mut sb] {
+        c.send("/who");
+        assert_eq!(c.expect_prefix("*** WHO "), "*** WHO 3 ra rb sb");
+    }
+}
+
 /// Lines sent while the stream's leader is frozen all go unanswered; once it is killed and
 /// another server leads, they arrive after a short pause, in order: the first one's ack is
 /// waited for once, not each line's in turn (20 lines each waiting its own 2 s take 40 s).

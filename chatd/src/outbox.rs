@@ -57,6 +57,9 @@ pub enum Close {
     Overflow,
     /// The server is shutting down.
     Shutdown,
+    /// A clustered room lost the member: this server was cut off from the others for longer
+    /// than `cluster.node-timeout` and its name was taken meanwhile.
+    Lost,
 }
 
 #[derive(Debug, Default)]

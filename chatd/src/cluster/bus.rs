@@ -66,9 +66,12 @@ const LIST_IDLE: Duration = Duration::from_secs(5);
 /// client gives a connection up when a third ping is due with two unanswered, so a server that
 /// hangs, or a link that goes silent without a reset, is left for another server after about
 /// three of these (async-nats's default, 60 s, made that three minutes, all the while the
-/// node's users waited). A live server is never quiet that long: the pull's heartbeat arrives
-/// every second.
-const PING_INTERVAL: Duration = Duration::from_secs(3);
+/// node's users waited). It must also be well inside `cluster.node-timeout` (10 s is the
+/// smallest safe one): while this node's link is silent its lease is not refreshed, and at
+/// 3 s (9 s to notice) the other nodes took a node whose server hung for gone. A live server is
+/// never quiet that long: the pull's heartbeat arrives every second, and a ping is answered at
+/// once.
+const PING_INTERVAL: Duration = Duration::from_millis(1500);
 
 /// An in-flight publish's acknowledgement: the stream sequence, or why there is none.
 pub type AckFuture = Pin<Box<dyn std::future::Future<Output = Result<u64>> + Send>>;

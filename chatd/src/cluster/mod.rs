@@ -46,7 +46,7 @@ use crate::engine::{
 use crate::outbox::Outbox;
 use crate::room::{Origin, RECLAIMED_REASON, Remote, Room, is_remote};
 use chat_proto::names::{Name, NameError};
-use chat_proto::protocol::{self, code};
+use chat_proto::protocol::{self, code, kind};
 use wire::{Envelope, Lease, MemberRef, NameHolder, WireEvent};
 
 use self::bus::{Bus, BusError};
@@ -77,6 +77,21 @@ const REAP_EVERY: Duration = Duration::from_millis(500);
 
 /// Names of dead nodes reaped at once (each a publish and a delete).
 const REAP_PARALLEL: usize = 32;
+
+/// Longest a member of this node that the cluster took for gone tries to take its name back.
+const RESEAT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long such a member waits between two tries when the names cannot be reached.
+const RESEAT_RETRY: Duration = Duration::from_millis(200);
+
+/// Longest between two refreshes of a node's lease, whatever its `cluster.node-timeout`: the
+/// lease is as fresh as this when the node's link dies, and the rest of the node timeout is
+/// what the node has to notice and to reach another server.
+const BEAT_MAX: Duration = Duration::from_secs(1);
+
+/// A gap between two reads of the leases longer than this is time this node could not see
+/// them (its own link was down or slow) and is not counted against the others' leases.
+const BLIND_AFTER: Duration = Duration::from_secs(2);
 
 /// How often the whole names bucket is read even when no known node died, for names whose
 /// holder's node this one never saw alive (an earlier run of a node that restarted before
@@ -166,6 +181,10 @@ struct Book {
     /// Members of this node whose rename is published but not yet delivered → the new display
     /// name, which their messages carry meanwhile.
     renaming: HashMap<ClientId, String>,
+    /// Members of this node whose own leave is published but not yet delivered. A leave of a
+    /// member of this node that is not here came from another node that took this one for
+    /// dead, while the member is still connected (see `Cluster::reseat`).
+    leaving: HashSet<ClientId>,
 }
 
 /// Where the member `who` is connected, as the room's table of other nodes' members keys it.
@@ -216,6 +235,10 @@ pub struct Cluster {
     publish: mpsc::Sender<Outgoing>,
     /// Taken by the publisher task when it starts.
     publish_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    /// Members of this node that another node took for gone, to seat again (`reseat`).
+    reseat: mpsc::UnboundedSender<ClientId>,
+    /// Taken by the reseat task when it starts.
+    reseat_rx: Mutex<Option<mpsc::UnboundedReceiver<ClientId>>>,
     /// The node's room and rules, set when it starts following the cluster (before `bus`).
     host: OnceLock<Arc<dyn Host>>,
     book: Mutex<Book>,
@@ -246,6 +269,7 @@ impl Cluster {
     /// The engine for `config`, not yet connected (see [`Cluster::run`]).
     pub fn new(config: &ClusterConfig) -> Arc<Cluster> {
         let (publish, rx) = mpsc::channel(PUBLISH_QUEUE);
+        let (reseat, reseat_rx) = mpsc::unbounded_channel();
         let boot = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
@@ -260,6 +284,8 @@ impl Cluster {
             bus: OnceLock::new(),
             publish,
             publish_rx: Mutex::new(Some(rx)),
+            reseat,
+            reseat_rx: Mutex::new(Some(reseat_rx)),
             host: OnceLock::new(),
             book: Mutex::new(Book::default()),
             published: AtomicU64::new(0),
@@ -437,6 +463,7 @@ impl Cluster {
         let reaper = tokio::spawn(self.clone().reaper(host.clone(), bus.clone()));
         let link = tokio::spawn(self.clone().watch_link(host.clone(), bus.clone()));
         let bans = tokio::spawn(self.clone().follow_bans(host.clone(), bus.clone()));
+        let reseat = tokio::spawn(self.clone().reseat(host.clone(), bus.clone()));
         self.link.send_modify(|l| l.waiting = None);
         self.ready_flag.store(true, Ordering::Release);
         self.ready.notify_waiters();
@@ -450,6 +477,7 @@ impl Cluster {
         let _ = heartbeat.await;
         link.abort();
         bans.abort();
+        reseat.abort();
         // Let the leaves of this node's members (queued as sessions closed) reach the stream.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             while self.unpublished.load(Ordering::Relaxed) > 0 {
@@ -603,19 +631,29 @@ impl Cluster {
         error!("the room's subscription ended; this node no longer delivers the room's events");
     }
 
-    /// Keeps this node's lease fresh: a put every quarter of the node timeout, on a task of its
-    /// own, so that nothing else the cluster waits for (a slow listing, a reap of many names)
-    /// delays it and makes this node look dead to the others.
+    /// Keeps this node's lease fresh: a put every quarter of the node timeout (at most
+    /// [`BEAT_MAX`] apart), on a task of its own, so that nothing else the cluster waits for (a
+    /// slow listing, a reap of many names) delays it and makes this node look dead to the
+    /// others. A put is made again as soon as the link comes back: one sent on the connection
+    /// that died waits out its request's timeout, seconds in which the lease, already stale by
+    /// the outage, would run out.
     async fn heartbeat(self: Arc<Self>, host: Arc<dyn Host>, bus: Bus) {
+        let mut state = bus.state_watch();
         loop {
             // Read each round: `cluster.node-timeout` changes on reload.
             let timeout = host.node_timeout().unwrap_or(self.config.node_timeout);
-            let beat = (timeout / 4).max(Duration::from_millis(250));
+            let beat = (timeout / 4).clamp(Duration::from_millis(250), BEAT_MAX);
             let next = tokio::time::Instant::now() + beat;
-            if let Err(e) = bus.heartbeat(&self.node, lease(self.boot)).await {
-                debug!(error = %e, "lease refresh failed");
+            tokio::select! {
+                r = bus.heartbeat(&self.node, lease(self.boot)) => if let Err(e) = r {
+                    debug!(error = %e, "lease refresh failed");
+                },
+                () = reconnected(&mut state) => continue,
             }
-            tokio::time::sleep_until(next).await;
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = reconnected(&mut state) => {}
+            }
         }
     }
 
@@ -631,6 +669,8 @@ impl Cluster {
         let mut last_scan: Option<Instant> = None;
         let mut reaped: HashSet<(String, u64)> = HashSet::new();
         let mut warned_for = None;
+        // When the leases were last read.
+        let mut last_read: Option<Instant> = None;
         loop {
             let timeout = host.node_timeout().unwrap_or(self.config.node_timeout);
             if timeout < ELECTION_BOUND && warned_for != Some(timeout) {
@@ -649,6 +689,23 @@ impl Cluster {
                 }
             };
             let now = Instant::now();
+            // A node that could not read the leases for a while saw none of them change, which
+            // says nothing about the others (its own link was down, most likely also their
+            // way to it): that time is not counted against them. Without this, both nodes
+            // behind a server that hung took each other for gone once they reconnected.
+            if let Some(blind) = last_read
+                .map(|t| now.duration_since(t))
+                .filter(|gap| *gap > BLIND_AFTER)
+            {
+                debug!(
+                    ?blind,
+                    "the leases were unreadable for a while; that time is not counted"
+                );
+                for (_, at) in seen.values_mut() {
+                    *at = (*at + blind).min(now);
+                }
+            }
+            last_read = Some(now);
             for (node, value, rev) in leases {
                 let Ok(l) = serde_json::from_slice::<Lease>(&value) else {
                     continue;
@@ -750,6 +807,125 @@ impl Cluster {
                 false
             }
         }
+    }
+
+    /// Seats again, on every node, members of this node that another node took for gone: this
+    /// node's lease lapsed while it was cut off from NATS (longer than `cluster.node-timeout`),
+    /// a survivor announced their leaves and freed their names, and they are still connected
+    /// here. Each takes its name back and joins again (the others see it leave and come back,
+    /// and it is told why); one whose name someone else took meanwhile is told and closed. A
+    /// member left alone would be seated here and nowhere else: what it says would reach the
+    /// others under a name they no longer reserve, and their lines would still reach it.
+    async fn reseat(self: Arc<Self>, host: Arc<dyn Host>, bus: Bus) {
+        let Some(rx) = self
+            .reseat_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        futures::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|id| (id, rx)) },
+        )
+        .for_each_concurrent(REAP_PARALLEL, |id| self.seat_again(&*host, &bus, id))
+        .await;
+    }
+
+    /// Takes member `id`'s name back and publishes its join again, or closes it when the name
+    /// is someone else's now (or the names cannot be reached in time).
+    async fn seat_again(&self, host: &dyn Host, bus: &Bus, id: ClientId) {
+        let room = host.room();
+        let Some(member) = room.seated(id) else {
+            return; // Gone meanwhile: its own leave is on its way.
+        };
+        let key = wire::kv_key(&chat_proto::names::lookup_key(&member.name));
+        let me = self.me(id);
+        let value = NameHolder {
+            who: me.clone(),
+            name: member.name.clone(),
+            addr: member.addr,
+            at: wire::millis(SystemTime::now()),
+            token: self.book().tokens.get(&id).cloned(),
+        }
+        .encode();
+        let deadline = Instant::now() + RESEAT_TIMEOUT;
+        // The name's new revision once it is this member's again; `None` once it is lost.
+        let held = loop {
+            // The survivor that announced the leave deletes the name after it (with the
+            // revision it read): the entry is either still ours, gone, or someone else's.
+            let step = match bus.name(&key).await {
+                Ok(Some((current, rev))) => match NameHolder::decode(&current) {
+                    Ok(holder) if holder.who == me => {
+                        bus.update_name(&key, value.clone(), rev).await.map(Some)
+                    }
+                    _ => break None,
+                },
+                Ok(None) => match bus.claim_name(&key, value.clone()).await {
+                    Ok(rev) => Ok(Some(rev)),
+                    Err(BusError::Taken(_)) => Ok(None),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            match step {
+                Ok(Some(rev)) => break Some(rev),
+                // Claimed a moment ago: read it again.
+                Ok(None) => {}
+                Err(e) if Instant::now() + RESEAT_RETRY < deadline => {
+                    debug!(error = %e, "cannot take a member's name back yet");
+                    tokio::time::sleep(RESEAT_RETRY).await;
+                }
+                Err(e) => {
+                    warn!(user = %member.name, error = %e, "a member's name could not be taken back in time");
+                    break None;
+                }
+            }
+        };
+        let Some(rev) = held else {
+            warn!(user = %member.name, "a member taken for gone by the cluster lost its name meanwhile; closing it");
+            self.drop_claims(id);
+            member.outbox.close_with(
+                Some(protocol::error_line(
+                    code::UNAVAILABLE,
+                    "this server was cut off from the other servers for too long; they took \
+                     you for gone and your name is no longer yours: reconnect",
+                )),
+                crate::outbox::Close::Lost,
+            );
+            room.deliver(Event::Leave {
+                id,
+                reason: "this server was cut off from the cluster",
+            });
+            return;
+        };
+        {
+            // Under the books' lock: a leave of this member queued before this check is
+            // honoured (the name goes back), one queued after it follows this join in its lane.
+            let mut book = self.book();
+            if book.leaving.contains(&id) {
+                drop(book);
+                self.release_keys(vec![(key, rev)]);
+                return;
+            }
+            book.claims.insert(key, (id, rev));
+            info!(user = %member.name, "a member taken for gone by the cluster joins again");
+            self.send(
+                WireEvent::Join {
+                    who: me,
+                    name: member.name,
+                    addr: member.addr,
+                    at: wire::millis(SystemTime::now()),
+                },
+                Some(member.outbox.clone()),
+            );
+        }
+        member.outbox.push(protocol::server_line(
+            kind::NOTICE,
+            "this server was cut off from the other servers for too long and they took you for \
+             gone; you are back in the room, but you missed what was said meanwhile",
+        ));
     }
 
     /// Tells this node's members once when the link to the bus is lost, and once when it is
@@ -1022,10 +1198,22 @@ impl Cluster {
                     room.deliver(Event::Rename { id, name });
                 }
             }
-            WireEvent::Leave { who, reason } => self.remove(host, &who, |id| Event::Leave {
-                id,
-                reason: &reason,
-            }),
+            WireEvent::Leave { who, reason } => {
+                if self.is_me(&who)
+                    && !self.book().leaving.remove(&who.id)
+                    && room.seated(who.id).is_some()
+                {
+                    // Another node took this one for dead (its lease lapsed while it was cut
+                    // off from NATS) and announced this member's leave; it is still here.
+                    warn!(id = who.id, %reason, "another node announced the leave of a member still connected here; seating it again");
+                    let _ = self.reseat.send(who.id);
+                    return;
+                }
+                self.remove(host, &who, |id| Event::Leave {
+                    id,
+                    reason: &reason,
+                });
+            }
             WireEvent::Kick { who, reason, ban } => {
                 self.remove(host, &who, |id| Event::Kick {
                     id,
@@ -1041,11 +1229,7 @@ impl Cluster {
                 if self.is_me(&who) {
                     // Its name now belongs to the reclaiming connection: forget the claim
                     // without releasing it, and do not announce a leave when it closes.
-                    let mut book = self.book();
-                    book.pending.remove(&who.id);
-                    book.tokens.remove(&who.id);
-                    book.renaming.remove(&who.id);
-                    book.claims.retain(|_, (holder, _)| *holder != who.id);
+                    self.drop_claims(who.id);
                 }
             }
             WireEvent::Announce { text } => {
@@ -1081,6 +1265,16 @@ impl Cluster {
         if let Some(id) = self.local_id(host, who) {
             host.room().deliver(event(id));
         }
+    }
+
+    /// Forgets what the books hold for member `id` without releasing any name (its names are
+    /// someone else's, or free, already).
+    fn drop_claims(&self, id: ClientId) {
+        let mut book = self.book();
+        book.pending.remove(&id);
+        book.tokens.remove(&id);
+        book.renaming.remove(&id);
+        book.claims.retain(|_, (holder, _)| *holder != id);
     }
 
     /// A member of this node is gone (left or kicked): its names are released.
@@ -1313,6 +1507,7 @@ impl Engine for Cluster {
             // Not seated in time: take the join back everywhere, so no node keeps a member
             // this one never seated.
             warn!("a join was not delivered back by the cluster in time; refusing it");
+            self.book().leaving.insert(id);
             self.send(
                 WireEvent::Leave {
                     who: self.me(id),
@@ -1415,6 +1610,7 @@ impl Engine for Cluster {
             Event::Leave { id, reason } => {
                 // Seated, or its join on its way (the room asks once: see `Room::leave`).
                 if room.seated(id).is_some() || self.book().pending.contains_key(&id) {
+                    self.book().leaving.insert(id);
                     self.send(
                         WireEvent::Leave {
                             who: self.me(id),
@@ -1510,6 +1706,19 @@ impl Engine for Cluster {
                 }
             }
         })
+    }
+}
+
+/// Resolves when the link to NATS is (again) up after a change of its state; never, once the
+/// bus is gone.
+async fn reconnected(state: &mut watch::Receiver<bus::ConnState>) {
+    loop {
+        if state.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        if state.borrow_and_update().connected {
+            return;
+        }
     }
 }
 

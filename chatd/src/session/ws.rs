@@ -91,6 +91,7 @@ pub const CLOSE_CODES: &[u16] = &[
     1007,
     1008,
     1009,
+    1011,
     close_code::KICKED,
     close_code::BANNED,
     close_code::TOO_SLOW,
@@ -787,6 +788,7 @@ fn close_for(reason: &Close, last: Option<&[u8]>) -> (u16, String) {
     let err = |c: &str| format!("{}{} {c} ", protocol::SERVER_PREFIX, kind::ERR);
     match reason {
         Close::Shutdown => (1001, "server stopping".to_owned()),
+        Close::Lost => (1011, "lost by the cluster".to_owned()),
         Close::Overflow => (close_code::TOO_SLOW, "too slow".to_owned()),
         // The code comes from why the room sent the member away, never from the reason's
         // text, which an operator writes.
@@ -860,6 +862,10 @@ mod tests {
         assert_eq!(code(Close::Quit, "*** ERR banned you are banned\n"), 4001);
         assert_eq!(code(Close::Quit, "*** ERR flooding disconnected\n"), 1008);
         assert_eq!(code(Close::Shutdown, "*** SHUTDOWN bye\n"), 1001);
+        assert_eq!(
+            code(Close::Lost, "*** ERR unavailable this server was cut off\n"),
+            1011
+        );
         assert_eq!(close_for(&Close::Overflow, None).0, 4002);
     }
 
