@@ -758,6 +758,11 @@ impl Bus {
         self.bans.delete(key).await.map_err(|e| nerr("unban", e))
     }
 
+    /// Every ban in the list now: (key, value, revision).
+    pub async fn bans(&self) -> Result<Vec<(String, Bytes, u64)>> {
+        list_bucket(&self.bans).await
+    }
+
     /// Every ban in the list (the latest value of every key), then every change to it.
     pub async fn watch_bans(&self) -> Result<kv::Watch> {
         self.bans

@@ -456,6 +456,16 @@ impl Cluster {
             }
             Err(e) => warn!(error = %e, "cannot read the room's members"),
         }
+        // The cluster's bans before the first join (joins wait for `bus`): `follow_bans`
+        // applies them too, but on a task of its own that a newcomer could overtake.
+        match bus.bans().await {
+            Ok(bans) => {
+                for (_, value, _) in bans {
+                    self.apply_ban(&*host, &value);
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read the cluster's bans"),
+        }
         let _ = self.bus.set(bus.clone());
         let consumer = tokio::spawn(self.clone().consume(host.clone(), bus.clone(), start + 1));
         let publisher = tokio::spawn(self.clone().publisher(bus.clone()));
@@ -1000,15 +1010,7 @@ impl Cluster {
                     break;
                 };
                 match entry.operation {
-                    bus::Operation::Put => match wire::decode_ban(&entry.value) {
-                        Ok(ban) => {
-                            let known = host.bans().active().contains(&ban);
-                            if !known && let Err(e) = host.bans().add(ban) {
-                                warn!(error = %e, "cannot save a ban from the cluster");
-                            }
-                        }
-                        Err(e) => warn!(error = %e, "skipping a malformed ban from the cluster"),
-                    },
+                    bus::Operation::Put => self.apply_ban(&*host, &entry.value),
                     _ => {
                         let target =
                             wire::from_kv_key(&entry.key).and_then(|t| Target::parse(&t).ok());
@@ -1021,6 +1023,19 @@ impl Cluster {
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Adds a ban of the cluster's list to this node's, unless it has it already.
+    fn apply_ban(&self, host: &dyn Host, value: &[u8]) {
+        match wire::decode_ban(value) {
+            Ok(ban) => {
+                let known = host.bans().active().contains(&ban);
+                if !known && let Err(e) = host.bans().add(ban) {
+                    warn!(error = %e, "cannot save a ban from the cluster");
+                }
+            }
+            Err(e) => warn!(error = %e, "skipping a malformed ban from the cluster"),
         }
     }
 
