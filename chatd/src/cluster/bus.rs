@@ -307,8 +307,9 @@ impl Bus {
     /// Connects and makes sure the room's stream and buckets exist (see module docs).
     ///
     /// The connection is made with `retry_on_initial_connect` and unlimited reconnects, so this
-    /// may be called before NATS is up: it then waits (up to `setup_timeout`, 60 s by default)
-    /// for the server and for JetStream (a cluster's meta leader) before giving up.
+    /// may be called before NATS is up: it then waits (up to `setup_timeout`, 5 s by default,
+    /// for the stream and the buckets together) for the server and for JetStream (a cluster's meta leader)
+    /// before giving up; the caller says why and tries again.
     pub async fn connect(
         servers: &[String],
         credentials: Option<&Path>,
@@ -823,7 +824,10 @@ async fn ensure_stream(
     let mut last;
     let mut delay = Duration::from_millis(100);
     loop {
-        match js.get_stream(&cfg.name).await {
+        // Each request is bounded by what is left of the deadline: while no server is reachable
+        // a request waits out the context's 5 s timeout, and a get and a create in a row made
+        // a 5 s setup take 10 s before its caller could say why it waits.
+        match before(deadline, js.get_stream(&cfg.name)).await {
             Ok(s) => {
                 let c = &s.cached_info().config;
                 if c.subjects != cfg.subjects || c.num_replicas != cfg.num_replicas {
@@ -836,7 +840,7 @@ async fn ensure_stream(
                 // Not found (or not reachable yet): try to create; a racing creator with the
                 // same config makes ours succeed too, or fail with "already in use", after
                 // which the next get finds it.
-                match js.create_stream(cfg.clone()).await {
+                match before(deadline, js.create_stream(cfg.clone())).await {
                     Ok(s) => {
                         info!(stream = %cfg.name, "created stream");
                         return Ok(s);
@@ -855,6 +859,18 @@ async fn ensure_stream(
         debug!(stream = %cfg.name, %last, "stream not ready; retrying");
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// `request`, given at most until `deadline`; its error as text.
+async fn before<T, E: std::fmt::Display>(
+    deadline: Instant,
+    request: impl std::future::Future<Output = std::result::Result<T, E>>,
+) -> std::result::Result<T, String> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(left, request).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer before the setup's deadline".to_owned()),
     }
 }
 
