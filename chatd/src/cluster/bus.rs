@@ -308,8 +308,8 @@ impl Bus {
     ///
     /// The connection is made with `retry_on_initial_connect` and unlimited reconnects, so this
     /// may be called before NATS is up: it then waits (up to `setup_timeout`, 5 s by default,
-    /// for the stream and the buckets together) for the server and for JetStream (a cluster's meta leader)
-    /// before giving up; the caller says why and tries again.
+    /// for the stream and the buckets together) for the server and for JetStream (a cluster's
+    /// meta leader) before giving up; the caller says why and tries again.
     pub async fn connect(
         servers: &[String],
         credentials: Option<&Path>,

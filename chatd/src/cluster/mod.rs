@@ -510,12 +510,7 @@ impl Cluster {
     /// to its senders, and so is every event of its lane queued before that failure was known
     /// (its fate is unknown, so nothing of its lane may overtake it).
     async fn publisher(self: Arc<Self>, bus: Bus) {
-        let Some(mut rx) = self
-            .publish_rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        else {
+        let Some(mut rx) = take_once(&self.publish_rx) else {
             return;
         };
         // Lanes with a message in flight → their events queued behind it, in order.
@@ -827,12 +822,7 @@ impl Cluster {
     /// member left alone would be seated here and nowhere else: what it says would reach the
     /// others under a name they no longer reserve, and their lines would still reach it.
     async fn reseat(self: Arc<Self>, host: Arc<dyn Host>, bus: Bus) {
-        let Some(rx) = self
-            .reseat_rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        else {
+        let Some(rx) = take_once(&self.reseat_rx) else {
             return;
         };
         futures::stream::unfold(
@@ -1722,6 +1712,12 @@ impl Engine for Cluster {
             }
         })
     }
+}
+
+/// What `slot` holds, taken by the one task that consumes it (a queue's receiving end); `None`
+/// for any later caller.
+fn take_once<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 /// Resolves when the link to NATS is (again) up after a change of its state; never, once the
